@@ -1,0 +1,174 @@
+//! Closed sets of the job life cycle.
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::str::FromStr;
+
+macro_rules! string_enum {
+    ($(#[$m:meta])* $name:ident { $($variant:ident = $text:literal),+ $(,)? }) => {
+        $(#[$m])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+        pub enum $name {
+            $(#[serde(rename = $text)] $variant),+
+        }
+
+        impl $name {
+            pub const ALL: &'static [$name] = &[$($name::$variant),+];
+
+            pub fn as_str(self) -> &'static str {
+                match self { $($name::$variant => $text),+ }
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+
+        impl FromStr for $name {
+            type Err = String;
+            fn from_str(s: &str) -> Result<Self, String> {
+                match s {
+                    $($text => Ok($name::$variant),)+
+                    other => Err(format!(
+                        "'{other}' is not a valid {}; expected one of: {}",
+                        stringify!($name),
+                        [$($text),+].join(", ")
+                    )),
+                }
+            }
+        }
+    };
+}
+
+string_enum!(
+    /// The `job_state` of a job.
+    JobState {
+        Waiting = "waiting",
+        Running = "running",
+        Setup = "setup",
+        Provision = "provision",
+        FirmwareUpdate = "firmware_update",
+        Test = "test",
+        Allocate = "allocate",
+        Allocated = "allocated",
+        Reserve = "reserve",
+        Cleanup = "cleanup",
+        Cancelled = "cancelled",
+        Complete = "complete",
+    }
+);
+
+impl JobState {
+    /// `complete` and `cancelled` end a job; upstream also writes `completed`.
+    pub fn is_terminal(self) -> bool {
+        matches!(self, JobState::Cancelled | JobState::Complete)
+    }
+
+    /// Parses a state as agents and old servers write it (`completed` = `complete`).
+    pub fn parse_lenient(s: &str) -> Option<JobState> {
+        if s == "completed" {
+            return Some(JobState::Complete);
+        }
+        s.parse().ok()
+    }
+}
+
+string_enum!(
+    /// A phase of a job as the agent runs it, in order.
+    Phase {
+        Setup = "setup",
+        Provision = "provision",
+        FirmwareUpdate = "firmware_update",
+        Test = "test",
+        Allocate = "allocate",
+        Reserve = "reserve",
+        Cleanup = "cleanup",
+    }
+);
+
+impl Phase {
+    /// The job section that drives this phase, if any (`setup` and `cleanup` have none).
+    pub fn data_key(self) -> Option<&'static str> {
+        match self {
+            Phase::Provision => Some("provision_data"),
+            Phase::FirmwareUpdate => Some("firmware_update_data"),
+            Phase::Test => Some("test_data"),
+            Phase::Allocate => Some("allocate_data"),
+            Phase::Reserve => Some("reserve_data"),
+            Phase::Setup | Phase::Cleanup => None,
+        }
+    }
+
+    /// The job state posted when this phase starts.
+    pub fn job_state(self) -> JobState {
+        match self {
+            Phase::Setup => JobState::Setup,
+            Phase::Provision => JobState::Provision,
+            Phase::FirmwareUpdate => JobState::FirmwareUpdate,
+            Phase::Test => JobState::Test,
+            Phase::Allocate => JobState::Allocate,
+            Phase::Reserve => JobState::Reserve,
+            Phase::Cleanup => JobState::Cleanup,
+        }
+    }
+}
+
+string_enum!(
+    /// The state of an agent as the server records it.
+    AgentState {
+        Waiting = "waiting",
+        Setup = "setup",
+        Provision = "provision",
+        FirmwareUpdate = "firmware_update",
+        Test = "test",
+        Allocate = "allocate",
+        Allocated = "allocated",
+        Reserve = "reserve",
+        Cleanup = "cleanup",
+        Offline = "offline",
+        Maintenance = "maintenance",
+        Restart = "restart",
+        Lost = "lost",
+        Unknown = "unknown",
+    }
+);
+
+impl AgentState {
+    /// States in which an agent takes no new job.
+    pub fn blocks_jobs(self) -> bool {
+        matches!(self, AgentState::Offline | AgentState::Maintenance)
+    }
+}
+
+string_enum!(
+    /// The two log streams of a job.
+    LogType {
+        Output = "output",
+        Serial = "serial",
+    }
+);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip() {
+        for s in JobState::ALL {
+            assert_eq!(s.as_str().parse::<JobState>(), Ok(*s));
+        }
+        assert_eq!(
+            JobState::parse_lenient("completed"),
+            Some(JobState::Complete)
+        );
+        assert!("bogus".parse::<Phase>().is_err());
+        assert_eq!(
+            serde_json::to_string(&Phase::FirmwareUpdate)
+                .ok()
+                .as_deref(),
+            Some("\"firmware_update\"")
+        );
+    }
+}
