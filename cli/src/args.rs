@@ -1,0 +1,206 @@
+//! The command line.
+
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "testflinger",
+    version,
+    about = "Testflinger command-line client"
+)]
+pub struct Cli {
+    /// Server URL (default: config `server`, then $TESTFLINGER_SERVER).
+    #[arg(long, global = true)]
+    pub server: Option<String>,
+
+    /// Config file (default: $XDG_CONFIG_HOME/testflinger-cli.conf).
+    #[arg(short = 'c', long = "configfile", global = true)]
+    pub configfile: Option<PathBuf>,
+
+    /// Print every HTTP request on stderr.
+    #[arg(short = 'd', long, global = true)]
+    pub debug: bool,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Submit a job (YAML or JSON; `-` reads stdin).
+    Submit(SubmitArgs),
+    /// Follow a job's output until it completes or is cancelled.
+    Poll(PollArgs),
+    /// Follow a job's serial output until it completes or is cancelled.
+    #[command(name = "poll-serial")]
+    PollSerial(PollArgs),
+    /// Print a job's state.
+    Status(JobArg),
+    /// Print a job's results as JSON.
+    Results(JobArg),
+    /// Download a job's artifacts archive.
+    Artifacts(ArtifactsArgs),
+    /// Print a job's definition.
+    Show(ShowArgs),
+    /// Cancel a job.
+    Cancel(JobArg),
+    /// List the queues advertised on the server.
+    #[command(name = "list-queues")]
+    ListQueues(JsonFlag),
+    /// List the agents known to the server.
+    #[command(name = "list-agents")]
+    ListAgents(JsonFlag),
+    /// Show one agent.
+    #[command(name = "agent-status")]
+    AgentStatus(AgentStatusArgs),
+    /// Show the agents and jobs of a queue.
+    #[command(name = "queue-status")]
+    QueueStatus(QueueStatusArgs),
+    /// Reserve a device over SSH.
+    Reserve(ReserveArgs),
+    /// Show the jobs submitted from this machine (last 10).
+    Jobs(JobsArgs),
+    /// Print the config, or set `key=value` in it.
+    Config(ConfigArgs),
+    /// Print a shell completion script.
+    Completions(CompletionsArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct SubmitArgs {
+    /// Job file (YAML or JSON), or `-` for stdin.
+    pub filename: String,
+    /// Follow the job's output after submitting it.
+    #[arg(short = 'p', long)]
+    pub poll: bool,
+    /// Print only the job id.
+    #[arg(short = 'q', long)]
+    pub quiet: bool,
+    /// Submit even if no agent can take the job now.
+    #[arg(long)]
+    pub wait_for_available_agents: bool,
+    /// Directory that relative attachment paths are relative to (default: the job
+    /// file's directory).
+    #[arg(long)]
+    pub attachments_relative_to: Option<PathBuf>,
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct PollArgs {
+    pub job_id: String,
+    /// Print the output once and exit.
+    #[arg(short = 'o', long)]
+    pub oneshot: bool,
+    /// First fragment to print.
+    #[arg(
+        short = 'f',
+        long = "start_fragment",
+        alias = "start-fragment",
+        default_value_t = 0
+    )]
+    pub start_fragment: u64,
+    /// Only fragments at or after this ISO-8601 timestamp.
+    #[arg(short = 't', long = "start_timestamp", alias = "start-timestamp")]
+    pub start_timestamp: Option<String>,
+    /// Only this phase's output; stop once the phase has finished.
+    #[arg(short = 'p', long)]
+    pub phase: Option<String>,
+    /// Print the server's log responses as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct JobArg {
+    pub job_id: String,
+}
+
+#[derive(Debug, Args)]
+pub struct ArtifactsArgs {
+    pub job_id: String,
+    /// Where to save the archive.
+    #[arg(long, default_value = "artifacts.tgz")]
+    pub filename: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct ShowArgs {
+    pub job_id: String,
+    /// Print YAML instead of JSON.
+    #[arg(long)]
+    pub yaml: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct JsonFlag {
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct AgentStatusArgs {
+    pub agent_name: String,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct QueueStatusArgs {
+    pub queue_name: String,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ReserveArgs {
+    /// Queue to reserve a device on.
+    #[arg(short = 'q', long)]
+    pub queue: String,
+    /// Image to provision, from the queue's advertised images.
+    #[arg(short = 'i', long, conflicts_with = "distro")]
+    pub image: Option<String>,
+    /// Distro to provision (MAAS).
+    #[arg(long)]
+    pub distro: Option<String>,
+    /// SSH keys to import, `lp:<user>` or `gh:<user>` (repeatable).
+    #[arg(short = 'k', long = "key")]
+    pub keys: Vec<String>,
+    /// Reservation length: seconds or a duration such as `2h30m`.
+    #[arg(long, default_value = "3600")]
+    pub timeout: String,
+    /// Print the job and do not submit it.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Submit without asking.
+    #[arg(short = 'y', long)]
+    pub yes: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct JobsArgs {
+    /// Ask the server for each job's current state.
+    #[arg(short = 's', long)]
+    pub status: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ConfigArgs {
+    /// `key=value` to set; nothing prints the config.
+    pub setting: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct CompletionsArgs {
+    pub shell: CompletionShell,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum CompletionShell {
+    Bash,
+    Zsh,
+    Fish,
+}
