@@ -109,7 +109,7 @@ async fn run_stage(
         device_type: device_type.name(),
         stage,
     };
-    let serial = SerialCapture::start(&ctx.cfg, dir, stage);
+    let serial = SerialCapture::start(&ctx.cfg, dir, stage).await;
     let result = device_type.run(stage, &ctx).await;
     if let Some(s) = serial {
         s.stop().await;

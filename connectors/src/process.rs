@@ -34,8 +34,10 @@ pub async fn run_shell(
     run_bounded(cmd, limit, command).await
 }
 
-/// Runs a prepared command, killed after `limit`.
+/// Runs a prepared command in its own process group; after `limit` the whole group is
+/// killed, so a hung grandchild cannot outlive the stage holding its output open.
 pub async fn run_bounded(mut cmd: Command, limit: Duration, what: &str) -> Result<Outcome> {
+    cmd.process_group(0);
     let mut child = cmd
         .spawn()
         .map_err(|e| ConnectorError::io(format!("starting `{what}`"), e))?;
@@ -46,6 +48,13 @@ pub async fn run_bounded(mut cmd: Command, limit: Duration, what: &str) -> Resul
             Ok(Outcome::Exited(exit_code(status)))
         }
         Err(_) => {
+            if let Some(pid) = child.id() {
+                // `kill` the program: the crate forbids unsafe, so no libc::kill.
+                let _ = Command::new("kill")
+                    .args(["-KILL", "--", &format!("-{pid}")])
+                    .status()
+                    .await;
+            }
             let _ = child.kill().await;
             Ok(Outcome::TimedOut)
         }

@@ -20,32 +20,31 @@ pub struct SerialCapture {
 
 /// How long to keep reading what is already buffered once the stage has ended.
 const DRAIN: Duration = Duration::from_millis(200);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl SerialCapture {
     /// Starts capturing when the device config names a serial console.
     ///
     /// Never fails the stage: a console that cannot be reached is reported on stderr.
-    pub fn start(cfg: &DeviceConfig, dir: &Path, stage: Stage) -> Option<SerialCapture> {
+    pub async fn start(cfg: &DeviceConfig, dir: &Path, stage: Stage) -> Option<SerialCapture> {
         let host = cfg.serial_host.clone()?;
         let port = cfg.serial_port?;
         let path = dir.join(format!("{}-serial.log", stage.phase()));
+        // Connect before the stage starts, so its first output is not missed.
+        let connect = TcpStream::connect((host.as_str(), port));
+        let mut stream = match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                eprintln!("warning: serial console {host}:{port}: {e}; not captured");
+                return None;
+            }
+            Err(_) => {
+                eprintln!("warning: serial console {host}:{port}: connect timed out; not captured");
+                return None;
+            }
+        };
         let (stop, mut stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
-            let connect = TcpStream::connect((host.as_str(), port));
-            let mut stream = tokio::select! {
-                r = tokio::time::timeout(Duration::from_secs(10), connect) => match r {
-                    Ok(Ok(s)) => s,
-                    Ok(Err(e)) => {
-                        eprintln!("warning: serial console {host}:{port}: {e}; not captured");
-                        return;
-                    }
-                    Err(_) => {
-                        eprintln!("warning: serial console {host}:{port}: connect timed out; not captured");
-                        return;
-                    }
-                },
-                _ = &mut stopped => return,
-            };
             let mut file = match std::fs::OpenOptions::new()
                 .create(true)
                 .append(true)

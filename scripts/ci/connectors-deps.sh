@@ -4,6 +4,9 @@
 # enabled or started here. Idempotent; CI runs it as root, non-interactively.
 set -eu
 
+# sshd started as root wants its (empty) privilege separation directory.
+mkdir -p /run/sshd 2>/dev/null || true
+
 if [ -x /usr/sbin/sshd ]; then
     echo "connectors-deps: /usr/sbin/sshd present, nothing to do"
     exit 0
@@ -12,3 +15,4 @@ fi
 export DEBIAN_FRONTEND=noninteractive
 apt-get update
 apt-get install -y --no-install-recommends openssh-server openssh-client
+mkdir -p /run/sshd

@@ -1,0 +1,10 @@
+//! Integration tests: each runs the built `testflinger-device-connectors` binary in a
+//! temporary run directory against real things (an sshd on a loopback port with a
+//! throwaway key, TCP and HTTP servers in the test, the real API with RabbitMQ/Redis).
+
+mod cli;
+mod multi;
+mod noprovision;
+mod reserve;
+mod serial;
+mod support;

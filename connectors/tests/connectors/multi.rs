@@ -1,0 +1,1 @@
+//! `multi` against the real API server (RabbitMQ and Redis behind it).
