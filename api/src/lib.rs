@@ -1,1 +1,25 @@
-//! placeholder
+//! The Testflinger v1 HTTP API server.
+//!
+//! Layout:
+//! - [`settings`]: typed settings from a file and the environment.
+//! - [`startup`]: [`startup::Application`], used by main and by tests.
+//! - [`routes`]: one module per route group (jobs, lease, results, agents, queues).
+//! - [`submit`]: admission of a job (shared by HTTP and the broker submit queue).
+//! - [`admission`]: the `testflinger.submit` consumer.
+//! - [`store`]: all Redis state and its atomic scripts; [`files`]: artifacts/attachments.
+//! - [`reaper`]: requeues jobs whose lease expired.
+//! - [`events`]: job events to `testflinger.events` and webhooks.
+//! - [`error`]: errors at the HTTP edge.
+
+pub mod admission;
+pub mod error;
+pub mod events;
+pub mod files;
+pub mod reaper;
+pub mod routes;
+pub mod settings;
+pub mod startup;
+pub mod state;
+pub mod store;
+pub mod submit;
+pub mod telemetry;

@@ -1,1 +1,45 @@
-//! placeholder
+//! Everything that speaks AMQP. This is the only crate that depends on lapin.
+//!
+//! Layout:
+//! - [`topology`]: names and arguments of every queue and exchange, declared idempotently.
+//! - [`Broker`]: a connection pool (deadpool-lapin) plus our own pool of long-lived
+//!   confirm-mode channels, with reconnect and back-off; publishing that waits for the
+//!   broker's confirm; `basic.get`; a readiness probe.
+//! - [`consume`]: consumers with manual ack and a prefetch shared by all their queues,
+//!   yielding [`Incoming`] messages.
+
+mod client;
+pub mod consume;
+pub mod topology;
+
+pub use client::{Broker, BrokerConfig, OutgoingMessage};
+pub use consume::{Consumer, Incoming};
+pub use topology::QueueType;
+
+/// What can go wrong talking to RabbitMQ, sorted by what the caller can do.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    /// The broker cannot be reached now (connection refused, timed out, in back-off).
+    /// Retry later; nothing was published.
+    #[error("message broker unavailable: {0}")]
+    Unavailable(String),
+    /// The broker refused to take the message (negative confirm or returned as
+    /// unroutable). Nothing was queued.
+    #[error("message broker refused the message: {0}")]
+    Refused(String),
+    /// A protocol or channel error (for example a queue declared with other arguments).
+    #[error("message broker error: {0}")]
+    Protocol(String),
+}
+
+impl From<lapin::Error> for BrokerError {
+    fn from(e: lapin::Error) -> Self {
+        use lapin::ErrorKind;
+        match e.kind() {
+            ErrorKind::IOError(_)
+            | ErrorKind::InvalidConnectionState(_)
+            | ErrorKind::InvalidChannelState(..) => BrokerError::Unavailable(e.to_string()),
+            _ => BrokerError::Protocol(e.to_string()),
+        }
+    }
+}

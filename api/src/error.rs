@@ -1,0 +1,111 @@
+//! Errors at the HTTP edge, sorted by what the caller can do about them.
+
+use actix_web::http::StatusCode;
+use actix_web::{HttpResponse, ResponseError};
+use serde_json::json;
+use testflinger_broker::BrokerError;
+use testflinger_common::ValidationError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// The request is wrong: fix it (400, JSON body).
+    #[error("{0}")]
+    BadRequest(String),
+    /// The body failed schema validation (422, upstream's shape).
+    #[error("validation error: {0}")]
+    Validation(ValidationError),
+    /// A plain-text answer with the given status, as upstream sends on some routes.
+    #[error("{1}")]
+    Text(StatusCode, String),
+    /// JSON `{"message": ..}` with the given status.
+    #[error("{1}")]
+    Json(StatusCode, String),
+    /// Nothing here (204, as upstream answers for unknown ids).
+    #[error("no content")]
+    NoContent,
+    /// The fencing token is stale: the job has moved on (409).
+    #[error("{0}")]
+    Stale(String),
+    /// A body larger than allowed (413).
+    #[error("{0}")]
+    TooLarge(String),
+    /// A dependency is down: retry later (503). Nothing was written.
+    #[error("{0}")]
+    Unavailable(String),
+    /// Our fault: opaque to the caller, cause kept in the log (500).
+    #[error(transparent)]
+    Internal(#[from] anyhow::Error),
+}
+
+impl From<redis::RedisError> for ApiError {
+    fn from(e: redis::RedisError) -> Self {
+        if e.is_io_error()
+            || e.is_timeout()
+            || e.is_connection_dropped()
+            || e.is_connection_refusal()
+        {
+            ApiError::Unavailable(format!("state store (Redis) unavailable: {e}"))
+        } else {
+            ApiError::Internal(anyhow::Error::new(e).context("redis command failed"))
+        }
+    }
+}
+
+impl From<BrokerError> for ApiError {
+    fn from(e: BrokerError) -> Self {
+        match e {
+            BrokerError::Unavailable(_) | BrokerError::Refused(_) => {
+                ApiError::Unavailable(format!("job not queued: {e}"))
+            }
+            BrokerError::Protocol(_) => {
+                ApiError::Internal(anyhow::Error::new(e).context("broker protocol error"))
+            }
+        }
+    }
+}
+
+impl From<std::io::Error> for ApiError {
+    fn from(e: std::io::Error) -> Self {
+        ApiError::Internal(anyhow::Error::new(e).context("file store"))
+    }
+}
+
+impl ResponseError for ApiError {
+    fn status_code(&self) -> StatusCode {
+        match self {
+            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::Validation(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::Text(s, _) | ApiError::Json(s, _) => *s,
+            ApiError::NoContent => StatusCode::NO_CONTENT,
+            ApiError::Stale(_) => StatusCode::CONFLICT,
+            ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        let status = self.status_code();
+        match self {
+            ApiError::NoContent => HttpResponse::NoContent().finish(),
+            ApiError::Text(_, t) => HttpResponse::build(status)
+                .content_type("text/plain; charset=utf-8")
+                .body(t.clone()),
+            ApiError::Validation(v) => HttpResponse::build(status).json(json!({
+                "detail": v.detail(),
+                "message": format!("Validation error: {v}"),
+            })),
+            ApiError::Internal(e) => {
+                tracing::error!(error = ?e, "internal error");
+                HttpResponse::build(status).json(json!({
+                    "detail": {}, "message": "Internal server error (see the server log)"
+                }))
+            }
+            other => HttpResponse::build(status).json(json!({
+                "detail": {}, "message": other.to_string()
+            })),
+        }
+    }
+}
+
+pub type ApiResult<T> = Result<T, ApiError>;

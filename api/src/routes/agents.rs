@@ -1,0 +1,305 @@
+//! `/v1/agents...`: agent records, advertised queues and images, provision logs.
+
+use super::{ok_text, typed_body};
+use crate::error::{ApiError, ApiResult};
+use crate::state::AppState;
+use crate::store::now_iso;
+use actix_web::http::StatusCode;
+use actix_web::{HttpResponse, web};
+use redis::AsyncCommands;
+use serde_json::{Map, Value, json};
+use std::collections::{BTreeMap, HashMap};
+
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.route("/v1/agents/data", web::get().to(list_agents))
+        .route("/v1/agents/data/{name}", web::get().to(get_agent))
+        .route("/v1/agents/data/{name}", web::post().to(post_agent))
+        .route("/v1/agents/queues", web::get().to(get_queues))
+        .route("/v1/agents/queues", web::post().to(post_queues))
+        .route("/v1/agents/images", web::post().to(post_images))
+        .route("/v1/agents/images/{queue}", web::get().to(get_images))
+        .route(
+            "/v1/agents/provision_logs/{name}",
+            web::post().to(post_provision_log),
+        );
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AgentIn {
+    identifier: Option<String>,
+    job_id: Option<String>,
+    location: Option<String>,
+    log: Option<Vec<String>>,
+    provision_type: Option<String>,
+    queues: Option<Vec<String>>,
+    state: Option<String>,
+    comment: Option<String>,
+}
+
+fn check_name(name: &str) -> ApiResult<()> {
+    if name.is_empty() || name.len() > 200 || name.chars().any(char::is_control) {
+        return Err(ApiError::BadRequest(
+            "agent name must be 1 to 200 printable characters".into(),
+        ));
+    }
+    Ok(())
+}
+
+async fn post_agent(
+    app: web::Data<AppState>,
+    name: web::Path<String>,
+    body: web::Bytes,
+) -> ApiResult<HttpResponse> {
+    let name = name.into_inner();
+    check_name(&name)?;
+    let a: AgentIn = typed_body(&body)?;
+    let k = &app.store.keys;
+    let mut fields: Vec<(&str, String)> = vec![("name", name.clone()), ("updated_at", now_iso())];
+    for (key, v) in [
+        ("identifier", &a.identifier),
+        ("job_id", &a.job_id),
+        ("location", &a.location),
+        ("provision_type", &a.provision_type),
+        ("state", &a.state),
+        ("comment", &a.comment),
+    ] {
+        if let Some(v) = v {
+            fields.push((key, v.clone()));
+        }
+    }
+    if let Some(q) = &a.queues {
+        fields.push(("queues", json!(q).to_string()));
+    }
+    let retention = app.store.retention_secs();
+    let mut p = redis::pipe();
+    p.hset_multiple(k.agent(&name), &fields).ignore();
+    p.expire(k.agent(&name), retention).ignore();
+    p.zadd(k.agents(), &name, crate::store::now_ms()).ignore();
+    if let Some(log) = &a.log
+        && !log.is_empty()
+    {
+        p.rpush(k.agent_log(&name), log).ignore();
+        p.ltrim(k.agent_log(&name), -100, -1).ignore();
+        p.expire(k.agent_log(&name), retention).ignore();
+    }
+    let mut c = app.store.con();
+    let _: () = p.query_async(&mut c).await?;
+    Ok(HttpResponse::Ok()
+        .insert_header((
+            "Set-Cookie",
+            format!("agent_name={name}; HttpOnly; SameSite=Strict; Path=/"),
+        ))
+        .json(json!({"status": "OK"})))
+}
+
+/// An agent record as the API shows it.
+fn agent_json(h: HashMap<String, String>) -> Value {
+    let mut o = Map::new();
+    for key in [
+        "name",
+        "state",
+        "location",
+        "provision_type",
+        "identifier",
+        "job_id",
+        "comment",
+        "updated_at",
+    ] {
+        if let Some(v) = h.get(key) {
+            o.insert(key.into(), json!(v));
+        }
+    }
+    let queues: Value = h
+        .get("queues")
+        .and_then(|q| serde_json::from_str(q).ok())
+        .unwrap_or_else(|| json!([]));
+    o.insert("queues".into(), queues);
+    if let Some(t) = h.get("provision_streak_type") {
+        o.insert("provision_streak_type".into(), json!(t));
+        let n: i64 = h
+            .get("provision_streak_count")
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        o.insert("provision_streak_count".into(), json!(n));
+    }
+    o.insert("restricted_to".into(), json!({}));
+    Value::Object(o)
+}
+
+/// Every known agent, oldest registration first.
+pub async fn all_agents(app: &AppState) -> ApiResult<Vec<Value>> {
+    let k = &app.store.keys;
+    let mut c = app.store.con();
+    let names: Vec<String> = c.zrange(k.agents(), 0, -1).await?;
+    let mut p = redis::pipe();
+    for n in &names {
+        p.hgetall(k.agent(n));
+    }
+    let rows: Vec<HashMap<String, String>> = p.query_async(&mut c).await?;
+    let mut out = Vec::new();
+    let mut gone = Vec::new();
+    for (n, h) in names.iter().zip(rows) {
+        if h.is_empty() {
+            gone.push(n.clone());
+        } else {
+            out.push(agent_json(h));
+        }
+    }
+    if !gone.is_empty() {
+        let _: () = c.zrem(k.agents(), gone).await?;
+    }
+    Ok(out)
+}
+
+pub async fn agents_on_queue(app: &AppState, queue: &str) -> ApiResult<Vec<Value>> {
+    Ok(all_agents(app)
+        .await?
+        .into_iter()
+        .filter(|a| {
+            a.get("queues")
+                .and_then(Value::as_array)
+                .is_some_and(|qs| qs.iter().any(|q| q == queue))
+        })
+        .collect())
+}
+
+async fn list_agents(app: web::Data<AppState>) -> ApiResult<HttpResponse> {
+    Ok(HttpResponse::Ok().json(all_agents(&app).await?))
+}
+
+async fn get_agent(app: web::Data<AppState>, name: web::Path<String>) -> ApiResult<HttpResponse> {
+    let mut c = app.store.con();
+    let h: HashMap<String, String> = c.hgetall(app.store.keys.agent(&name)).await?;
+    if h.is_empty() {
+        return Ok(HttpResponse::NotFound().json(json!({})));
+    }
+    Ok(HttpResponse::Ok().json(agent_json(h)))
+}
+
+async fn post_queues(app: web::Data<AppState>, body: web::Bytes) -> ApiResult<HttpResponse> {
+    let m: BTreeMap<String, String> = typed_body(&body)?;
+    for q in m.keys() {
+        testflinger_common::queue::validate_queue_name(q).map_err(|e| {
+            ApiError::Validation(testflinger_common::ValidationError::new(q.clone(), e))
+        })?;
+    }
+    if !m.is_empty() {
+        let k = app.store.keys.queues();
+        let mut c = app.store.con();
+        let items: Vec<(String, String)> = m.into_iter().collect();
+        let _: () = redis::pipe()
+            .hset_multiple(&k, &items)
+            .ignore()
+            .expire(&k, app.store.retention_secs())
+            .ignore()
+            .query_async(&mut c)
+            .await?;
+    }
+    Ok(ok_text())
+}
+
+async fn get_queues(app: web::Data<AppState>) -> ApiResult<HttpResponse> {
+    let mut c = app.store.con();
+    let mut m: BTreeMap<String, String> = c.hgetall(app.store.keys.queues()).await?;
+    // Queues only seen on agents appear too, without a description.
+    for a in all_agents(&app).await? {
+        for q in a
+            .get("queues")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            if let Some(q) = q.as_str() {
+                m.entry(q.to_string()).or_default();
+            }
+        }
+    }
+    Ok(HttpResponse::Ok().json(m))
+}
+
+async fn post_images(app: web::Data<AppState>, body: web::Bytes) -> ApiResult<HttpResponse> {
+    let m: BTreeMap<String, BTreeMap<String, String>> = typed_body(&body)?;
+    let mut p = redis::pipe();
+    for (q, images) in &m {
+        for name in images.keys() {
+            if name.is_empty() || name.contains('.') || name.starts_with('$') {
+                return Err(ApiError::Validation(
+                    testflinger_common::ValidationError::new(
+                        format!("{q}.{name}"),
+                        "image names must be non-empty, without '.' and not start with '$'",
+                    ),
+                ));
+            }
+        }
+        let key = app.store.keys.images(q);
+        p.set(&key, json!(images).to_string()).ignore();
+        p.expire(&key, app.store.retention_secs()).ignore();
+    }
+    let mut c = app.store.con();
+    let _: () = p.query_async(&mut c).await?;
+    Ok(ok_text())
+}
+
+async fn get_images(app: web::Data<AppState>, queue: web::Path<String>) -> ApiResult<HttpResponse> {
+    let mut c = app.store.con();
+    let v: Option<String> = c.get(app.store.keys.images(&queue)).await?;
+    let body: Value = v
+        .and_then(|s| serde_json::from_str(&s).ok())
+        .unwrap_or_else(|| json!({}));
+    Ok(HttpResponse::Ok().json(body))
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ProvisionLogIn {
+    job_id: String,
+    exit_code: i64,
+    #[serde(default)]
+    detail: Option<String>,
+}
+
+async fn post_provision_log(
+    app: web::Data<AppState>,
+    name: web::Path<String>,
+    body: web::Bytes,
+) -> ApiResult<HttpResponse> {
+    let l: ProvisionLogIn = typed_body(&body)?;
+    let k = &app.store.keys;
+    let mut c = app.store.con();
+    let h: HashMap<String, String> = c.hgetall(k.agent(&name)).await?;
+    if h.is_empty() {
+        return Err(ApiError::Text(
+            StatusCode::NOT_FOUND,
+            "Agent not found\n".into(),
+        ));
+    }
+    let kind = if l.exit_code == 0 { "pass" } else { "fail" };
+    let count = if h.get("provision_streak_type").map(String::as_str) == Some(kind) {
+        h.get("provision_streak_count")
+            .and_then(|c| c.parse::<i64>().ok())
+            .unwrap_or(0)
+            + 1
+    } else {
+        1
+    };
+    let entry = json!({"job_id": l.job_id, "exit_code": l.exit_code, "detail": l.detail.unwrap_or_default(), "timestamp": now_iso()});
+    let _: () = redis::pipe()
+        .rpush(k.provision_log(&name), entry.to_string())
+        .ignore()
+        .ltrim(k.provision_log(&name), -100, -1)
+        .ignore()
+        .expire(k.provision_log(&name), app.store.retention_secs())
+        .ignore()
+        .hset_multiple(
+            k.agent(&name),
+            &[
+                ("provision_streak_type", kind.to_string()),
+                ("provision_streak_count", count.to_string()),
+            ],
+        )
+        .ignore()
+        .query_async(&mut c)
+        .await?;
+    Ok(ok_text())
+}

@@ -1,0 +1,530 @@
+//! `/v1/job...`: submit, look up, position, cancel, attachments, search, and the
+//! legacy HTTP pull for upstream agents.
+
+use super::{json_body, ok_text, parse_id};
+use crate::error::{ApiError, ApiResult};
+use crate::events;
+use crate::files::Kind;
+use crate::state::AppState;
+use crate::submit;
+use actix_multipart::Multipart;
+use actix_web::http::StatusCode;
+use actix_web::{HttpRequest, HttpResponse, web};
+use serde_json::{Value, json};
+use testflinger_common::protocol::ClaimOutcome;
+use tokio_util::io::ReaderStream;
+
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.route("/v1/job", web::post().to(submit_job))
+        .route("/v1/job", web::get().to(legacy_next_job))
+        .route("/v1/job/search", web::get().to(search))
+        .route("/v1/job/{id}", web::get().to(get_job))
+        .route("/v1/job/{id}/position", web::get().to(position))
+        .route("/v1/job/{id}/action", web::post().to(action))
+        .route("/v1/job/{id}/attachments", web::post().to(post_attachments))
+        .route("/v1/job/{id}/attachments", web::get().to(get_attachments));
+}
+
+#[tracing::instrument(skip_all, fields(job.id))]
+async fn submit_job(app: web::Data<AppState>, body: web::Bytes) -> ApiResult<HttpResponse> {
+    let value = json_body(&body)?;
+    if let Some(raw) = value.get("job_id")
+        && !raw
+            .as_str()
+            .is_some_and(|s| s.parse::<testflinger_common::JobId>().is_ok())
+    {
+        return Err(ApiError::BadRequest("Invalid job_id specified".into()));
+    }
+    let id = submit::admit(&app, value, None).await?;
+    tracing::Span::current().record("job.id", tracing::field::display(&id));
+    Ok(HttpResponse::Ok().json(json!({"job_id": id.to_string()})))
+}
+
+#[tracing::instrument(skip_all, fields(job.id = %id))]
+async fn get_job(app: web::Data<AppState>, id: web::Path<String>) -> ApiResult<HttpResponse> {
+    let id = parse_id(&id, false)?;
+    let rec = app
+        .store
+        .get_job(&id.to_string())
+        .await?
+        .ok_or(ApiError::NoContent)?;
+    Ok(HttpResponse::Ok().json(rec.def))
+}
+
+#[tracing::instrument(skip_all, fields(job.id = %id))]
+async fn position(app: web::Data<AppState>, id: web::Path<String>) -> ApiResult<HttpResponse> {
+    let id = parse_id(&id, true)?.to_string();
+    let gone = || {
+        ApiError::Text(
+            StatusCode::GONE,
+            "Job not found or already started\n".into(),
+        )
+    };
+    let f = app.store.job_fields(&id, &["queue", "state"]).await?;
+    let (Some(queue), Some(state)) = (f[0].clone(), f[1].clone()) else {
+        return Err(gone());
+    };
+    if state != "waiting" {
+        return Err(gone());
+    }
+    let mut c = app.store.con();
+    let rank: Option<i64> = redis::cmd("ZRANK")
+        .arg(app.store.keys.qpos(&queue))
+        .arg(&id)
+        .query_async(&mut c)
+        .await?;
+    let rank = rank.ok_or_else(gone)?;
+    Ok(HttpResponse::Ok()
+        .content_type("text/plain; charset=utf-8")
+        .body(rank.to_string()))
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ActionIn {
+    action: String,
+}
+
+#[tracing::instrument(skip_all, fields(job.id = %id))]
+async fn action(
+    app: web::Data<AppState>,
+    id: web::Path<String>,
+    body: web::Bytes,
+) -> ApiResult<HttpResponse> {
+    let id = parse_id(&id, true)?.to_string();
+    let a: ActionIn = super::typed_body(&body)?;
+    if a.action != "cancel" {
+        return Err(ApiError::Validation(
+            testflinger_common::ValidationError::new(
+                "action",
+                format!(
+                    "'{}' is not a valid action; the only action is 'cancel'",
+                    a.action
+                ),
+            ),
+        ));
+    }
+    let already = || {
+        ApiError::Text(
+            StatusCode::BAD_REQUEST,
+            "The job is already completed or cancelled".into(),
+        )
+    };
+    let f = app
+        .store
+        .job_fields(&id, &["queue", "attempt", "def"])
+        .await?;
+    let Some(queue) = f[0].clone() else {
+        return Err(already());
+    };
+    match app.store.cancel(&id, &queue).await? {
+        None | Some(Err(_)) => Err(already()),
+        Some(Ok((previous, agent))) => {
+            let attempt = f[1].as_deref().and_then(|a| a.parse().ok()).unwrap_or(0);
+            if !agent.is_empty() && previous != "waiting" {
+                lease_notify_cancel(&app, &agent, &id).await;
+            }
+            let webhook = webhook_of(f[2].as_deref());
+            events::emit(
+                &app,
+                &id,
+                &queue,
+                "cancelled",
+                Some(&previous),
+                attempt,
+                Some(&agent),
+                None,
+                webhook,
+            );
+            Ok(ok_text())
+        }
+    }
+}
+
+/// The `job_status_webhook` of a stored definition.
+pub fn webhook_of(def: Option<&str>) -> Option<String> {
+    let v: Value = serde_json::from_str(def?).ok()?;
+    v.get("job_status_webhook")?.as_str().map(str::to_string)
+}
+
+/// Tells the holder of a running job, over the broker, that it was cancelled. Best
+/// effort: the heartbeat answer carries the same news.
+async fn lease_notify_cancel(app: &AppState, agent: &str, id: &str) {
+    let body = serde_json::to_vec(&testflinger_common::protocol::ControlCommand::Cancel {
+        job_id: id.to_string(),
+    })
+    .unwrap_or_default();
+    let r = app
+        .broker
+        .publish(testflinger_broker::OutgoingMessage {
+            exchange: testflinger_broker::topology::CONTROL_EXCHANGE,
+            routing_key: agent,
+            body: &body,
+            content_type: Some("application/json"),
+            ..Default::default()
+        })
+        .await;
+    if let Err(e) = r {
+        tracing::warn!(job.id = %id, error = %e, "cancel command not published; the heartbeat will carry it");
+    }
+}
+
+#[tracing::instrument(skip_all, fields(job.id = %id))]
+async fn post_attachments(
+    app: web::Data<AppState>,
+    id: web::Path<String>,
+    payload: Multipart,
+) -> ApiResult<HttpResponse> {
+    let id = parse_id(&id, true)?.to_string();
+    let f = app
+        .store
+        .job_fields(&id, &["state", "attach", "queue", "prio", "def"])
+        .await?;
+    let not_valid = || {
+        ApiError::Text(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("Job {id} is not valid\n"),
+        )
+    };
+    let (Some(state), attach) = (f[0].clone(), f[1].clone().unwrap_or_default()) else {
+        return Err(not_valid());
+    };
+    if attach == "complete" {
+        return Ok(ok_text());
+    }
+    if state != "waiting" {
+        return Err(not_valid());
+    }
+    if attach != "waiting" {
+        return Err(ApiError::Text(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("Job {id} not awaiting attachments\n"),
+        ));
+    }
+    app.files
+        .save_upload(Kind::Attachments, &id, payload)
+        .await?;
+    app.store
+        .set_job_fields(&id, &[("attach", "complete".into())])
+        .await?;
+    let queue = f[2].clone().unwrap_or_default();
+    let prio = f[3].as_deref().and_then(|p| p.parse().ok()).unwrap_or(0);
+    let def: Value = f[4]
+        .as_deref()
+        .and_then(|d| serde_json::from_str(d).ok())
+        .unwrap_or(Value::Null);
+    if let Err(e) = submit::publish(&app, &id, &queue, prio, &def).await {
+        // Not queued: let the client retry the upload.
+        app.store
+            .set_job_fields(&id, &[("attach", "waiting".into())])
+            .await?;
+        return Err(e);
+    }
+    events::emit(
+        &app,
+        &id,
+        &queue,
+        "waiting",
+        None,
+        0,
+        None,
+        Some("attachments received"),
+        webhook_of(f[4].as_deref()),
+    );
+    Ok(ok_text())
+}
+
+#[tracing::instrument(skip_all, fields(job.id = %id))]
+async fn get_attachments(
+    app: web::Data<AppState>,
+    id: web::Path<String>,
+) -> ApiResult<HttpResponse> {
+    let id = parse_id(&id, true)?.to_string();
+    stream_file(&app, Kind::Attachments, &id, "application/gzip", None).await
+}
+
+/// Streams a stored file, or 204 when there is none.
+pub async fn stream_file(
+    app: &AppState,
+    kind: Kind,
+    id: &str,
+    content_type: &str,
+    content_encoding: Option<&str>,
+) -> ApiResult<HttpResponse> {
+    let path = app.files.path(kind, id);
+    let file = match tokio::fs::File::open(&path).await {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(ApiError::NoContent),
+        Err(e) => return Err(e.into()),
+    };
+    let len = file.metadata().await?.len();
+    let mut resp = HttpResponse::Ok();
+    resp.content_type(content_type.to_string());
+    if let Some(enc) = content_encoding {
+        resp.insert_header(("Content-Encoding", enc.to_string()));
+    }
+    resp.no_chunking(len);
+    Ok(resp.streaming(ReaderStream::with_capacity(file, 256 * 1024)))
+}
+
+#[derive(serde::Deserialize)]
+struct SearchQuery {
+    #[serde(default)]
+    tags: Vec<String>,
+    #[serde(default, rename = "match")]
+    match_: Option<String>,
+    #[serde(default)]
+    state: Vec<String>,
+}
+
+const SEARCH_STATES: &[&str] = &[
+    "setup",
+    "provision",
+    "firmware_update",
+    "test",
+    "allocate",
+    "allocated",
+    "reserve",
+    "cleanup",
+    "cancelled",
+    "completed",
+    "complete",
+    "waiting",
+    "running",
+    "active",
+];
+const SEARCH_LIMIT: usize = 5000;
+
+async fn search(app: web::Data<AppState>, req: HttpRequest) -> ApiResult<HttpResponse> {
+    let q: SearchQuery = serde_html_form(&req)?;
+    let all = q.match_.as_deref().unwrap_or("any") == "all";
+    if let Some(m) = q.match_.as_deref()
+        && m != "any"
+        && m != "all"
+    {
+        return Err(query_error(
+            "match",
+            &format!("'{m}' must be 'any' or 'all'"),
+        ));
+    }
+    for s in &q.state {
+        if !SEARCH_STATES.contains(&s.as_str()) {
+            return Err(query_error("state", &format!("'{s}' is not a valid state")));
+        }
+    }
+    let k = &app.store.keys;
+    let mut c = app.store.con();
+    let ids: Vec<String> = if q.tags.is_empty() {
+        redis::cmd("ZREVRANGE")
+            .arg(k.jobs())
+            .arg(0)
+            .arg(-1)
+            .query_async(&mut c)
+            .await?
+    } else {
+        let keys: Vec<String> = q.tags.iter().map(|t| k.tag(t)).collect();
+        redis::cmd(if all { "SINTER" } else { "SUNION" })
+            .arg(keys)
+            .query_async(&mut c)
+            .await?
+    };
+    let mut pipe = redis::pipe();
+    for id in &ids {
+        pipe.cmd("HMGET")
+            .arg(k.job(id))
+            .arg("state")
+            .arg("created_at")
+            .arg("created");
+    }
+    let rows: Vec<Vec<Option<String>>> = pipe.query_async(&mut c).await?;
+    let mut out: Vec<(i64, Value)> = Vec::new();
+    for (id, row) in ids.iter().zip(rows) {
+        let (Some(state), Some(created_at)) = (row[0].clone(), row[1].clone()) else {
+            continue;
+        };
+        let keep = q.state.is_empty()
+            || q.state.iter().any(|s| match s.as_str() {
+                "active" => state != "cancelled" && state != "complete",
+                "completed" | "complete" => state == "complete",
+                other => other == state,
+            });
+        if keep {
+            let created: i64 = row[2].as_deref().and_then(|c| c.parse().ok()).unwrap_or(0);
+            out.push((
+                created,
+                json!({"job_id": id, "created_at": created_at, "job_state": state}),
+            ));
+        }
+    }
+    out.sort_by(|a, b| b.0.cmp(&a.0));
+    out.truncate(SEARCH_LIMIT);
+    Ok(HttpResponse::Ok().json(out.into_iter().map(|(_, v)| v).collect::<Vec<_>>()))
+}
+
+fn query_error(field: &str, msg: &str) -> ApiError {
+    ApiError::Json(
+        StatusCode::UNPROCESSABLE_ENTITY,
+        format!("Validation error: {field}: {msg}"),
+    )
+}
+
+/// Parses a query string with repeated keys (`?tags=a&tags=b`).
+pub fn serde_html_form<T: serde::de::DeserializeOwned>(req: &HttpRequest) -> ApiResult<T> {
+    let mut map = serde_json::Map::new();
+    for pair in req.query_string().split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let k = urldecode(k);
+        let v = Value::String(urldecode(v));
+        match map.get_mut(&k) {
+            Some(Value::Array(a)) => a.push(v),
+            _ => {
+                map.insert(k, Value::Array(vec![v]));
+            }
+        }
+    }
+    // Single-valued fields take the last value; list fields take all.
+    let flat: serde_json::Map<String, Value> = map
+        .into_iter()
+        .map(|(k, v)| {
+            let keep_list = matches!(k.as_str(), "tags" | "state" | "queue");
+            match v {
+                Value::Array(mut a) if !keep_list => (k, a.pop().unwrap_or(Value::Null)),
+                other => (k, other),
+            }
+        })
+        .collect();
+    serde_json::from_value(Value::Object(flat))
+        .map_err(|e| ApiError::BadRequest(format!("invalid query: {e}")))
+}
+
+fn urldecode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < bytes.len() => {
+                match u8::from_str_radix(
+                    std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap_or("zz"),
+                    16,
+                ) {
+                    Ok(b) => {
+                        out.push(b);
+                        i += 2;
+                    }
+                    Err(_) => out.push(b'%'),
+                }
+            }
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn agent_cookie(req: &HttpRequest) -> Option<String> {
+    let header = req.headers().get("cookie")?.to_str().ok()?;
+    header.split(';').find_map(|kv| {
+        let (k, v) = kv.trim().split_once('=')?;
+        (k == "agent_name" && !v.is_empty()).then(|| urldecode(v))
+    })
+}
+
+#[derive(serde::Deserialize)]
+struct LegacyQuery {
+    #[serde(default)]
+    queue: Vec<String>,
+}
+
+/// `GET /v1/job?queue=A&queue=B`: for upstream HTTP-polling agents. Takes the
+/// best waiting job of those queues from RabbitMQ (basic.get), claims it for the
+/// calling agent, acks it, and returns it; 204 when there is none.
+#[tracing::instrument(skip_all, fields(agent))]
+async fn legacy_next_job(app: web::Data<AppState>, req: HttpRequest) -> ApiResult<HttpResponse> {
+    let q: LegacyQuery = serde_html_form(&req)?;
+    if q.queue.is_empty() {
+        return Err(ApiError::BadRequest(
+            "No queue(s) specified in request".into(),
+        ));
+    }
+    let agent = agent_cookie(&req)
+        .ok_or_else(|| ApiError::Text(StatusCode::UNAUTHORIZED, "Agent not identified".into()))?;
+    tracing::Span::current().record("agent", agent.as_str());
+    // Visit queues in the order of their best waiting job (priority, then age).
+    let k = &app.store.keys;
+    let mut c = app.store.con();
+    let mut pipe = redis::pipe();
+    for queue in &q.queue {
+        pipe.cmd("ZRANGE")
+            .arg(k.qpos(queue))
+            .arg(0)
+            .arg(0)
+            .arg("WITHSCORES");
+    }
+    let heads: Vec<Vec<(String, f64)>> = pipe.query_async(&mut c).await?;
+    let mut order: Vec<(f64, &String)> = q
+        .queue
+        .iter()
+        .zip(heads)
+        .map(|(queue, h)| (h.first().map_or(f64::MAX, |x| x.1), queue))
+        .collect();
+    order.sort_by(|a, b| a.0.total_cmp(&b.0));
+    for (_, queue) in order {
+        if testflinger_common::queue::validate_queue_name(queue).is_err() {
+            continue;
+        }
+        // Bounded: stale messages (cancelled, finished) are dropped as we go.
+        for _ in 0..100 {
+            let Some(msg) = app.broker.get(queue).await? else {
+                break;
+            };
+            let Some(id) = msg.message_id.clone().or_else(|| message_job_id(&msg.body)) else {
+                msg.reject().await?;
+                continue;
+            };
+            let claim = app.store.claim(&id, &agent, app.lease_ms(), true).await?;
+            match claim.outcome {
+                ClaimOutcome::Granted => {
+                    msg.ack().await?;
+                    if let Some(queue_name) = claim
+                        .job
+                        .as_ref()
+                        .and_then(|j| j.get("job_queue"))
+                        .and_then(Value::as_str)
+                    {
+                        let f = app.store.job_fields(&id, &["def"]).await?;
+                        events::emit(
+                            &app,
+                            &id,
+                            queue_name,
+                            "running",
+                            Some("waiting"),
+                            claim.attempt,
+                            Some(&agent),
+                            None,
+                            webhook_of(f[0].as_deref()),
+                        );
+                    }
+                    return Ok(HttpResponse::Ok().json(claim.job.unwrap_or(Value::Null)));
+                }
+                ClaimOutcome::Excluded => {
+                    msg.requeue().await?;
+                    break;
+                }
+                ClaimOutcome::Unknown => {
+                    // Published raw: a legacy agent cannot register it; leave it for ours.
+                    msg.requeue().await?;
+                    break;
+                }
+                _ => msg.ack().await?,
+            }
+        }
+    }
+    Ok(HttpResponse::NoContent().finish())
+}
+
+fn message_job_id(body: &[u8]) -> Option<String> {
+    let v: Value = serde_json::from_slice(body).ok()?;
+    v.get("job_id")?.as_str().map(str::to_string)
+}

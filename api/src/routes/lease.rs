@@ -1,0 +1,133 @@
+//! Our additions for push-dispatched agents: claim a delivered job (lease + fencing
+//! token), renew the lease, give the job back. See `testflinger_common::protocol`.
+
+use super::{parse_id, typed_body};
+use crate::error::{ApiError, ApiResult};
+use crate::events;
+use crate::state::AppState;
+use crate::store::Requeue;
+use actix_web::{HttpResponse, web};
+use testflinger_common::protocol::{
+    ClaimOutcome, ClaimRequest, ClaimResponse, HeartbeatResponse, LeaseRequest,
+};
+
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.route("/v1/job/{id}/claim", web::post().to(claim))
+        .route("/v1/job/{id}/heartbeat", web::post().to(heartbeat))
+        .route("/v1/job/{id}/release", web::post().to(release));
+}
+
+#[tracing::instrument(skip_all, fields(job.id = %id, agent))]
+async fn claim(
+    app: web::Data<AppState>,
+    id: web::Path<String>,
+    body: web::Bytes,
+) -> ApiResult<HttpResponse> {
+    let id = parse_id(&id, false)?.to_string();
+    let r: ClaimRequest = typed_body(&body)?;
+    if r.agent_id.is_empty() {
+        return Err(ApiError::BadRequest("agent_id must not be empty".into()));
+    }
+    tracing::Span::current().record("agent", r.agent_id.as_str());
+    let c = app
+        .store
+        .claim(&id, &r.agent_id, app.lease_ms(), false)
+        .await?;
+    if c.outcome == ClaimOutcome::Granted {
+        let f = app.store.job_fields(&id, &["queue", "def"]).await?;
+        let queue = f[0].clone().unwrap_or_default();
+        let _: () = {
+            let mut con = app.store.con();
+            redis::cmd("HSET")
+                .arg(app.store.keys.agent(&r.agent_id))
+                .arg("job_id")
+                .arg(&id)
+                .query_async(&mut con)
+                .await?
+        };
+        events::emit(
+            &app,
+            &id,
+            &queue,
+            "running",
+            Some("waiting"),
+            c.attempt,
+            Some(&r.agent_id),
+            None,
+            super::jobs::webhook_of(f[1].as_deref()),
+        );
+    }
+    let granted = c.outcome == ClaimOutcome::Granted;
+    Ok(HttpResponse::Ok().json(ClaimResponse {
+        outcome: c.outcome,
+        token: granted.then_some(c.token),
+        attempt: granted.then_some(c.attempt),
+        lease_ttl: granted.then_some(app.settings.lease_ttl),
+        job: c.job,
+    }))
+}
+
+#[tracing::instrument(skip_all, fields(job.id = %id))]
+async fn heartbeat(
+    app: web::Data<AppState>,
+    id: web::Path<String>,
+    body: web::Bytes,
+) -> ApiResult<HttpResponse> {
+    let id = parse_id(&id, false)?.to_string();
+    let r: LeaseRequest = typed_body(&body)?;
+    match app.store.heartbeat(&id, r.token, app.lease_ms()).await? {
+        Some(cancel) => Ok(HttpResponse::Ok().json(HeartbeatResponse {
+            cancel_requested: cancel,
+            lease_ttl: app.settings.lease_ttl,
+        })),
+        None => Err(ApiError::Stale(format!(
+            "stale fencing token for job {id}: the lease was lost; stop working on it"
+        ))),
+    }
+}
+
+#[tracing::instrument(skip_all, fields(job.id = %id))]
+async fn release(
+    app: web::Data<AppState>,
+    id: web::Path<String>,
+    body: web::Bytes,
+) -> ApiResult<HttpResponse> {
+    let id = parse_id(&id, false)?.to_string();
+    let r: LeaseRequest = typed_body(&body)?;
+    let f = app.store.job_fields(&id, &["queue", "def"]).await?;
+    let Some(queue) = f[0].clone() else {
+        return Err(ApiError::NoContent);
+    };
+    let reason = r
+        .reason
+        .clone()
+        .unwrap_or_else(|| format!("released by agent {}", r.agent_id));
+    match app
+        .store
+        .requeue(&id, &queue, u64::MAX, &reason, Some(r.token))
+        .await?
+    {
+        Requeue::Stale => Err(ApiError::Stale(format!("stale fencing token for job {id}"))),
+        Requeue::Requeued {
+            previous,
+            attempt,
+            agent,
+            reason,
+        } => {
+            crate::reaper::republish(&app, &id).await?;
+            events::emit(
+                &app,
+                &id,
+                &queue,
+                "waiting",
+                Some(&previous),
+                attempt,
+                Some(&agent),
+                Some(&reason),
+                super::jobs::webhook_of(f[1].as_deref()),
+            );
+            Ok(super::ok_text())
+        }
+        _ => Ok(super::ok_text()),
+    }
+}

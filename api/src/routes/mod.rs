@@ -1,0 +1,114 @@
+//! The v1 HTTP API: upstream Testflinger's routes, plus our lease routes and live log
+//! stream beside them.
+
+pub mod agents;
+pub mod jobs;
+pub mod lease;
+pub mod queues;
+pub mod results;
+
+use crate::error::{ApiError, ApiResult};
+use actix_web::http::StatusCode;
+use actix_web::{HttpRequest, HttpResponse, web};
+use testflinger_common::JobId;
+use testflinger_common::protocol::TOKEN_HEADER;
+
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.route("/v1", web::get().to(identity))
+        .route("/v1/", web::get().to(identity))
+        .route("/healthz", web::get().to(healthz))
+        .route("/readyz", web::get().to(readyz))
+        // Upstream's CLI probes this: a 404 tells it the server has no login provider.
+        .route("/oidc/auth-init", web::post().to(no_oidc))
+        .configure(jobs::configure)
+        .configure(lease::configure)
+        .configure(results::configure)
+        .configure(agents::configure)
+        .configure(queues::configure);
+}
+
+async fn identity() -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("text/plain; charset=utf-8")
+        .body(format!("Testflinger Server v{}", env!("CARGO_PKG_VERSION")))
+}
+
+async fn healthz() -> HttpResponse {
+    HttpResponse::Ok().body("OK")
+}
+
+/// Ready when both Redis and RabbitMQ answer.
+async fn readyz(app: web::Data<crate::state::AppState>) -> ApiResult<HttpResponse> {
+    app.store.ping().await?;
+    app.broker
+        .ready()
+        .await
+        .map_err(|e| ApiError::Unavailable(e.to_string()))?;
+    Ok(HttpResponse::Ok().body("OK"))
+}
+
+async fn no_oidc() -> HttpResponse {
+    HttpResponse::NotFound()
+        .content_type("text/plain; charset=utf-8")
+        .body("Not found: no login provider is configured on this server\n")
+}
+
+/// Fallback for unknown routes: upstream's plain-text 404.
+pub async fn not_found(req: HttpRequest) -> HttpResponse {
+    HttpResponse::NotFound()
+        .content_type("text/plain; charset=utf-8")
+        .body(format!("Not found: {} {}\n", req.method(), req.path()))
+}
+
+/// Parses a job id from the path; `text` picks upstream's plain-text 400 body.
+pub fn parse_id(raw: &str, text: bool) -> ApiResult<JobId> {
+    raw.parse::<JobId>().map_err(|_| {
+        if text {
+            ApiError::Text(StatusCode::BAD_REQUEST, "Invalid job id\n".into())
+        } else {
+            ApiError::BadRequest(format!("Invalid job id '{raw}': expected a UUID"))
+        }
+    })
+}
+
+/// The fencing token of an agent write, when it carries one.
+pub fn token(req: &HttpRequest) -> ApiResult<Option<u64>> {
+    match req.headers().get(TOKEN_HEADER) {
+        None => Ok(None),
+        Some(v) => v
+            .to_str()
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+            .map(Some)
+            .ok_or_else(|| ApiError::BadRequest(format!("{TOKEN_HEADER} must be a number"))),
+    }
+}
+
+/// Parses a JSON body with a clear 400 for malformed JSON.
+pub fn json_body(body: &[u8]) -> ApiResult<serde_json::Value> {
+    if body.is_empty() {
+        return Err(ApiError::BadRequest(
+            "request body is empty; expected JSON".into(),
+        ));
+    }
+    serde_json::from_slice(body).map_err(|e| ApiError::BadRequest(format!("malformed JSON: {e}")))
+}
+
+/// Deserializes a JSON body into `T`, answering 422 in upstream's shape with the field.
+pub fn typed_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> ApiResult<T> {
+    let v = json_body(body)?;
+    serde_path_to_error::deserialize(v).map_err(|e| {
+        let path = e.path().to_string();
+        let field = if path == "." { String::new() } else { path };
+        ApiError::Validation(testflinger_common::ValidationError::new(
+            field,
+            e.into_inner().to_string(),
+        ))
+    })
+}
+
+pub fn ok_text() -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("text/plain; charset=utf-8")
+        .body("OK")
+}

@@ -1,0 +1,137 @@
+//! `/v1/queues...`: agents and jobs of a queue, wait-time statistics.
+
+use crate::error::{ApiError, ApiResult};
+use crate::state::AppState;
+use actix_web::http::StatusCode;
+use actix_web::{HttpRequest, HttpResponse, web};
+use redis::AsyncCommands;
+use serde_json::{Map, Value, json};
+
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.route("/v1/queues/wait_times", web::get().to(wait_times))
+        .route("/v1/queues/{queue}/agents", web::get().to(queue_agents))
+        .route("/v1/queues/{queue}/jobs", web::get().to(queue_jobs));
+}
+
+async fn queue_agents(
+    app: web::Data<AppState>,
+    queue: web::Path<String>,
+) -> ApiResult<HttpResponse> {
+    let agents = super::agents::agents_on_queue(&app, &queue).await?;
+    if agents.is_empty() {
+        return Err(ApiError::Json(
+            StatusCode::NOT_FOUND,
+            format!("Queue '{queue}' does not exist."),
+        ));
+    }
+    let keep = [
+        "name",
+        "state",
+        "queues",
+        "location",
+        "provision_type",
+        "job_id",
+        "comment",
+        "restricted_to",
+    ];
+    let out: Vec<Value> = agents
+        .into_iter()
+        .map(|a| {
+            let o: Map<String, Value> = a
+                .as_object()
+                .map(|o| {
+                    o.iter()
+                        .filter(|(k, _)| keep.contains(&k.as_str()))
+                        .map(|(k, v)| (k.clone(), v.clone()))
+                        .collect()
+                })
+                .unwrap_or_default();
+            Value::Object(o)
+        })
+        .collect();
+    Ok(HttpResponse::Ok().json(out))
+}
+
+async fn queue_jobs(app: web::Data<AppState>, queue: web::Path<String>) -> ApiResult<HttpResponse> {
+    let k = &app.store.keys;
+    let mut c = app.store.con();
+    let ids: Vec<String> = c.zrange(k.qjobs(&queue), 0, -1).await?;
+    let mut p = redis::pipe();
+    for id in &ids {
+        p.cmd("HMGET").arg(k.job(id)).arg("state").arg("created_at");
+    }
+    let rows: Vec<Vec<Option<String>>> = p.query_async(&mut c).await?;
+    let mut out = Vec::new();
+    let mut gone = Vec::new();
+    for (id, row) in ids.iter().zip(rows) {
+        match (row[0].clone(), row[1].clone()) {
+            (Some(state), Some(created)) => out.push(json!({"job_id": id, "created_at": created, "job_state": state, "job_queue": queue.as_str()})),
+            _ => gone.push(id.clone()),
+        }
+    }
+    if !gone.is_empty() {
+        let _: () = c.zrem(k.qjobs(&queue), gone).await?;
+    }
+    if out.is_empty() {
+        return Ok(HttpResponse::NoContent().finish());
+    }
+    Ok(HttpResponse::Ok().json(out))
+}
+
+/// Linear-interpolated percentile of sorted samples (numpy's default method).
+pub fn percentile(sorted: &[f64], pct: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let rank = pct / 100.0 * (sorted.len() - 1) as f64;
+    let lo = rank.floor() as usize;
+    let hi = rank.ceil() as usize;
+    sorted[lo] + (sorted[hi] - sorted[lo]) * (rank - lo as f64)
+}
+
+#[derive(serde::Deserialize)]
+struct WaitQuery {
+    #[serde(default)]
+    queue: Vec<String>,
+}
+
+async fn wait_times(app: web::Data<AppState>, req: HttpRequest) -> ApiResult<HttpResponse> {
+    let q: WaitQuery = super::jobs::serde_html_form(&req)?;
+    let k = &app.store.keys;
+    let mut c = app.store.con();
+    let queues: Vec<String> = if q.queue.is_empty() {
+        c.smembers(k.wait_queues()).await?
+    } else {
+        q.queue
+    };
+    let mut p = redis::pipe();
+    for queue in &queues {
+        p.lrange(k.wait(queue), 0, -1);
+    }
+    let samples: Vec<Vec<f64>> = p.query_async(&mut c).await?;
+    let mut out = Map::new();
+    for (queue, mut s) in queues.into_iter().zip(samples) {
+        if s.is_empty() {
+            out.insert(queue, json!({}));
+            continue;
+        }
+        s.sort_by(f64::total_cmp);
+        let mut m = Map::new();
+        for pct in [5, 10, 50, 90, 95] {
+            m.insert(pct.to_string(), json!(percentile(&s, f64::from(pct))));
+        }
+        out.insert(queue, Value::Object(m));
+    }
+    Ok(HttpResponse::Ok().json(out))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn percentiles() {
+        let s = [1.0, 2.0, 3.0, 4.0];
+        assert_eq!(super::percentile(&s, 50.0), 2.5);
+        assert_eq!(super::percentile(&s, 0.0), 1.0);
+        assert_eq!(super::percentile(&s, 100.0), 4.0);
+    }
+}

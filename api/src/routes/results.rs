@@ -1,0 +1,457 @@
+//! `/v1/result...`: outcomes, log fragments (and our live stream of them), artifacts.
+
+use super::{ok_text, parse_id, token, typed_body};
+use crate::error::{ApiError, ApiResult};
+use crate::events;
+use crate::files::Kind;
+use crate::state::AppState;
+use actix_multipart::Multipart;
+use actix_web::http::StatusCode;
+use actix_web::{HttpRequest, HttpResponse, web};
+use serde_json::{Map, Value, json};
+use std::collections::BTreeMap;
+use std::time::Duration;
+use testflinger_common::{JobState, LogType, Phase};
+
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.route("/v1/result/{id}", web::post().to(post_result))
+        .route("/v1/result/{id}", web::get().to(get_result))
+        .route("/v1/result/{id}/log/{log_type}", web::post().to(post_log))
+        .route("/v1/result/{id}/log/{log_type}", web::get().to(get_log))
+        .route(
+            "/v1/result/{id}/log/{log_type}/stream",
+            web::get().to(stream_log),
+        )
+        .route("/v1/result/{id}/artifact", web::post().to(post_artifact))
+        .route("/v1/result/{id}/artifact", web::get().to(get_artifact));
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ResultIn {
+    #[serde(default)]
+    status: Option<BTreeMap<Phase, i64>>,
+    #[serde(default)]
+    device_info: Option<Map<String, Value>>,
+    #[serde(default)]
+    job_state: Option<String>,
+}
+
+#[tracing::instrument(skip_all, fields(job.id = %id))]
+async fn post_result(
+    app: web::Data<AppState>,
+    req: HttpRequest,
+    id: web::Path<String>,
+    body: web::Bytes,
+) -> ApiResult<HttpResponse> {
+    let id = parse_id(&id, true)?.to_string();
+    let tok = token(&req)?;
+    let r: ResultIn = typed_body(&body)?;
+    let f = app
+        .store
+        .job_fields(&id, &["queue", "attempt", "agent", "def", "reason"])
+        .await?;
+    let Some(queue) = f[0].clone() else {
+        // Upstream: a result for an unknown job is accepted and ignored.
+        return Ok(ok_text());
+    };
+    app.store.check_token(&id, tok).await?;
+    let mut fields: Vec<(&str, String)> = Vec::new();
+    if let Some(status) = &r.status {
+        let m: Map<String, Value> = status
+            .iter()
+            .map(|(p, c)| (p.to_string(), json!(c)))
+            .collect();
+        fields.push(("status", Value::Object(m).to_string()));
+    }
+    if let Some(di) = &r.device_info {
+        fields.push(("device_info", Value::Object(di.clone()).to_string()));
+    }
+    if !fields.is_empty() {
+        app.store.set_job_fields(&id, &fields).await?;
+    }
+    if let Some(state) = r.job_state.as_deref() {
+        if state.is_empty() || state.len() > 64 {
+            return Err(ApiError::Validation(
+                testflinger_common::ValidationError::new(
+                    "job_state",
+                    "must be a short non-empty string",
+                ),
+            ));
+        }
+        if let Some((true, previous)) = app.store.set_state(&id, &queue, tok, state).await?
+            && previous != state
+        {
+            let attempt = f[1].as_deref().and_then(|a| a.parse().ok()).unwrap_or(0);
+            let shown = JobState::parse_lenient(state).map_or(state.to_string(), |s| s.to_string());
+            events::emit(
+                &app,
+                &id,
+                &queue,
+                &shown,
+                Some(&previous),
+                attempt,
+                f[2].as_deref(),
+                None,
+                super::jobs::webhook_of(f[3].as_deref()),
+            );
+        }
+    }
+    Ok(ok_text())
+}
+
+struct Fragment {
+    n: i64,
+    ts_ms: i64,
+    ts: String,
+    phase: String,
+    data: String,
+}
+
+fn parse_fragment(member: &str) -> Option<Fragment> {
+    let v: Value = serde_json::from_str(member).ok()?;
+    Some(Fragment {
+        n: v.get("n")?.as_i64()?,
+        ts_ms: v.get("ms").and_then(Value::as_i64).unwrap_or(0),
+        ts: v
+            .get("t")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string(),
+        phase: v.get("p")?.as_str()?.to_string(),
+        data: v.get("d")?.as_str()?.to_string(),
+    })
+}
+
+async fn fragments(
+    app: &AppState,
+    id: &str,
+    log_type: &str,
+    from: i64,
+) -> ApiResult<Vec<Fragment>> {
+    let mut c = app.store.con();
+    let members: Vec<String> = redis::cmd("ZRANGEBYSCORE")
+        .arg(app.store.keys.log(id, log_type))
+        .arg(from)
+        .arg("+inf")
+        .query_async(&mut c)
+        .await?;
+    Ok(members.iter().filter_map(|m| parse_fragment(m)).collect())
+}
+
+#[tracing::instrument(skip_all, fields(job.id = %id))]
+async fn get_result(app: web::Data<AppState>, id: web::Path<String>) -> ApiResult<HttpResponse> {
+    let id = parse_id(&id, false)?.to_string();
+    let rec = app.store.get_job(&id).await?.ok_or(ApiError::NoContent)?;
+    let mut out = Map::new();
+    out.insert("job_state".into(), json!(rec.state));
+    for (phase, code) in &rec.status {
+        out.insert(format!("{phase}_status"), code.clone());
+    }
+    if let Some(di) = rec.device_info {
+        out.insert("device_info".into(), di);
+    }
+    for (log_type, suffix) in [("output", "output"), ("serial", "serial")] {
+        let mut per_phase: BTreeMap<String, String> = BTreeMap::new();
+        for f in fragments(&app, &id, log_type, 0).await? {
+            per_phase.entry(f.phase).or_default().push_str(&f.data);
+        }
+        for (phase, text) in per_phase {
+            out.insert(format!("{phase}_{suffix}"), Value::String(text));
+        }
+    }
+    if !rec.reason.is_empty() {
+        out.insert("job_reason".into(), json!(rec.reason));
+    }
+    if rec.attempt > 0 {
+        out.insert("job_attempt".into(), json!(rec.attempt));
+    }
+    Ok(HttpResponse::Ok().json(out))
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LogIn {
+    fragment_number: i64,
+    timestamp: String,
+    phase: Phase,
+    log_data: String,
+}
+
+fn parse_time(s: &str) -> Option<i64> {
+    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(s) {
+        return Some(t.timestamp_millis());
+    }
+    let trimmed = s.trim_end_matches('Z');
+    for fmt in [
+        "%Y-%m-%dT%H:%M:%S%.f",
+        "%Y-%m-%d %H:%M:%S%.f",
+        "%Y-%m-%dT%H:%M:%S",
+    ] {
+        if let Ok(t) = chrono::NaiveDateTime::parse_from_str(trimmed, fmt) {
+            return Some(t.and_utc().timestamp_millis());
+        }
+    }
+    if let Some((base, _)) = trimmed.split_once("+00:00") {
+        return parse_time(base);
+    }
+    None
+}
+
+fn log_type(raw: &str) -> ApiResult<LogType> {
+    raw.parse::<LogType>().map_err(|_| {
+        ApiError::Text(
+            StatusCode::NOT_FOUND,
+            format!("Not found: log type '{raw}' (use output or serial)\n"),
+        )
+    })
+}
+
+#[tracing::instrument(skip_all, fields(job.id = %path.0))]
+async fn post_log(
+    app: web::Data<AppState>,
+    req: HttpRequest,
+    path: web::Path<(String, String)>,
+    body: web::Bytes,
+) -> ApiResult<HttpResponse> {
+    let (id, lt) = path.into_inner();
+    let id = parse_id(&id, true)?.to_string();
+    let lt = log_type(&lt)?;
+    let tok = token(&req)?;
+    let l: LogIn = typed_body(&body)?;
+    if l.fragment_number < 0 {
+        return Err(ApiError::Validation(
+            testflinger_common::ValidationError::new("fragment_number", "must be at least 0"),
+        ));
+    }
+    let Some(ms) = parse_time(&l.timestamp) else {
+        return Err(ApiError::Validation(
+            testflinger_common::ValidationError::new("timestamp", "not a valid ISO 8601 datetime"),
+        ));
+    };
+    app.store.check_token(&id, tok).await?;
+    let member = json!({"n": l.fragment_number, "ms": ms, "t": l.timestamp, "p": l.phase.as_str(), "d": l.log_data}).to_string();
+    let key = app.store.keys.log(&id, lt.as_str());
+    let mut c = app.store.con();
+    let _: () = redis::pipe()
+        .cmd("ZADD")
+        .arg(&key)
+        .arg(l.fragment_number)
+        .arg(member)
+        .ignore()
+        .cmd("EXPIRE")
+        .arg(&key)
+        .arg(app.store.retention_secs())
+        .ignore()
+        .query_async(&mut c)
+        .await?;
+    Ok(ok_text())
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LogQuery {
+    #[serde(default)]
+    start_fragment: Option<String>,
+    #[serde(default)]
+    start_timestamp: Option<String>,
+    #[serde(default)]
+    phase: Option<String>,
+}
+
+fn bad_query(field: &str, msg: &str) -> ApiError {
+    ApiError::Json(StatusCode::BAD_REQUEST, format!("{field}: {msg}"))
+}
+
+#[tracing::instrument(skip_all, fields(job.id = %path.0))]
+async fn get_log(
+    app: web::Data<AppState>,
+    req: HttpRequest,
+    path: web::Path<(String, String)>,
+) -> ApiResult<HttpResponse> {
+    let (id, lt) = path.into_inner();
+    let id = parse_id(&id, true)?.to_string();
+    let lt = log_type(&lt)?;
+    let q: LogQuery =
+        super::jobs::serde_html_form(&req).map_err(|e| bad_query("query", &e.to_string()))?;
+    let start = match q.start_fragment.as_deref() {
+        None => 0,
+        Some(s) => s
+            .parse::<i64>()
+            .ok()
+            .filter(|n| *n >= 0)
+            .ok_or_else(|| bad_query("start_fragment", "must be an integer >= 0"))?,
+    };
+    let since = match q.start_timestamp.as_deref() {
+        None => None,
+        Some(s) => Some(
+            parse_time(s)
+                .ok_or_else(|| bad_query("start_timestamp", "not a valid ISO 8601 datetime"))?,
+        ),
+    };
+    let phase = match q.phase.as_deref() {
+        None => None,
+        Some(p) => Some(p.parse::<Phase>().map_err(|e| bad_query("phase", &e))?),
+    };
+    let mut per: BTreeMap<&'static str, (i64, String)> = BTreeMap::new();
+    for p in Phase::ALL {
+        if phase.is_none_or(|f| f == *p) {
+            per.insert(p.as_str(), (-1, String::new()));
+        }
+    }
+    for f in fragments(&app, &id, lt.as_str(), start).await? {
+        if since.is_some_and(|s| f.ts_ms < s) {
+            continue;
+        }
+        if let Some(entry) = per.get_mut(f.phase.as_str()) {
+            entry.0 = entry.0.max(f.n);
+            entry.1.push_str(&f.data);
+        }
+    }
+    let body: Map<String, Value> = per
+        .into_iter()
+        .map(|(p, (n, d))| {
+            (
+                p.to_string(),
+                json!({"last_fragment_number": n, "log_data": d}),
+            )
+        })
+        .collect();
+    Ok(HttpResponse::Ok().json(json!({ lt.as_str(): body })))
+}
+
+/// Our addition: Server-Sent Events of a job's log fragments as they arrive. Resume with
+/// `Last-Event-ID` or `?start_fragment=`. Each event: `id: <fragment_number>` and
+/// `data: {"fragment_number","phase","timestamp","log_data"}`; an `end` event carries the
+/// final state once the job is complete or cancelled and every fragment was sent.
+#[tracing::instrument(skip_all, fields(job.id = %path.0))]
+async fn stream_log(
+    app: web::Data<AppState>,
+    req: HttpRequest,
+    path: web::Path<(String, String)>,
+) -> ApiResult<HttpResponse> {
+    let (id, lt) = path.into_inner();
+    let id = parse_id(&id, true)?.to_string();
+    let lt = log_type(&lt)?;
+    if app.store.job_fields(&id, &["state"]).await?[0].is_none() {
+        return Err(ApiError::NoContent);
+    }
+    let q: LogQuery =
+        super::jobs::serde_html_form(&req).map_err(|e| bad_query("query", &e.to_string()))?;
+    let from_header = req
+        .headers()
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<i64>().ok())
+        .map(|n| n + 1);
+    let start = from_header
+        .or_else(|| q.start_fragment.as_deref().and_then(|s| s.parse().ok()))
+        .unwrap_or(0);
+    struct S {
+        app: web::Data<AppState>,
+        id: String,
+        lt: &'static str,
+        next: i64,
+        done: bool,
+        idle: u32,
+    }
+    let st = S {
+        app,
+        id,
+        lt: lt.as_str(),
+        next: start,
+        done: false,
+        idle: 0,
+    };
+    let stream = futures_util::stream::unfold(st, |mut st| async move {
+        if st.done {
+            return None;
+        }
+        loop {
+            let frags = match fragments(&st.app, &st.id, st.lt, st.next).await {
+                Ok(f) => f,
+                Err(e) => {
+                    st.done = true;
+                    let msg = format!(
+                        "event: error\ndata: {}\n\n",
+                        json!({"message": e.to_string()})
+                    );
+                    return Some((Ok::<_, actix_web::Error>(web::Bytes::from(msg)), st));
+                }
+            };
+            if !frags.is_empty() {
+                let mut out = String::new();
+                for f in frags {
+                    st.next = st.next.max(f.n + 1);
+                    let data = json!({"fragment_number": f.n, "phase": f.phase, "timestamp": f.ts, "log_data": f.data});
+                    out.push_str(&format!("id: {}\ndata: {}\n\n", f.n, data));
+                }
+                st.idle = 0;
+                return Some((Ok(web::Bytes::from(out)), st));
+            }
+            let state = st
+                .app
+                .store
+                .job_fields(&st.id, &["state"])
+                .await
+                .ok()
+                .and_then(|v| v.into_iter().next().flatten());
+            let terminal = state
+                .as_deref()
+                .and_then(JobState::parse_lenient)
+                .is_none_or(JobState::is_terminal);
+            if terminal {
+                // One last look, so fragments posted just before the end are not lost.
+                if let Ok(last) = fragments(&st.app, &st.id, st.lt, st.next).await
+                    && !last.is_empty()
+                {
+                    continue;
+                }
+                st.done = true;
+                let msg = format!("event: end\ndata: {}\n\n", json!({"job_state": state}));
+                return Some((Ok(web::Bytes::from(msg)), st));
+            }
+            st.idle += 1;
+            if st.idle % 150 == 0 {
+                return Some((Ok(web::Bytes::from_static(b": keep-alive\n\n")), st));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    Ok(HttpResponse::Ok()
+        .content_type("text/event-stream")
+        .insert_header(("Cache-Control", "no-cache"))
+        .insert_header(("X-Accel-Buffering", "no"))
+        .streaming(stream))
+}
+
+#[tracing::instrument(skip_all, fields(job.id = %id))]
+async fn post_artifact(
+    app: web::Data<AppState>,
+    req: HttpRequest,
+    id: web::Path<String>,
+    payload: Multipart,
+) -> ApiResult<HttpResponse> {
+    let id = parse_id(&id, true)?.to_string();
+    app.store.check_token(&id, token(&req)?).await?;
+    if let Some(len) = req
+        .headers()
+        .get("content-length")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        && len > app.files.max_bytes + 64 * 1024
+    {
+        return Err(ApiError::TooLarge(format!(
+            "upload larger than the limit of {} bytes",
+            app.files.max_bytes
+        )));
+    }
+    app.files.save_upload(Kind::Artifact, &id, payload).await?;
+    Ok(ok_text())
+}
+
+#[tracing::instrument(skip_all, fields(job.id = %id))]
+async fn get_artifact(app: web::Data<AppState>, id: web::Path<String>) -> ApiResult<HttpResponse> {
+    let id = parse_id(&id, true)?.to_string();
+    super::jobs::stream_file(&app, Kind::Artifact, &id, "application/x-tar", Some("gzip")).await
+}

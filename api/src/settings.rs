@@ -1,0 +1,147 @@
+//! Server settings: an optional file (`TESTFLINGER_CONFIG`, YAML or TOML), then the
+//! environment. Every variable read:
+//!
+//! | variable | default | meaning |
+//! |---|---|---|
+//! | `AMQP_URI` | `amqp://guest:guest@127.0.0.1:5672/%2f` | RabbitMQ |
+//! | `REDIS_URL` | `redis://127.0.0.1:6379/` | Redis |
+//! | `DATA_PATH` | `./data` | artifact and attachment store |
+//! | `TESTFLINGER_BIND` | `127.0.0.1:8000` | listen address |
+//! | `TESTFLINGER_REDIS_PREFIX` | `tf` | prefix of every Redis key |
+//! | `TESTFLINGER_MAX_ATTEMPTS` | `3` | runs of a job before the reaper gives up |
+//! | `TESTFLINGER_LEASE_TTL` | `30` | seconds a claim lasts without a heartbeat |
+//! | `TESTFLINGER_RETENTION` | `604800` | seconds jobs, logs and files are kept |
+//! | `TESTFLINGER_MAX_UPLOAD_BYTES` | `2147483648` | largest artifact or attachment |
+//! | `TESTFLINGER_WORKERS` | CPU count | HTTP worker threads |
+//! | `TESTFLINGER_QUEUE_TYPE` | `classic` | `classic` or `quorum` job queues |
+//! | `TESTFLINGER_REAPER_INTERVAL_MS` | `1000` | how often expired leases are looked for |
+//! | `TESTFLINGER_EVENTS` | `true` | publish job events to `testflinger.events` |
+//! | `TESTFLINGER_SUBMIT_CONSUMER` | `true` | admit jobs published to `testflinger.submit` |
+//! | `TESTFLINGER_WEBHOOK_ALLOWED_HOSTS` | empty | comma-separated hosts `job_status_webhook` may name |
+//! | `TESTFLINGER_LOG_FORMAT` | `text` | `text` or `json` |
+
+use serde::Deserialize;
+use std::path::PathBuf;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    pub amqp_uri: String,
+    pub redis_url: String,
+    pub data_path: PathBuf,
+    pub bind: String,
+    pub redis_prefix: String,
+    pub max_attempts: u64,
+    pub lease_ttl: u64,
+    pub retention: u64,
+    pub max_upload_bytes: u64,
+    pub workers: usize,
+    pub queue_type: String,
+    pub reaper_interval_ms: u64,
+    pub events: bool,
+    pub submit_consumer: bool,
+    pub webhook_allowed_hosts: String,
+    pub log_format: String,
+}
+
+impl Settings {
+    /// Reads the file named by `TESTFLINGER_CONFIG` (if any), then the environment.
+    ///
+    /// Fails with a message naming the key when a value has the wrong type.
+    pub fn load() -> Result<Settings, config::ConfigError> {
+        let mut b = config::Config::builder()
+            .set_default("amqp_uri", "amqp://guest:guest@127.0.0.1:5672/%2f")?
+            .set_default("redis_url", "redis://127.0.0.1:6379/")?
+            .set_default("data_path", "./data")?
+            .set_default("bind", "127.0.0.1:8000")?
+            .set_default("redis_prefix", "tf")?
+            .set_default("max_attempts", 3)?
+            .set_default("lease_ttl", 30)?
+            .set_default("retention", 7 * 24 * 3600)?
+            .set_default("max_upload_bytes", 2u64 << 30)?
+            .set_default(
+                "workers",
+                std::thread::available_parallelism().map_or(2, |n| n.get()) as u64,
+            )?
+            .set_default("queue_type", "classic")?
+            .set_default("reaper_interval_ms", 1000)?
+            .set_default("events", true)?
+            .set_default("submit_consumer", true)?
+            .set_default("webhook_allowed_hosts", "")?
+            .set_default("log_format", "text")?;
+        if let Ok(path) = std::env::var("TESTFLINGER_CONFIG") {
+            b = b.add_source(config::File::with_name(&path));
+        }
+        b = b.add_source(
+            config::Environment::with_prefix("TESTFLINGER")
+                .prefix_separator("_")
+                .ignore_empty(true),
+        );
+        for (var, key) in [
+            ("AMQP_URI", "amqp_uri"),
+            ("REDIS_URL", "redis_url"),
+            ("DATA_PATH", "data_path"),
+        ] {
+            if let Ok(v) = std::env::var(var)
+                && !v.is_empty()
+            {
+                b = b.set_override(key, v)?;
+            }
+        }
+        let mut s: Settings = b.build()?.try_deserialize()?;
+        s.validate().map_err(config::ConfigError::Message)?;
+        if s.workers == 0 {
+            s.workers = 1;
+        }
+        Ok(s)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if self.lease_ttl < 3 {
+            return Err("TESTFLINGER_LEASE_TTL must be at least 3 seconds".into());
+        }
+        if self.max_attempts == 0 {
+            return Err("TESTFLINGER_MAX_ATTEMPTS must be at least 1".into());
+        }
+        if self.redis_prefix.is_empty() || self.redis_prefix.contains(char::is_whitespace) {
+            return Err("TESTFLINGER_REDIS_PREFIX must be non-empty without spaces".into());
+        }
+        self.queue_type
+            .parse::<testflinger_broker::QueueType>()
+            .map(|_| ())
+            .map_err(|e| format!("TESTFLINGER_QUEUE_TYPE: {e}"))
+    }
+
+    /// Settings for tests: defaults plus the given overrides, without reading the
+    /// environment except `AMQP_URI` and `REDIS_URL`.
+    pub fn for_tests(prefix: &str, data_path: PathBuf) -> Settings {
+        Settings {
+            amqp_uri: std::env::var("AMQP_URI")
+                .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into()),
+            redis_url: std::env::var("REDIS_URL")
+                .unwrap_or_else(|_| "redis://127.0.0.1:6379/".into()),
+            data_path,
+            bind: "127.0.0.1:0".into(),
+            redis_prefix: prefix.into(),
+            max_attempts: 3,
+            lease_ttl: 30,
+            retention: 3600,
+            max_upload_bytes: 64 << 20,
+            workers: 2,
+            queue_type: "classic".into(),
+            reaper_interval_ms: 200,
+            events: true,
+            submit_consumer: false,
+            webhook_allowed_hosts: String::new(),
+            log_format: "text".into(),
+        }
+    }
+
+    pub fn webhook_hosts(&self) -> Vec<String> {
+        self.webhook_allowed_hosts
+            .split(',')
+            .map(|h| h.trim().to_ascii_lowercase())
+            .filter(|h| !h.is_empty())
+            .collect()
+    }
+}

@@ -1,0 +1,116 @@
+//! Builds the server from settings. Main and the tests both use [`Application`]; the
+//! caller owns the listener, so tests bind port 0.
+
+use crate::files::FileStore;
+use crate::settings::Settings;
+use crate::state::AppState;
+use crate::store::Store;
+use actix_web::dev::{Server, ServerHandle};
+use actix_web::{App, HttpServer, middleware, web};
+use anyhow::Context;
+use std::net::TcpListener;
+use std::sync::Arc;
+use testflinger_broker::{Broker, BrokerConfig};
+
+pub struct Application {
+    port: u16,
+    server: Server,
+    pub state: AppState,
+    background: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Application {
+    /// Connects to Redis, prepares the broker client and the file store, binds.
+    ///
+    /// Fails when Redis is unreachable, `DATA_PATH` cannot be created or the address
+    /// cannot be bound. RabbitMQ may be down: submissions answer 503 until it is up.
+    /// Must run inside a tokio runtime that outlives the server.
+    pub async fn build(
+        settings: Settings,
+        listener: Option<TcpListener>,
+    ) -> anyhow::Result<Application> {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let store = Store::connect(
+            &settings.redis_url,
+            &settings.redis_prefix,
+            settings.retention,
+        )
+        .await
+        .with_context(|| format!("cannot reach Redis at {}", redact(&settings.redis_url)))?;
+        let mut bcfg = BrokerConfig::new(settings.amqp_uri.clone());
+        bcfg.queue_type = settings.queue_type.parse().map_err(anyhow::Error::msg)?;
+        let broker = Broker::new(bcfg).context("bad AMQP settings")?;
+        let files = FileStore::open(&settings.data_path, settings.max_upload_bytes)
+            .with_context(|| format!("cannot create DATA_PATH {}", settings.data_path.display()))?;
+        let http = reqwest::Client::builder()
+            .timeout(std::time::Duration::from_secs(10))
+            .build()
+            .context("http client")?;
+        let listener = match listener {
+            Some(l) => l,
+            None => TcpListener::bind(&settings.bind)
+                .with_context(|| format!("cannot listen on {}", settings.bind))?,
+        };
+        let port = listener.local_addr()?.port();
+        let workers = settings.workers;
+        let state = AppState {
+            store,
+            broker,
+            files,
+            settings: Arc::new(settings),
+            http,
+        };
+        let data = web::Data::new(state.clone());
+        let server = HttpServer::new(move || {
+            App::new()
+                .app_data(data.clone())
+                .app_data(web::PayloadConfig::new(16 * 1024 * 1024))
+                .wrap(middleware::NormalizePath::new(
+                    middleware::TrailingSlash::MergeOnly,
+                ))
+                .configure(crate::routes::configure)
+                .default_service(web::to(crate::routes::not_found))
+        })
+        .workers(workers)
+        .listen(listener)?
+        .run();
+        let mut background = vec![tokio::spawn(crate::reaper::run(state.clone()))];
+        if state.settings.submit_consumer {
+            background.push(tokio::spawn(crate::admission::run(state.clone())));
+        }
+        Ok(Application {
+            port,
+            server,
+            state,
+            background,
+        })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn handle(&self) -> ServerHandle {
+        self.server.handle()
+    }
+
+    /// Serves until SIGTERM/ctrl-c (actix handles both gracefully) or `handle().stop()`.
+    pub async fn run_until_stopped(self) -> std::io::Result<()> {
+        let r = self.server.await;
+        for t in self.background {
+            t.abort();
+        }
+        r
+    }
+}
+
+/// A URL without its password, for messages.
+pub fn redact(url: &str) -> String {
+    match url.split_once('@') {
+        Some((creds, host)) if creds.contains("://") => {
+            let scheme = creds.split("://").next().unwrap_or("");
+            format!("{scheme}://***@{host}")
+        }
+        _ => url.to_string(),
+    }
+}

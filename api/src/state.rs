@@ -1,0 +1,21 @@
+//! What every handler shares.
+
+use crate::files::FileStore;
+use crate::settings::Settings;
+use crate::store::Store;
+use testflinger_broker::Broker;
+
+#[derive(Clone, Debug)]
+pub struct AppState {
+    pub store: Store,
+    pub broker: Broker,
+    pub files: FileStore,
+    pub settings: std::sync::Arc<Settings>,
+    pub http: reqwest::Client,
+}
+
+impl AppState {
+    pub fn lease_ms(&self) -> u64 {
+        self.settings.lease_ttl * 1000
+    }
+}

@@ -1,0 +1,694 @@
+//! All state in Redis. Every key name is built in [`Keys`], under one configurable
+//! prefix; every multi-step change that must be atomic is one Lua script here.
+//!
+//! Per job: hash `job:<id>` (definition, state, attempt, fencing token, lease, statuses),
+//! sorted sets `log:<id>:<type>` (fragments scored by fragment number). Per queue: the
+//! position index `qpos:<q>` (waiting jobs, scored by priority then submit order), the
+//! job list `qjobs:<q>`, wait-time samples `wait:<q>`. Global: `jobs` (all jobs by
+//! creation), `leases` (running jobs by lease expiry), `republish` (jobs the reaper
+//! requeued whose message is not yet confirmed), agents, queues, images.
+
+use crate::error::{ApiError, ApiResult};
+use redis::aio::ConnectionManager;
+use redis::{AsyncCommands, Script};
+use serde_json::{Map, Value};
+use std::sync::LazyLock;
+use testflinger_common::protocol::ClaimOutcome;
+
+/// Key names, all under one prefix.
+#[derive(Debug, Clone)]
+pub struct Keys {
+    p: String,
+}
+
+impl Keys {
+    pub fn new(prefix: &str) -> Keys {
+        Keys {
+            p: prefix.to_string(),
+        }
+    }
+    pub fn prefix(&self) -> &str {
+        &self.p
+    }
+    pub fn job(&self, id: &str) -> String {
+        format!("{}:job:{id}", self.p)
+    }
+    pub fn log(&self, id: &str, log_type: &str) -> String {
+        format!("{}:log:{id}:{log_type}", self.p)
+    }
+    pub fn qpos(&self, q: &str) -> String {
+        format!("{}:qpos:{q}", self.p)
+    }
+    pub fn qjobs(&self, q: &str) -> String {
+        format!("{}:qjobs:{q}", self.p)
+    }
+    pub fn jobs(&self) -> String {
+        format!("{}:jobs", self.p)
+    }
+    pub fn tag(&self, t: &str) -> String {
+        format!("{}:tag:{t}", self.p)
+    }
+    pub fn leases(&self) -> String {
+        format!("{}:leases", self.p)
+    }
+    pub fn republish(&self) -> String {
+        format!("{}:republish", self.p)
+    }
+    pub fn seq(&self) -> String {
+        format!("{}:seq", self.p)
+    }
+    pub fn wait(&self, q: &str) -> String {
+        format!("{}:wait:{q}", self.p)
+    }
+    pub fn wait_queues(&self) -> String {
+        format!("{}:waitqueues", self.p)
+    }
+    pub fn agent(&self, name: &str) -> String {
+        format!("{}:agent:{name}", self.p)
+    }
+    pub fn agent_log(&self, name: &str) -> String {
+        format!("{}:agentlog:{name}", self.p)
+    }
+    pub fn provision_log(&self, name: &str) -> String {
+        format!("{}:provlog:{name}", self.p)
+    }
+    pub fn agents(&self) -> String {
+        format!("{}:agents", self.p)
+    }
+    pub fn queues(&self) -> String {
+        format!("{}:queues", self.p)
+    }
+    pub fn images(&self, q: &str) -> String {
+        format!("{}:images:{q}", self.p)
+    }
+    pub fn reaper_lock(&self) -> String {
+        format!("{}:reaper", self.p)
+    }
+    pub fn submission(&self, message_id: &str) -> String {
+        format!("{}:submission:{message_id}", self.p)
+    }
+}
+
+static SUBMIT: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+-- KEYS: job qpos qjobs jobs seq ; ARGV: id def queue prio created_ms created_iso attach ttl tags_json
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  return {0, redis.call('HGET', KEYS[1], 'state') or ''}
+end
+local seq = redis.call('INCR', KEYS[5])
+local score = -tonumber(ARGV[4]) * 4294967296 + (seq % 4294967296)
+redis.call('HSET', KEYS[1], 'def', ARGV[2], 'queue', ARGV[3], 'prio', ARGV[4], 'seq', seq,
+  'created', ARGV[5], 'created_at', ARGV[6], 'state', 'waiting', 'attempt', 0, 'fence', 0,
+  'attach', ARGV[7], 'tags', ARGV[9])
+redis.call('EXPIRE', KEYS[1], ARGV[8])
+redis.call('ZADD', KEYS[2], score, ARGV[1])
+redis.call('ZADD', KEYS[3], ARGV[5], ARGV[1])
+redis.call('ZADD', KEYS[4], ARGV[5], ARGV[1])
+return {1, 'waiting'}
+"#,
+    )
+});
+
+static UNSUBMIT: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+-- KEYS: job qpos qjobs jobs ; ARGV: id
+redis.call('DEL', KEYS[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('ZREM', KEYS[3], ARGV[1])
+redis.call('ZREM', KEYS[4], ARGV[1])
+return 1
+"#,
+    )
+});
+
+static CLAIM: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+-- KEYS: job qpos leases wait waitqueues ; ARGV: id agent now_ms lease_ms now_iso legacy
+if redis.call('EXISTS', KEYS[1]) == 0 then return {'unknown'} end
+local st = redis.call('HGET', KEYS[1], 'state')
+if st == 'cancelled' then return {'cancelled'} end
+if st == 'complete' then return {'finished'} end
+if st ~= 'waiting' then return {'owned'} end
+if redis.call('HGET', KEYS[1], 'attach') == 'waiting' then return {'owned'} end
+local def = redis.call('HGET', KEYS[1], 'def')
+local ok, job = pcall(cjson.decode, def)
+if ok and type(job) == 'table' and type(job['exclude_agents']) == 'table' then
+  for _, a in ipairs(job['exclude_agents']) do
+    if a == ARGV[2] then return {'excluded'} end
+  end
+end
+local attempt = redis.call('HINCRBY', KEYS[1], 'attempt', 1)
+local fence = redis.call('HINCRBY', KEYS[1], 'fence', 1)
+local now = tonumber(ARGV[3])
+local lease = now + tonumber(ARGV[4])
+if ARGV[6] == '1' then lease = -1 end
+redis.call('HSET', KEYS[1], 'state', 'running', 'agent', ARGV[2], 'lease', lease,
+  'started_at', ARGV[5], 'reason', '')
+redis.call('ZREM', KEYS[2], ARGV[1])
+if lease > 0 then redis.call('ZADD', KEYS[3], lease, ARGV[1]) end
+local created = tonumber(redis.call('HGET', KEYS[1], 'created')) or now
+local waited = math.floor((now - created) / 1000)
+if waited < 0 then waited = 0 end
+redis.call('LPUSH', KEYS[4], waited)
+redis.call('LTRIM', KEYS[4], 0, 999)
+redis.call('SADD', KEYS[5], redis.call('HGET', KEYS[1], 'queue'))
+return {'granted', attempt, fence, def, redis.call('HGET', KEYS[1], 'attach') or ''}
+"#,
+    )
+});
+
+static HEARTBEAT: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+-- KEYS: job leases ; ARGV: id token now_ms lease_ms
+if redis.call('EXISTS', KEYS[1]) == 0 then return {'stale'} end
+if redis.call('HGET', KEYS[1], 'fence') ~= ARGV[2] then return {'stale'} end
+local st = redis.call('HGET', KEYS[1], 'state')
+if st == 'waiting' or st == 'complete' then return {'stale'} end
+local lease = tonumber(ARGV[3]) + tonumber(ARGV[4])
+redis.call('HSET', KEYS[1], 'lease', lease)
+redis.call('ZADD', KEYS[2], lease, ARGV[1])
+if st == 'cancelled' then return {'ok', 1} end
+return {'ok', 0}
+"#,
+    )
+});
+
+/// Puts a running job back to waiting (reaper or release) or ends it after too many
+/// attempts. Bumps the fencing token either way.
+static REQUEUE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+-- KEYS: job leases qpos republish ; ARGV: id now_ms max_attempts reason mode(reap|release) token
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  redis.call('ZREM', KEYS[2], ARGV[1]); return {'gone'}
+end
+local st = redis.call('HGET', KEYS[1], 'state')
+if ARGV[5] == 'release' and redis.call('HGET', KEYS[1], 'fence') ~= ARGV[6] then return {'stale'} end
+if st == 'waiting' or st == 'complete' or st == 'cancelled' then
+  redis.call('ZREM', KEYS[2], ARGV[1]); return {'skip', st}
+end
+if ARGV[5] == 'reap' then
+  local lease = tonumber(redis.call('HGET', KEYS[1], 'lease')) or 0
+  if lease < 0 or lease > tonumber(ARGV[2]) then return {'skip', st} end
+end
+redis.call('HINCRBY', KEYS[1], 'fence', 1)
+redis.call('ZREM', KEYS[2], ARGV[1])
+local attempt = tonumber(redis.call('HGET', KEYS[1], 'attempt')) or 0
+local agent = redis.call('HGET', KEYS[1], 'agent') or ''
+if ARGV[5] == 'reap' and attempt >= tonumber(ARGV[3]) then
+  local why = ARGV[4] .. '; giving up after ' .. attempt .. ' attempts'
+  redis.call('HSET', KEYS[1], 'state', 'complete', 'reason', why, 'lease', 0)
+  return {'ended', st, attempt, agent, why}
+end
+local prio = tonumber(redis.call('HGET', KEYS[1], 'prio')) or 0
+local seq = tonumber(redis.call('HGET', KEYS[1], 'seq')) or 0
+redis.call('HSET', KEYS[1], 'state', 'waiting', 'reason', ARGV[4], 'lease', 0, 'agent', '')
+redis.call('ZADD', KEYS[3], -prio * 4294967296 + (seq % 4294967296), ARGV[1])
+redis.call('SADD', KEYS[4], ARGV[1])
+return {'requeued', st, attempt, agent, ARGV[4]}
+"#,
+    )
+});
+
+static SET_STATE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+-- KEYS: job leases qpos ; ARGV: id token new_state
+if redis.call('EXISTS', KEYS[1]) == 0 then return {'unknown'} end
+if ARGV[2] ~= '' and redis.call('HGET', KEYS[1], 'fence') ~= ARGV[2] then return {'stale'} end
+local st = redis.call('HGET', KEYS[1], 'state')
+local new = ARGV[3]
+if new == 'completed' then new = 'complete' end
+if new == 'complete' or new == 'cancelled' then redis.call('ZREM', KEYS[2], ARGV[1]) end
+if st == 'complete' then return {'kept', st} end
+if st == 'cancelled' then return {'kept', st} end
+if new == 'cancelled' or new == 'complete' then redis.call('ZREM', KEYS[3], ARGV[1]) end
+redis.call('HSET', KEYS[1], 'state', new)
+return {'set', st}
+"#,
+    )
+});
+
+static CANCEL: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+-- KEYS: job qpos ; ARGV: id
+if redis.call('EXISTS', KEYS[1]) == 0 then return {'unknown'} end
+local st = redis.call('HGET', KEYS[1], 'state')
+if st == 'cancelled' or st == 'complete' then return {'done', st} end
+redis.call('HSET', KEYS[1], 'state', 'cancelled')
+redis.call('ZREM', KEYS[2], ARGV[1])
+return {'cancelled', st, redis.call('HGET', KEYS[1], 'agent') or ''}
+"#,
+    )
+});
+
+/// A job's record as stored.
+#[derive(Debug, Clone, Default)]
+pub struct JobRecord {
+    pub def: Value,
+    pub queue: String,
+    pub state: String,
+    pub created_at: String,
+    pub attempt: u64,
+    pub fence: u64,
+    pub agent: String,
+    pub started_at: String,
+    pub reason: String,
+    pub status: Map<String, Value>,
+    pub device_info: Option<Value>,
+    pub attach: String,
+    pub priority: i64,
+}
+
+/// Result of a claim.
+#[derive(Debug, Clone)]
+pub struct Claim {
+    pub outcome: ClaimOutcome,
+    pub attempt: u64,
+    pub token: u64,
+    pub job: Option<Value>,
+}
+
+/// What a requeue decided.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Requeue {
+    Gone,
+    Skip,
+    Stale,
+    Requeued {
+        previous: String,
+        attempt: u64,
+        agent: String,
+        reason: String,
+    },
+    Ended {
+        previous: String,
+        attempt: u64,
+        agent: String,
+        reason: String,
+    },
+}
+
+#[derive(Clone)]
+pub struct Store {
+    pub keys: Keys,
+    con: ConnectionManager,
+    retention: u64,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("prefix", &self.keys.p)
+            .finish()
+    }
+}
+
+fn s(v: &redis::Value) -> String {
+    match v {
+        redis::Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
+        redis::Value::SimpleString(t) => t.clone(),
+        redis::Value::Int(i) => i.to_string(),
+        _ => String::new(),
+    }
+}
+
+fn n(v: &redis::Value) -> u64 {
+    match v {
+        redis::Value::Int(i) => u64::try_from(*i).unwrap_or(0),
+        other => s(other).parse().unwrap_or(0),
+    }
+}
+
+fn list(v: redis::Value) -> Vec<redis::Value> {
+    match v {
+        redis::Value::Array(items) => items,
+        _ => Vec::new(),
+    }
+}
+
+pub fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+/// Upstream's datetime rendering: seconds precision and a literal `Z`.
+pub fn now_iso() -> String {
+    chrono::Utc::now().format("%Y-%m-%dT%H:%M:%SZ").to_string()
+}
+
+impl Store {
+    /// Connects to Redis. Fails when Redis cannot be reached within a few seconds.
+    pub async fn connect(url: &str, prefix: &str, retention: u64) -> anyhow::Result<Store> {
+        let client = redis::Client::open(url)?;
+        let cfg = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(std::time::Duration::from_secs(2)))
+            .set_response_timeout(Some(std::time::Duration::from_secs(5)))
+            .set_number_of_retries(2);
+        let con = ConnectionManager::new_with_config(client, cfg).await?;
+        Ok(Store {
+            keys: Keys::new(prefix),
+            con,
+            retention,
+        })
+    }
+
+    pub fn con(&self) -> ConnectionManager {
+        self.con.clone()
+    }
+
+    pub fn retention(&self) -> u64 {
+        self.retention
+    }
+
+    pub async fn ping(&self) -> ApiResult<()> {
+        let mut c = self.con();
+        let _: String = redis::cmd("PING").query_async(&mut c).await?;
+        Ok(())
+    }
+
+    /// Records a new job (state waiting, in the position index). Returns false when a
+    /// job with this id exists already (then nothing is written).
+    pub async fn create_job(
+        &self,
+        id: &str,
+        def: &Value,
+        queue: &str,
+        priority: i64,
+        attach_waiting: bool,
+        tags: &[String],
+    ) -> ApiResult<(bool, String)> {
+        let k = &self.keys;
+        let mut c = self.con();
+        let tags_json = serde_json::to_string(tags).unwrap_or_else(|_| "[]".into());
+        let r: redis::Value = SUBMIT
+            .key(k.job(id))
+            .key(k.qpos(queue))
+            .key(k.qjobs(queue))
+            .key(k.jobs())
+            .key(k.seq())
+            .arg(id)
+            .arg(def.to_string())
+            .arg(queue)
+            .arg(priority)
+            .arg(now_ms())
+            .arg(now_iso())
+            .arg(if attach_waiting { "waiting" } else { "" })
+            .arg(self.retention)
+            .arg(tags_json)
+            .invoke_async(&mut c)
+            .await?;
+        let r = list(r);
+        let created = r.first().map(n).unwrap_or(0) == 1;
+        let state = r.get(1).map(s).unwrap_or_default();
+        if created && !tags.is_empty() {
+            let mut p = redis::pipe();
+            for t in tags {
+                p.sadd(k.tag(t), id).ignore();
+                p.expire(k.tag(t), self.retention as i64).ignore();
+            }
+            let _: () = p.query_async(&mut c).await?;
+        }
+        Ok((created, state))
+    }
+
+    /// Removes a job that could not be queued (no half-written job stays behind).
+    pub async fn delete_job(&self, id: &str, queue: &str, tags: &[String]) -> ApiResult<()> {
+        let k = &self.keys;
+        let mut c = self.con();
+        let _: i64 = UNSUBMIT
+            .key(k.job(id))
+            .key(k.qpos(queue))
+            .key(k.qjobs(queue))
+            .key(k.jobs())
+            .arg(id)
+            .invoke_async(&mut c)
+            .await?;
+        if !tags.is_empty() {
+            let mut p = redis::pipe();
+            for t in tags {
+                p.srem(k.tag(t), id).ignore();
+            }
+            let _: () = p.query_async(&mut c).await?;
+        }
+        Ok(())
+    }
+
+    pub async fn get_job(&self, id: &str) -> ApiResult<Option<JobRecord>> {
+        let mut c = self.con();
+        let h: std::collections::HashMap<String, String> = c.hgetall(self.keys.job(id)).await?;
+        if h.is_empty() {
+            return Ok(None);
+        }
+        let g = |k: &str| h.get(k).cloned().unwrap_or_default();
+        let num = |k: &str| g(k).parse::<u64>().unwrap_or(0);
+        Ok(Some(JobRecord {
+            def: serde_json::from_str(&g("def")).unwrap_or(Value::Null),
+            queue: g("queue"),
+            state: g("state"),
+            created_at: g("created_at"),
+            attempt: num("attempt"),
+            fence: num("fence"),
+            agent: g("agent"),
+            started_at: g("started_at"),
+            reason: g("reason"),
+            status: serde_json::from_str(&g("status")).unwrap_or_default(),
+            device_info: h
+                .get("device_info")
+                .and_then(|d| serde_json::from_str(d).ok()),
+            attach: g("attach"),
+            priority: g("prio").parse().unwrap_or(0),
+        }))
+    }
+
+    pub async fn job_fields(&self, id: &str, fields: &[&str]) -> ApiResult<Vec<Option<String>>> {
+        let mut c = self.con();
+        let v: Vec<Option<String>> = redis::cmd("HMGET")
+            .arg(self.keys.job(id))
+            .arg(fields)
+            .query_async(&mut c)
+            .await?;
+        Ok(v)
+    }
+
+    pub async fn set_job_fields(&self, id: &str, fields: &[(&str, String)]) -> ApiResult<()> {
+        let mut c = self.con();
+        let _: () = c.hset_multiple(self.keys.job(id), fields).await?;
+        Ok(())
+    }
+
+    /// Atomically hands a waiting job to `agent` with a lease (none for legacy agents).
+    pub async fn claim(
+        &self,
+        id: &str,
+        agent: &str,
+        lease_ms: u64,
+        legacy: bool,
+    ) -> ApiResult<Claim> {
+        let k = &self.keys;
+        let queue = self
+            .job_fields(id, &["queue"])
+            .await?
+            .pop()
+            .flatten()
+            .unwrap_or_default();
+        let mut c = self.con();
+        let r: redis::Value = CLAIM
+            .key(k.job(id))
+            .key(k.qpos(&queue))
+            .key(k.leases())
+            .key(k.wait(&queue))
+            .key(k.wait_queues())
+            .arg(id)
+            .arg(agent)
+            .arg(now_ms())
+            .arg(lease_ms)
+            .arg(now_iso())
+            .arg(if legacy { "1" } else { "0" })
+            .invoke_async(&mut c)
+            .await?;
+        let r = list(r);
+        let outcome = match r.first().map(s).as_deref() {
+            Some("granted") => ClaimOutcome::Granted,
+            Some("cancelled") => ClaimOutcome::Cancelled,
+            Some("finished") => ClaimOutcome::Finished,
+            Some("excluded") => ClaimOutcome::Excluded,
+            Some("unknown") => ClaimOutcome::Unknown,
+            _ => ClaimOutcome::Owned,
+        };
+        if outcome != ClaimOutcome::Granted {
+            return Ok(Claim {
+                outcome,
+                attempt: 0,
+                token: 0,
+                job: None,
+            });
+        }
+        let attempt = r.get(1).map(n).unwrap_or(0);
+        let token = r.get(2).map(n).unwrap_or(0);
+        let mut job: Value =
+            serde_json::from_str(&r.get(3).map(s).unwrap_or_default()).unwrap_or(Value::Null);
+        if let Some(o) = job.as_object_mut() {
+            o.insert("job_id".into(), Value::String(id.to_string()));
+            o.insert("started_at".into(), Value::String(now_iso()));
+            let attach = r.get(4).map(s).unwrap_or_default();
+            if !attach.is_empty() {
+                o.insert("attachments_status".into(), Value::String(attach));
+            }
+        }
+        Ok(Claim {
+            outcome,
+            attempt,
+            token,
+            job: Some(job),
+        })
+    }
+
+    /// Renews a lease. `Ok(Some(cancel_requested))`, or `Ok(None)` when the token is stale.
+    pub async fn heartbeat(&self, id: &str, token: u64, lease_ms: u64) -> ApiResult<Option<bool>> {
+        let mut c = self.con();
+        let r: redis::Value = HEARTBEAT
+            .key(self.keys.job(id))
+            .key(self.keys.leases())
+            .arg(id)
+            .arg(token)
+            .arg(now_ms())
+            .arg(lease_ms)
+            .invoke_async(&mut c)
+            .await?;
+        let r = list(r);
+        if r.first().map(s).as_deref() != Some("ok") {
+            return Ok(None);
+        }
+        Ok(Some(r.get(1).map(n).unwrap_or(0) == 1))
+    }
+
+    /// Reaps (mode reap: only when the lease expired) or releases (mode release: the
+    /// holder gives it back, token checked) a running job.
+    pub async fn requeue(
+        &self,
+        id: &str,
+        queue: &str,
+        max_attempts: u64,
+        reason: &str,
+        release_token: Option<u64>,
+    ) -> ApiResult<Requeue> {
+        let k = &self.keys;
+        let mut c = self.con();
+        let r: redis::Value = REQUEUE
+            .key(k.job(id))
+            .key(k.leases())
+            .key(k.qpos(queue))
+            .key(k.republish())
+            .arg(id)
+            .arg(now_ms())
+            .arg(max_attempts)
+            .arg(reason)
+            .arg(if release_token.is_some() {
+                "release"
+            } else {
+                "reap"
+            })
+            .arg(release_token.unwrap_or(0))
+            .invoke_async(&mut c)
+            .await?;
+        let r = list(r);
+        let get = |i: usize| r.get(i).map(s).unwrap_or_default();
+        Ok(match get(0).as_str() {
+            "gone" => Requeue::Gone,
+            "stale" => Requeue::Stale,
+            "requeued" => Requeue::Requeued {
+                previous: get(1),
+                attempt: r.get(2).map(n).unwrap_or(0),
+                agent: get(3),
+                reason: get(4),
+            },
+            "ended" => Requeue::Ended {
+                previous: get(1),
+                attempt: r.get(2).map(n).unwrap_or(0),
+                agent: get(3),
+                reason: get(4),
+            },
+            _ => Requeue::Skip,
+        })
+    }
+
+    /// Sets `job_state` as an agent reports it. `Err(Stale)` on a stale token; returns
+    /// `(applied, previous)`; a `cancelled` or `complete` job keeps its state.
+    pub async fn set_state(
+        &self,
+        id: &str,
+        queue: &str,
+        token: Option<u64>,
+        state: &str,
+    ) -> ApiResult<Option<(bool, String)>> {
+        let k = &self.keys;
+        let mut c = self.con();
+        let r: redis::Value = SET_STATE
+            .key(k.job(id))
+            .key(k.leases())
+            .key(k.qpos(queue))
+            .arg(id)
+            .arg(token.map(|t| t.to_string()).unwrap_or_default())
+            .arg(state)
+            .invoke_async(&mut c)
+            .await?;
+        let r = list(r);
+        match r.first().map(s).as_deref() {
+            Some("unknown") => Ok(None),
+            Some("stale") => Err(ApiError::Stale(stale_message(id))),
+            Some("set") => Ok(Some((true, r.get(1).map(s).unwrap_or_default()))),
+            _ => Ok(Some((false, r.get(1).map(s).unwrap_or_default()))),
+        }
+    }
+
+    /// Cancels a job. `None` if unknown; `Some(Err(state))` if already ended;
+    /// `Some(Ok((previous, agent)))` when cancelled now.
+    pub async fn cancel(
+        &self,
+        id: &str,
+        queue: &str,
+    ) -> ApiResult<Option<Result<(String, String), String>>> {
+        let mut c = self.con();
+        let r: redis::Value = CANCEL
+            .key(self.keys.job(id))
+            .key(self.keys.qpos(queue))
+            .arg(id)
+            .invoke_async(&mut c)
+            .await?;
+        let r = list(r);
+        let get = |i: usize| r.get(i).map(s).unwrap_or_default();
+        Ok(match get(0).as_str() {
+            "unknown" => None,
+            "done" => Some(Err(get(1))),
+            _ => Some(Ok((get(1), get(2)))),
+        })
+    }
+
+    /// Checks a fencing token for a write about a job. No token (legacy agent): allowed.
+    pub async fn check_token(&self, id: &str, token: Option<u64>) -> ApiResult<()> {
+        let Some(t) = token else { return Ok(()) };
+        let v = self.job_fields(id, &["fence", "state"]).await?;
+        let fence = v.first().cloned().flatten();
+        let state = v.get(1).cloned().flatten().unwrap_or_default();
+        match fence {
+            None => Ok(()), // unknown job: the route decides
+            Some(f) if f == t.to_string() && state != "waiting" => Ok(()),
+            Some(_) => Err(ApiError::Stale(stale_message(id))),
+        }
+    }
+
+    pub fn retention_secs(&self) -> i64 {
+        self.retention as i64
+    }
+}
+
+fn stale_message(id: &str) -> String {
+    format!(
+        "stale fencing token for job {id}: the job was reassigned or released; stop working on it"
+    )
+}

@@ -1,0 +1,374 @@
+//! The broker client: connections from a deadpool-lapin pool, and our own pool of
+//! long-lived confirm-mode channels on top (deadpool-lapin pools connections, not
+//! channels; a channel per request caps publishing at ~3k/s, see notes/crates.md).
+
+use crate::topology::{self, QueueType};
+use crate::{BrokerError, Consumer};
+use deadpool_lapin::{Config as PoolSettings, PoolConfig, Runtime};
+use lapin::options::{BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Channel, ConnectionProperties};
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+use tokio::sync::Mutex;
+
+/// Settings of a [`Broker`].
+#[derive(Debug, Clone)]
+pub struct BrokerConfig {
+    pub uri: String,
+    /// Long-lived confirm channels used for publishing.
+    pub publish_channels: usize,
+    /// How long to wait for a connection before answering "unavailable".
+    pub connect_timeout: Duration,
+    /// How long to wait for a publisher confirm.
+    pub confirm_timeout: Duration,
+    pub queue_type: QueueType,
+}
+
+impl BrokerConfig {
+    pub fn new(uri: impl Into<String>) -> Self {
+        BrokerConfig {
+            uri: uri.into(),
+            publish_channels: 8,
+            connect_timeout: Duration::from_millis(800),
+            confirm_timeout: Duration::from_secs(10),
+            queue_type: QueueType::Classic,
+        }
+    }
+}
+
+/// A message to publish.
+#[derive(Debug, Clone, Default)]
+pub struct OutgoingMessage<'a> {
+    pub exchange: &'a str,
+    pub routing_key: &'a str,
+    pub body: &'a [u8],
+    pub message_id: Option<&'a str>,
+    pub correlation_id: Option<&'a str>,
+    pub content_type: Option<&'a str>,
+    pub priority: Option<u8>,
+    pub persistent: bool,
+    pub headers: Vec<(&'a str, String)>,
+    /// Ask the broker to return the message when no queue takes it (then publishing
+    /// fails with [`BrokerError::Refused`]).
+    pub mandatory: bool,
+}
+
+struct Backoff {
+    failures: u32,
+    retry_at: Option<Instant>,
+    last_error: String,
+}
+
+struct Inner {
+    cfg: BrokerConfig,
+    pool: deadpool_lapin::Pool,
+    slots: Vec<Mutex<Option<Channel>>>,
+    next: AtomicUsize,
+    declared: std::sync::Mutex<HashSet<String>>,
+    shared_declared: std::sync::atomic::AtomicBool,
+    backoff: std::sync::Mutex<Backoff>,
+}
+
+/// A cheap-to-clone handle on the broker. Create it inside the long-lived tokio runtime.
+#[derive(Clone)]
+pub struct Broker {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Broker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Broker").finish_non_exhaustive()
+    }
+}
+
+impl Broker {
+    /// Builds the client. Does not connect: the first use does, so a server can start
+    /// while RabbitMQ is still down and report "unavailable" until it is up.
+    ///
+    /// Fails only on a malformed configuration. Must run inside a tokio runtime.
+    pub fn new(cfg: BrokerConfig) -> Result<Broker, BrokerError> {
+        let settings = PoolSettings {
+            url: Some(cfg.uri.clone()),
+            pool: Some(PoolConfig::new(2)),
+        };
+        let pool = settings
+            .create_pool(ConnectionProperties::default, Runtime::Tokio1)
+            .map_err(|e| BrokerError::Protocol(format!("bad AMQP settings: {e}")))?;
+        let slots = (0..cfg.publish_channels.max(1))
+            .map(|_| Mutex::new(None))
+            .collect();
+        Ok(Broker {
+            inner: Arc::new(Inner {
+                cfg,
+                pool,
+                slots,
+                next: AtomicUsize::new(0),
+                declared: std::sync::Mutex::new(HashSet::new()),
+                shared_declared: false.into(),
+                backoff: std::sync::Mutex::new(Backoff {
+                    failures: 0,
+                    retry_at: None,
+                    last_error: String::new(),
+                }),
+            }),
+        })
+    }
+
+    pub fn config(&self) -> &BrokerConfig {
+        &self.inner.cfg
+    }
+
+    /// Opens a fresh channel on a pooled connection, honouring the back-off.
+    pub(crate) async fn open_channel(&self) -> Result<Channel, BrokerError> {
+        let inner = &self.inner;
+        if let Ok(b) = inner.backoff.lock()
+            && let Some(at) = b.retry_at
+            && Instant::now() < at
+        {
+            return Err(BrokerError::Unavailable(format!(
+                "{} (next retry in {} ms)",
+                b.last_error,
+                at.saturating_duration_since(Instant::now()).as_millis()
+            )));
+        }
+        let result = tokio::time::timeout(inner.cfg.connect_timeout, async {
+            let conn = inner
+                .pool
+                .get()
+                .await
+                .map_err(|e| BrokerError::Unavailable(e.to_string()))?;
+            conn.create_channel().await.map_err(BrokerError::from)
+        })
+        .await
+        .unwrap_or_else(|_| {
+            Err(BrokerError::Unavailable(format!(
+                "no connection within {} ms",
+                inner.cfg.connect_timeout.as_millis()
+            )))
+        });
+        if let Ok(mut b) = inner.backoff.lock() {
+            match &result {
+                Ok(_) => {
+                    b.failures = 0;
+                    b.retry_at = None;
+                }
+                Err(e) => {
+                    b.failures = b.failures.saturating_add(1);
+                    let ms = (50u64 << b.failures.min(7)).min(5_000);
+                    b.retry_at = Some(Instant::now() + Duration::from_millis(ms));
+                    b.last_error = e.to_string();
+                }
+            }
+        }
+        let ch = result?;
+        if !inner.shared_declared.load(Ordering::Acquire) {
+            topology::declare_shared(&ch).await?;
+            inner.shared_declared.store(true, Ordering::Release);
+        }
+        Ok(ch)
+    }
+
+    /// Declares a job queue once per process (the declaration is idempotent anyway).
+    pub async fn ensure_job_queue(&self, name: &str) -> Result<(), BrokerError> {
+        if self
+            .inner
+            .declared
+            .lock()
+            .map(|d| d.contains(name))
+            .unwrap_or(false)
+        {
+            return Ok(());
+        }
+        let ch = self.open_channel().await?;
+        let r = topology::declare_job_queue(&ch, name, self.inner.cfg.queue_type).await;
+        let _ = ch.close(200, "declared".into()).await;
+        r?;
+        if let Ok(mut d) = self.inner.declared.lock() {
+            d.insert(name.to_string());
+        }
+        Ok(())
+    }
+
+    /// Forgets which queues were declared (after a test deletes them, say).
+    pub fn forget_declared(&self, name: &str) {
+        if let Ok(mut d) = self.inner.declared.lock() {
+            d.remove(name);
+        }
+    }
+
+    /// Publishes and waits for the broker's confirm. `Ok` means the broker has the
+    /// message (persisted, for a persistent message to a durable queue).
+    pub async fn publish(&self, msg: OutgoingMessage<'_>) -> Result<(), BrokerError> {
+        let n = self.inner.slots.len();
+        let i = self.inner.next.fetch_add(1, Ordering::Relaxed) % n;
+        let ch = {
+            let mut slot = self.inner.slots[i].lock().await;
+            match slot.as_ref() {
+                Some(ch) if ch.status().connected() => ch.clone(),
+                _ => {
+                    let ch = self.open_channel().await?;
+                    ch.confirm_select(ConfirmSelectOptions::default()).await?;
+                    *slot = Some(ch.clone());
+                    ch
+                }
+            }
+        };
+        let mut props = BasicProperties::default();
+        if msg.persistent {
+            props = props.with_delivery_mode(2);
+        }
+        if let Some(id) = msg.message_id {
+            props = props.with_message_id(id.into());
+        }
+        if let Some(c) = msg.correlation_id {
+            props = props.with_correlation_id(c.into());
+        }
+        if let Some(ct) = msg.content_type {
+            props = props.with_content_type(ct.into());
+        }
+        if let Some(p) = msg.priority {
+            props = props.with_priority(p);
+        }
+        if !msg.headers.is_empty() {
+            let mut t = FieldTable::default();
+            for (k, v) in &msg.headers {
+                t.insert((*k).into(), AMQPValue::LongString(v.as_str().into()));
+            }
+            props = props.with_headers(t);
+        }
+        let opts = BasicPublishOptions {
+            mandatory: msg.mandatory,
+            ..BasicPublishOptions::default()
+        };
+        let confirm = ch
+            .basic_publish(
+                msg.exchange.into(),
+                msg.routing_key.into(),
+                opts,
+                msg.body,
+                props,
+            )
+            .await?;
+        let confirmation = tokio::time::timeout(self.inner.cfg.confirm_timeout, confirm)
+            .await
+            .map_err(|_| BrokerError::Unavailable("no publisher confirm in time".into()))??;
+        match confirmation {
+            lapin::Confirmation::Ack(None) => Ok(()),
+            lapin::Confirmation::Ack(Some(_)) => Err(BrokerError::Refused(format!(
+                "no queue named '{}' took the message",
+                msg.routing_key
+            ))),
+            lapin::Confirmation::Nack(_) => Err(BrokerError::Refused("negative confirm".into())),
+            lapin::Confirmation::NotRequested => Ok(()),
+        }
+    }
+
+    /// Publishes a job message (persistent, `message_id` = job id, priority clamped)
+    /// to the queue named like the job's queue, declaring it first if needed.
+    pub async fn publish_job(
+        &self,
+        queue: &str,
+        job_id: &str,
+        job_priority: i64,
+        body: &[u8],
+    ) -> Result<(), BrokerError> {
+        self.ensure_job_queue(queue).await?;
+        self.publish(OutgoingMessage {
+            exchange: "",
+            routing_key: queue,
+            body,
+            message_id: Some(job_id),
+            content_type: Some("application/json"),
+            priority: Some(topology::message_priority(job_priority)),
+            persistent: true,
+            mandatory: true,
+            ..OutgoingMessage::default()
+        })
+        .await
+    }
+
+    /// Takes one message from a queue (`basic.get`, manual ack), or `None` when empty.
+    pub async fn get(&self, queue: &str) -> Result<Option<crate::Incoming>, BrokerError> {
+        self.ensure_job_queue(queue).await?;
+        let ch = self.open_channel().await?;
+        match ch
+            .basic_get(queue.into(), BasicGetOptions { no_ack: false })
+            .await?
+        {
+            Some(m) => Ok(Some(crate::Incoming::new(m.delivery, Some(ch)))),
+            None => {
+                let _ = ch.close(200, "empty".into()).await;
+                Ok(None)
+            }
+        }
+    }
+
+    /// Starts consuming `queues` on one channel with `prefetch` shared by all of them.
+    pub async fn consume(
+        &self,
+        queues: &[String],
+        prefetch: u16,
+        tag: &str,
+    ) -> Result<Consumer, BrokerError> {
+        for q in queues {
+            self.ensure_job_queue(q).await?;
+        }
+        let ch = self.open_channel().await?;
+        Consumer::start(ch, queues, prefetch, tag).await
+    }
+
+    /// Consumes the agent's control queue (exclusive, auto-delete, bound to
+    /// `testflinger.control` with the agent id).
+    pub async fn consume_control(&self, agent_id: &str) -> Result<Consumer, BrokerError> {
+        let ch = self.open_channel().await?;
+        Consumer::start_control(ch, agent_id).await
+    }
+
+    /// Declares and consumes one of our shared queues (such as the submit queue).
+    pub async fn consume_shared(
+        &self,
+        queue: &str,
+        prefetch: u16,
+        tag: &str,
+    ) -> Result<Consumer, BrokerError> {
+        let ch = self.open_channel().await?;
+        Consumer::start_plain(ch, queue, prefetch, tag).await
+    }
+
+    /// Whether the broker answers now: opens and closes a channel.
+    pub async fn ready(&self) -> Result<(), BrokerError> {
+        let ch = self.open_channel().await?;
+        let _ = ch.close(200, "probe".into()).await;
+        Ok(())
+    }
+
+    /// Deletes a queue (tests and benchmarks clean up their own queues with it).
+    pub async fn delete_queue(&self, name: &str) -> Result<(), BrokerError> {
+        let ch = self.open_channel().await?;
+        ch.queue_delete(name.into(), lapin::options::QueueDeleteOptions::default())
+            .await?;
+        let _ = ch.close(200, "deleted".into()).await;
+        self.forget_declared(name);
+        Ok(())
+    }
+
+    /// Number of ready messages in a job queue (tests and the bench use it).
+    pub async fn message_count(&self, name: &str) -> Result<u32, BrokerError> {
+        let ch = self.open_channel().await?;
+        let q = ch
+            .queue_declare(
+                name.into(),
+                lapin::options::QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+        let _ = ch.close(200, "count".into()).await;
+        Ok(q.message_count())
+    }
+}

@@ -1,0 +1,143 @@
+//! Names and arguments of every queue and exchange, built in one place.
+//!
+//! Every declaration here is idempotent: the API and each agent declare what they use on
+//! start, with the same arguments, so whichever starts first creates it.
+
+use crate::BrokerError;
+use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{Channel, ExchangeKind};
+
+/// Broker-native submission queue (validated path).
+pub const SUBMIT_QUEUE: &str = "testflinger.submit";
+/// Topic exchange of job life-cycle events, routing key `job.<queue>.<state>`.
+pub const EVENTS_EXCHANGE: &str = "testflinger.events";
+/// Direct exchange of commands for one agent, routing key = agent id.
+pub const CONTROL_EXCHANGE: &str = "testflinger.control";
+/// Dead-letter exchange (fanout) for job queues.
+pub const DEAD_LETTER_EXCHANGE: &str = "testflinger.dlx";
+/// Where dead-lettered job messages end up.
+pub const DEAD_QUEUE: &str = "testflinger.dead";
+/// Invalid broker submissions, with the reason in header `x-rejection-reason`.
+pub const REJECTED_QUEUE: &str = "testflinger.rejected";
+/// Highest AMQP priority a job message carries (`job_priority` is clamped to it).
+pub const MAX_PRIORITY: u8 = 10;
+
+/// Routing key of a job event.
+pub fn event_routing_key(queue: &str, state: &str) -> String {
+    // Topic routing keys use '.' as separator: keep queue names with dots matchable by
+    // replacing them, so `job.*.complete` still matches every queue.
+    format!("job.{}.{}", queue.replace('.', "_"), state)
+}
+
+/// AMQP priority of a job with `job_priority` p.
+pub fn message_priority(job_priority: i64) -> u8 {
+    job_priority.clamp(0, i64::from(MAX_PRIORITY)) as u8
+}
+
+/// Kind of queue used for job queues.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum QueueType {
+    /// Classic queue with `x-max-priority`: exact priority order within 0..=10.
+    #[default]
+    Classic,
+    /// Quorum queue, for clustered RabbitMQ. Before RabbitMQ 4.0 quorum queues ignore
+    /// priorities (the Redis position index still orders them for display).
+    Quorum,
+}
+
+impl std::str::FromStr for QueueType {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "classic" => Ok(QueueType::Classic),
+            "quorum" => Ok(QueueType::Quorum),
+            other => Err(format!(
+                "unknown queue type '{other}' (use classic or quorum)"
+            )),
+        }
+    }
+}
+
+fn job_queue_args(kind: QueueType) -> FieldTable {
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-dead-letter-exchange".into(),
+        AMQPValue::LongString(DEAD_LETTER_EXCHANGE.into()),
+    );
+    match kind {
+        QueueType::Classic => {
+            args.insert(
+                "x-max-priority".into(),
+                AMQPValue::ShortShortUInt(MAX_PRIORITY),
+            );
+        }
+        QueueType::Quorum => {
+            args.insert(
+                "x-queue-type".into(),
+                AMQPValue::LongString("quorum".into()),
+            );
+        }
+    }
+    args
+}
+
+fn durable() -> QueueDeclareOptions {
+    QueueDeclareOptions {
+        durable: true,
+        ..QueueDeclareOptions::default()
+    }
+}
+
+/// Declares the shared exchanges and queues (not the per-job queues).
+pub async fn declare_shared(ch: &Channel) -> Result<(), BrokerError> {
+    let ex = ExchangeDeclareOptions {
+        durable: true,
+        ..ExchangeDeclareOptions::default()
+    };
+    ch.exchange_declare(
+        DEAD_LETTER_EXCHANGE.into(),
+        ExchangeKind::Fanout,
+        ex,
+        FieldTable::default(),
+    )
+    .await?;
+    ch.exchange_declare(
+        EVENTS_EXCHANGE.into(),
+        ExchangeKind::Topic,
+        ex,
+        FieldTable::default(),
+    )
+    .await?;
+    ch.exchange_declare(
+        CONTROL_EXCHANGE.into(),
+        ExchangeKind::Direct,
+        ex,
+        FieldTable::default(),
+    )
+    .await?;
+    for q in [DEAD_QUEUE, SUBMIT_QUEUE, REJECTED_QUEUE] {
+        ch.queue_declare(q.into(), durable(), FieldTable::default())
+            .await?;
+    }
+    ch.queue_bind(
+        DEAD_QUEUE.into(),
+        DEAD_LETTER_EXCHANGE.into(),
+        "".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await?;
+    Ok(())
+}
+
+/// Declares one job queue, named exactly like `job_queue`.
+pub async fn declare_job_queue(
+    ch: &Channel,
+    name: &str,
+    kind: QueueType,
+) -> Result<(), BrokerError> {
+    ch.queue_declare(name.into(), durable(), job_queue_args(kind))
+        .await?;
+    Ok(())
+}
