@@ -2,6 +2,7 @@
 //! temporary run directory against real things (an sshd on a loopback port with a
 //! throwaway key, TCP and HTTP servers in the test, the real API with RabbitMQ/Redis).
 
+mod api;
 mod cli;
 mod multi;
 mod noprovision;

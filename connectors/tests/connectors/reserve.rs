@@ -137,3 +137,49 @@ fn unreachable_key_service_is_a_clear_error() {
         "KeyFetchError"
     );
 }
+
+#[test]
+fn cancelling_the_job_on_the_server_ends_the_reservation() {
+    let sshd = Sshd::start();
+    let mut api = crate::api::ApiServer::start();
+    let queue = api.queue("conn-reserve");
+    let (user_key, user_pub) = keygen(sshd.dir.path(), "user_key", "user@laptop");
+    let mut job =
+        json!({"job_queue": queue, "reserve_data": {"ssh_keys": [user_pub], "timeout": 3600}});
+    let id = api.submit(&job);
+    job["job_id"] = json!(id);
+    let before = sshd.authorized_keys();
+    let run = Run::new(
+        &sshd.device_config(&format!(
+            "testflinger_server: {}\npoll_interval: 0.2\n",
+            api.url
+        )),
+        &job,
+    );
+    let mut child = run
+        .command("noprovision", "reserve")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let out = collect(child.stdout.take().expect("stdout"));
+    let err = collect(child.stderr.take().expect("stderr"));
+    wait_until("the reservation banner", Duration::from_secs(30), || {
+        out.lock()
+            .expect("lock")
+            .contains("TESTFLINGER SYSTEM RESERVED")
+    });
+    assert!(sshd.can_login(&user_key));
+    assert!(
+        out.lock()
+            .expect("lock")
+            .contains(&format!("testflinger cancel {id}"))
+    );
+
+    api.cancel(&id);
+    let rc = wait_child(&mut child, Duration::from_secs(30));
+    assert_eq!(rc, 0, "stderr: {}", err.lock().expect("lock"));
+    assert!(out.lock().expect("lock").contains("Job cancelled"));
+    assert_eq!(sshd.authorized_keys(), before);
+    assert!(!sshd.can_login(&user_key));
+}
