@@ -1,0 +1,61 @@
+{{/* Chart name. */}}
+{{- define "testflinger.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Release-qualified name. */}}
+{{- define "testflinger.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "testflinger.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "testflinger.labels" -}}
+helm.sh/chart: {{ include "testflinger.chart" . }}
+app.kubernetes.io/name: {{ include "testflinger.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
+
+{{- define "testflinger.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "testflinger.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "testflinger.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+
+{{- define "testflinger.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "testflinger.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/* The API's in-cluster URL. */}}
+{{- define "testflinger.apiUrl" -}}
+{{- printf "http://%s-api:%v" (include "testflinger.fullname" .) .Values.api.service.port }}
+{{- end }}
+
+{{/* AMQP_URI from the Secret. */}}
+{{- define "testflinger.amqpEnv" -}}
+- name: AMQP_URI
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.amqp.existingSecret }}
+      key: {{ .Values.amqp.secretKey }}
+{{- end }}
