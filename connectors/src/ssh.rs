@@ -139,3 +139,33 @@ pub fn remote_path(path: &str) -> String {
         None => shell_quote(path),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sh(script: &str) -> String {
+        let out = std::process::Command::new("/bin/sh")
+            .arg("-c")
+            .arg(script)
+            .env("HOME", "/home/u")
+            .output()
+            .expect("sh");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    #[test]
+    fn quoting_survives_the_shell() {
+        for s in ["plain", "it's", "$(touch x) `y` ; z", "a\nb", "'"] {
+            assert_eq!(sh(&format!("printf %s {}", shell_quote(s))), s);
+        }
+        assert_eq!(
+            sh(&format!("printf %s {}", remote_path("~/.ssh/my keys"))),
+            "/home/u/.ssh/my keys"
+        );
+        assert_eq!(
+            sh(&format!("printf %s {}", remote_path("/tmp/$x"))),
+            "/tmp/$x"
+        );
+    }
+}

@@ -209,3 +209,50 @@ fn missing_server_or_jobs_fail_clearly() {
         stderr(&out)
     );
 }
+
+#[test]
+fn parent_cancelled_or_sigterm_stops_the_allocation_and_cancels_children() {
+    let mut api = ApiServer::start();
+    let q = api.queue("conn-multi-child");
+    let parent_queue = api.queue("conn-multi");
+    let base = json!({"job_queue": parent_queue, "provision_data": {"jobs": [child(&q, "one")]}});
+
+    // The parent job is cancelled on the server while it waits.
+    let parent = api.submit(&base);
+    let mut job = base.clone();
+    job["job_id"] = json!(parent);
+    let run = Run::new(&config(&api), &job);
+    let mut provision = run
+        .command("multi", "provision")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let err = collect(provision.stderr.take().expect("stderr"));
+    let ids = child_ids(&run, 1);
+    api.cancel(&parent);
+    assert_eq!(wait_child(&mut provision, Duration::from_secs(30)), 1);
+    assert!(
+        err.lock().expect("lock").contains("is cancelled"),
+        "{}",
+        err.lock().expect("lock")
+    );
+    assert_eq!(api.state(&ids[0]), "cancelled");
+
+    // The agent stops the phase (SIGTERM): children are cancelled before exiting.
+    let run = Run::new(&config(&api), &base);
+    let mut provision = run
+        .command("multi", "provision")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let ids = child_ids(&run, 1);
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &provision.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(killed.success());
+    assert_eq!(wait_child(&mut provision, Duration::from_secs(30)), 1);
+    assert_eq!(api.state(&ids[0]), "cancelled");
+}
