@@ -5,7 +5,7 @@ use serde_json::json;
 use std::process::Command;
 use std::time::Duration;
 
-const CONFIG: &str = "agent_name: dev1\ndevice_ip: 10.0.0.5\nreboot_script:\n  - echo one\n  - echo two\nenv:\n  GREETING: hello world\n  PORT: 22\n";
+const CONFIG: &str = "agent_name: dev1\nmaas_user: lab\nnode_id: 3\nextra: {a: [1, {b: c}]}\ndevice_ip: 10.0.0.5\nreboot_script:\n  - echo one\n  - echo two\nenv:\n  GREETING: hello world\n  PORT: 22\n";
 
 fn one_line_error(out: &std::process::Output) -> String {
     let err = stderr(out);
