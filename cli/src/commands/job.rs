@@ -63,7 +63,7 @@ pub async fn results(ctx: &Ctx, job_id: &str) -> anyhow::Result<ExitCode> {
             println!("{}", sorted_json(&reply.json()?));
             Ok(ExitCode::SUCCESS)
         }
-        StatusCode::NO_CONTENT => bail!("no results found for job {job_id}"),
+        StatusCode::NO_CONTENT => bail!("no results found: job {job_id} not found"),
         _ => Err(job_error(&reply, job_id)),
     }
 }

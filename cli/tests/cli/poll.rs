@@ -1,0 +1,155 @@
+//! `poll`: the queue position line, live output, `--oneshot`/`--json`, and the end on
+//! `complete` or `cancelled`. The job's agent side is played over the real API the way an
+//! upstream (token-less) agent writes: log fragments and results.
+
+use crate::helpers::{TestEnv, short_id};
+use serde_json::{Value, json};
+use std::time::Duration;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+#[test]
+fn poll_shows_queue_position_with_estimate_and_stops_on_cancel() {
+    let env = TestEnv::start();
+    let q = env.queue("position");
+    let agent = format!("agent-{}", short_id());
+    env.register_agent(&agent, &[&q], "waiting");
+    // One job started by an agent gives the queue a wait-time sample.
+    let first = env.submit(&format!("job_queue: {q}\n"));
+    assert_eq!(
+        env.legacy_take(&agent, &q).map(|j| j["job_id"].clone()),
+        Some(json!(first))
+    );
+    let ahead = env.submit(&format!("job_queue: {q}\n"));
+    let mine = env.submit(&format!("job_queue: {q}\n"));
+
+    let mut poll = env.spawn(&["poll", &mine]);
+    let line = poll.wait_line(WAIT, |l| l.contains("position"));
+    assert!(
+        line.contains(&format!("Waiting in queue '{q}': position 2 (1 job ahead)")),
+        "{line}"
+    );
+    assert!(line.contains("estimated start in ~"), "{line}");
+
+    env.run(&["cancel", &ahead]).assert_ok();
+    let line = poll.wait_line(WAIT, |l| l.contains("position"));
+    assert!(line.contains("position 1 (0 jobs ahead)"), "{line}");
+
+    env.run(&["cancel", &mine]).assert_ok();
+    let (status, _, stderr) = poll.finish(WAIT);
+    assert_eq!(status.code(), Some(0), "{stderr}");
+}
+
+#[test]
+fn poll_without_wait_time_data_says_so() {
+    let env = TestEnv::start();
+    let q = env.queue("noeta");
+    env.register_agent(&format!("agent-{}", short_id()), &[&q], "waiting");
+    let id = env.submit(&format!("job_queue: {q}\n"));
+    let mut poll = env.spawn(&["poll", &id]);
+    let line = poll.wait_line(WAIT, |l| l.contains("position"));
+    assert!(
+        line.contains("position 1 (0 jobs ahead), no wait-time data"),
+        "{line}"
+    );
+    env.run(&["cancel", &id]).assert_ok();
+    assert_eq!(poll.finish(WAIT).0.code(), Some(0));
+}
+
+#[test]
+fn poll_prints_output_as_it_arrives_and_ends_on_complete() {
+    let env = TestEnv::start();
+    let q = env.queue("live");
+    env.register_agent(&format!("agent-{}", short_id()), &[&q], "waiting");
+    let id = env.submit(&format!("job_queue: {q}\ntest_data:\n  test_cmds: echo\n"));
+
+    let mut poll = env.spawn(&["poll", &id]);
+    env.post_result(&id, &json!({"job_state": "setup"}));
+    env.post_fragment(&id, 0, "setup", "setting up\n");
+    poll.wait_line(WAIT, |l| l == "setting up");
+    env.post_result(&id, &json!({"job_state": "test"}));
+    env.post_fragment(&id, 1, "test", "first line\n");
+    poll.wait_line(WAIT, |l| l == "first line");
+    env.post_fragment(&id, 2, "test", "second line\n");
+    poll.wait_line(WAIT, |l| l == "second line");
+    env.post_result(
+        &id,
+        &json!({"job_state": "complete", "status": {"setup": 0, "test": 0}}),
+    );
+    let (status, lines, stderr) = poll.finish(WAIT);
+    assert_eq!(status.code(), Some(0), "{stderr}");
+    let output: Vec<&String> = lines.iter().filter(|l| !l.contains("position")).collect();
+    assert_eq!(output, ["setting up", "first line", "second line"]);
+}
+
+#[test]
+fn poll_json_follows_by_fragment_polling_and_ends_on_complete() {
+    let env = TestEnv::start();
+    let q = env.queue("json");
+    env.register_agent(&format!("agent-{}", short_id()), &[&q], "waiting");
+    let id = env.submit(&format!("job_queue: {q}\n"));
+    env.post_result(&id, &json!({"job_state": "test"}));
+
+    let mut poll = env.spawn(&["poll", "--json", &id]);
+    env.post_fragment(&id, 0, "test", "hello\n");
+    let line = poll.wait_line(WAIT, |l| l.starts_with('{'));
+    let v: Value = serde_json::from_str(&line).expect("json line");
+    assert_eq!(v["output"]["test"]["log_data"], "hello\n");
+    assert_eq!(v["output"]["test"]["last_fragment_number"], 0);
+    env.post_result(&id, &json!({"job_state": "complete"}));
+    assert_eq!(poll.finish(WAIT).0.code(), Some(0));
+}
+
+#[test]
+fn oneshot_prints_once_with_fragment_filters() {
+    let env = TestEnv::start();
+    let q = env.queue("oneshot");
+    env.register_agent(&format!("agent-{}", short_id()), &[&q], "waiting");
+    let id = env.submit(&format!("job_queue: {q}\n"));
+    env.post_fragment(&id, 0, "setup", "a\n");
+    env.post_fragment(&id, 1, "test", "b\n");
+    env.post_fragment(&id, 2, "test", "c\n");
+
+    let out = env.run(&["poll", "--oneshot", &id]);
+    out.assert_ok();
+    assert_eq!(out.stdout, "a\nb\nc\nLast Fragment Number: 2\n");
+
+    let out = env.run(&["poll", "-o", "--start_fragment", "2", &id]);
+    out.assert_ok();
+    assert_eq!(out.stdout, "c\nLast Fragment Number: 2\n");
+
+    let out = env.run(&["poll", "-o", "--phase", "setup", &id]);
+    out.assert_ok();
+    assert_eq!(out.stdout, "a\nLast Fragment Number: 0\n");
+
+    let out = env.run(&["poll", "-o", "--json", &id]);
+    out.assert_ok();
+    let v: Value = serde_json::from_str(&out.stdout).expect("json");
+    assert_eq!(v["output"]["test"]["log_data"], "b\nc\n");
+
+    let out = env.run(&["poll-serial", "--oneshot", &id]);
+    out.assert_ok();
+    assert_eq!(out.stdout, "Last Fragment Number: -1\n");
+}
+
+#[test]
+fn poll_with_phase_stops_when_that_phase_has_a_status() {
+    let env = TestEnv::start();
+    let q = env.queue("phase");
+    env.register_agent(&format!("agent-{}", short_id()), &[&q], "waiting");
+    let id = env.submit(&format!("job_queue: {q}\n"));
+    env.post_result(&id, &json!({"job_state": "setup"}));
+    env.post_fragment(&id, 0, "setup", "in setup\n");
+
+    let mut poll = env.spawn(&["poll", "--phase", "setup", &id]);
+    poll.wait_line(WAIT, |l| l == "in setup");
+    env.post_result(
+        &id,
+        &json!({"job_state": "provision", "status": {"setup": 0}}),
+    );
+    let (status, lines, stderr) = poll.finish(WAIT);
+    assert_eq!(status.code(), Some(0), "{stderr}");
+    assert_eq!(lines, ["in setup"]);
+    // The job itself goes on.
+    assert_eq!(env.job_state(&id), "provision");
+}
