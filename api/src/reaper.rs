@@ -141,16 +141,14 @@ async fn mark_lost(app: &AppState, agent: &str) {
     if agent.is_empty() {
         return;
     }
-    let mut c = app.store.con();
-    let r: redis::RedisResult<()> = redis::cmd("HSET")
-        .arg(app.store.keys.agent(agent))
-        .arg("state")
-        .arg("lost")
-        .arg("comment")
-        .arg("lease expired: the agent stopped renewing its job")
-        .query_async(&mut c)
-        .await;
-    if let Err(e) = r {
+    let fields = [
+        ("state", "lost"),
+        (
+            "comment",
+            "lease expired: the agent stopped renewing its job",
+        ),
+    ];
+    if let Err(e) = app.store.update_agent_if_known(agent, &fields).await {
         tracing::warn!(agent, error = %e, "could not mark agent lost");
     }
 }

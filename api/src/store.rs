@@ -233,6 +233,16 @@ return {'set', st}
     )
 });
 
+static UPDATE_AGENT: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV))
+return 1
+"#,
+    )
+});
+
 static CANCEL: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
@@ -680,6 +690,24 @@ impl Store {
             Some(f) if f == t.to_string() && state != "waiting" => Ok(()),
             Some(_) => Err(ApiError::Stale(stale_message(id))),
         }
+    }
+
+    /// Sets fields of an agent's record if the agent registered; never creates one.
+    pub async fn update_agent_if_known(
+        &self,
+        name: &str,
+        fields: &[(&str, &str)],
+    ) -> ApiResult<bool> {
+        if fields.is_empty() {
+            return Ok(false);
+        }
+        let mut inv = UPDATE_AGENT.key(self.keys.agent(name));
+        for (k, v) in fields {
+            inv.arg(*k).arg(*v);
+        }
+        let mut c = self.con();
+        let r: i64 = inv.invoke_async(&mut c).await?;
+        Ok(r == 1)
     }
 
     pub fn retention_secs(&self) -> i64 {

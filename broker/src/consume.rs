@@ -23,6 +23,8 @@ pub struct Incoming {
     pub content_type: Option<String>,
     pub priority: Option<u8>,
     pub redelivered: bool,
+    /// Delivery mode 2: the broker keeps it on disk.
+    pub persistent: bool,
     /// String-valued headers.
     pub headers: BTreeMap<String, String>,
     delivery: Delivery,
@@ -70,6 +72,7 @@ impl Incoming {
             content_type: s(p.content_type()),
             priority: *p.priority(),
             redelivered: d.redelivered,
+            persistent: *p.delivery_mode() == Some(2),
             headers,
             delivery: d,
             _channel: channel,

@@ -451,15 +451,17 @@ mod tests {
 
     #[test]
     fn unknown_fields_are_named() {
-        let e = Job::from_value(json!({"job_queue": "q", "bogus": 1})).unwrap_err();
+        let e = Job::from_value(json!({"job_queue": "q", "bogus": 1})).expect_err("invalid");
         assert_eq!(e.field, "bogus");
-        let e = Job::from_value(json!({"job_queue": "q", "test_data": {"nope": 1}})).unwrap_err();
+        let e = Job::from_value(json!({"job_queue": "q", "test_data": {"nope": 1}}))
+            .expect_err("invalid");
         assert_eq!(e.field, "test_data.nope");
         assert_eq!(
             e.detail(),
             json!({"json": {"test_data": {"nope": [e.message.clone()]}}})
         );
-        let e = Job::from_value(json!({"job_queue": "q", "reserve_data": {"x": 1}})).unwrap_err();
+        let e = Job::from_value(json!({"job_queue": "q", "reserve_data": {"x": 1}}))
+            .expect_err("invalid");
         assert_eq!(e.field, "reserve_data.x");
     }
 
@@ -485,43 +487,48 @@ mod tests {
         assert_eq!(j.to_value()["reserve_data"]["timeout"], json!(9000));
         let e =
             Job::from_value(json!({"job_queue": "q", "reserve_data": {"ssh_keys": ["xx:bob"]}}))
-                .unwrap_err();
+                .expect_err("invalid");
         assert_eq!(e.field, "reserve_data.ssh_keys[0]");
         let e =
             Job::from_value(json!({"job_queue": "q", "reserve_data": {"timeout": "5 parsecs"}}))
-                .unwrap_err();
+                .expect_err("invalid");
         assert_eq!(e.field, "reserve_data.timeout");
     }
 
     #[test]
     fn queue_and_types() {
-        assert_eq!(Job::from_value(json!({})).unwrap_err().field, "job_queue");
         assert_eq!(
-            Job::from_value(json!({"job_queue": ""})).unwrap_err().field,
+            Job::from_value(json!({})).expect_err("invalid").field,
+            "job_queue"
+        );
+        assert_eq!(
+            Job::from_value(json!({"job_queue": ""}))
+                .expect_err("invalid")
+                .field,
             "job_queue"
         );
         assert_eq!(
             Job::from_value(json!({"job_queue": "amq.x"}))
-                .unwrap_err()
+                .expect_err("invalid")
                 .field,
             "job_queue"
         );
         assert_eq!(
             Job::from_value(json!({"job_queue": "q", "global_timeout": "x"}))
-                .unwrap_err()
+                .expect_err("invalid")
                 .field,
             "global_timeout"
         );
         assert!(Job::from_value(json!({"job_queue": "q", "provision_data": null})).is_ok());
         assert_eq!(
             Job::from_value(json!({"job_queue": "q", "provision_data": 3}))
-                .unwrap_err()
+                .expect_err("invalid")
                 .field,
             "provision_data"
         );
         assert_eq!(
             Job::from_value(json!({"job_queue": "q", "job_id": "nope"}))
-                .unwrap_err()
+                .expect_err("invalid")
                 .field,
             "job_id"
         );

@@ -132,6 +132,9 @@ pub async fn all_agents(app: &AppState) -> ApiResult<Vec<Value>> {
     let k = &app.store.keys;
     let mut c = app.store.con();
     let names: Vec<String> = c.zrange(k.agents(), 0, -1).await?;
+    if names.is_empty() {
+        return Ok(Vec::new());
+    }
     let mut p = redis::pipe();
     for n in &names {
         p.hgetall(k.agent(n));

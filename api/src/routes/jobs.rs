@@ -29,9 +29,9 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
 async fn submit_job(app: web::Data<AppState>, body: web::Bytes) -> ApiResult<HttpResponse> {
     let value = json_body(&body)?;
     if let Some(raw) = value.get("job_id")
-        && !raw
+        && raw
             .as_str()
-            .is_some_and(|s| s.parse::<testflinger_common::JobId>().is_ok())
+            .is_none_or(|s| s.parse::<testflinger_common::JobId>().is_err())
     {
         return Err(ApiError::BadRequest("Invalid job_id specified".into()));
     }
@@ -328,6 +328,9 @@ async fn search(app: web::Data<AppState>, req: HttpRequest) -> ApiResult<HttpRes
             .query_async(&mut c)
             .await?
     };
+    if ids.is_empty() {
+        return Ok(HttpResponse::Ok().json(json!([])));
+    }
     let mut pipe = redis::pipe();
     for id in &ids {
         pipe.cmd("HMGET")
@@ -356,7 +359,7 @@ async fn search(app: web::Data<AppState>, req: HttpRequest) -> ApiResult<HttpRes
             ));
         }
     }
-    out.sort_by(|a, b| b.0.cmp(&a.0));
+    out.sort_by_key(|x| std::cmp::Reverse(x.0));
     out.truncate(SEARCH_LIMIT);
     Ok(HttpResponse::Ok().json(out.into_iter().map(|(_, v)| v).collect::<Vec<_>>()))
 }

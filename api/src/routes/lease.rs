@@ -36,15 +36,10 @@ async fn claim(
     if c.outcome == ClaimOutcome::Granted {
         let f = app.store.job_fields(&id, &["queue", "def"]).await?;
         let queue = f[0].clone().unwrap_or_default();
-        let _: () = {
-            let mut con = app.store.con();
-            redis::cmd("HSET")
-                .arg(app.store.keys.agent(&r.agent_id))
-                .arg("job_id")
-                .arg(&id)
-                .query_async(&mut con)
-                .await?
-        };
+        // Shown in the agent's record, if it registered (a zombie must not invent one).
+        app.store
+            .update_agent_if_known(&r.agent_id, &[("job_id", &id)])
+            .await?;
         events::emit(
             &app,
             &id,

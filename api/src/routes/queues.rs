@@ -56,6 +56,9 @@ async fn queue_jobs(app: web::Data<AppState>, queue: web::Path<String>) -> ApiRe
     let k = &app.store.keys;
     let mut c = app.store.con();
     let ids: Vec<String> = c.zrange(k.qjobs(&queue), 0, -1).await?;
+    if ids.is_empty() {
+        return Ok(HttpResponse::NoContent().finish());
+    }
     let mut p = redis::pipe();
     for id in &ids {
         p.cmd("HMGET").arg(k.job(id)).arg("state").arg("created_at");

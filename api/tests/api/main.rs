@@ -1,0 +1,11 @@
+//! Integration tests of the API against the real RabbitMQ and Redis of this machine.
+//! Each test has its own Redis prefix and queue names and removes them at the end.
+
+mod helpers;
+
+mod agents;
+mod errors;
+mod files;
+mod jobs;
+mod lease;
+mod logs;
