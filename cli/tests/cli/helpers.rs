@@ -229,12 +229,25 @@ impl TestEnv {
 
     /// Starts the CLI in the background, its stdout delivered line by line.
     pub fn spawn(&self, args: &[&str]) -> Background {
+        self.spawn_with_stdin(args, None)
+    }
+
+    /// Like [`TestEnv::spawn`], with `stdin` waiting in its standard input.
+    pub fn spawn_with_stdin(&self, args: &[&str], stdin: Option<&str>) -> Background {
         let mut cmd = self.cli();
         cmd.args(args)
-            .stdin(Stdio::null())
+            .stdin(if stdin.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         let mut child = cmd.spawn().expect("spawn testflinger");
+        if let Some(text) = stdin {
+            let mut pipe = child.stdin.take().expect("stdin");
+            pipe.write_all(text.as_bytes()).expect("write stdin");
+        }
         let (tx, lines) = mpsc::channel();
         let stdout = child.stdout.take().expect("stdout");
         std::thread::spawn(move || {
@@ -514,6 +527,17 @@ impl Background {
             .and_then(|t| t.join().ok())
             .unwrap_or_default();
         (status, std::mem::take(&mut self.seen), stderr)
+    }
+}
+
+impl Background {
+    /// Sends SIGINT, as Ctrl-C in a terminal does.
+    pub fn interrupt(&self) {
+        let status = Command::new("kill")
+            .args(["-INT", &self.child.id().to_string()])
+            .status()
+            .expect("kill -INT");
+        assert!(status.success());
     }
 }
 

@@ -153,3 +153,29 @@ fn poll_with_phase_stops_when_that_phase_has_a_status() {
     // The job itself goes on.
     assert_eq!(env.job_state(&id), "provision");
 }
+
+#[test]
+fn ctrl_c_offers_to_cancel_the_job() {
+    let env = TestEnv::start();
+    let q = env.queue("ctrlc");
+    env.register_agent(&format!("agent-{}", short_id()), &[&q], "waiting");
+    let keep = env.submit(&format!("job_queue: {q}\n"));
+    let drop = env.submit(&format!("job_queue: {q}\n"));
+
+    // Answer "no": the job stays.
+    let mut poll = env.spawn_with_stdin(&["poll", &keep], Some("n\n"));
+    poll.wait_line(WAIT, |l| l.contains("position"));
+    poll.interrupt();
+    let (status, _, stderr) = poll.finish(WAIT);
+    assert_eq!(status.code(), Some(130), "{stderr}");
+    assert!(stderr.contains(&format!("Cancel job {keep}")), "{stderr}");
+    assert_eq!(env.job_state(&keep), "waiting");
+
+    // Answer "y": the job is cancelled.
+    let mut poll = env.spawn_with_stdin(&["poll", &drop], Some("y\n"));
+    poll.wait_line(WAIT, |l| l.contains("position"));
+    poll.interrupt();
+    let (status, _, stderr) = poll.finish(WAIT);
+    assert_eq!(status.code(), Some(130), "{stderr}");
+    assert_eq!(env.job_state(&drop), "cancelled");
+}
