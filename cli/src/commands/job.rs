@@ -129,7 +129,11 @@ pub async fn artifacts(ctx: &Ctx, args: &ArtifactsArgs) -> anyhow::Result<ExitCo
     let resp = ctx.client.open(&path, |r| r).await?;
     match resp.status() {
         StatusCode::OK => {}
-        StatusCode::NO_CONTENT => bail!("no artifacts found for job {}", args.job_id),
+        StatusCode::NO_CONTENT => {
+            // 204 is also the answer for an unknown job: tell the two apart.
+            fetch_results(ctx, &args.job_id).await?;
+            bail!("no artifacts found for job {}", args.job_id)
+        }
         status => {
             let body = resp.bytes().await.unwrap_or_default();
             let reply = Reply::from_parts(status, body, format!("GET {path}"));
