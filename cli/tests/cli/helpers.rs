@@ -580,3 +580,60 @@ impl TestEnv {
         })
     }
 }
+
+impl TestEnv {
+    /// Starts a real `testflinger-agent` serving `queue` whose test phase runs
+    /// `test_command` (`/bin/sh -c`, in the job's run directory), and waits (bounded)
+    /// until the server lists it on the queue. Killed when the env drops.
+    pub fn spawn_agent(&self, queue: &str, test_command: &str) -> String {
+        let name = format!("agent-{}", short_id());
+        let base = self.dir.path().join(&name);
+        std::fs::create_dir_all(&base).expect("agent dir");
+        let config = json!({
+            "agent_id": name,
+            "server_address": self.url,
+            "job_queues": [queue],
+            "execution_basedir": base.join("run"),
+            "logging_basedir": base.join("logs"),
+            "results_basedir": base.join("results"),
+            "polling_interval": 1,
+            "setup_command": "echo setting up the device",
+            "test_command": test_command,
+        });
+        // JSON is YAML.
+        let path = base.join("agent.yaml");
+        std::fs::write(&path, config.to_string()).expect("agent config");
+        let log = std::fs::File::create(base.join("agent.log")).expect("agent log");
+        let child = Command::new(built_binary("testflinger-agent"))
+            .arg("-c")
+            .arg(&path)
+            .env("AMQP_URI", amqp_uri())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn testflinger-agent");
+        self.children.lock().expect("lock").push(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let resp = self.get(&format!("/v1/queues/{queue}/agents"));
+            if resp.status() == 200 {
+                let agents: Value = self
+                    .rt
+                    .block_on(async { resp.json().await })
+                    .expect("agents");
+                if agents
+                    .as_array()
+                    .is_some_and(|a| a.iter().any(|x| x["name"] == name.as_str()))
+                {
+                    return name;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "agent {name} did not register within 30 s: {}",
+                std::fs::read_to_string(base.join("agent.log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}

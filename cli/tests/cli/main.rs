@@ -7,6 +7,7 @@
 //! testflinger-cli`). Services: `AMQP_URI` (default `amqp://guest:guest@127.0.0.1:5672/%2f`)
 //! and `REDIS_URL` (default `redis://127.0.0.1:6379/`).
 
+mod agent;
 mod helpers;
 mod jobs;
 mod poll;
