@@ -1,0 +1,70 @@
+//! `testflinger-agent -c <config.yaml>`: runs one device agent until SIGTERM or SIGINT.
+//!
+//! Exits 2 on a bad command line, 1 on an unreadable or invalid config file (the
+//! message names the file and the key) or a malformed AMQP URI; 0 after a clean
+//! shutdown, in which a running job was finished or released to its queue.
+
+use clap::Parser;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use testflinger_agent::{Config, telemetry};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "testflinger-agent",
+    version,
+    about = "Testflinger device agent"
+)]
+struct Args {
+    /// The agent configuration file (YAML).
+    #[arg(short = 'c', long = "config", default_value = "testflinger-agent.conf")]
+    config: PathBuf,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let cfg = match Config::load(&args.config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("testflinger-agent: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    telemetry::init(&cfg);
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("testflinger-agent: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(testflinger_agent::run(cfg, shutdown_signal())) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("testflinger-agent: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

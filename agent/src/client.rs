@@ -1,0 +1,341 @@
+//! The agent's view of the Testflinger HTTP API: one method per call.
+//!
+//! Writes about a job carry the fencing token in [`TOKEN_HEADER`]; a 409 answer means
+//! the lease was lost and becomes [`ClientError::LeaseLost`], never retried. Server
+//! errors (5xx) and connection failures are retried with exponential back-off; other
+//! 4xx answers are the caller's to handle ([`ClientError::Rejected`]).
+
+use reqwest::{Method, RequestBuilder, Response, StatusCode};
+use serde::Serialize;
+use serde_json::{Value, json};
+use std::time::Duration;
+use testflinger_common::LogType;
+use testflinger_common::protocol::{
+    ClaimRequest, ClaimResponse, HeartbeatResponse, LeaseRequest, TOKEN_HEADER,
+};
+
+/// What went wrong with an API call, sorted by what the caller can do.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// 409: the job moved on (reaped, released, re-claimed). Stop working on it.
+    #[error("lease lost: {0}")]
+    LeaseLost(String),
+    /// Another 4xx: the request is wrong or not allowed; retrying will not help.
+    #[error("the API refused the request ({status}): {message}")]
+    Rejected { status: u16, message: String },
+    /// The API could not be reached or kept failing (5xx) after the retries. Retry later.
+    #[error("the API is unavailable: {0}")]
+    Unavailable(String),
+    /// The API answered something we cannot read.
+    #[error("unexpected answer from the API: {0}")]
+    Protocol(String),
+}
+
+/// One log fragment as `POST /v1/result/<id>/log/<type>` takes it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Fragment {
+    pub fragment_number: u64,
+    pub timestamp: String,
+    pub phase: testflinger_common::Phase,
+    pub log_data: String,
+}
+
+/// A cheap-to-clone API client for one agent.
+#[derive(Debug, Clone)]
+pub struct ApiClient {
+    http: reqwest::Client,
+    base: String,
+    agent_id: String,
+    attempts: u32,
+}
+
+impl ApiClient {
+    /// Builds a client for `base` (e.g. `http://127.0.0.1:8000`). Fails only when the
+    /// TLS stack cannot be initialised.
+    pub fn new(base: &str, agent_id: &str) -> Result<ApiClient, ClientError> {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(Duration::from_secs(60))
+            .build()
+            .map_err(|e| ClientError::Protocol(format!("cannot build HTTP client: {e}")))?;
+        Ok(ApiClient {
+            http,
+            base: base.trim_end_matches('/').to_string(),
+            agent_id: agent_id.to_string(),
+            attempts: 5,
+        })
+    }
+
+    pub fn agent_id(&self) -> &str {
+        &self.agent_id
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    /// Sends the request built by `build`, retrying connection errors and 5xx.
+    async fn send(&self, build: impl Fn() -> RequestBuilder) -> Result<Response, ClientError> {
+        let mut delay = Duration::from_millis(200);
+        let mut last = String::new();
+        for attempt in 0..self.attempts {
+            if attempt > 0 {
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+            match build().send().await {
+                Ok(r) if r.status().is_server_error() => {
+                    last = format!("{} {}", r.status(), message_of(r).await);
+                }
+                Ok(r) if r.status() == StatusCode::CONFLICT => {
+                    return Err(ClientError::LeaseLost(message_of(r).await));
+                }
+                Ok(r) => return Ok(r),
+                Err(e) if e.is_builder() => return Err(ClientError::Protocol(e.to_string())),
+                Err(e) => last = e.to_string(),
+            }
+            tracing::debug!(attempt, error = %last, "API call failed; retrying");
+        }
+        Err(ClientError::Unavailable(last))
+    }
+
+    /// Checks for success (any 2xx); other answers become `Rejected`.
+    async fn ok(r: Response) -> Result<Response, ClientError> {
+        if r.status().is_success() {
+            Ok(r)
+        } else {
+            let status = r.status().as_u16();
+            Err(ClientError::Rejected {
+                status,
+                message: message_of(r).await,
+            })
+        }
+    }
+
+    async fn json<T: serde::de::DeserializeOwned>(r: Response) -> Result<T, ClientError> {
+        r.json::<T>()
+            .await
+            .map_err(|e| ClientError::Protocol(e.to_string()))
+    }
+
+    fn post_json(&self, path: &str, body: &Value, token: Option<u64>) -> RequestBuilder {
+        let mut b = self.http.request(Method::POST, self.url(path)).json(body);
+        if let Some(t) = token {
+            b = b.header(TOKEN_HEADER, t.to_string());
+        }
+        b
+    }
+
+    /// `GET /v1/` answers below 500.
+    pub async fn ping(&self) -> Result<(), ClientError> {
+        let r = self.send(|| self.http.get(self.url("/v1/"))).await?;
+        Self::ok(r).await.map(|_| ())
+    }
+
+    /// `POST /v1/agents/data/<agent>`: registers or updates this agent's record.
+    pub async fn post_agent(&self, body: &Value) -> Result<(), ClientError> {
+        let path = format!("/v1/agents/data/{}", self.agent_id);
+        let r = self.send(|| self.post_json(&path, body, None)).await?;
+        Self::ok(r).await.map(|_| ())
+    }
+
+    /// `GET /v1/agents/data/<agent>`; `None` when the server does not know the agent.
+    pub async fn get_agent(&self) -> Result<Option<Value>, ClientError> {
+        let path = format!("/v1/agents/data/{}", self.agent_id);
+        let r = self.send(|| self.http.get(self.url(&path))).await?;
+        if r.status() == StatusCode::NOT_FOUND || r.status() == StatusCode::NO_CONTENT {
+            return Ok(None);
+        }
+        Self::json(Self::ok(r).await?).await.map(Some)
+    }
+
+    /// `POST /v1/agents/queues`
+    pub async fn post_queues(&self, queues: &Value) -> Result<(), ClientError> {
+        let r = self
+            .send(|| self.post_json("/v1/agents/queues", queues, None))
+            .await?;
+        Self::ok(r).await.map(|_| ())
+    }
+
+    /// `POST /v1/agents/images`
+    pub async fn post_images(&self, images: &Value) -> Result<(), ClientError> {
+        let r = self
+            .send(|| self.post_json("/v1/agents/images", images, None))
+            .await?;
+        Self::ok(r).await.map(|_| ())
+    }
+
+    /// `POST /v1/agents/provision_logs/<agent>`
+    pub async fn post_provision_log(
+        &self,
+        job_id: &str,
+        exit_code: i32,
+        detail: &str,
+    ) -> Result<(), ClientError> {
+        let path = format!("/v1/agents/provision_logs/{}", self.agent_id);
+        let body = json!({"job_id": job_id, "exit_code": exit_code, "detail": detail});
+        let r = self.send(|| self.post_json(&path, &body, None)).await?;
+        Self::ok(r).await.map(|_| ())
+    }
+
+    /// `POST /v1/job/<id>/claim`
+    pub async fn claim(&self, job_id: &str) -> Result<ClaimResponse, ClientError> {
+        let path = format!("/v1/job/{job_id}/claim");
+        let body = serde_json::to_value(ClaimRequest {
+            agent_id: self.agent_id.clone(),
+        })
+        .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        let r = self.send(|| self.post_json(&path, &body, None)).await?;
+        Self::json(Self::ok(r).await?).await
+    }
+
+    /// `POST /v1/job/<id>/heartbeat`; `LeaseLost` when the token is stale.
+    pub async fn heartbeat(
+        &self,
+        job_id: &str,
+        token: u64,
+    ) -> Result<HeartbeatResponse, ClientError> {
+        let path = format!("/v1/job/{job_id}/heartbeat");
+        let body = self.lease_body(token, None)?;
+        let r = self.send(|| self.post_json(&path, &body, None)).await?;
+        Self::json(Self::ok(r).await?).await
+    }
+
+    /// `POST /v1/job/<id>/release`: gives the job back so it is queued again.
+    pub async fn release(&self, job_id: &str, token: u64, reason: &str) -> Result<(), ClientError> {
+        let path = format!("/v1/job/{job_id}/release");
+        let body = self.lease_body(token, Some(reason.to_string()))?;
+        let r = self.send(|| self.post_json(&path, &body, None)).await?;
+        Self::ok(r).await.map(|_| ())
+    }
+
+    fn lease_body(&self, token: u64, reason: Option<String>) -> Result<Value, ClientError> {
+        serde_json::to_value(LeaseRequest {
+            agent_id: self.agent_id.clone(),
+            token,
+            reason,
+        })
+        .map_err(|e| ClientError::Protocol(e.to_string()))
+    }
+
+    /// `POST /v1/job` with a raw body; returns the job id the API assigned.
+    pub async fn submit_job(&self, body: &[u8]) -> Result<String, ClientError> {
+        let body = body.to_vec();
+        let r = self
+            .send(|| {
+                self.http
+                    .post(self.url("/v1/job"))
+                    .header("content-type", "application/json")
+                    .body(body.clone())
+            })
+            .await?;
+        let v: Value = Self::json(Self::ok(r).await?).await?;
+        v.get("job_id")
+            .and_then(Value::as_str)
+            .map(str::to_string)
+            .ok_or_else(|| ClientError::Protocol("no job_id in the answer".into()))
+    }
+
+    /// `GET /v1/result/<id>`; `None` for an unknown job (204).
+    pub async fn get_result(&self, job_id: &str) -> Result<Option<Value>, ClientError> {
+        let path = format!("/v1/result/{job_id}");
+        let r = self.send(|| self.http.get(self.url(&path))).await?;
+        if r.status() == StatusCode::NO_CONTENT {
+            return Ok(None);
+        }
+        Self::json(Self::ok(r).await?).await.map(Some)
+    }
+
+    /// The `job_state` of a job, if it is known.
+    pub async fn job_state(&self, job_id: &str) -> Result<Option<String>, ClientError> {
+        Ok(self.get_result(job_id).await?.and_then(|v| {
+            v.get("job_state")
+                .and_then(Value::as_str)
+                .map(str::to_string)
+        }))
+    }
+
+    /// `POST /v1/result/<id>` (job_state, status, device_info) with the fencing token.
+    pub async fn post_result(
+        &self,
+        job_id: &str,
+        token: u64,
+        body: &Value,
+    ) -> Result<(), ClientError> {
+        let path = format!("/v1/result/{job_id}");
+        let r = self
+            .send(|| self.post_json(&path, body, Some(token)))
+            .await?;
+        Self::ok(r).await.map(|_| ())
+    }
+
+    /// `POST /v1/result/<id>/log/<type>` with the fencing token.
+    pub async fn post_log(
+        &self,
+        job_id: &str,
+        token: u64,
+        log_type: LogType,
+        fragment: &Fragment,
+    ) -> Result<(), ClientError> {
+        let path = format!("/v1/result/{job_id}/log/{log_type}");
+        let body =
+            serde_json::to_value(fragment).map_err(|e| ClientError::Protocol(e.to_string()))?;
+        let r = self
+            .send(|| self.post_json(&path, &body, Some(token)))
+            .await?;
+        Self::ok(r).await.map(|_| ())
+    }
+
+    /// `POST /v1/result/<id>/artifact`: multipart field `file`, a gzip tar.
+    pub async fn post_artifact(
+        &self,
+        job_id: &str,
+        token: u64,
+        tarball: Vec<u8>,
+    ) -> Result<(), ClientError> {
+        let path = format!("/v1/result/{job_id}/artifact");
+        let r = self
+            .send(|| {
+                let part = reqwest::multipart::Part::bytes(tarball.clone())
+                    .file_name("file")
+                    .mime_str("application/x-gzip")
+                    .unwrap_or_else(|_| reqwest::multipart::Part::bytes(tarball.clone()));
+                let form = reqwest::multipart::Form::new().part("file", part);
+                self.http
+                    .post(self.url(&path))
+                    .header(TOKEN_HEADER, token.to_string())
+                    .multipart(form)
+            })
+            .await?;
+        Self::ok(r).await.map(|_| ())
+    }
+
+    /// `GET /v1/job/<id>/attachments`; `None` when there are none (204).
+    pub async fn get_attachments(&self, job_id: &str) -> Result<Option<Vec<u8>>, ClientError> {
+        let path = format!("/v1/job/{job_id}/attachments");
+        let r = self.send(|| self.http.get(self.url(&path))).await?;
+        if r.status() == StatusCode::NO_CONTENT {
+            return Ok(None);
+        }
+        let r = Self::ok(r).await?;
+        let bytes = r
+            .bytes()
+            .await
+            .map_err(|e| ClientError::Unavailable(e.to_string()))?;
+        Ok(Some(bytes.to_vec()))
+    }
+}
+
+/// The human message of an error answer: the JSON `message`, else the text.
+async fn message_of(r: Response) -> String {
+    let text = r.text().await.unwrap_or_default();
+    match serde_json::from_str::<Value>(&text) {
+        Ok(v) => match v.get("message") {
+            Some(Value::String(s)) => s.clone(),
+            Some(other) => other.to_string(),
+            None => text.trim().to_string(),
+        },
+        Err(_) => text.trim().to_string(),
+    }
+}

@@ -1,0 +1,594 @@
+//! The agent's life: register, consume the job queues (one channel, prefetch 1 shared),
+//! claim each delivery through the API, run what is granted with a heartbeat, honour
+//! the operator's offline/maintenance, listen for cancels on the control queue, and
+//! shut down without dropping a job.
+
+use crate::client::{ApiClient, ClientError};
+use crate::config::Config;
+use crate::runner::{self, ClaimedJob, JobEnd, JobSignals};
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use testflinger_broker::{Broker, BrokerConfig, Consumer, Incoming, OutgoingMessage};
+use testflinger_common::AgentState;
+use testflinger_common::protocol::{ClaimOutcome, ControlCommand};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+/// The job being run, so the control queue can cancel it.
+type Current = Arc<Mutex<Option<(String, CancellationToken)>>>;
+
+/// Runs the agent until `shutdown` resolves. A job running then may go on for the
+/// configured grace; after it, the job is killed and released to its queue.
+///
+/// Fails when the broker settings are malformed; the API and the broker being down
+/// are waited out.
+pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let stop = CancellationToken::new();
+    let stopper = stop.clone();
+    let agent = Agent::new(Arc::new(cfg), stop.clone())?;
+    let main = agent.main_loop();
+    tokio::pin!(main);
+    tokio::select! {
+        r = &mut main => return r,
+        _ = shutdown => {
+            tracing::info!("shutdown requested");
+            stopper.cancel();
+        }
+    }
+    main.await
+}
+
+struct Agent {
+    cfg: Arc<Config>,
+    client: ApiClient,
+    broker: Broker,
+    stop: CancellationToken,
+    current: Current,
+    recheck: Arc<Notify>,
+}
+
+impl Agent {
+    fn new(cfg: Arc<Config>, stop: CancellationToken) -> anyhow::Result<Agent> {
+        let client = ApiClient::new(&cfg.server_address, &cfg.agent_id)?;
+        let broker = Broker::new(BrokerConfig::new(cfg.amqp_uri()))?;
+        Ok(Agent {
+            cfg,
+            client,
+            broker,
+            stop,
+            current: Arc::new(Mutex::new(None)),
+            recheck: Arc::new(Notify::new()),
+        })
+    }
+
+    async fn main_loop(&self) -> anyhow::Result<()> {
+        if !self.register().await {
+            return Ok(());
+        }
+        let control = tokio::spawn(control_loop(
+            self.broker.clone(),
+            self.cfg.agent_id.clone(),
+            self.current.clone(),
+            self.recheck.clone(),
+            self.stop.clone(),
+        ));
+        let r = self.consume_loop().await;
+        control.abort();
+        r
+    }
+
+    /// Waits for the API, then registers. Keeps an operator's offline or maintenance
+    /// (upstream's restart clears it). `false` when shut down first.
+    async fn register(&self) -> bool {
+        let mut delay = Duration::from_millis(500);
+        loop {
+            match self.try_register().await {
+                Ok(()) => return true,
+                Err(e) => tracing::warn!(error = %e, "cannot register with the API; retrying"),
+            }
+            if self.pause(delay).await {
+                return false;
+            }
+            delay = (delay * 2).min(Duration::from_secs(30));
+        }
+    }
+
+    async fn try_register(&self) -> Result<(), ClientError> {
+        let c = &self.cfg;
+        let held = self
+            .client
+            .get_agent()
+            .await?
+            .and_then(|a| a.get("state").and_then(Value::as_str).map(str::to_string))
+            .filter(|s| s.parse::<AgentState>().is_ok_and(|s| s.blocks_jobs()));
+        let mut body = json!({
+            "queues": c.job_queues,
+            "location": c.location.clone().unwrap_or_default(),
+            "provision_type": c.provision_type.clone().unwrap_or_default(),
+            "job_id": "",
+        });
+        if let Some(id) = &c.identifier {
+            body["identifier"] = json!(id);
+        }
+        match &held {
+            Some(state) => tracing::warn!(%state, "the agent is held by an operator; keeping it"),
+            None => {
+                body["state"] = json!("waiting");
+                body["comment"] = json!("");
+            }
+        }
+        self.client.post_agent(&body).await?;
+        self.advertise().await?;
+        tracing::info!(agent = %c.agent_id, queues = ?c.job_queues, "registered");
+        Ok(())
+    }
+
+    async fn advertise(&self) -> Result<(), ClientError> {
+        if !self.cfg.advertised_queues.is_empty() {
+            self.client
+                .post_queues(&json!(self.cfg.advertised_queues))
+                .await?;
+        }
+        if !self.cfg.advertised_images.is_empty() {
+            self.client
+                .post_images(&json!(self.cfg.advertised_images))
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Sleeps, or returns `true` early when the agent shuts down.
+    async fn pause(&self, d: Duration) -> bool {
+        tokio::select! {
+            _ = self.stop.cancelled() => true,
+            _ = tokio::time::sleep(d) => self.stop.is_cancelled(),
+        }
+    }
+
+    /// Whether an operator (or a recovery failure) holds the agent.
+    async fn held(&self) -> Result<bool, ClientError> {
+        Ok(self
+            .client
+            .get_agent()
+            .await?
+            .and_then(|a| a.get("state").and_then(Value::as_str).map(str::to_string))
+            .and_then(|s| s.parse::<AgentState>().ok())
+            .is_some_and(|s| s.blocks_jobs()))
+    }
+
+    async fn consume_loop(&self) -> anyhow::Result<()> {
+        let mut consumer: Option<Consumer> = None;
+        let mut broker_delay = Duration::from_millis(200);
+        let mut paused = false;
+        while !self.stop.is_cancelled() {
+            match self.held().await {
+                Ok(true) => {
+                    if let Some(c) = consumer.take() {
+                        c.close().await;
+                    }
+                    if !paused {
+                        tracing::info!("agent is offline or in maintenance: not taking jobs");
+                        paused = true;
+                    }
+                    self.wait_for_recheck().await;
+                    continue;
+                }
+                Ok(false) => {
+                    if paused {
+                        tracing::info!("agent is back: taking jobs again");
+                        paused = false;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read the agent's state");
+                    if let Some(c) = consumer.take() {
+                        c.close().await;
+                    }
+                    self.wait_for_recheck().await;
+                    continue;
+                }
+            }
+            let c = match consumer.as_mut() {
+                Some(c) => c,
+                None => {
+                    let tag = format!("agent-{}", self.cfg.agent_id);
+                    match self.broker.consume(&self.cfg.job_queues, 1, &tag).await {
+                        Ok(c) => {
+                            broker_delay = Duration::from_millis(200);
+                            consumer.insert(c)
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "cannot consume the job queues; retrying");
+                            if self.pause(broker_delay).await {
+                                break;
+                            }
+                            broker_delay = (broker_delay * 2).min(Duration::from_secs(10));
+                            continue;
+                        }
+                    }
+                }
+            };
+            let next = tokio::select! {
+                _ = self.stop.cancelled() => break,
+                _ = self.recheck.notified() => continue,
+                _ = tokio::time::sleep(self.cfg.polling_interval()) => continue,
+                m = c.next() => m,
+            };
+            match next {
+                Some(Ok(msg)) => {
+                    // Nothing more is delivered to us while we decide and run: the channel
+                    // goes after the answer, so a prefetched message goes back at once.
+                    self.handle(msg, &mut consumer).await;
+                }
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, "consumer failed; consuming again");
+                    consumer = None;
+                }
+                None => {
+                    tracing::warn!("consumer channel closed; consuming again");
+                    consumer = None;
+                }
+            }
+        }
+        if let Some(c) = consumer.take() {
+            c.close().await;
+        }
+        tracing::info!("agent stopped");
+        Ok(())
+    }
+
+    async fn wait_for_recheck(&self) {
+        tokio::select! {
+            _ = self.stop.cancelled() => {}
+            _ = self.recheck.notified() => {}
+            _ = tokio::time::sleep(self.cfg.polling_interval()) => {}
+        }
+    }
+
+    /// One delivery: claim it, ack after the answer, run it when granted.
+    async fn handle(&self, msg: Incoming, consumer: &mut Option<Consumer>) {
+        let job_id = job_id_of(&msg);
+        let span = tracing::info_span!("delivery", job.id = %job_id, job.queue = %msg.routing_key);
+        self.handle_in_span(msg, job_id, consumer)
+            .instrument(span)
+            .await
+    }
+
+    async fn handle_in_span(&self, msg: Incoming, job_id: String, consumer: &mut Option<Consumer>) {
+        let mut registered = false;
+        loop {
+            let claim = match self.client.claim(&job_id).await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(job.id = %job_id, error = %e, "claim failed; giving the delivery back");
+                    settle(msg.requeue().await);
+                    self.close(consumer).await;
+                    self.pause(Duration::from_secs(1)).await;
+                    return;
+                }
+            };
+            match claim.outcome {
+                ClaimOutcome::Granted => {
+                    settle(msg.ack().await);
+                    self.close(consumer).await;
+                    let job = ClaimedJob {
+                        id: job_id.clone(),
+                        queue: msg.routing_key.clone(),
+                        token: claim.token.unwrap_or_default(),
+                        attempt: claim.attempt.unwrap_or(1),
+                        lease_ttl: claim.lease_ttl.unwrap_or(30),
+                        def: claim.job.unwrap_or_else(|| json!({})),
+                    };
+                    self.run_claimed(job).await;
+                    return;
+                }
+                ClaimOutcome::Cancelled | ClaimOutcome::Owned | ClaimOutcome::Finished => {
+                    tracing::info!(job.id = %job_id, outcome = ?claim.outcome, "not ours to run; dropping the delivery");
+                    settle(msg.ack().await);
+                    return;
+                }
+                ClaimOutcome::Excluded => {
+                    tracing::info!(job.id = %job_id, "this agent is excluded; giving the job back");
+                    settle(msg.requeue().await);
+                    // Step away so another agent's consumer gets it.
+                    self.close(consumer).await;
+                    self.pause(self.cfg.polling_interval().max(Duration::from_secs(1)))
+                        .await;
+                    return;
+                }
+                ClaimOutcome::Unknown if !registered => {
+                    match self.register_raw(&msg, &job_id).await {
+                        RawOutcome::Registered => {
+                            registered = true;
+                            continue;
+                        }
+                        RawOutcome::DeadLettered => {
+                            settle(msg.ack().await);
+                            return;
+                        }
+                        RawOutcome::Retry => {
+                            settle(msg.requeue().await);
+                            self.close(consumer).await;
+                            self.pause(Duration::from_secs(1)).await;
+                            return;
+                        }
+                    }
+                }
+                ClaimOutcome::Unknown => {
+                    tracing::warn!(job.id = %job_id, "job still unknown after registering it; giving it back");
+                    settle(msg.requeue().await);
+                    self.close(consumer).await;
+                    self.pause(Duration::from_secs(1)).await;
+                    return;
+                }
+            }
+        }
+    }
+
+    async fn close(&self, consumer: &mut Option<Consumer>) {
+        if let Some(c) = consumer.take() {
+            c.close().await;
+        }
+    }
+
+    /// A raw-published job: register it through the API (same validation as a
+    /// submission). An invalid one goes to `testflinger.dead` with the reason.
+    async fn register_raw(&self, msg: &Incoming, job_id: &str) -> RawOutcome {
+        let body = match serde_json::from_slice::<Value>(&msg.body) {
+            Ok(Value::Object(mut o)) => {
+                o.insert("job_id".into(), json!(job_id));
+                serde_json::to_vec(&Value::Object(o)).unwrap_or_else(|_| msg.body.clone())
+            }
+            _ => msg.body.clone(),
+        };
+        match self.client.submit_job(&body).await {
+            Ok(id) => {
+                tracing::info!(job.id = %id, "registered a raw-published job");
+                RawOutcome::Registered
+            }
+            Err(ClientError::Rejected { status, message }) => {
+                tracing::warn!(job.id = %job_id, status, %message, "raw-published job is invalid; dead-lettering it");
+                let r = self
+                    .broker
+                    .publish(OutgoingMessage {
+                        exchange: "",
+                        routing_key: testflinger_broker::topology::DEAD_QUEUE,
+                        body: &msg.body,
+                        message_id: msg.message_id.as_deref(),
+                        content_type: Some("application/json"),
+                        persistent: true,
+                        headers: vec![("x-rejection-reason", message)],
+                        ..OutgoingMessage::default()
+                    })
+                    .await;
+                match r {
+                    Ok(()) => RawOutcome::DeadLettered,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot dead-letter the job; retrying later");
+                        RawOutcome::Retry
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot register the raw-published job; retrying later");
+                RawOutcome::Retry
+            }
+        }
+    }
+
+    /// Runs a granted job with its heartbeat; on shutdown, lets it finish within the
+    /// grace and then releases it.
+    async fn run_claimed(&self, job: ClaimedJob) {
+        let signals = JobSignals::default();
+        if let Ok(mut c) = self.current.lock() {
+            *c = Some((job.id.clone(), signals.cancel.clone()));
+        }
+        let heartbeat = tokio::spawn(heartbeat_loop(
+            self.client.clone(),
+            job.id.clone(),
+            job.token,
+            job.lease_ttl,
+            signals.clone(),
+        ));
+        let fut = runner::run_job(
+            self.cfg.clone(),
+            self.client.clone(),
+            job.clone(),
+            signals.clone(),
+        );
+        tokio::pin!(fut);
+        let report = tokio::select! {
+            r = &mut fut => r,
+            _ = self.stop.cancelled() => {
+                let grace = self.cfg.shutdown_grace();
+                tracing::info!(job.id = %job.id, grace_s = grace.as_secs_f64(), "shutting down: the running job may finish within the grace");
+                tokio::select! {
+                    r = &mut fut => r,
+                    _ = tokio::time::sleep(grace) => {
+                        tracing::warn!(job.id = %job.id, "grace over: stopping and releasing the job");
+                        signals.abort.cancel();
+                        fut.await
+                    }
+                }
+            }
+        };
+        heartbeat.abort();
+        if let Ok(mut c) = self.current.lock() {
+            *c = None;
+        }
+        match report {
+            Ok(r) => {
+                match r.end {
+                    JobEnd::Finished => tracing::info!(job.id = %job.id, "job finished"),
+                    JobEnd::Released => tracing::info!(job.id = %job.id, "job released"),
+                    JobEnd::LeaseLost => {
+                        tracing::warn!(job.id = %job.id, "lease lost; the job belongs to someone else now")
+                    }
+                }
+                if r.hold.is_some() {
+                    self.recheck.notify_one();
+                }
+            }
+            Err(e) => {
+                tracing::error!(job.id = %job.id, error = ?e, "cannot run the job; releasing it");
+                if let Err(e) = self
+                    .client
+                    .release(&job.id, job.token, &format!("agent error: {e}"))
+                    .await
+                {
+                    tracing::error!(job.id = %job.id, error = %e, "release failed; the reaper will requeue it");
+                }
+            }
+        }
+    }
+}
+
+enum RawOutcome {
+    Registered,
+    DeadLettered,
+    Retry,
+}
+
+fn settle(r: Result<(), testflinger_broker::BrokerError>) {
+    if let Err(e) = r {
+        tracing::warn!(error = %e, "cannot settle the delivery; the broker will redeliver it");
+    }
+}
+
+/// The job id of a delivery: the AMQP `message_id` when it is a UUID, else the body's
+/// `job_id`, else a UUID derived from the body bytes (a redelivery maps to the same).
+pub fn job_id_of(msg: &Incoming) -> String {
+    job_id_from(msg.message_id.as_deref(), &msg.body)
+}
+
+/// See [`job_id_of`].
+pub fn job_id_from(message_id: Option<&str>, body: &[u8]) -> String {
+    if let Some(id) = message_id
+        && let Ok(u) = uuid::Uuid::parse_str(id.trim())
+    {
+        return u.to_string();
+    }
+    if let Ok(Value::Object(o)) = serde_json::from_slice::<Value>(body)
+        && let Some(Value::String(id)) = o.get("job_id")
+    {
+        return id.clone();
+    }
+    let digest = Sha256::digest(body);
+    let mut bytes = [0u8; 16];
+    bytes.copy_from_slice(&digest[..16]);
+    uuid::Builder::from_random_bytes(bytes)
+        .into_uuid()
+        .to_string()
+}
+
+/// Renews the lease every third of its length; a cancel in the answer reaches the
+/// running phase, a 409 marks the lease lost.
+async fn heartbeat_loop(
+    client: ApiClient,
+    job_id: String,
+    token: u64,
+    lease_ttl: u64,
+    signals: JobSignals,
+) {
+    let mut every = Duration::from_millis(lease_ttl.max(1) * 1000 / 3);
+    loop {
+        tokio::time::sleep(every).await;
+        match client.heartbeat(&job_id, token).await {
+            Ok(r) => {
+                if r.cancel_requested && !signals.cancel.is_cancelled() {
+                    tracing::info!(job.id = %job_id, "heartbeat: the job was cancelled");
+                    signals.cancel.cancel();
+                }
+                every = Duration::from_millis(r.lease_ttl.max(1) * 1000 / 3);
+            }
+            Err(ClientError::LeaseLost(m)) => {
+                tracing::warn!(job.id = %job_id, message = %m, "heartbeat: lease lost");
+                signals.lost.cancel();
+                return;
+            }
+            Err(e) => tracing::warn!(job.id = %job_id, error = %e, "heartbeat failed"),
+        }
+    }
+}
+
+/// Consumes this agent's control queue (reconnecting as needed): cancels reach the
+/// running job at once, state changes trigger an immediate re-check.
+async fn control_loop(
+    broker: Broker,
+    agent_id: String,
+    current: Current,
+    recheck: Arc<Notify>,
+    stop: CancellationToken,
+) {
+    let mut delay = Duration::from_millis(200);
+    while !stop.is_cancelled() {
+        let mut consumer = match broker.consume_control(&agent_id).await {
+            Ok(c) => {
+                delay = Duration::from_millis(200);
+                c
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot consume the control queue; retrying");
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+                delay = (delay * 2).min(Duration::from_secs(10));
+                continue;
+            }
+        };
+        loop {
+            let msg = tokio::select! {
+                _ = stop.cancelled() => {
+                    consumer.close().await;
+                    return;
+                }
+                m = consumer.next() => m,
+            };
+            let Some(Ok(msg)) = msg else { break };
+            match serde_json::from_slice::<ControlCommand>(&msg.body) {
+                Ok(ControlCommand::Cancel { job_id }) => {
+                    let token = current.lock().ok().and_then(|c| {
+                        c.as_ref()
+                            .filter(|(id, _)| *id == job_id)
+                            .map(|(_, t)| t.clone())
+                    });
+                    if let Some(t) = token {
+                        tracing::info!(job.id = %job_id, "control: cancel");
+                        t.cancel();
+                    }
+                }
+                Ok(ControlCommand::SetState { state }) => {
+                    tracing::info!(%state, "control: state changed");
+                    recheck.notify_one();
+                }
+                Err(e) => tracing::warn!(error = %e, "unreadable control command"),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::job_id_from;
+
+    #[test]
+    fn job_id_rules() {
+        let id = "0b6a4f5e-8a53-4b4e-9d59-0a1b2c3d4e5f";
+        assert_eq!(job_id_from(Some(id), b"{}"), id);
+        assert_eq!(
+            job_id_from(Some("not-a-uuid"), br#"{"job_id": "abc"}"#),
+            "abc"
+        );
+        let a = job_id_from(None, br#"{"job_queue": "q"}"#);
+        let b = job_id_from(None, br#"{"job_queue": "q"}"#);
+        let c = job_id_from(None, br#"{"job_queue": "r"}"#);
+        assert_eq!(a, b);
+        assert_ne!(a, c);
+        assert!(uuid::Uuid::parse_str(&a).is_ok());
+    }
+}

@@ -1,0 +1,25 @@
+//! The tracing subscriber: `RUST_LOG` wins over the config's `logging_level`;
+//! `logging_quiet` keeps only warnings and errors.
+
+use crate::config::Config;
+use tracing_subscriber::EnvFilter;
+
+/// Installs the global subscriber (stderr). Calling it twice is harmless.
+pub fn init(cfg: &Config) {
+    let level = if cfg.logging_quiet {
+        "warn".to_string()
+    } else {
+        match cfg.logging_level.to_ascii_lowercase().as_str() {
+            "critical" | "fatal" => "error".to_string(),
+            "warning" => "warn".to_string(),
+            other => other.to_string(),
+        }
+    };
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(&level))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}

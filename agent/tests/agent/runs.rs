@@ -1,0 +1,255 @@
+//! Jobs that run: phase order, streaming, failure rules, artifacts, attachments.
+
+use crate::lab::TestLab;
+use flate2::Compression;
+use flate2::read::GzDecoder;
+use flate2::write::GzEncoder;
+use serde_json::json;
+use std::io::Read;
+use std::time::{Duration, Instant};
+
+const LONG: Duration = Duration::from_secs(30);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_job_runs_all_phases_in_order() {
+    let mut lab = TestLab::start("order").await;
+    let order = lab.path("order.txt");
+    let logs = lab.path("phase-logs");
+    std::fs::create_dir_all(&logs).expect("dir");
+    let step = |p: &str| format!("echo {p} >> {}; echo {p}-ran", order.display());
+    lab.spawn_agent(
+        "dev-order",
+        json!({
+            "setup_command": format!("{}; echo agent=$agent_id type=$provision_type", step("setup")),
+            "provision_command": step("provision"),
+            "firmware_update_command": step("firmware_update"),
+            "test_command": format!("{}; test -f testflinger.json && echo has-job-file; echo to-stderr >&2", step("test")),
+            "allocate_command": step("allocate"),
+            "reserve_command": step("reserve"),
+            "cleanup_command": format!("{}; cp *.log {}/", step("cleanup"), logs.display()),
+        }),
+    );
+    let id = lab
+        .submit(json!({
+            "provision_data": {"url": "http://example.invalid/image"},
+            "firmware_update_data": {"version": "latest"},
+            "test_data": {"test_cmds": "run"},
+            "reserve_data": {"ssh_keys": ["lp:someone"], "timeout": 60},
+        }))
+        .await;
+    let r = lab.wait_complete(&id, LONG).await;
+    let ran = std::fs::read_to_string(&order).expect("order file");
+    assert_eq!(
+        ran.lines().collect::<Vec<_>>(),
+        [
+            "setup",
+            "provision",
+            "firmware_update",
+            "test",
+            "reserve",
+            "cleanup"
+        ],
+        "allocate has no data and is skipped; the rest run in order"
+    );
+    for p in [
+        "setup",
+        "provision",
+        "firmware_update",
+        "test",
+        "reserve",
+        "cleanup",
+    ] {
+        assert_eq!(r[format!("{p}_status")], 0, "{p}: {r}");
+        let out = r[format!("{p}_output")].as_str().unwrap_or_default();
+        assert!(out.contains(&format!("{p}-ran")), "{p} output: {out}");
+        assert!(out.contains(&format!("Starting testflinger {p} phase on dev-order")));
+    }
+    assert!(r.get("allocate_status").is_none(), "{r}");
+    let setup = r["setup_output"].as_str().unwrap_or_default();
+    assert!(
+        setup.contains("agent=dev-order type=fake"),
+        "config values in env: {setup}"
+    );
+    let test = r["test_output"].as_str().unwrap_or_default();
+    assert!(
+        test.contains("has-job-file") && test.contains("to-stderr"),
+        "{test}"
+    );
+    let test_log = std::fs::read_to_string(logs.join("test.log")).expect("test.log");
+    assert!(test_log.contains("test-ran"), "{test_log}");
+    let a = lab.wait_agent_idle("dev-order", LONG).await;
+    assert_eq!(a["state"], "waiting", "{a}");
+    assert_eq!(a["queues"], json!([lab.queue]), "{a}");
+    assert_eq!(a["location"], "lab");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn output_streams_while_the_test_phase_runs() {
+    let mut lab = TestLab::start("stream").await;
+    let gate = lab.path("gate");
+    lab.spawn_agent(
+        "dev-stream",
+        json!({
+            "test_command": format!(
+                "echo first-line; while [ ! -f {} ]; do sleep 0.05; done; echo last-line",
+                gate.display()
+            ),
+        }),
+    );
+    let id = lab.submit(json!({"test_data": {"test_cmds": "x"}})).await;
+    lab.wait_result(&id, "test phase running", LONG, |r| {
+        r["job_state"] == "test"
+    })
+    .await;
+    let t0 = Instant::now();
+    let r = lab
+        .wait_result(&id, "first line streamed", Duration::from_secs(3), |r| {
+            r["test_output"]
+                .as_str()
+                .is_some_and(|o| o.contains("first-line"))
+        })
+        .await;
+    assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
+    assert_eq!(r["job_state"], "test", "still running: {r}");
+    assert!(
+        !r["test_output"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("last-line")
+    );
+    std::fs::write(&gate, b"").expect("gate");
+    let r = lab.wait_complete(&id, LONG).await;
+    assert!(
+        r["test_output"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("last-line")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_failure_goes_on_but_provision_failure_skips_to_cleanup() {
+    let mut lab = TestLab::start("fail").await;
+    lab.spawn_agent(
+        "dev-fail",
+        json!({
+            "provision_command": "if grep -q fail-provision testflinger.json; then echo prov-broken; exit 3; fi; echo prov-ok",
+            "test_command": "echo tests-failing; exit 1",
+            "reserve_command": "echo reserved",
+            "cleanup_command": "echo cleaned",
+        }),
+    );
+    let job = |marker: &str| {
+        json!({
+            "provision_data": {"url": marker},
+            "test_data": {"test_cmds": "x"},
+            "reserve_data": {"timeout": 60},
+        })
+    };
+    let a = lab.submit(job("fine")).await;
+    let r = lab.wait_complete(&a, LONG).await;
+    assert_eq!(r["provision_status"], 0, "{r}");
+    assert_eq!(r["test_status"], 1, "{r}");
+    assert_eq!(
+        r["reserve_status"], 0,
+        "a test failure does not stop the job: {r}"
+    );
+    assert_eq!(r["cleanup_status"], 0, "{r}");
+
+    let b = lab.submit(job("fail-provision")).await;
+    let r = lab.wait_complete(&b, LONG).await;
+    assert_eq!(r["provision_status"], 3, "{r}");
+    assert!(r.get("test_status").is_none(), "test must be skipped: {r}");
+    assert!(
+        r.get("reserve_status").is_none(),
+        "reserve must be skipped: {r}"
+    );
+    assert_eq!(r["cleanup_status"], 0, "cleanup always runs: {r}");
+    assert!(
+        r["cleanup_output"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("cleaned")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn artifacts_round_trip() {
+    let mut lab = TestLab::start("artifacts").await;
+    lab.spawn_agent(
+        "dev-art",
+        json!({
+            "test_command": "mkdir -p artifacts/sub && echo payload > artifacts/result.txt && echo deep > artifacts/sub/x.txt",
+        }),
+    );
+    let id = lab.submit(json!({"test_data": {"test_cmds": "x"}})).await;
+    lab.wait_complete(&id, LONG).await;
+    let gz = lab.artifact(&id).await.expect("artifact uploaded");
+    let mut archive = tar::Archive::new(GzDecoder::new(&gz[..]));
+    let mut files = std::collections::BTreeMap::new();
+    for e in archive.entries().expect("entries") {
+        let mut e = e.expect("entry");
+        let name = e.path().expect("path").display().to_string();
+        assert!(
+            name.starts_with("artifacts"),
+            "top entry must be artifacts/: {name}"
+        );
+        let mut s = String::new();
+        if e.header().entry_type().is_file() {
+            e.read_to_string(&mut s).expect("read");
+            files.insert(name, s);
+        }
+    }
+    assert_eq!(
+        files.get("artifacts/result.txt").map(String::as_str),
+        Some("payload\n")
+    );
+    assert_eq!(
+        files.get("artifacts/sub/x.txt").map(String::as_str),
+        Some("deep\n")
+    );
+}
+
+fn attachments_tarball(entries: &[(&str, &[u8])]) -> Vec<u8> {
+    let enc = GzEncoder::new(Vec::new(), Compression::default());
+    let mut b = tar::Builder::new(enc);
+    for (name, data) in entries {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        b.append_data(&mut h, name, *data).expect("append");
+    }
+    b.into_inner().expect("tar").finish().expect("gz")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attachments_are_fetched_and_extracted() {
+    let mut lab = TestLab::start("attach").await;
+    lab.spawn_agent(
+        "dev-attach",
+        json!({
+            "test_command": "cat attachments/test/data/input.txt; grep -c attachments testflinger.json || true",
+        }),
+    );
+    let id = lab
+        .submit(
+            json!({"test_data": {"test_cmds": "x", "attachments": [{"agent": "data/input.txt"}]}}),
+        )
+        .await;
+    let gz = attachments_tarball(&[("test/data/input.txt", b"attached-content\n")]);
+    let form = reqwest::multipart::Form::new().part(
+        "file",
+        reqwest::multipart::Part::bytes(gz).file_name("attachments.tar.gz"),
+    );
+    let r = lab
+        .http
+        .post(format!("{}/v1/job/{id}/attachments", lab.base))
+        .multipart(form)
+        .send()
+        .await
+        .expect("upload");
+    assert!(r.status().is_success(), "upload: {}", r.status());
+    let r = lab.wait_complete(&id, LONG).await;
+    let out = r["test_output"].as_str().unwrap_or_default();
+    assert!(out.contains("attached-content"), "{out}");
+}
