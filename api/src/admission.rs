@@ -1,4 +1,4 @@
-//! Admission of jobs published to `testflinger.submit` (see README "Publishing jobs to
+//! Admission of jobs published to `testflinger.submit` (`TESTFLINGER_SUBMIT_QUEUE`) (see README "Publishing jobs to
 //! RabbitMQ"). Every API replica consumes the queue (competing consumers); each message
 //! goes through [`crate::submit::admit`], exactly like `POST /v1/job`.
 
@@ -6,7 +6,7 @@ use crate::error::ApiError;
 use crate::state::AppState;
 use serde_json::{Value, json};
 use std::time::Duration;
-use testflinger_broker::topology::{REJECTED_QUEUE, SUBMIT_QUEUE};
+use testflinger_broker::topology::REJECTED_QUEUE;
 use testflinger_broker::{Incoming, OutgoingMessage};
 use testflinger_common::JobId;
 
@@ -16,7 +16,7 @@ pub async fn run(app: AppState) {
     loop {
         match app
             .broker
-            .consume_shared(SUBMIT_QUEUE, 32, "admission")
+            .consume_shared(&app.settings.submit_queue, 32, "admission")
             .await
         {
             Ok(mut consumer) => {

@@ -16,7 +16,8 @@
 //! | `TESTFLINGER_QUEUE_TYPE` | `classic` | `classic` or `quorum` job queues |
 //! | `TESTFLINGER_REAPER_INTERVAL_MS` | `1000` | how often expired leases are looked for |
 //! | `TESTFLINGER_EVENTS` | `true` | publish job events to `testflinger.events` |
-//! | `TESTFLINGER_SUBMIT_CONSUMER` | `true` | admit jobs published to `testflinger.submit` |
+//! | `TESTFLINGER_SUBMIT_CONSUMER` | `true` | admit jobs published to the submit queue |
+//! | `TESTFLINGER_SUBMIT_QUEUE` | `testflinger.submit` | the broker-native submission queue |
 //! | `TESTFLINGER_WEBHOOK_ALLOWED_HOSTS` | empty | comma-separated hosts `job_status_webhook` may name |
 //! | `TESTFLINGER_LOG_FORMAT` | `text` | `text` or `json` |
 
@@ -40,6 +41,7 @@ pub struct Settings {
     pub reaper_interval_ms: u64,
     pub events: bool,
     pub submit_consumer: bool,
+    pub submit_queue: String,
     pub webhook_allowed_hosts: String,
     pub log_format: String,
 }
@@ -67,6 +69,7 @@ impl Settings {
             .set_default("reaper_interval_ms", 1000)?
             .set_default("events", true)?
             .set_default("submit_consumer", true)?
+            .set_default("submit_queue", testflinger_broker::topology::SUBMIT_QUEUE)?
             .set_default("webhook_allowed_hosts", "")?
             .set_default("log_format", "text")?;
         if let Ok(path) = std::env::var("TESTFLINGER_CONFIG") {
@@ -106,6 +109,9 @@ impl Settings {
         if self.redis_prefix.is_empty() || self.redis_prefix.contains(char::is_whitespace) {
             return Err("TESTFLINGER_REDIS_PREFIX must be non-empty without spaces".into());
         }
+        if !self.submit_queue.starts_with("testflinger.") {
+            return Err("TESTFLINGER_SUBMIT_QUEUE must start with 'testflinger.'".into());
+        }
         self.queue_type
             .parse::<testflinger_broker::QueueType>()
             .map(|_| ())
@@ -132,6 +138,7 @@ impl Settings {
             reaper_interval_ms: 200,
             events: true,
             submit_consumer: false,
+            submit_queue: format!("testflinger.submit.{prefix}"),
             webhook_allowed_hosts: String::new(),
             log_format: "text".into(),
         }

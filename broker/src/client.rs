@@ -47,6 +47,7 @@ pub struct OutgoingMessage<'a> {
     pub body: &'a [u8],
     pub message_id: Option<&'a str>,
     pub correlation_id: Option<&'a str>,
+    pub reply_to: Option<&'a str>,
     pub content_type: Option<&'a str>,
     pub priority: Option<u8>,
     pub persistent: bool,
@@ -226,6 +227,9 @@ impl Broker {
         if let Some(c) = msg.correlation_id {
             props = props.with_correlation_id(c.into());
         }
+        if let Some(r) = msg.reply_to {
+            props = props.with_reply_to(r.into());
+        }
         if let Some(ct) = msg.content_type {
             props = props.with_content_type(ct.into());
         }
@@ -292,7 +296,10 @@ impl Broker {
 
     /// Takes one message from a queue (`basic.get`, manual ack), or `None` when empty.
     pub async fn get(&self, queue: &str) -> Result<Option<crate::Incoming>, BrokerError> {
-        self.ensure_job_queue(queue).await?;
+        // Our own shared queues are declared with the topology; job queues on first use.
+        if !queue.starts_with("testflinger.") {
+            self.ensure_job_queue(queue).await?;
+        }
         let ch = self.open_channel().await?;
         match ch
             .basic_get(queue.into(), BasicGetOptions { no_ack: false })
@@ -336,6 +343,25 @@ impl Broker {
     ) -> Result<Consumer, BrokerError> {
         let ch = self.open_channel().await?;
         Consumer::start_plain(ch, queue, prefetch, tag).await
+    }
+
+    /// Subscribes to an exchange with a private (exclusive, auto-delete) queue bound with
+    /// `binding_key`; for event subscribers and tests.
+    pub async fn subscribe(
+        &self,
+        exchange: &str,
+        binding_key: &str,
+    ) -> Result<Consumer, BrokerError> {
+        let ch = self.open_channel().await?;
+        Consumer::start_subscription(ch, exchange, binding_key).await
+    }
+
+    /// A private reply queue (exclusive, auto-delete): its name, for `reply_to`, and
+    /// its consumer.
+    pub async fn reply_queue(&self) -> Result<(String, Consumer), BrokerError> {
+        let ch = self.open_channel().await?;
+        let (c, name) = Consumer::start_private(ch).await?;
+        Ok((name, c))
     }
 
     /// Whether the broker answers now: opens and closes a channel.

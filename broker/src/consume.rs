@@ -160,6 +160,31 @@ impl Consumer {
         channel: Channel,
         agent_id: &str,
     ) -> Result<Consumer, BrokerError> {
+        Self::start_subscription(channel, CONTROL_EXCHANGE, agent_id).await
+    }
+
+    pub(crate) async fn start_subscription(
+        channel: Channel,
+        exchange: &str,
+        binding_key: &str,
+    ) -> Result<Consumer, BrokerError> {
+        let (consumer, name) = Self::start_private(channel).await?;
+        consumer
+            .channel
+            .queue_bind(
+                name.as_str().into(),
+                exchange.into(),
+                binding_key.into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        Ok(consumer)
+    }
+
+    /// A server-named, exclusive, auto-delete queue consumed without acks (replies,
+    /// subscriptions). Returns the consumer and the queue's name.
+    pub(crate) async fn start_private(channel: Channel) -> Result<(Consumer, String), BrokerError> {
         let q = channel
             .queue_declare(
                 "".into(),
@@ -171,19 +196,11 @@ impl Consumer {
                 FieldTable::default(),
             )
             .await?;
-        channel
-            .queue_bind(
-                q.name().clone(),
-                CONTROL_EXCHANGE.into(),
-                agent_id.into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
+        let name = q.name().as_str().to_string();
         let c = channel
             .basic_consume(
                 q.name().clone(),
-                format!("control-{agent_id}").into(),
+                "".into(),
                 BasicConsumeOptions {
                     no_ack: true,
                     ..Default::default()
@@ -193,7 +210,7 @@ impl Consumer {
             .await?;
         let mut streams = SelectAll::new();
         streams.push(c);
-        Ok(Consumer { channel, streams })
+        Ok((Consumer { channel, streams }, name))
     }
 
     /// The next message; `None` when the channel closed (reconnect and consume again).

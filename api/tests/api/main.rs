@@ -4,6 +4,7 @@
 mod helpers;
 
 mod agents;
+mod broker_submit;
 mod errors;
 mod files;
 mod jobs;
