@@ -22,7 +22,8 @@ COPY . .
 RUN --mount=type=cache,target=/usr/local/cargo/registry,sharing=locked \
     --mount=type=cache,target=/usr/local/cargo/git,sharing=locked \
     --mount=type=cache,target=/src/target,sharing=locked \
-    cargo build --release --locked --workspace --bins \
+    cargo build --release --locked --bins \
+        -p testflinger-api -p testflinger-agent -p testflinger-connectors -p testflinger-cli \
  && mkdir -p /out \
  && for bin in testflinger-server testflinger-agent testflinger-device-connectors testflinger; do \
         install -m 0755 "target/release/$bin" /out/; \
