@@ -24,8 +24,16 @@
 use serde::Deserialize;
 use std::path::PathBuf;
 
+/// `TESTFLINGER_*` variables that are not server settings (the CLI's, the config path).
+const NOT_SETTINGS: &[&str] = &[
+    "config",
+    "server",
+    "client_id",
+    "secret_key",
+    "error_threshold",
+];
+
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Settings {
     pub amqp_uri: String,
     pub redis_url: String,
@@ -45,6 +53,26 @@ pub struct Settings {
     pub webhook_allowed_hosts: String,
     pub log_format: String,
 }
+
+const KNOWN: &[&str] = &[
+    "amqp_uri",
+    "redis_url",
+    "data_path",
+    "bind",
+    "redis_prefix",
+    "max_attempts",
+    "lease_ttl",
+    "retention",
+    "max_upload_bytes",
+    "workers",
+    "queue_type",
+    "reaper_interval_ms",
+    "events",
+    "submit_consumer",
+    "submit_queue",
+    "webhook_allowed_hosts",
+    "log_format",
+];
 
 impl Settings {
     /// Reads the file named by `TESTFLINGER_CONFIG` (if any), then the environment.
@@ -91,7 +119,23 @@ impl Settings {
                 b = b.set_override(key, v)?;
             }
         }
-        let mut s: Settings = b.build()?.try_deserialize()?;
+        let built = b.build()?;
+        // Unknown keys are ignored by serde here (the environment may hold other programs'
+        // TESTFLINGER_* variables), but a typo should not pass silently.
+        if let Ok(map) = built
+            .clone()
+            .try_deserialize::<std::collections::HashMap<String, config::Value>>()
+        {
+            for key in map.keys() {
+                if !KNOWN.contains(&key.as_str()) && !NOT_SETTINGS.contains(&key.as_str()) {
+                    eprintln!(
+                        "testflinger-server: warning: unknown setting '{key}' ignored (TESTFLINGER_{})",
+                        key.to_ascii_uppercase()
+                    );
+                }
+            }
+        }
+        let mut s: Settings = built.try_deserialize()?;
         s.validate().map_err(config::ConfigError::Message)?;
         if s.workers == 0 {
             s.workers = 1;
