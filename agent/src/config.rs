@@ -162,7 +162,11 @@ impl Config {
                 let path_str = e.path().to_string();
                 let inner = e.into_inner().to_string();
                 // serde names the offending key in the message for unknown and missing keys.
-                let key = backticked(&inner).unwrap_or(path_str);
+                let key = if path_str == "." || path_str.is_empty() {
+                    backticked(&inner).unwrap_or(path_str)
+                } else {
+                    path_str
+                };
                 key_err(&key, inner)
             })?;
         cfg.string_values = strings;
@@ -281,6 +285,9 @@ mod tests {
     #[test]
     fn wrong_type_names_the_key() {
         let e = parse("agent_id: a\nserver_address: s\njob_queues: q\n").expect_err("type");
-        assert!(e.to_string().contains("job_queues"), "{e}");
+        assert!(e.to_string().contains("key 'job_queues'"), "{e}");
+        let e = parse("agent_id: a\nserver_address: s\njob_queues: [q]\nsetup_command: true\n")
+            .expect_err("type");
+        assert!(e.to_string().contains("key 'setup_command'"), "{e}");
     }
 }

@@ -259,6 +259,14 @@ impl Agent {
     }
 
     async fn handle_in_span(&self, msg: Incoming, job_id: String, consumer: &mut Option<Consumer>) {
+        // The operator may have set the agent offline since the last check: a delivery
+        // that arrives then goes back untouched.
+        if let Ok(true) = self.held().await {
+            tracing::info!(job.id = %job_id, "agent held by an operator; giving the delivery back");
+            settle(msg.requeue().await);
+            self.close(consumer).await;
+            return;
+        }
         let mut registered = false;
         loop {
             let claim = match self.client.claim(&job_id).await {

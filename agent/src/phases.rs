@@ -90,7 +90,7 @@ mod tests {
 
     fn cfg() -> Config {
         Config::from_yaml(
-            "agent_id: a\nserver_address: s\njob_queues: [q]\nsetup_command: true\ntest_command: run\n",
+            "agent_id: a\nserver_address: s\njob_queues: [q]\nsetup_command: echo\ntest_command: run\n",
             Path::new("t.yaml"),
         )
         .expect("config")
