@@ -814,3 +814,43 @@ async fn ship_logs(
 fn now_iso() -> String {
     chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn output_is_masked_and_split_on_utf8_boundaries() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let digest = hex::encode(Sha256::digest(b"hunter2"));
+        let mask = format!("**{}**", &digest[..6]);
+        let mut sink = OutputSink {
+            phase: Phase::Test,
+            log_path: dir.path().join("test.log"),
+            pending: Vec::new(),
+            masks: Arc::new(vec![("hunter2".into(), mask.clone())]),
+            counter: Arc::new(AtomicU64::new(5)),
+            tx: Some(tx),
+        };
+        let text = "password hunter2 \u{e9}";
+        let bytes = text.as_bytes();
+        // Cut inside the two-byte 'é'.
+        sink.push(&bytes[..bytes.len() - 1]);
+        sink.flush(false);
+        sink.push(&bytes[bytes.len() - 1..]);
+        sink.flush(false);
+        let mut got = String::new();
+        let mut numbers = Vec::new();
+        while let Ok((lt, f)) = rx.try_recv() {
+            assert_eq!(lt, LogType::Output);
+            numbers.push(f.fragment_number);
+            got.push_str(&f.log_data);
+        }
+        assert_eq!(got, format!("password {mask} \u{e9}"));
+        assert_eq!(numbers, [5, 6]);
+        let log = std::fs::read_to_string(dir.path().join("test.log")).expect("log");
+        assert_eq!(log, got);
+        assert!(!log.contains("hunter2"));
+    }
+}

@@ -227,3 +227,24 @@ async fn take_dead(broker: &Broker, message_id: &str) -> Option<String> {
     c.close().await;
     found
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_excluded_agent_gives_the_job_back_to_another() {
+    let mut lab = TestLab::start("exclude").await;
+    lab.spawn_agent("dev-x", json!({"test_command": "echo ran-on-$agent_id"}));
+    lab.spawn_agent("dev-y", json!({"test_command": "echo ran-on-$agent_id"}));
+    for name in ["dev-x", "dev-y"] {
+        lab.wait_for("agent registered", LONG, || async {
+            (lab.get_agent(name).await["state"] == "waiting").then_some(())
+        })
+        .await;
+    }
+    for _ in 0..3 {
+        let id = lab
+            .submit(json!({"exclude_agents": ["dev-x"], "test_data": {"test_cmds": "x"}}))
+            .await;
+        let r = lab.wait_complete(&id, LONG).await;
+        let out = r["test_output"].as_str().unwrap_or_default();
+        assert!(out.contains("ran-on-dev-y"), "{out}");
+    }
+}

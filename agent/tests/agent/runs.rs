@@ -21,7 +21,7 @@ async fn full_job_runs_all_phases_in_order() {
         "dev-order",
         json!({
             "setup_command": format!("{}; echo agent=$agent_id type=$provision_type", step("setup")),
-            "provision_command": step("provision"),
+            "provision_command": format!("{}; echo serial-data > provision-serial.log", step("provision")),
             "firmware_update_command": step("firmware_update"),
             "test_command": format!("{}; test -f testflinger.json && echo has-job-file; echo to-stderr >&2", step("test")),
             "allocate_command": step("allocate"),
@@ -65,6 +65,8 @@ async fn full_job_runs_all_phases_in_order() {
         assert!(out.contains(&format!("Starting testflinger {p} phase on dev-order")));
     }
     assert!(r.get("allocate_status").is_none(), "{r}");
+    let serial = r["provision_serial"].as_str().unwrap_or_default();
+    assert!(serial.contains("serial-data"), "serial log: {r}");
     let setup = r["setup_output"].as_str().unwrap_or_default();
     assert!(
         setup.contains("agent=dev-order type=fake"),
@@ -252,4 +254,36 @@ async fn attachments_are_fetched_and_extracted() {
     let r = lab.wait_complete(&id, LONG).await;
     let out = r["test_output"].as_str().unwrap_or_default();
     assert!(out.contains("attached-content"), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn allocate_publishes_the_device_and_holds_it_until_the_job_ends() {
+    let mut lab = TestLab::start("allocate").await;
+    lab.spawn_agent(
+        "dev-alloc",
+        json!({
+            "allocate_command": "echo '{\"device_info\": {\"device_ip\": \"10.1.2.3\"}}' > device-info.json; echo allocating",
+            "cleanup_command": "echo released-device",
+        }),
+    );
+    let id = lab
+        .submit(json!({"allocate_data": {"allocate": true}}))
+        .await;
+    let r = lab
+        .wait_result(&id, "allocated", LONG, |r| r["job_state"] == "allocated")
+        .await;
+    assert_eq!(r["device_info"]["device_ip"], "10.1.2.3", "{r}");
+    assert_eq!(r["allocate_status"], 0, "{r}");
+    assert_eq!(lab.get_agent("dev-alloc").await["job_id"], id.as_str());
+    // The parent (here: the user) ends it; the agent lets go and cleans up.
+    lab.cancel(&id).await;
+    lab.wait_agent_idle("dev-alloc", LONG).await;
+    let r = lab.result(&id).await;
+    assert_eq!(r["job_state"], "cancelled", "{r}");
+    assert!(
+        r["cleanup_output"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("released-device")
+    );
 }
