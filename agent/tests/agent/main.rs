@@ -13,3 +13,4 @@ mod control;
 mod delivery;
 mod lab;
 mod runs;
+mod startup;
