@@ -53,12 +53,16 @@ impl Application {
         };
         let port = listener.local_addr()?.port();
         let workers = settings.workers;
+        let settings = Arc::new(settings);
+        let (events, events_task) =
+            crate::events::EventSink::start(broker.clone(), http.clone(), settings.clone());
         let state = AppState {
             store,
             broker,
             files,
-            settings: Arc::new(settings),
+            settings,
             http,
+            events,
         };
         let data = web::Data::new(state.clone());
         let server = HttpServer::new(move || {
@@ -74,7 +78,7 @@ impl Application {
         .workers(workers)
         .listen(listener)?
         .run();
-        let mut background = vec![tokio::spawn(crate::reaper::run(state.clone()))];
+        let mut background = vec![events_task, tokio::spawn(crate::reaper::run(state.clone()))];
         if state.settings.submit_consumer {
             background.push(tokio::spawn(crate::admission::run(state.clone())));
         }

@@ -12,6 +12,7 @@ pub struct AppState {
     pub files: FileStore,
     pub settings: std::sync::Arc<Settings>,
     pub http: reqwest::Client,
+    pub events: crate::events::EventSink,
 }
 
 impl AppState {

@@ -200,23 +200,25 @@ impl Broker {
         }
     }
 
-    /// Publishes and waits for the broker's confirm. `Ok` means the broker has the
-    /// message (persisted, for a persistent message to a durable queue).
-    pub async fn publish(&self, msg: OutgoingMessage<'_>) -> Result<(), BrokerError> {
-        let n = self.inner.slots.len();
-        let i = self.inner.next.fetch_add(1, Ordering::Relaxed) % n;
-        let ch = {
-            let mut slot = self.inner.slots[i].lock().await;
-            match slot.as_ref() {
-                Some(ch) if ch.status().connected() => ch.clone(),
-                _ => {
-                    let ch = self.open_channel().await?;
-                    ch.confirm_select(ConfirmSelectOptions::default()).await?;
-                    *slot = Some(ch.clone());
-                    ch
-                }
+    /// The long-lived confirm channel of a slot, reopened when it was closed.
+    async fn slot_channel(&self, i: usize) -> Result<Channel, BrokerError> {
+        let mut slot = self.inner.slots[i % self.inner.slots.len()].lock().await;
+        match slot.as_ref() {
+            Some(ch) if ch.status().connected() => Ok(ch.clone()),
+            _ => {
+                let ch = self.open_channel().await?;
+                ch.confirm_select(ConfirmSelectOptions::default()).await?;
+                *slot = Some(ch.clone());
+                Ok(ch)
             }
-        };
+        }
+    }
+
+    /// Hands one message to the channel; returns the pending confirm.
+    async fn send(
+        ch: &Channel,
+        msg: &OutgoingMessage<'_>,
+    ) -> Result<lapin::PublisherConfirm, BrokerError> {
         let mut props = BasicProperties::default();
         if msg.persistent {
             props = props.with_delivery_mode(2);
@@ -247,7 +249,7 @@ impl Broker {
             mandatory: msg.mandatory,
             ..BasicPublishOptions::default()
         };
-        let confirm = ch
+        Ok(ch
             .basic_publish(
                 msg.exchange.into(),
                 msg.routing_key.into(),
@@ -255,19 +257,52 @@ impl Broker {
                 msg.body,
                 props,
             )
-            .await?;
+            .await?)
+    }
+
+    async fn confirmed(
+        &self,
+        confirm: lapin::PublisherConfirm,
+        routing_key: &str,
+    ) -> Result<(), BrokerError> {
         let confirmation = tokio::time::timeout(self.inner.cfg.confirm_timeout, confirm)
             .await
             .map_err(|_| BrokerError::Unavailable("no publisher confirm in time".into()))??;
         match confirmation {
-            lapin::Confirmation::Ack(None) => Ok(()),
+            lapin::Confirmation::Ack(None) | lapin::Confirmation::NotRequested => Ok(()),
             lapin::Confirmation::Ack(Some(_)) => Err(BrokerError::Refused(format!(
-                "no queue named '{}' took the message",
-                msg.routing_key
+                "no queue named '{routing_key}' took the message"
             ))),
             lapin::Confirmation::Nack(_) => Err(BrokerError::Refused("negative confirm".into())),
-            lapin::Confirmation::NotRequested => Ok(()),
         }
+    }
+
+    /// Publishes and waits for the broker's confirm. `Ok` means the broker has the
+    /// message (persisted, for a persistent message to a durable queue).
+    pub async fn publish(&self, msg: OutgoingMessage<'_>) -> Result<(), BrokerError> {
+        let i = self.inner.next.fetch_add(1, Ordering::Relaxed);
+        let ch = self.slot_channel(i).await?;
+        let confirm = Self::send(&ch, &msg).await?;
+        self.confirmed(confirm, msg.routing_key).await
+    }
+
+    /// Publishes messages in order on one channel (so subscribers see them in that
+    /// order), then waits for all confirms. `slot` picks the channel: callers that need
+    /// one order use one slot.
+    pub async fn publish_in_order(
+        &self,
+        slot: usize,
+        msgs: &[OutgoingMessage<'_>],
+    ) -> Result<(), BrokerError> {
+        let ch = self.slot_channel(slot).await?;
+        let mut pending = Vec::with_capacity(msgs.len());
+        for m in msgs {
+            pending.push((Self::send(&ch, m).await?, m.routing_key));
+        }
+        for (confirm, key) in pending {
+            self.confirmed(confirm, key).await?;
+        }
+        Ok(())
     }
 
     /// Publishes a job message (persistent, `message_id` = job id, priority clamped)
