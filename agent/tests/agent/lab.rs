@@ -241,16 +241,26 @@ impl TestLab {
         if job.get("job_queue").is_none() {
             job["job_queue"] = json!(self.queue);
         }
-        let r = self
-            .http
-            .post(format!("{}/v1/job", self.base))
-            .json(&job)
-            .send()
-            .await
-            .expect("submit");
-        let status = r.status();
-        let body: Value = r.json().await.unwrap_or(Value::Null);
-        assert_eq!(status, StatusCode::OK, "submit failed: {body}");
+        // 503 means "not queued, retry later" (the server's first broker connection can
+        // be slow on a loaded machine).
+        let deadline = Instant::now() + Duration::from_secs(15);
+        let body = loop {
+            let r = self
+                .http
+                .post(format!("{}/v1/job", self.base))
+                .json(&job)
+                .send()
+                .await
+                .expect("submit");
+            let status = r.status();
+            let body: Value = r.json().await.unwrap_or(Value::Null);
+            if status == StatusCode::SERVICE_UNAVAILABLE && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+            assert_eq!(status, StatusCode::OK, "submit failed: {body}");
+            break body;
+        };
         body["job_id"].as_str().expect("job_id").to_string()
     }
 
