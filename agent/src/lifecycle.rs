@@ -18,6 +18,9 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+/// How often an idle agent refreshes its records on the server.
+const REFRESH_EVERY: Duration = Duration::from_secs(6 * 3600);
+
 /// The job being run, so the control queue can cancel it.
 type Current = Arc<Mutex<Option<(String, CancellationToken)>>>;
 
@@ -141,6 +144,20 @@ impl Agent {
         Ok(())
     }
 
+    /// Re-posts the agent's queues and location (not its state) and the advertised
+    /// queues and images.
+    async fn refresh_records(&self) -> Result<(), ClientError> {
+        let c = &self.cfg;
+        self.client
+            .post_agent(&json!({
+                "queues": c.job_queues,
+                "location": c.location.clone().unwrap_or_default(),
+                "provision_type": c.provision_type.clone().unwrap_or_default(),
+            }))
+            .await?;
+        self.advertise().await
+    }
+
     /// Sleeps, or returns `true` early when the agent shuts down.
     async fn pause(&self, d: Duration) -> bool {
         tokio::select! {
@@ -164,7 +181,15 @@ impl Agent {
         let mut consumer: Option<Consumer> = None;
         let mut broker_delay = Duration::from_millis(200);
         let mut paused = false;
+        let mut refreshed = tokio::time::Instant::now();
         while !self.stop.is_cancelled() {
+            // Keep the agent and queue records fresh (they expire after the retention).
+            if refreshed.elapsed() >= REFRESH_EVERY {
+                refreshed = tokio::time::Instant::now();
+                if let Err(e) = self.refresh_records().await {
+                    tracing::warn!(error = %e, "could not refresh the agent's records");
+                }
+            }
             match self.held().await {
                 Ok(true) => {
                     if let Some(c) = consumer.take() {
@@ -434,7 +459,13 @@ impl Agent {
                     JobEnd::Finished => tracing::info!(job.id = %job.id, "job finished"),
                     JobEnd::Released => tracing::info!(job.id = %job.id, "job released"),
                     JobEnd::LeaseLost => {
-                        tracing::warn!(job.id = %job.id, "lease lost; the job belongs to someone else now")
+                        tracing::warn!(job.id = %job.id, "lease lost; the job belongs to someone else now");
+                        if r.hold.is_none() {
+                            let idle = json!({"job_id": "", "state": "waiting", "comment": ""});
+                            if let Err(e) = self.client.post_agent(&idle).await {
+                                tracing::warn!(error = %e, "could not update the agent record");
+                            }
+                        }
                     }
                 }
                 if r.hold.is_some() {

@@ -248,3 +248,52 @@ async fn an_excluded_agent_gives_the_job_back_to_another() {
         assert!(out.contains("ran-on-dev-y"), "{out}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_agent_loses_its_lease_and_its_late_writes_are_refused() {
+    let mut lab = TestLab::start_with(
+        "zombie",
+        ServerOpts {
+            lease_ttl: 3,
+            reaper_ms: 200,
+        },
+    )
+    .await;
+    let cmd = slow_unless_fast(&lab);
+    let zombie = lab.spawn_agent("dev-z", json!({"test_command": cmd}));
+    let id = lab.submit(json!({"test_data": {"test_cmds": "x"}})).await;
+    lab.wait_result(&id, "test running on dev-z", LONG, |r| {
+        r["test_output"]
+            .as_str()
+            .is_some_and(|o| o.contains("tick"))
+    })
+    .await;
+    let pid = lab.agent(zombie).pid().to_string();
+    let signal = |sig: &str| {
+        std::process::Command::new("kill")
+            .args(["-s", sig, &pid])
+            .status()
+            .expect("kill")
+    };
+    signal("STOP");
+    // The lease runs out; the reaper requeues the job; another agent runs it.
+    lab.wait_result(&id, "job requeued", LONG, |r| r["job_state"] == "waiting")
+        .await;
+    std::fs::write(lab.path("fast"), b"").expect("fast");
+    lab.spawn_agent("dev-w", json!({"test_command": slow_unless_fast(&lab)}));
+    let r = lab.wait_complete(&id, LONG).await;
+    assert_eq!(r["job_attempt"], 2, "{r}");
+    // The zombie wakes up: its next write gets 409 and it stops the job.
+    signal("CONT");
+    lab.wait_for("zombie notices the lost lease", LONG, || async {
+        lab.agent_log(zombie).contains("lease lost").then_some(())
+    })
+    .await;
+    lab.wait_agent_idle("dev-z", LONG).await;
+    let after = lab.result(&id).await;
+    assert_eq!(after["job_state"], "complete", "{after}");
+    assert_eq!(
+        after["test_status"], 0,
+        "the zombie did not overwrite it: {after}"
+    );
+}
