@@ -84,8 +84,8 @@ impl Keys {
     pub fn reaper_lock(&self) -> String {
         format!("{}:reaper", self.p)
     }
-    pub fn submission(&self, message_id: &str) -> String {
-        format!("{}:submission:{message_id}", self.p)
+    pub fn secret(&self, client: &str, path: &str) -> String {
+        format!("{}:secret:{client}/{path}", self.p)
     }
 }
 

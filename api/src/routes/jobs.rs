@@ -486,7 +486,10 @@ async fn legacy_next_job(app: web::Data<AppState>, req: HttpRequest) -> ApiResul
                 msg.reject().await?;
                 continue;
             };
-            let claim = app.store.claim(&id, &agent, app.lease_ms(), true).await?;
+            let mut claim = app.store.claim(&id, &agent, app.lease_ms(), true).await?;
+            if let Some(job) = claim.job.as_mut() {
+                super::secrets::resolve(&app, job).await?;
+            }
             match claim.outcome {
                 ClaimOutcome::Granted => {
                     msg.ack().await?;

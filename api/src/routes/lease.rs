@@ -29,10 +29,13 @@ async fn claim(
         return Err(ApiError::BadRequest("agent_id must not be empty".into()));
     }
     tracing::Span::current().record("agent", r.agent_id.as_str());
-    let c = app
+    let mut c = app
         .store
         .claim(&id, &r.agent_id, app.lease_ms(), false)
         .await?;
+    if let Some(job) = c.job.as_mut() {
+        super::secrets::resolve(&app, job).await?;
+    }
     if c.outcome == ClaimOutcome::Granted {
         let f = app.store.job_fields(&id, &["queue", "def"]).await?;
         let queue = f[0].clone().unwrap_or_default();

@@ -6,6 +6,7 @@ pub mod jobs;
 pub mod lease;
 pub mod queues;
 pub mod results;
+pub mod secrets;
 
 use crate::error::{ApiError, ApiResult};
 use actix_web::http::StatusCode;
@@ -24,7 +25,8 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .configure(lease::configure)
         .configure(results::configure)
         .configure(agents::configure)
-        .configure(queues::configure);
+        .configure(queues::configure)
+        .configure(secrets::configure);
 }
 
 async fn identity() -> HttpResponse {

@@ -301,3 +301,82 @@ async fn exclude_agents_needs_an_allowed_agent_and_is_honoured_at_claim() {
     );
     app.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn secrets_are_resolved_only_for_the_claiming_agent() {
+    let app = TestApp::spawn().await;
+    let q = app.queue("secrets");
+    let path = format!("ci/{}", q.replace('.', "_"));
+    let put = |p: String, body: Value| {
+        let app = &app;
+        async move {
+            app.http
+                .put(app.url(&format!("/v1/secrets/anonymous/{p}")))
+                .json(&body)
+                .send()
+                .await
+                .expect("put")
+        }
+    };
+    let r = put(path.clone(), json!({"value": "s3cr3t-value"})).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        r.json::<Value>().await.expect("json"),
+        json!({"expires_at": null})
+    );
+    let once = format!("{path}-once");
+    assert_eq!(
+        put(
+            once.clone(),
+            json!({"value": "one-time", "ephemeral": true})
+        )
+        .await
+        .status(),
+        200
+    );
+    assert_eq!(
+        put("bad path!".into(), json!({"value": "x"}))
+            .await
+            .status(),
+        422
+    );
+    assert_eq!(put(path.clone(), json!({"value": ""})).await.status(), 422);
+    assert_eq!(
+        put(path.clone(), json!({"value": "x", "expire_after": 0}))
+            .await
+            .status(),
+        422
+    );
+    let job = json!({"job_queue": q, "test_data": {"test_cmds": "echo $TOKEN", "secrets": {"TOKEN": path, "ONCE": once, "MISSING": "no/such"}}});
+    let a = app.submit(job.clone()).await;
+    let b = app.submit(job).await;
+    // The definition and the queue message hold paths, never values.
+    let def: Value = app
+        .get(&format!("/v1/job/{a}"))
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(def["test_data"]["secrets"]["TOKEN"], json!(path));
+    let msg = app.broker().get(&q).await.expect("get").expect("message");
+    assert!(!String::from_utf8_lossy(&msg.body).contains("s3cr3t"));
+    msg.ack().await.expect("ack");
+    let claimed = app.claim(&a, "agent-s").await;
+    assert_eq!(
+        claimed["job"]["test_data"]["secrets"],
+        json!({"TOKEN": "s3cr3t-value", "ONCE": "one-time", "MISSING": ""})
+    );
+    // Single-use: gone for the next job.
+    let claimed = app.claim(&b, "agent-s").await;
+    assert_eq!(claimed["job"]["test_data"]["secrets"]["ONCE"], "");
+    assert_eq!(
+        app.http
+            .delete(app.url(&format!("/v1/secrets/anonymous/{path}")))
+            .send()
+            .await
+            .expect("delete")
+            .status(),
+        200
+    );
+    app.cleanup().await;
+}
