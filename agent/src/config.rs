@@ -291,3 +291,18 @@ mod tests {
         assert!(e.to_string().contains("key 'setup_command'"), "{e}");
     }
 }
+
+#[cfg(test)]
+mod example {
+    use super::*;
+
+    #[test]
+    fn the_shipped_example_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("testflinger-agent.example.yaml");
+        let text = std::fs::read_to_string(&path).expect("example config");
+        let c = Config::from_yaml(&text, &path).expect("valid example");
+        assert_eq!(c.job_queues, ["lab-dev-01", "rpi4"]);
+        assert_eq!(c.advertised_images["rpi4"].len(), 1);
+        assert_eq!(c.shutdown_grace(), Duration::from_secs(30));
+    }
+}

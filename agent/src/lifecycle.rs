@@ -284,6 +284,11 @@ impl Agent {
     }
 
     async fn handle_in_span(&self, msg: Incoming, job_id: String, consumer: &mut Option<Consumer>) {
+        if self.stop.is_cancelled() {
+            settle(msg.requeue().await);
+            self.close(consumer).await;
+            return;
+        }
         // The operator may have set the agent offline since the last check: a delivery
         // that arrives then goes back untouched.
         if let Ok(true) = self.held().await {
@@ -481,6 +486,9 @@ impl Agent {
                 {
                     tracing::error!(job.id = %job.id, error = %e, "release failed; the reaper will requeue it");
                 }
+                // Whatever broke here may break the next job too: let others have a go.
+                self.pause(self.cfg.polling_interval().max(Duration::from_secs(5)))
+                    .await;
             }
         }
     }

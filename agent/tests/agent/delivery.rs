@@ -97,7 +97,7 @@ async fn sigterm_lets_the_grace_run_out_then_releases_the_job() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_while_idle_exits_cleanly_and_a_short_job_finishes_in_the_grace() {
+async fn sigterm_lets_a_running_job_finish_within_the_grace() {
     let mut lab = TestLab::start("grace").await;
     let gate = lab.path("gate");
     let a = lab.spawn_agent(
