@@ -287,3 +287,48 @@ async fn allocate_publishes_the_device_and_holds_it_until_the_job_ends() {
             .contains("released-device")
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_secrets_reach_the_test_phase_and_are_masked_in_its_output() {
+    let mut lab = TestLab::start("secrets").await;
+    let logs = lab.path("secret-logs");
+    std::fs::create_dir_all(&logs).expect("dir");
+    lab.spawn_agent(
+        "dev-secret",
+        json!({
+            "setup_command": "echo setup-sees:${API_TOKEN:-nothing}",
+            "test_command": "echo token=$API_TOKEN; test \"$API_TOKEN\" = s3cr3t-value && echo env-ok",
+            "cleanup_command": format!("cp test.log {}/", logs.display()),
+        }),
+    );
+    let path = format!("agent/{}", lab.queue);
+    let r = lab
+        .http
+        .put(format!("{}/v1/secrets/anonymous/{path}", lab.base))
+        .json(&json!({"value": "s3cr3t-value"}))
+        .send()
+        .await
+        .expect("put secret");
+    assert!(r.status().is_success(), "put secret: {}", r.status());
+    let id = lab
+        .submit(json!({"test_data": {"test_cmds": "x", "secrets": {"API_TOKEN": path}}}))
+        .await;
+    let r = lab.wait_complete(&id, LONG).await;
+    let out = r["test_output"].as_str().unwrap_or_default();
+    assert!(
+        out.contains("env-ok"),
+        "the secret is in the test env: {out}"
+    );
+    assert!(!out.contains("s3cr3t-value"), "masked: {out}");
+    assert!(out.contains("token=**"), "{out}");
+    let setup = r["setup_output"].as_str().unwrap_or_default();
+    assert!(
+        setup.contains("setup-sees:nothing"),
+        "only the test phase: {setup}"
+    );
+    let log = std::fs::read_to_string(logs.join("test.log")).expect("test.log");
+    assert!(
+        !log.contains("s3cr3t-value") && log.contains("env-ok"),
+        "{log}"
+    );
+}
