@@ -165,6 +165,33 @@ impl ApiServer {
         assert_eq!(status, 200, "POST result {id}: {body}");
     }
 
+    pub fn result(&self, id: &str) -> Value {
+        let (status, body) = self.call(self.client.get(format!("{}/v1/result/{id}", self.url)));
+        assert_eq!(status, 200, "GET result {id}: {body}");
+        body
+    }
+
+    /// Ids of the jobs on a queue.
+    pub fn children_of(&self, queue: &str) -> Vec<String> {
+        let (_, body) = self.call(
+            self.client
+                .get(format!("{}/v1/queues/{queue}/jobs", self.url)),
+        );
+        body.as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|j| j["job_id"].as_str().map(str::to_string))
+            .collect()
+    }
+
+    pub fn agent_state(&self, name: &str) -> String {
+        let (_, body) = self.call(
+            self.client
+                .get(format!("{}/v1/agents/data/{name}", self.url)),
+        );
+        body["state"].as_str().unwrap_or_default().to_string()
+    }
+
     pub fn cancel(&self, id: &str) {
         let (status, body) = self.call(
             self.client

@@ -5,6 +5,7 @@
 mod api;
 mod cli;
 mod multi;
+mod multi_agents;
 mod noprovision;
 mod reserve;
 mod serial;
