@@ -78,7 +78,18 @@ impl Application {
         .workers(workers)
         .listen(listener)?
         .run();
-        let mut background = vec![events_task, tokio::spawn(crate::reaper::run(state.clone()))];
+        // Connect and declare the topology now, so the first submission does not pay it.
+        let warm = state.broker.clone();
+        let warm_up = tokio::spawn(async move {
+            if let Err(e) = warm.ready().await {
+                tracing::warn!(error = %e, "RabbitMQ not reachable yet; submissions answer 503 until it is");
+            }
+        });
+        let mut background = vec![
+            warm_up,
+            events_task,
+            tokio::spawn(crate::reaper::run(state.clone())),
+        ];
         if state.settings.submit_consumer {
             background.push(tokio::spawn(crate::admission::run(state.clone())));
         }

@@ -32,7 +32,7 @@ impl BrokerConfig {
         BrokerConfig {
             uri: uri.into(),
             publish_channels: 8,
-            connect_timeout: Duration::from_millis(800),
+            connect_timeout: Duration::from_secs(2),
             confirm_timeout: Duration::from_secs(10),
             queue_type: QueueType::Classic,
         }

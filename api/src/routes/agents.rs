@@ -85,12 +85,42 @@ async fn post_agent(
     }
     let mut c = app.store.con();
     let _: () = p.query_async(&mut c).await?;
+    if let Some(state) = &a.state
+        && matches!(
+            state.as_str(),
+            "offline" | "maintenance" | "restart" | "waiting"
+        )
+    {
+        notify_state(&app, &name, state).await;
+    }
     Ok(HttpResponse::Ok()
         .insert_header((
             "Set-Cookie",
             format!("agent_name={name}; HttpOnly; SameSite=Strict; Path=/"),
         ))
         .json(json!({"status": "OK"})))
+}
+
+/// Tells a running agent at once that its state was set (an operator's offline or
+/// maintenance takes effect without waiting for its next poll). Best effort.
+async fn notify_state(app: &AppState, name: &str, state: &str) {
+    let cmd = testflinger_common::protocol::ControlCommand::SetState {
+        state: state.to_string(),
+    };
+    let body = serde_json::to_vec(&cmd).unwrap_or_default();
+    let r = app
+        .broker
+        .publish(testflinger_broker::OutgoingMessage {
+            exchange: testflinger_broker::topology::CONTROL_EXCHANGE,
+            routing_key: name,
+            body: &body,
+            content_type: Some("application/json"),
+            ..Default::default()
+        })
+        .await;
+    if let Err(e) = r {
+        tracing::debug!(agent = name, error = %e, "state command not published; the agent polls");
+    }
 }
 
 /// An agent record as the API shows it.
