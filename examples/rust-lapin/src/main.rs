@@ -5,7 +5,9 @@
 //! Exits 1 with the server's error when the job is rejected.
 
 use futures_util::StreamExt;
-use lapin::options::{BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
+use lapin::options::{
+    BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions,
+};
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use std::time::Duration;
@@ -20,10 +22,16 @@ async fn main() {
 
 async fn run() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
-    let job_queue = args.next().ok_or("usage: testflinger-example-lapin JOB_QUEUE [TEST_CMDS]")?;
-    let test_cmds = args.next().unwrap_or_else(|| "echo hello from lapin".into());
-    let uri = std::env::var("AMQP_URI").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
-    let submit_queue = std::env::var("TESTFLINGER_SUBMIT_QUEUE").unwrap_or_else(|_| "testflinger.submit".into());
+    let job_queue = args
+        .next()
+        .ok_or("usage: testflinger-example-lapin JOB_QUEUE [TEST_CMDS]")?;
+    let test_cmds = args
+        .next()
+        .unwrap_or_else(|| "echo hello from lapin".into());
+    let uri = std::env::var("AMQP_URI")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
+    let submit_queue =
+        std::env::var("TESTFLINGER_SUBMIT_QUEUE").unwrap_or_else(|_| "testflinger.submit".into());
 
     let conn = Connection::connect(&uri, ConnectionProperties::default()).await?;
     let ch = conn.create_channel().await?;
@@ -31,7 +39,11 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
     let reply = ch
         .queue_declare(
             "".into(),
-            QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() },
+            QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..Default::default()
+            },
             FieldTable::default(),
         )
         .await?;
@@ -39,7 +51,10 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
         .basic_consume(
             reply.name().clone(),
             "".into(),
-            BasicConsumeOptions { no_ack: true, ..Default::default() },
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
             FieldTable::default(),
         )
         .await?;
@@ -51,7 +66,10 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
         .basic_publish(
             "".into(),
             submit_queue.as_str().into(),
-            BasicPublishOptions { mandatory: true, ..Default::default() },
+            BasicPublishOptions {
+                mandatory: true,
+                ..Default::default()
+            },
             body.to_string().as_bytes(),
             BasicProperties::default()
                 .with_content_type("application/json".into())
@@ -67,7 +85,9 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
     }
     let answer = tokio::time::timeout(Duration::from_secs(30), async {
         while let Some(Ok(d)) = replies.next().await {
-            if d.properties.correlation_id().as_ref().map(|c| c.as_str()) == Some(correlation_id.as_str()) {
+            if d.properties.correlation_id().as_ref().map(|c| c.as_str())
+                == Some(correlation_id.as_str())
+            {
                 return serde_json::from_slice::<serde_json::Value>(&d.data).ok();
             }
         }
@@ -81,6 +101,10 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
             println!("job_id: {id}");
             Ok(())
         }
-        None => Err(format!("rejected: {}", answer["error"].as_str().unwrap_or("unknown error")).into()),
+        None => Err(format!(
+            "rejected: {}",
+            answer["error"].as_str().unwrap_or("unknown error")
+        )
+        .into()),
     }
 }
