@@ -9,7 +9,13 @@ use testflinger_broker::topology::{EVENTS_EXCHANGE, REJECTED_QUEUE};
 async fn admission_app() -> TestApp {
     let app = TestApp::spawn_with(|s| s.submit_consumer = true).await;
     let q = app.state.settings.submit_queue.clone();
-    app.queues.lock().expect("lock").push(q);
+    app.queues.lock().expect("lock").push(q.clone());
+    // The admission task declares its queue in the background: wait for it, or a message
+    // published now would find no queue.
+    app.wait_for(10, "the submit queue", || async {
+        app.broker().message_count(&q).await.ok()
+    })
+    .await;
     app
 }
 
@@ -40,6 +46,7 @@ async fn published_job_is_admitted_answered_and_idempotent() {
                 // Old publishers send JSON as text/plain.
                 content_type: Some("text/plain"),
                 persistent: true,
+                mandatory: true,
                 ..OutgoingMessage::default()
             })
             .await
