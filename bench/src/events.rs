@@ -138,10 +138,9 @@ impl EventTap {
             .held
             .iter()
             .position(|e| e.job_id == job_id && e.state == state)
+            && let Some(e) = self.held.remove(i)
         {
-            if let Some(e) = self.held.remove(i) {
-                return Ok(e);
-            }
+            return Ok(e);
         }
         let end = tokio::time::Instant::now() + timeout;
         loop {

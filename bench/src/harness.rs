@@ -22,6 +22,7 @@ pub struct Options {
     pub agents: Option<usize>,
     pub jobs: Option<usize>,
     pub seconds: Option<u64>,
+    pub server_env: Vec<(String, String)>,
 }
 
 const BUILD_HINT: &str = "build them with: cargo build --release -p testflinger-bench -p testflinger-api -p testflinger-agent";
@@ -355,6 +356,9 @@ impl Server {
         ];
         for (k, v) in extra {
             env.push((k, (*v).to_string()));
+        }
+        for (k, v) in &ctx.opts.server_env {
+            env.push((k.as_str(), v.clone()));
         }
         let log = ctx.tmp.path().join(format!("{tag}-server.log"));
         let mut proc = Proc::spawn("testflinger-server", &bin, &[], &env, log)?;

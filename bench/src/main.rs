@@ -61,6 +61,10 @@ struct Args {
     /// Seconds of load in `submit` and `raw-publish` (default 20, 4 with --quick).
     #[arg(long)]
     seconds: Option<u64>,
+    /// Extra environment for every server started, `KEY=VALUE` (repeatable), for
+    /// experiments such as `TESTFLINGER_EVENTS=false`.
+    #[arg(long = "server-env", value_name = "KEY=VALUE")]
+    server_env: Vec<String>,
 }
 
 fn main() -> ExitCode {
@@ -95,6 +99,13 @@ async fn run(args: Args, list: Vec<scenarios::Scenario>) -> ExitCode {
         agents: args.agents,
         jobs: args.jobs,
         seconds: args.seconds,
+        server_env: match parse_env(&args.server_env) {
+            Ok(v) => v,
+            Err(e) => {
+                eprintln!("testflinger-bench: {e}");
+                return ExitCode::from(2);
+            }
+        },
     };
     let mut ctx = match harness::Ctx::new(opts).await {
         Ok(c) => c,
@@ -149,4 +160,14 @@ async fn run(args: Args, list: Vec<scenarios::Scenario>) -> ExitCode {
         );
         ExitCode::FAILURE
     }
+}
+
+fn parse_env(raw: &[String]) -> Result<Vec<(String, String)>, String> {
+    raw.iter()
+        .map(|kv| {
+            kv.split_once('=')
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .ok_or_else(|| format!("--server-env wants KEY=VALUE, got '{kv}'"))
+        })
+        .collect()
 }

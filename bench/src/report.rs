@@ -84,7 +84,7 @@ impl Report {
 /// Rounds for display: 3 significant digits below 100, integers above.
 pub fn fmt(v: f64) -> String {
     let a = v.abs();
-    if a >= 100.0 {
+    if a >= 100.0 || (v.fract() == 0.0 && a < 1e15) {
         format!("{v:.0}")
     } else if a >= 10.0 {
         format!("{v:.1}")

@@ -197,8 +197,11 @@ async fn follow(req: reqwest::RequestBuilder, f: &mut Follow) -> anyhow::Result<
                         let d = v.get("log_data").and_then(Value::as_str).unwrap_or("");
                         f.test_bytes += d.len() as u64;
                         if f.head.len() < 4096 {
-                            f.head
-                                .push_str(&d[..d.floor_char_boundary(4096 - f.head.len())]);
+                            let mut cut = (4096 - f.head.len()).min(d.len());
+                            while !d.is_char_boundary(cut) {
+                                cut -= 1;
+                            }
+                            f.head.push_str(&d[..cut]);
                         }
                         f.first_ms.get_or_insert(now);
                         f.last_ms = now;
