@@ -110,6 +110,21 @@ return {1, 'waiting'}
     )
 });
 
+/// A waiting job's rank in its queue's position index, in one round trip (the queue is
+/// read from the job record; the index key is built here from the prefix in ARGV).
+static POSITION: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+-- KEYS: job ; ARGV: id qpos_key_prefix
+local f = redis.call('HMGET', KEYS[1], 'queue', 'state')
+if not f[1] or f[2] ~= 'waiting' then return -1 end
+local r = redis.call('ZRANK', ARGV[2] .. f[1], ARGV[1])
+if not r then return -1 end
+return r
+"#,
+    )
+});
+
 static UNSUBMIT: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
@@ -483,6 +498,19 @@ impl Store {
             .query_async(&mut c)
             .await?;
         Ok(v)
+    }
+
+    /// The 0-based position of a waiting job in its queue; `None` when the job is
+    /// unknown, not waiting, or not in the index.
+    pub async fn position(&self, id: &str) -> ApiResult<Option<i64>> {
+        let mut c = self.con();
+        let r: i64 = POSITION
+            .key(self.keys.job(id))
+            .arg(id)
+            .arg(self.keys.qpos(""))
+            .invoke_async(&mut c)
+            .await?;
+        Ok((r >= 0).then_some(r))
     }
 
     pub async fn set_job_fields(&self, id: &str, fields: &[(&str, String)]) -> ApiResult<()> {

@@ -106,6 +106,25 @@ impl fmt::Display for ValidationError {
 
 impl std::error::Error for ValidationError {}
 
+/// Deserializes `T` from JSON, naming the offending field (dotted path) on failure.
+pub fn deserialize<T: serde::de::DeserializeOwned>(value: Value) -> Result<T, ValidationError> {
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        let field = if path == "." { String::new() } else { path };
+        let message = e.into_inner().to_string();
+        // serde names a missing field only in its message: put it in the path too.
+        let field = match message
+            .strip_prefix("missing field `")
+            .and_then(|r| r.split('`').next())
+        {
+            Some(name) if field.is_empty() => name.to_string(),
+            Some(name) => format!("{field}.{name}"),
+            None => field,
+        };
+        ValidationError::new(field, message)
+    })
+}
+
 /// `test_cmds`: one shell script, or a list of commands run one after another.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]
@@ -322,11 +341,7 @@ impl Job {
                 format!("a job must be a JSON object, got {}", kind_of(&value)),
             ));
         }
-        let job: Job = serde_path_to_error::deserialize(value).map_err(|e| {
-            let path = e.path().to_string();
-            let field = if path == "." { String::new() } else { path };
-            ValidationError::new(field, e.into_inner().to_string())
-        })?;
+        let job: Job = deserialize(value)?;
         job.validate()?;
         Ok(job)
     }

@@ -60,19 +60,8 @@ async fn position(app: web::Data<AppState>, id: web::Path<String>) -> ApiResult<
             "Job not found or already started\n".into(),
         )
     };
-    let f = app.store.job_fields(&id, &["queue", "state"]).await?;
-    let (Some(queue), Some(state)) = (f[0].clone(), f[1].clone()) else {
-        return Err(gone());
-    };
-    if state != "waiting" {
-        return Err(gone());
-    }
-    let mut c = app.store.con();
-    let rank: Option<i64> = redis::cmd("ZRANK")
-        .arg(app.store.keys.qpos(&queue))
-        .arg(&id)
-        .query_async(&mut c)
-        .await?;
+    // One round trip: the record's queue and state and the rank, in one script.
+    let rank = app.store.position(&id).await?;
     let rank = rank.ok_or_else(gone)?;
     Ok(HttpResponse::Ok()
         .content_type("text/plain; charset=utf-8")

@@ -98,15 +98,7 @@ pub fn json_body(body: &[u8]) -> ApiResult<serde_json::Value> {
 
 /// Deserializes a JSON body into `T`, answering 422 in upstream's shape with the field.
 pub fn typed_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> ApiResult<T> {
-    let v = json_body(body)?;
-    serde_path_to_error::deserialize(v).map_err(|e| {
-        let path = e.path().to_string();
-        let field = if path == "." { String::new() } else { path };
-        ApiError::Validation(testflinger_common::ValidationError::new(
-            field,
-            e.into_inner().to_string(),
-        ))
-    })
+    testflinger_common::job::deserialize(json_body(body)?).map_err(ApiError::Validation)
 }
 
 pub fn ok_text() -> HttpResponse {
