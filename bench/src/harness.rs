@@ -265,7 +265,7 @@ impl Proc {
                 cmd.env(k, v);
             }
         }
-        cmd.env("RUST_LOG", "warn");
+        cmd.env("RUST_LOG", "warn").env("NO_COLOR", "1");
         for (k, v) in env {
             cmd.env(k, v);
         }
@@ -278,7 +278,7 @@ impl Proc {
 
     /// The last lines of its output, for error messages.
     pub fn tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let text = strip_ansi(&std::fs::read_to_string(&self.log).unwrap_or_default());
         let lines: Vec<&str> = text.lines().collect();
         lines[lines.len().saturating_sub(8)..].join("\n")
     }
@@ -448,4 +448,30 @@ fn yaml_str(s: &str) -> String {
 fn free_port() -> anyhow::Result<u16> {
     let l = std::net::TcpListener::bind("127.0.0.1:0").context("cannot bind a loopback port")?;
     Ok(l.local_addr()?.port())
+}
+
+/// Removes terminal colour sequences (`ESC [ ... letter`).
+pub fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for d in chars.by_ref() {
+                if d.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn strips_colours() {
+        assert_eq!(super::strip_ansi("\u{1b}[33m WARN\u{1b}[0m x"), " WARN x");
+    }
 }

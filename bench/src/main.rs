@@ -125,8 +125,23 @@ async fn run(args: Args, list: Vec<scenarios::Scenario>) -> ExitCode {
     for s in list {
         let started = std::time::Instant::now();
         eprintln!("testflinger-bench: {} ...", s.name());
-        let r = scenarios::run(s, &mut ctx).await;
+        // On SIGINT/SIGTERM the scenario is dropped (its processes are killed on drop),
+        // this run's queues and keys are removed, and the run ends.
+        let r = tokio::select! {
+            r = scenarios::run(s, &mut ctx) => Some(r),
+            _ = interrupted() => None,
+        };
         let cleanup = ctx.cleanup().await;
+        let Some(r) = r else {
+            eprintln!(
+                "testflinger-bench: interrupted during {}; cleaned up",
+                s.name()
+            );
+            if let Err(e) = cleanup {
+                eprintln!("testflinger-bench: clean-up: {e:#}");
+            }
+            return ExitCode::from(130);
+        };
         match r {
             Ok(rep) => {
                 eprintln!(
@@ -170,4 +185,23 @@ fn parse_env(raw: &[String]) -> Result<Vec<(String, String)>, String> {
                 .ok_or_else(|| format!("--server-env wants KEY=VALUE, got '{kv}'"))
         })
         .collect()
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn interrupted() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) {
+        (Ok(mut i), Ok(mut t)) => {
+            tokio::select! {
+                _ = i.recv() => {}
+                _ = t.recv() => {}
+            }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
 }

@@ -34,7 +34,23 @@ pub async fn run(ctx: &mut Ctx) -> anyhow::Result<Report> {
         }
     };
     let r = measure(ctx, &server, &q, bytes, limit).await;
-    let r = r.map_err(|e| anyhow!("{e:#}\nagent output:\n{}", agent.tail()));
+    let r = match r {
+        Ok(mut rep) => {
+            if rep.notes.iter().any(|n| n.contains("delivered")) {
+                // Say why, from the agent's own words.
+                let why = agent.tail();
+                if let Some(line) = why
+                    .lines()
+                    .rev()
+                    .find(|l| l.contains("WARN") || l.contains("ERROR"))
+                {
+                    rep.note(format!("agent: {}", line.trim()));
+                }
+            }
+            Ok(rep)
+        }
+        Err(e) => Err(anyhow!("{e:#}\nagent output:\n{}", agent.tail())),
+    };
     agent.stop().await;
     server.proc.stop().await;
     r
