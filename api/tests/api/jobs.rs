@@ -380,3 +380,99 @@ async fn secrets_are_resolved_only_for_the_claiming_agent() {
     );
     app.cleanup().await;
 }
+
+/// A private redis-server on a free port, stopped on drop.
+struct PrivateRedis {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl PrivateRedis {
+    fn start(port: u16) -> PrivateRedis {
+        let child = std::process::Command::new("redis-server")
+            .args([
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                &port.to_string(),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server is installed");
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        PrivateRedis { child, port }
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn redis_outage_gives_503_and_the_server_recovers() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let redis = PrivateRedis::start(port);
+    let app =
+        TestApp::spawn_with(|s| s.redis_url = format!("redis://127.0.0.1:{}/", redis.port)).await;
+    let q = app.queue("redis-down");
+    app.submit(json!({"job_queue": q})).await;
+    drop(redis);
+    let started = std::time::Instant::now();
+    let r = app.post_json("/v1/job", &json!({"job_queue": q})).await;
+    assert_eq!(r.status(), 503, "{:?}", r.text().await);
+    assert!(started.elapsed() < std::time::Duration::from_secs(10));
+    let body: Value = app
+        .post_json("/v1/job", &json!({"job_queue": q}))
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("Redis"),
+        "{body}"
+    );
+    // Nothing reached the broker for the refused submissions: only the first job is there.
+    let first = app
+        .broker()
+        .get(&q)
+        .await
+        .expect("get")
+        .expect("the first job");
+    first.ack().await.expect("ack");
+    assert!(app.broker().get(&q).await.expect("get").is_none());
+    // Redis back: submissions work again without restarting the server.
+    let _redis = PrivateRedis::start(port);
+    let id = app
+        .wait_for(20, "submissions to work again", || async {
+            let r = app.post_json("/v1/job", &json!({"job_queue": q})).await;
+            if r.status() == 200 {
+                r.json::<Value>().await.ok()
+            } else {
+                None
+            }
+        })
+        .await;
+    assert!(id["job_id"].is_string());
+    for queue in app.queues.lock().expect("lock").iter() {
+        let _ = app.state.broker.delete_queue(queue).await;
+    }
+}
