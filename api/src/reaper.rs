@@ -42,8 +42,57 @@ pub async fn run(app: AppState) {
             let files = app.files.clone();
             let age = Duration::from_secs(app.settings.retention);
             let _ = tokio::task::spawn_blocking(move || files.sweep(age)).await;
+            if let Err(e) = sweep_indexes(&app).await {
+                tracing::warn!(error = %e, "index sweep failed; retrying in an hour");
+            }
         }
     }
+}
+
+/// Removes index entries of jobs that expired (job hashes expire by themselves; the
+/// sorted sets that list them do not).
+pub async fn sweep_indexes(app: &AppState) -> ApiResult<usize> {
+    let k = &app.store.keys;
+    let mut c = app.store.con();
+    let cutoff = now_ms() - (app.settings.retention as i64) * 1000;
+    let mut removed: usize = redis::cmd("ZREMRANGEBYSCORE")
+        .arg(k.jobs())
+        .arg("-inf")
+        .arg(cutoff)
+        .query_async(&mut c)
+        .await?;
+    for pattern in [k.qjobs("*"), k.qpos("*")] {
+        let keys: Vec<String> = {
+            let mut it: redis::AsyncIter<String> = c.scan_match(&pattern).await?;
+            let mut v = Vec::new();
+            while let Some(key) = futures_util::StreamExt::next(&mut it).await {
+                v.push(key?);
+            }
+            v
+        };
+        for key in keys {
+            let ids: Vec<String> = c.zrange(&key, 0, -1).await?;
+            if ids.is_empty() {
+                continue;
+            }
+            let mut p = redis::pipe();
+            for id in &ids {
+                p.exists(k.job(id));
+            }
+            let alive: Vec<bool> = p.query_async(&mut c).await?;
+            let gone: Vec<&String> = ids
+                .iter()
+                .zip(alive)
+                .filter(|(_, a)| !a)
+                .map(|(id, _)| id)
+                .collect();
+            if !gone.is_empty() {
+                removed += gone.len();
+                let _: () = c.zrem(&key, gone).await?;
+            }
+        }
+    }
+    Ok(removed)
 }
 
 /// One pass: returns how many jobs it requeued or ended.

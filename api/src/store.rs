@@ -141,7 +141,7 @@ return 1
 static CLAIM: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
--- KEYS: job qpos leases wait waitqueues ; ARGV: id agent now_ms lease_ms now_iso legacy
+-- KEYS: job qpos leases wait waitqueues ; ARGV: id agent now_ms lease_ms now_iso legacy retention
 if redis.call('EXISTS', KEYS[1]) == 0 then return {'unknown'} end
 local st = redis.call('HGET', KEYS[1], 'state')
 if st == 'cancelled' then return {'cancelled'} end
@@ -169,6 +169,7 @@ local waited = math.floor((now - created) / 1000)
 if waited < 0 then waited = 0 end
 redis.call('LPUSH', KEYS[4], waited)
 redis.call('LTRIM', KEYS[4], 0, 999)
+redis.call('EXPIRE', KEYS[4], ARGV[7])
 redis.call('SADD', KEYS[5], redis.call('HGET', KEYS[1], 'queue'))
 return {'granted', attempt, fence, def, redis.call('HGET', KEYS[1], 'attach') or ''}
 "#,
@@ -547,6 +548,7 @@ impl Store {
             .arg(lease_ms)
             .arg(now_iso())
             .arg(if legacy { "1" } else { "0" })
+            .arg(self.retention)
             .invoke_async(&mut c)
             .await?;
         let r = list(r);

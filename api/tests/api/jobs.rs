@@ -472,7 +472,47 @@ async fn redis_outage_gives_503_and_the_server_recovers() {
         })
         .await;
     assert!(id["job_id"].is_string());
-    for queue in app.queues.lock().expect("lock").iter() {
+    let queues: Vec<String> = app.queues.lock().expect("lock").clone();
+    for queue in &queues {
         let _ = app.state.broker.delete_queue(queue).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn expired_jobs_leave_the_indexes_at_the_sweep() {
+    let app = TestApp::spawn().await;
+    let q = app.queue("sweep");
+    let keep = app.submit(json!({"job_queue": q})).await;
+    let gone = app.submit(json!({"job_queue": q})).await;
+    // Expiry of the job's record, as Redis does after the retention.
+    let mut c = app.state.store.con();
+    let _: () = redis::cmd("DEL")
+        .arg(app.state.store.keys.job(&gone))
+        .query_async(&mut c)
+        .await
+        .expect("del");
+    let removed = testflinger_api::reaper::sweep_indexes(&app.state)
+        .await
+        .expect("sweep");
+    assert!(
+        removed >= 2,
+        "qjobs and qpos entries of the expired job: {removed}"
+    );
+    let jobs: Value = app
+        .get(&format!("/v1/queues/{q}/jobs"))
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(jobs.as_array().map(Vec::len), Some(1));
+    assert_eq!(jobs[0]["job_id"], json!(keep));
+    assert_eq!(
+        app.get(&format!("/v1/job/{keep}/position"))
+            .await
+            .text()
+            .await
+            .expect("text"),
+        "0"
+    );
+    app.cleanup().await;
 }
