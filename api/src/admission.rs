@@ -43,16 +43,22 @@ async fn handle(app: &AppState, msg: Incoming) {
     let outcome = admit_message(app, &msg).await;
     match outcome {
         Ok(id) => {
+            app.metrics
+                .inc("testflinger_broker_submissions_total", "admitted");
             reply(app, &msg, json!({"job_id": id.to_string()})).await;
             settle(msg.ack().await);
         }
         Err(ApiError::Unavailable(e)) => {
+            app.metrics
+                .inc("testflinger_broker_submissions_total", "deferred");
             // Not our fault and not the publisher's: keep the message for later.
             tracing::warn!(error = %e, "submission deferred: dependency unavailable");
             tokio::time::sleep(Duration::from_millis(500)).await;
             settle(msg.requeue().await);
         }
         Err(e) => {
+            app.metrics
+                .inc("testflinger_broker_submissions_total", "rejected");
             let (error, detail) = describe(&e);
             tracing::info!(error = %error, "broker submission rejected");
             reply(app, &msg, json!({"error": error, "detail": detail})).await;

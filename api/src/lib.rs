@@ -9,12 +9,14 @@
 //! - [`store`]: all Redis state and its atomic scripts; [`files`]: artifacts/attachments.
 //! - [`reaper`]: requeues jobs whose lease expired.
 //! - [`events`]: job events to `testflinger.events` and webhooks.
+//! - [`metrics`]: Prometheus metrics at `/metrics`.
 //! - [`error`]: errors at the HTTP edge.
 
 pub mod admission;
 pub mod error;
 pub mod events;
 pub mod files;
+pub mod metrics;
 pub mod reaper;
 pub mod routes;
 pub mod settings;

@@ -134,6 +134,7 @@ pub async fn tick(app: &AppState, me: &str, interval: Duration) -> ApiResult<usi
                 reason,
             } => {
                 n += 1;
+                app.metrics.inc("testflinger_reaped_total", "requeued");
                 tracing::warn!(job.id = %id, agent = %agent, attempt, "lease expired: job requeued");
                 mark_lost(app, &agent).await;
                 if let Err(e) = republish(app, &id).await {
@@ -158,6 +159,7 @@ pub async fn tick(app: &AppState, me: &str, interval: Duration) -> ApiResult<usi
                 reason,
             } => {
                 n += 1;
+                app.metrics.inc("testflinger_reaped_total", "ended");
                 tracing::warn!(job.id = %id, agent = %agent, attempt, "lease expired: job ended");
                 mark_lost(app, &agent).await;
                 events::emit(

@@ -63,6 +63,7 @@ impl Application {
             settings,
             http,
             events,
+            metrics: Arc::default(),
         };
         let data = web::Data::new(state.clone());
         let server = HttpServer::new(move || {
@@ -72,6 +73,7 @@ impl Application {
                 .wrap(middleware::NormalizePath::new(
                     middleware::TrailingSlash::MergeOnly,
                 ))
+                .route("/metrics", web::get().to(crate::metrics::metrics))
                 .configure(crate::routes::configure)
                 .default_service(web::to(crate::routes::not_found))
         })

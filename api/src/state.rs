@@ -13,6 +13,7 @@ pub struct AppState {
     pub settings: std::sync::Arc<Settings>,
     pub http: reqwest::Client,
     pub events: crate::events::EventSink,
+    pub metrics: std::sync::Arc<crate::metrics::Metrics>,
 }
 
 impl AppState {

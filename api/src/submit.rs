@@ -47,6 +47,11 @@ pub async fn admit(app: &AppState, body: Value, forced_id: Option<JobId>) -> Api
         }
         return Err(e);
     }
+    app.metrics.inc("testflinger_jobs_total", &job.job_queue);
+    if job.reserve_data.is_some() {
+        app.metrics
+            .inc("testflinger_reservations_total", &job.job_queue);
+    }
     events::emit(
         app,
         &id_str,

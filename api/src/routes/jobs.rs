@@ -479,6 +479,11 @@ async fn legacy_next_job(app: web::Data<AppState>, req: HttpRequest) -> ApiResul
             if let Some(job) = claim.job.as_mut() {
                 super::secrets::resolve(&app, job).await?;
             }
+            if let Ok(v) = serde_json::to_value(claim.outcome)
+                && let Some(o) = v.as_str()
+            {
+                app.metrics.inc("testflinger_claims_total", o);
+            }
             match claim.outcome {
                 ClaimOutcome::Granted => {
                     msg.ack().await?;

@@ -56,6 +56,14 @@ async fn claim(
         );
     }
     let granted = c.outcome == ClaimOutcome::Granted;
+    let outcome = serde_json::to_value(c.outcome).ok();
+    app.metrics.inc(
+        "testflinger_claims_total",
+        outcome
+            .as_ref()
+            .and_then(|o| o.as_str())
+            .unwrap_or("unknown"),
+    );
     Ok(HttpResponse::Ok().json(ClaimResponse {
         outcome: c.outcome,
         token: granted.then_some(c.token),

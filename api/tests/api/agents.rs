@@ -159,3 +159,31 @@ async fn agents_queues_images_and_wait_times() {
     assert_eq!(jobs[0]["job_queue"], q.as_str());
     app.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn metrics_count_jobs_claims_and_waiting() {
+    let app = TestApp::spawn().await;
+    let q = app.queue("metrics");
+    let a = app.submit(json!({"job_queue": q})).await;
+    app.submit(json!({"job_queue": q, "reserve_data": {"ssh_keys": ["lp:someone"]}}))
+        .await;
+    assert_eq!(app.claim(&a, "m-agent").await["outcome"], "granted");
+    assert_eq!(app.claim(&a, "m-agent2").await["outcome"], "owned");
+    let r = app.get("/metrics").await;
+    assert_eq!(r.status(), 200);
+    let text = r.text().await.expect("text");
+    for line in [
+        format!("testflinger_jobs_total{{queue=\"{q}\"}} 2"),
+        format!("testflinger_reservations_total{{queue=\"{q}\"}} 1"),
+        "testflinger_claims_total{outcome=\"granted\"} 1".to_string(),
+        "testflinger_claims_total{outcome=\"owned\"} 1".to_string(),
+        format!("testflinger_queue_waiting_jobs{{queue=\"{q}\"}} 1"),
+        "testflinger_running_leases 1".to_string(),
+    ] {
+        assert!(
+            text.lines().any(|l| l == line),
+            "missing `{line}` in:\n{text}"
+        );
+    }
+    app.cleanup().await;
+}
