@@ -2,6 +2,7 @@
 //! stream beside them.
 
 pub mod agents;
+pub mod docs;
 pub mod jobs;
 pub mod lease;
 pub mod queues;
@@ -26,7 +27,8 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .configure(results::configure)
         .configure(agents::configure)
         .configure(queues::configure)
-        .configure(secrets::configure);
+        .configure(secrets::configure)
+        .configure(docs::configure);
 }
 
 async fn identity() -> HttpResponse {

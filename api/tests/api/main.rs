@@ -10,3 +10,4 @@ mod files;
 mod jobs;
 mod lease;
 mod logs;
+mod openapi;
