@@ -269,6 +269,9 @@ async fn post_images(app: web::Data<AppState>, body: web::Bytes) -> ApiResult<Ht
         p.set(&key, json!(images).to_string()).ignore();
         p.expire(&key, app.store.retention_secs()).ignore();
     }
+    if m.is_empty() {
+        return Ok(ok_text());
+    }
     let mut c = app.store.con();
     let _: () = p.query_async(&mut c).await?;
     Ok(ok_text())

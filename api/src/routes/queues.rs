@@ -107,6 +107,9 @@ async fn wait_times(app: web::Data<AppState>, req: HttpRequest) -> ApiResult<Htt
     } else {
         q.queue
     };
+    if queues.is_empty() {
+        return Ok(HttpResponse::Ok().json(json!({})));
+    }
     let mut p = redis::pipe();
     for queue in &queues {
         p.lrange(k.wait(queue), 0, -1);
