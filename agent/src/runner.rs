@@ -155,6 +155,8 @@ struct Run {
     hold: Option<Hold>,
     global_timeout: u64,
     output_timeout: u64,
+    /// The device info last posted, so it is sent again only when it changes.
+    device_info_sent: Option<Value>,
 }
 
 impl Run {
@@ -236,6 +238,7 @@ impl Run {
             hold: None,
             global_timeout,
             output_timeout,
+            device_info_sent: None,
         })
     }
 
@@ -281,7 +284,10 @@ impl Run {
             if self.stopping() {
                 break;
             }
-            if self.cancelled_on_server().await {
+            // Skipped phases cost no look-up: the control queue and the heartbeat tell
+            // us of a cancel anyway; this is upstream's check, before real work only.
+            let runs = phases::skip_reason(&self.cfg, &self.job.def, phase).is_none();
+            if runs && self.cancelled_on_server().await {
                 tracing::info!("job cancelled; going to cleanup");
                 break;
             }
@@ -400,18 +406,25 @@ impl Run {
     async fn phase(&mut self, phase: Phase) -> anyhow::Result<Option<i32>> {
         let span = tracing::info_span!("phase", %phase);
         async {
-            self.refresh_hold().await;
+            let skip = phases::skip_reason(&self.cfg, &self.job.def, phase);
+            if skip.is_none() {
+                self.refresh_hold().await;
+            }
+            // Upstream posts the state of every phase it enters, even one it then skips.
             self.post_result("job_state", json!({"job_state": phase.job_state()}))
                 .await?;
-            if self.hold.is_none() {
+            if skip.is_none() && self.hold.is_none() {
                 self.post_agent(json!({"state": phase.as_str(), "job_id": self.job.id}))
                     .await;
             }
-            if let Some(di) = self.device_info() {
-                self.post_result("device_info", json!({"device_info": di}))
+            if let Some(di) = self.device_info()
+                && self.device_info_sent.as_ref() != Some(&di)
+            {
+                self.post_result("device_info", json!({"device_info": di.clone()}))
                     .await?;
+                self.device_info_sent = Some(di);
             }
-            if let Some(reason) = phases::skip_reason(&self.cfg, &self.job.def, phase) {
+            if let Some(reason) = skip {
                 tracing::debug!(reason, "phase skipped");
                 return Ok(None);
             }
@@ -735,13 +748,21 @@ struct OutputSink {
     tx: Option<mpsc::UnboundedSender<(LogType, Fragment)>>,
 }
 
+/// Largest output fragment sent in one request: the API refuses bodies over 16 MiB, and
+/// smaller fragments keep a fast writer's output flowing while it runs.
+const FRAGMENT_MAX: usize = 1 << 20;
+
 impl OutputSink {
     fn push(&mut self, bytes: &[u8]) {
         self.pending.extend_from_slice(bytes);
+        if self.pending.len() >= FRAGMENT_MAX {
+            self.flush(false);
+        }
     }
 
-    /// Sends what is buffered. Unless `all`, an incomplete UTF-8 sequence at the end
-    /// waits for the next read.
+    /// Sends what is buffered. Unless `all`, an incomplete UTF-8 sequence at the end, and
+    /// an end that could be the start of a secret, wait for the next read, so a secret
+    /// split across two reads is still masked.
     fn flush(&mut self, all: bool) {
         if self.pending.is_empty() {
             return;
@@ -763,6 +784,27 @@ impl OutputSink {
         let mut text = String::from_utf8_lossy(&chunk).into_owned();
         for (secret, mask) in self.masks.iter() {
             text = text.replace(secret.as_str(), mask);
+        }
+        if !all {
+            let longest = self.masks.iter().map(|(s, _)| s.len()).max().unwrap_or(0);
+            let mut keep_from = text.len().saturating_sub(longest.saturating_sub(1));
+            while !text.is_char_boundary(keep_from) {
+                keep_from -= 1;
+            }
+            // Hold back only a tail that could begin a secret.
+            let tail = &text[keep_from..];
+            let held = (0..tail.len())
+                .filter(|&i| tail.is_char_boundary(i))
+                .find(|&i| self.masks.iter().any(|(s, _)| s.starts_with(&tail[i..])))
+                .map(|i| keep_from + i);
+            if let Some(at) = held {
+                let mut back = text.split_off(at).into_bytes();
+                back.extend_from_slice(&self.pending);
+                self.pending = back;
+            }
+        }
+        if text.is_empty() {
+            return;
         }
         append(&self.log_path, &text);
         if let Some(tx) = &self.tx {
@@ -852,5 +894,62 @@ mod tests {
         let log = std::fs::read_to_string(dir.path().join("test.log")).expect("log");
         assert_eq!(log, got);
         assert!(!log.contains("hunter2"));
+    }
+
+    fn sink(
+        dir: &Path,
+        masks: Vec<(String, String)>,
+    ) -> (OutputSink, mpsc::UnboundedReceiver<(LogType, Fragment)>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let sink = OutputSink {
+            phase: Phase::Test,
+            log_path: dir.join("test.log"),
+            pending: Vec::new(),
+            masks: Arc::new(masks),
+            counter: Arc::new(AtomicU64::new(0)),
+            tx: Some(tx),
+        };
+        (sink, rx)
+    }
+
+    #[test]
+    fn a_secret_split_across_reads_is_still_masked() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let (mut sink, mut rx) = sink(dir.path(), vec![("hunter2".into(), "**m**".into())]);
+        sink.push(b"the password is hun");
+        sink.flush(false);
+        sink.push(b"ter2, done");
+        sink.flush(false);
+        sink.flush(true);
+        let mut got = String::new();
+        while let Ok((_, f)) = rx.try_recv() {
+            assert!(!f.log_data.contains("hun") || !f.log_data.contains("hunter2"));
+            got.push_str(&f.log_data);
+        }
+        assert_eq!(got, "the password is **m**, done");
+    }
+
+    #[test]
+    fn a_fast_writer_is_sent_in_bounded_fragments() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let (mut sink, mut rx) = sink(dir.path(), Vec::new());
+        let block = vec![b'y'; 64 * 1024];
+        for _ in 0..(5 * 16) {
+            sink.push(&block); // 5 MiB without a tick
+        }
+        sink.flush(true);
+        let mut total = 0;
+        let mut count = 0;
+        while let Ok((_, f)) = rx.try_recv() {
+            assert!(
+                f.log_data.len() <= FRAGMENT_MAX + 64 * 1024,
+                "{}",
+                f.log_data.len()
+            );
+            total += f.log_data.len();
+            count += 1;
+        }
+        assert_eq!(total, 5 << 20);
+        assert!(count >= 5);
     }
 }
