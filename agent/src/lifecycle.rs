@@ -57,7 +57,10 @@ struct Agent {
 impl Agent {
     fn new(cfg: Arc<Config>, stop: CancellationToken) -> anyhow::Result<Agent> {
         let client = ApiClient::new(&cfg.server_address, &cfg.agent_id)?;
-        let broker = Broker::new(BrokerConfig::new(cfg.amqp_uri()))?;
+        // One connection is plenty for one device, and keeps the agent small.
+        let mut bcfg = BrokerConfig::new(cfg.amqp_uri());
+        bcfg.connections = 1;
+        let broker = Broker::new(bcfg)?;
         Ok(Agent {
             cfg,
             client,

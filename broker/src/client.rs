@@ -25,6 +25,12 @@ pub struct BrokerConfig {
     /// How long to wait for a publisher confirm.
     pub confirm_timeout: Duration,
     pub queue_type: QueueType,
+    /// Connections kept (deadpool-lapin pool size).
+    pub connections: usize,
+    /// Largest AMQP frame asked of the broker, unless the URI sets `frame_max`. lapin
+    /// keeps two buffers of 32 frames per connection, so the broker's default (128 KiB)
+    /// costs 8 MiB of memory per connection; messages larger than a frame are split.
+    pub frame_max: u32,
 }
 
 impl BrokerConfig {
@@ -35,6 +41,8 @@ impl BrokerConfig {
             connect_timeout: Duration::from_secs(2),
             confirm_timeout: Duration::from_secs(10),
             queue_type: QueueType::Classic,
+            connections: 2,
+            frame_max: 16 * 1024,
         }
     }
 }
@@ -92,8 +100,8 @@ impl Broker {
     /// Fails only on a malformed configuration. Must run inside a tokio runtime.
     pub fn new(cfg: BrokerConfig) -> Result<Broker, BrokerError> {
         let settings = PoolSettings {
-            url: Some(cfg.uri.clone()),
-            pool: Some(PoolConfig::new(2)),
+            url: Some(with_frame_max(&cfg.uri, cfg.frame_max)),
+            pool: Some(PoolConfig::new(cfg.connections.max(1))),
         };
         let pool = settings
             .create_pool(ConnectionProperties::default, Runtime::Tokio1)
@@ -431,5 +439,33 @@ impl Broker {
             .await?;
         let _ = ch.close(200, "count".into()).await;
         Ok(q.message_count())
+    }
+}
+
+/// Adds `frame_max` to an AMQP URI's query unless it has one.
+fn with_frame_max(uri: &str, frame_max: u32) -> String {
+    if uri.contains("frame_max=") {
+        return uri.to_string();
+    }
+    let sep = if uri.contains('?') { '&' } else { '?' };
+    format!("{uri}{sep}frame_max={frame_max}")
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn frame_max_is_added_once() {
+        assert_eq!(
+            super::with_frame_max("amqp://h:5672/%2f", 16384),
+            "amqp://h:5672/%2f?frame_max=16384"
+        );
+        assert_eq!(
+            super::with_frame_max("amqp://h/%2f?heartbeat=10", 8192),
+            "amqp://h/%2f?heartbeat=10&frame_max=8192"
+        );
+        assert_eq!(
+            super::with_frame_max("amqp://h/?frame_max=4096", 8192),
+            "amqp://h/?frame_max=4096"
+        );
     }
 }

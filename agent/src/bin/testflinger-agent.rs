@@ -31,7 +31,9 @@ fn main() -> ExitCode {
         }
     };
     telemetry::init(&cfg);
-    let rt = match tokio::runtime::Builder::new_multi_thread()
+    // One device, one job at a time: a single-threaded runtime is enough (phase commands
+    // are child processes, lapin has its own I/O thread) and keeps the agent small.
+    let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {
