@@ -311,6 +311,9 @@ impl Proc {
 pub struct Rss {
     pub now: u64,
     pub peak: u64,
+    /// Private (anonymous) memory: RSS less the shared, clean pages of the binary and
+    /// libraries, which the kernel can drop and other processes share.
+    pub private: u64,
 }
 
 pub fn rss_of(pid: u32) -> anyhow::Result<Rss> {
@@ -326,6 +329,7 @@ pub fn rss_of(pid: u32) -> anyhow::Result<Rss> {
     Ok(Rss {
         now: field("VmRSS:")?,
         peak: field("VmHWM:")?,
+        private: field("RssAnon:")?,
     })
 }
 

@@ -62,6 +62,8 @@ pub async fn run(ctx: &mut Ctx) -> anyhow::Result<Report> {
                 "MiB",
                 Goal::AtMost(8.0),
             )
+            .fig("agent_idle_private", agent1.private as f64 / MIB, "MiB")
+            .fig("api_idle_private", api1.private as f64 / MIB, "MiB")
             .fig("api_peak", api1.peak as f64 / MIB, "MiB")
             .fig("agent_peak", agent1.peak as f64 / MIB, "MiB");
         Ok(r)
