@@ -315,7 +315,11 @@ impl Agent {
             match claim.outcome {
                 ClaimOutcome::Granted => {
                     settle(msg.ack().await);
-                    self.close(consumer).await;
+                    // Stop consuming while the job runs, off the job's critical path: a
+                    // delivery that slips in meanwhile goes back to its queue on close.
+                    if let Some(c) = consumer.take() {
+                        tokio::spawn(c.close());
+                    }
                     let job = ClaimedJob {
                         id: job_id.clone(),
                         queue: msg.routing_key.clone(),

@@ -157,6 +157,8 @@ struct Run {
     output_timeout: u64,
     /// The device info last posted, so it is sent again only when it changes.
     device_info_sent: Option<Value>,
+    /// Whether a phase has started (the first needs no look-ups: the claim was one).
+    started: bool,
 }
 
 impl Run {
@@ -239,6 +241,7 @@ impl Run {
             global_timeout,
             output_timeout,
             device_info_sent: None,
+            started: false,
         })
     }
 
@@ -277,17 +280,17 @@ impl Run {
         if self.signals.lost.is_cancelled() {
             return Err(LeaseLost.into());
         }
-        self.post_agent(json!({"job_id": self.job.id})).await;
         self.fetch_attachments().await?;
 
-        for phase in ORDER {
+        for (i, phase) in ORDER.into_iter().enumerate() {
             if self.stopping() {
                 break;
             }
             // Skipped phases cost no look-up: the control queue and the heartbeat tell
             // us of a cancel anyway; this is upstream's check, before real work only.
+            // Nor does the first phase: the claim has just said the job is not cancelled.
             let runs = phases::skip_reason(&self.cfg, &self.job.def, phase).is_none();
-            if runs && self.cancelled_on_server().await {
+            if runs && i > 0 && self.cancelled_on_server().await {
                 tracing::info!("job cancelled; going to cleanup");
                 break;
             }
@@ -407,7 +410,10 @@ impl Run {
         let span = tracing::info_span!("phase", %phase);
         async {
             let skip = phases::skip_reason(&self.cfg, &self.job.def, phase);
-            if skip.is_none() {
+            // The hold was checked just before the claim: the first phase starts at once.
+            let first = !self.started;
+            self.started = true;
+            if skip.is_none() && !first {
                 self.refresh_hold().await;
             }
             // Upstream posts the state of every phase it enters, even one it then skips.
@@ -416,6 +422,8 @@ impl Run {
             if skip.is_none() && self.hold.is_none() {
                 self.post_agent(json!({"state": phase.as_str(), "job_id": self.job.id}))
                     .await;
+            } else if first {
+                self.post_agent(json!({"job_id": self.job.id})).await;
             }
             if let Some(di) = self.device_info()
                 && self.device_info_sent.as_ref() != Some(&di)
