@@ -84,12 +84,14 @@ async fn post_agent(
         p.expire(k.agent_log(&name), retention).ignore();
     }
     let mut c = app.store.con();
+    let previous: Option<String> = c.hget(k.agent(&name), "state").await?;
     let _: () = p.query_async(&mut c).await?;
+    // Tell the agent only when its state enters or leaves a blocking one (its own posts
+    // of phase states and `waiting` after a job need no echo).
+    let blocking = |s: &str| matches!(s, "offline" | "maintenance" | "restart");
     if let Some(state) = &a.state
-        && matches!(
-            state.as_str(),
-            "offline" | "maintenance" | "restart" | "waiting"
-        )
+        && (blocking(state) || previous.as_deref().is_some_and(blocking))
+        && previous.as_deref() != Some(state.as_str())
     {
         notify_state(&app, &name, state).await;
     }
