@@ -745,7 +745,8 @@ impl Store {
     }
 }
 
-fn stale_message(id: &str) -> String {
+/// The 409 message for a write with a stale fencing token.
+pub fn stale_message(id: &str) -> String {
     format!(
         "stale fencing token for job {id}: the job was reassigned or released; stop working on it"
     )

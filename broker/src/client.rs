@@ -399,6 +399,20 @@ impl Broker {
         Consumer::start_subscription(ch, exchange, binding_key).await
     }
 
+    /// Sends a command to one agent on `testflinger.control` (routing key = agent id),
+    /// waiting for the broker's confirm. Not persistent: an agent that is not listening
+    /// learns the same from its heartbeat or its next poll.
+    pub async fn send_control(&self, agent_id: &str, body: &[u8]) -> Result<(), BrokerError> {
+        self.publish(OutgoingMessage {
+            exchange: topology::CONTROL_EXCHANGE,
+            routing_key: agent_id,
+            body,
+            content_type: Some("application/json"),
+            ..OutgoingMessage::default()
+        })
+        .await
+    }
+
     /// A private reply queue (exclusive, auto-delete): its name, for `reply_to`, and
     /// its consumer.
     pub async fn reply_queue(&self) -> Result<(String, Consumer), BrokerError> {

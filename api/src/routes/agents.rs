@@ -110,17 +110,7 @@ async fn notify_state(app: &AppState, name: &str, state: &str) {
         state: state.to_string(),
     };
     let body = serde_json::to_vec(&cmd).unwrap_or_default();
-    let r = app
-        .broker
-        .publish(testflinger_broker::OutgoingMessage {
-            exchange: testflinger_broker::topology::CONTROL_EXCHANGE,
-            routing_key: name,
-            body: &body,
-            content_type: Some("application/json"),
-            ..Default::default()
-        })
-        .await;
-    if let Err(e) = r {
+    if let Err(e) = app.broker.send_control(name, &body).await {
         tracing::debug!(agent = name, error = %e, "state command not published; the agent polls");
     }
 }

@@ -139,21 +139,11 @@ pub fn webhook_of(def: Option<&str>) -> Option<String> {
 /// Tells the holder of a running job, over the broker, that it was cancelled. Best
 /// effort: the heartbeat answer carries the same news.
 async fn lease_notify_cancel(app: &AppState, agent: &str, id: &str) {
-    let body = serde_json::to_vec(&testflinger_common::protocol::ControlCommand::Cancel {
+    let cmd = testflinger_common::protocol::ControlCommand::Cancel {
         job_id: id.to_string(),
-    })
-    .unwrap_or_default();
-    let r = app
-        .broker
-        .publish(testflinger_broker::OutgoingMessage {
-            exchange: testflinger_broker::topology::CONTROL_EXCHANGE,
-            routing_key: agent,
-            body: &body,
-            content_type: Some("application/json"),
-            ..Default::default()
-        })
-        .await;
-    if let Err(e) = r {
+    };
+    let body = serde_json::to_vec(&cmd).unwrap_or_default();
+    if let Err(e) = app.broker.send_control(agent, &body).await {
         tracing::warn!(job.id = %id, error = %e, "cancel command not published; the heartbeat will carry it");
     }
 }

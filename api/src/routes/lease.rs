@@ -86,9 +86,7 @@ async fn heartbeat(
             cancel_requested: cancel,
             lease_ttl: app.settings.lease_ttl,
         })),
-        None => Err(ApiError::Stale(format!(
-            "stale fencing token for job {id}: the lease was lost; stop working on it"
-        ))),
+        None => Err(ApiError::Stale(crate::store::stale_message(&id))),
     }
 }
 
@@ -113,7 +111,7 @@ async fn release(
         .requeue(&id, &queue, u64::MAX, &reason, Some(r.token))
         .await?
     {
-        Requeue::Stale => Err(ApiError::Stale(format!("stale fencing token for job {id}"))),
+        Requeue::Stale => Err(ApiError::Stale(crate::store::stale_message(&id))),
         Requeue::Requeued {
             previous,
             attempt,
