@@ -32,10 +32,28 @@ pub enum ApiError {
     /// A dependency is down: retry later (503). Nothing was written.
     #[error("{0}")]
     Unavailable(String),
+    /// A message was sent to the broker but not confirmed: it may be queued. Callers
+    /// that recorded the job keep it and let the outbox publish it again; elsewhere 503.
+    #[error("{0}")]
+    Unconfirmed(String),
     /// Our fault: opaque to the caller, cause kept in the log (500).
     #[error(transparent)]
     Internal(#[from] anyhow::Error),
 }
+
+/// Redis answers that mean "not now" rather than "wrong": the data set is loading
+/// (after a restart, from the AOF), a replica is read-only (failover), memory is full,
+/// a script is busy, or the server is shutting down or in cluster transition.
+const TRANSIENT_REDIS_CODES: &[&str] = &[
+    "LOADING",
+    "READONLY",
+    "OOM",
+    "BUSY",
+    "MASTERDOWN",
+    "TRYAGAIN",
+    "CLUSTERDOWN",
+    "NOREPLICAS",
+];
 
 impl From<redis::RedisError> for ApiError {
     fn from(e: redis::RedisError) -> Self {
@@ -43,6 +61,7 @@ impl From<redis::RedisError> for ApiError {
             || e.is_timeout()
             || e.is_connection_dropped()
             || e.is_connection_refusal()
+            || e.code().is_some_and(|c| TRANSIENT_REDIS_CODES.contains(&c))
         {
             ApiError::Unavailable(format!("state store (Redis) unavailable: {e}"))
         } else {
@@ -57,6 +76,7 @@ impl From<BrokerError> for ApiError {
             BrokerError::Unavailable(_) | BrokerError::Refused(_) => {
                 ApiError::Unavailable(format!("job not queued: {e}"))
             }
+            BrokerError::Unconfirmed(_) => ApiError::Unconfirmed(format!("job not confirmed: {e}")),
             BrokerError::Protocol(_) => {
                 ApiError::Internal(anyhow::Error::new(e).context("broker protocol error"))
             }
@@ -79,7 +99,7 @@ impl ResponseError for ApiError {
             ApiError::NoContent => StatusCode::NO_CONTENT,
             ApiError::Stale(_) => StatusCode::CONFLICT,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Unavailable(_) | ApiError::Unconfirmed(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }

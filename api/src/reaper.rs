@@ -1,8 +1,9 @@
 //! The lease reaper. One replica at a time holds a Redis lock and, every
 //! `reaper_interval_ms`, requeues running jobs whose lease expired (attempt + 1, reason
-//! "agent lost"), or ends them once `max_attempts` runs were lost. A requeued job sits in
-//! the `republish` set until its new message is confirmed, so a broker outage delays it
-//! but cannot lose it. It also sweeps expired files from the store.
+//! "agent lost"), or ends them once `max_attempts` runs were used. Lease times are Redis
+//! time; after a gap in its passes it grants one lease of grace first. It also drains the
+//! outbox (jobs whose wake-up message is not confirmed), and a reconciler republishes
+//! waiting jobs whose broker queue lost their messages. It sweeps expired files too.
 
 use crate::error::{ApiError, ApiResult};
 use crate::events;
@@ -95,7 +96,9 @@ pub async fn sweep_indexes(app: &AppState) -> ApiResult<usize> {
     Ok(removed)
 }
 
-/// One pass: returns how many jobs it requeued or ended.
+/// One pass: returns how many jobs it requeued or ended. Holds the reaper lock; takes
+/// its clock from Redis; after a gap (no pass for longer than a third of a lease) it first
+/// grants every running job one more lease; one job that fails does not stop the pass.
 pub async fn tick(app: &AppState, me: &str, interval: Duration) -> ApiResult<usize> {
     let k = &app.store.keys;
     let mut c = app.store.con();
@@ -108,121 +111,204 @@ pub async fn tick(app: &AppState, me: &str, interval: Duration) -> ApiResult<usi
     if held != 1 {
         return Ok(0);
     }
-    let expired: Vec<String> = redis::cmd("ZRANGEBYSCORE")
-        .arg(k.leases())
-        .arg("-inf")
-        .arg(now_ms())
-        .arg("LIMIT")
-        .arg(0)
-        .arg(200)
-        .query_async(&mut c)
-        .await?;
+    let gap_ms = (app.lease_ms() / 3).max(interval.as_millis() as u64 * 3);
+    let (now, graced) = app.store.reaper_clock(gap_ms, app.lease_ms()).await?;
+    if graced > 0 {
+        tracing::warn!(
+            leases = graced,
+            "reaper resumed after a gap (Redis, the API or the reaper was away): every running job gets one more lease before any is reaped"
+        );
+    }
     let mut n = 0;
-    for id in expired {
-        let f = app.store.job_fields(&id, &["queue", "def"]).await?;
-        let queue = f[0].clone().unwrap_or_default();
-        let webhook = super::routes::jobs::webhook_of(f[1].as_deref());
-        match app
-            .store
-            .requeue(&id, &queue, app.settings.max_attempts, "agent lost", None)
-            .await?
-        {
-            Requeue::Requeued {
-                previous,
-                attempt,
-                agent,
-                reason,
-            } => {
-                n += 1;
-                app.metrics.inc("testflinger_reaped_total", "requeued");
-                tracing::warn!(job.id = %id, agent = %agent, attempt, "lease expired: job requeued");
-                mark_lost(app, &agent).await;
-                if let Err(e) = republish(app, &id).await {
-                    tracing::warn!(job.id = %id, error = %e, "requeued job not yet republished; will retry");
-                }
-                events::emit(
-                    app,
-                    &id,
-                    &queue,
-                    "waiting",
-                    Some(&previous),
-                    attempt,
-                    Some(&agent),
-                    Some(&reason),
-                    webhook,
-                );
+    for id in app.store.expired_leases(now, 200).await? {
+        match reap_one(app, &id).await {
+            Ok(true) => n += 1,
+            Ok(false) => {}
+            Err(e) => {
+                tracing::warn!(job.id = %id, error = %e, "could not reap job; next pass retries")
             }
-            Requeue::Ended {
-                previous,
-                attempt,
-                agent,
-                reason,
-            } => {
-                n += 1;
-                app.metrics.inc("testflinger_reaped_total", "ended");
-                tracing::warn!(job.id = %id, agent = %agent, attempt, "lease expired: job ended");
-                mark_lost(app, &agent).await;
-                events::emit(
-                    app,
-                    &id,
-                    &queue,
-                    "complete",
-                    Some(&previous),
-                    attempt,
-                    Some(&agent),
-                    Some(&reason),
-                    webhook,
-                );
-            }
-            _ => {}
         }
     }
-    // Requeued jobs whose message was not confirmed yet.
-    let pending: Vec<String> = c.smembers(k.republish()).await?;
-    for id in pending {
-        if let Err(e) = republish(app, &id).await {
-            tracing::warn!(job.id = %id, error = %e, "republish failed; will retry");
-            break;
-        }
-    }
+    reconcile_outbox(app, now).await;
     Ok(n)
 }
 
-async fn mark_lost(app: &AppState, agent: &str) {
-    if agent.is_empty() {
-        return;
-    }
-    let fields = [
-        ("state", "lost"),
-        (
-            "comment",
-            "lease expired: the agent stopped renewing its job",
-        ),
-    ];
-    if let Err(e) = app.store.update_agent_if_known(agent, &fields).await {
+async fn reap_one(app: &AppState, id: &str) -> ApiResult<bool> {
+    let f = app.store.job_fields(id, &["queue", "def"]).await?;
+    let queue = f[0].clone().unwrap_or_default();
+    let webhook = super::routes::jobs::webhook_of(f[1].as_deref());
+    let (state, previous, attempt, agent, reason) = match app
+        .store
+        .requeue(id, &queue, app.settings.max_attempts, "agent lost", None)
+        .await?
+    {
+        Requeue::Requeued {
+            previous,
+            attempt,
+            agent,
+            reason,
+        } => {
+            app.metrics.inc("testflinger_reaped_total", "requeued");
+            tracing::warn!(job.id = %id, agent = %agent, attempt, "lease expired: job requeued");
+            ("waiting", previous, attempt, agent, reason)
+        }
+        Requeue::Ended {
+            previous,
+            attempt,
+            agent,
+            reason,
+        } => {
+            app.metrics.inc("testflinger_reaped_total", "ended");
+            tracing::warn!(job.id = %id, agent = %agent, attempt, "lease expired: job ended");
+            ("complete", previous, attempt, agent, reason)
+        }
+        _ => return Ok(false),
+    };
+    if !agent.is_empty()
+        && let Err(e) = app.store.mark_agent_lost(&agent, id).await
+    {
         tracing::warn!(agent, error = %e, "could not mark agent lost");
+    }
+    if state == "waiting"
+        && let Err(e) = republish(app, id).await
+    {
+        tracing::warn!(job.id = %id, error = %e, "requeued job not yet republished; the outbox keeps it");
+    }
+    events::emit(
+        app,
+        id,
+        &queue,
+        state,
+        Some(&previous),
+        attempt,
+        Some(&agent),
+        Some(&reason),
+        webhook,
+    );
+    Ok(true)
+}
+
+/// How long a job stays in the outbox before the reconciler publishes it again: longer
+/// than a normal publish takes, so a submit in flight is not published twice for nothing.
+const OUTBOX_AGE_MS: i64 = 3_000;
+
+/// Publishes again what the outbox holds for longer than [`OUTBOX_AGE_MS`] (a publish
+/// that failed or whose outcome was unclear, a requeue whose message is not confirmed).
+/// Stops at the first failure: the broker is probably away, the next pass retries.
+async fn reconcile_outbox(app: &AppState, now: i64) {
+    let ids = match app.store.outbox(now - OUTBOX_AGE_MS, 500).await {
+        Ok(ids) => ids,
+        Err(e) => {
+            tracing::warn!(error = %e, "could not read the outbox");
+            return;
+        }
+    };
+    for id in ids {
+        if let Err(e) = republish(app, &id).await {
+            tracing::warn!(job.id = %id, error = %e, "republish failed; the outbox keeps it");
+            break;
+        }
     }
 }
 
-/// Publishes a requeued job's message again and takes it off the `republish` set.
+/// Compares each queue's runnable waiting jobs with the messages its broker queue holds
+/// (a passive declare gives the count); when the broker holds fewer (a purged or deleted
+/// queue, a crash between record and publish), publishes that queue's waiting jobs again.
+/// Duplicates are harmless: the claim grants a job once. Returns the jobs published.
+///
+/// `short` carries the queues that were short at the previous pass: a queue is repaired
+/// only when it is short twice in a row, so a message that an agent is claiming right now
+/// (delivered, so not counted) does not cause a round of duplicates.
+pub async fn reconcile_queues(
+    app: &AppState,
+    short: &mut std::collections::HashSet<String>,
+) -> ApiResult<usize> {
+    let mut published = 0;
+    let mut now_short = std::collections::HashSet::new();
+    for (queue, waiting) in app.store.queues_with_waiting().await? {
+        let held = match app.broker.message_count(&queue).await {
+            Ok(n) => u64::from(n),
+            // The queue does not exist (deleted): it holds nothing.
+            Err(testflinger_broker::BrokerError::Protocol(_)) => {
+                app.broker.forget_declared(&queue);
+                0
+            }
+            Err(e) => return Err(e.into()),
+        };
+        if held >= waiting {
+            continue;
+        }
+        let ids = app.store.runnable_waiting(&queue, 10_000).await?;
+        if (ids.len() as u64) <= held {
+            continue;
+        }
+        now_short.insert(queue.clone());
+        if !short.contains(&queue) {
+            continue;
+        }
+        tracing::warn!(
+            queue,
+            waiting = ids.len(),
+            messages = held,
+            "queue holds fewer messages than waiting jobs: publishing them again"
+        );
+        for id in ids {
+            republish(app, &id).await?;
+            published += 1;
+        }
+    }
+    *short = now_short;
+    Ok(published)
+}
+
+/// Runs [`reconcile_queues`] every `interval` while this replica holds the reaper lock's
+/// turn (any replica may run it: duplicates are harmless, but one is enough).
+pub async fn run_reconciler(app: AppState, interval: Duration) {
+    let mut short = std::collections::HashSet::new();
+    loop {
+        tokio::time::sleep(interval).await;
+        let k = &app.store.keys;
+        let mut c = app.store.con();
+        let got: Result<Option<String>, _> = redis::cmd("SET")
+            .arg(format!("{}:reconciler", k.prefix()))
+            .arg("1")
+            .arg("NX")
+            .arg("PX")
+            .arg(interval.as_millis() as u64)
+            .query_async(&mut c)
+            .await;
+        if !matches!(got, Ok(Some(_))) {
+            continue;
+        }
+        match reconcile_queues(&app, &mut short).await {
+            Ok(n) if n > 0 => tracing::info!(published = n, "reconciler published waiting jobs"),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "reconcile pass failed; retrying"),
+        }
+    }
+}
+
+/// Publishes a waiting job's wake-up message (again) and takes it off the outbox once
+/// the broker confirmed it. A job that is no longer waiting needs no message: it leaves
+/// the outbox. A requeued job (attempt > 0) is published one priority level up, so it
+/// keeps its place ahead of the jobs that queued behind it instead of going to the tail.
 pub async fn republish(app: &AppState, id: &str) -> ApiResult<()> {
     let f = app
         .store
-        .job_fields(id, &["queue", "prio", "def", "state"])
+        .job_fields(id, &["queue", "prio", "def", "state", "attach", "attempt"])
         .await?;
-    let k = &app.store.keys;
-    let mut c = app.store.con();
-    if f[3].as_deref() == Some("waiting") {
+    if f[3].as_deref() == Some("waiting") && f[4].as_deref() != Some("waiting") {
         let queue = f[0]
             .clone()
             .ok_or_else(|| ApiError::Internal(anyhow::anyhow!("job {id} has no queue")))?;
-        let prio = f[1].as_deref().and_then(|p| p.parse().ok()).unwrap_or(0);
+        let prio: i64 = f[1].as_deref().and_then(|p| p.parse().ok()).unwrap_or(0);
+        let attempt: u64 = f[5].as_deref().and_then(|p| p.parse().ok()).unwrap_or(0);
         let def: Value = f[2]
             .as_deref()
             .and_then(|d| serde_json::from_str(d).ok())
             .unwrap_or(Value::Null);
-        crate::submit::publish(app, id, &queue, prio, &def).await?;
+        let boost = i64::from(attempt > 0);
+        crate::submit::publish(app, id, &queue, prio + boost, &def).await?;
     }
-    let _: () = c.srem(k.republish(), id).await?;
-    Ok(())
+    app.store.outbox_done(id).await
 }

@@ -15,6 +15,7 @@
 //! | `TESTFLINGER_WORKERS` | CPU count | HTTP worker threads |
 //! | `TESTFLINGER_QUEUE_TYPE` | `classic` | `classic` or `quorum` job queues |
 //! | `TESTFLINGER_REAPER_INTERVAL_MS` | `1000` | how often expired leases are looked for |
+//! | `TESTFLINGER_RECONCILE_INTERVAL_MS` | `10000` | how often waiting jobs are compared with the broker's queues |
 //! | `TESTFLINGER_EVENTS` | `true` | publish job events to `testflinger.events` |
 //! | `TESTFLINGER_SUBMIT_CONSUMER` | `true` | admit jobs published to the submit queue |
 //! | `TESTFLINGER_SUBMIT_QUEUE` | `testflinger.submit` | the broker-native submission queue |
@@ -47,6 +48,7 @@ pub struct Settings {
     pub workers: usize,
     pub queue_type: String,
     pub reaper_interval_ms: u64,
+    pub reconcile_interval_ms: u64,
     pub events: bool,
     pub submit_consumer: bool,
     pub submit_queue: String,
@@ -67,6 +69,7 @@ const KNOWN: &[&str] = &[
     "workers",
     "queue_type",
     "reaper_interval_ms",
+    "reconcile_interval_ms",
     "events",
     "submit_consumer",
     "submit_queue",
@@ -95,6 +98,7 @@ impl Settings {
             )?
             .set_default("queue_type", "classic")?
             .set_default("reaper_interval_ms", 1000)?
+            .set_default("reconcile_interval_ms", 10_000)?
             .set_default("events", true)?
             .set_default("submit_consumer", true)?
             .set_default("submit_queue", testflinger_broker::topology::SUBMIT_QUEUE)?
@@ -180,6 +184,7 @@ impl Settings {
             workers: 2,
             queue_type: "classic".into(),
             reaper_interval_ms: 200,
+            reconcile_interval_ms: 1000,
             events: true,
             submit_consumer: false,
             submit_queue: format!("testflinger.submit.{prefix}"),

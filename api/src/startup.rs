@@ -91,6 +91,10 @@ impl Application {
             warm_up,
             events_task,
             tokio::spawn(crate::reaper::run(state.clone())),
+            tokio::spawn(crate::reaper::run_reconciler(
+                state.clone(),
+                std::time::Duration::from_millis(state.settings.reconcile_interval_ms.max(100)),
+            )),
         ];
         if state.settings.submit_consumer {
             background.push(tokio::spawn(crate::admission::run(state.clone())));

@@ -5,14 +5,15 @@
 //! sorted sets `log:<id>:<type>` (fragments scored by fragment number). Per queue: the
 //! position index `qpos:<q>` (waiting jobs, scored by priority then submit order), the
 //! job list `qjobs:<q>`, wait-time samples `wait:<q>`. Global: `jobs` (all jobs by
-//! creation), `leases` (running jobs by lease expiry), `republish` (jobs the reaper
-//! requeued whose message is not yet confirmed), agents, queues, images.
+//! creation), `leases` (running jobs by lease expiry, Redis time), `outbox` (jobs whose
+//! wake-up message is not yet confirmed by the broker), agents, queues, images.
 
 use crate::error::{ApiError, ApiResult};
 use redis::aio::ConnectionManager;
 use redis::{AsyncCommands, Script};
 use serde_json::{Map, Value};
 use std::sync::LazyLock;
+use testflinger_common::JobState;
 use testflinger_common::protocol::ClaimOutcome;
 
 /// Key names, all under one prefix.
@@ -51,8 +52,15 @@ impl Keys {
     pub fn leases(&self) -> String {
         format!("{}:leases", self.p)
     }
-    pub fn republish(&self) -> String {
-        format!("{}:republish", self.p)
+    /// Jobs whose wake-up message must be published (again): new jobs until the broker
+    /// confirms, requeued jobs, jobs whose publish outcome was unclear. Scored by when
+    /// they entered, in Redis milliseconds.
+    pub fn outbox(&self) -> String {
+        format!("{}:outbox", self.p)
+    }
+    /// The reaper's last pass, in Redis milliseconds.
+    pub fn reaper_last(&self) -> String {
+        format!("{}:reaper:last", self.p)
     }
     pub fn seq(&self) -> String {
         format!("{}:seq", self.p)
@@ -89,12 +97,20 @@ impl Keys {
     }
 }
 
+/// Lua prelude: `now` in milliseconds from the Redis server's clock, so every replica
+/// compares leases against one clock (DESIGN.md "Delivery guarantees" 6).
+macro_rules! redis_now {
+    () => {
+        "local __t = redis.call('TIME')\nlocal now = tonumber(__t[1]) * 1000 + math.floor(tonumber(__t[2]) / 1000)\n"
+    };
+}
+
 static SUBMIT: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
--- KEYS: job qpos qjobs jobs seq ; ARGV: id def queue prio created_ms created_iso attach ttl tags_json
+-- KEYS: job qpos qjobs jobs seq outbox ; ARGV: id def queue prio created_ms created_iso attach ttl tags_json
 if redis.call('EXISTS', KEYS[1]) == 1 then
-  return {0, redis.call('HGET', KEYS[1], 'state') or ''}
+  return {0, redis.call('HGET', KEYS[1], 'state') or '', redis.call('HGET', KEYS[1], 'def') or ''}
 end
 local seq = redis.call('INCR', KEYS[5])
 local score = -tonumber(ARGV[4]) * 4294967296 + (seq % 4294967296)
@@ -105,6 +121,7 @@ redis.call('EXPIRE', KEYS[1], ARGV[8])
 redis.call('ZADD', KEYS[2], score, ARGV[1])
 redis.call('ZADD', KEYS[3], ARGV[5], ARGV[1])
 redis.call('ZADD', KEYS[4], ARGV[5], ARGV[1])
+if ARGV[7] == '' then redis.call('ZADD', KEYS[6], ARGV[5], ARGV[1]) end
 return {1, 'waiting'}
 "#,
     )
@@ -128,7 +145,8 @@ return r
 static UNSUBMIT: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
--- KEYS: job qpos qjobs jobs ; ARGV: id
+-- KEYS: job qpos qjobs jobs outbox ; ARGV: id
+redis.call('ZREM', KEYS[5], ARGV[1])
 redis.call('DEL', KEYS[1])
 redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('ZREM', KEYS[3], ARGV[1])
@@ -138,14 +156,26 @@ return 1
     )
 });
 
+/// Hands a waiting job to an agent, or answers why not. A claim retried by the agent that
+/// holds the job, for the same attempt, gets the same grant again (the answer to its first
+/// try was lost), so a retry burns no attempt.
 static CLAIM: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
+    Script::new(concat!(
+        redis_now!(),
         r#"
--- KEYS: job qpos leases wait waitqueues ; ARGV: id agent now_ms lease_ms now_iso legacy retention
+-- KEYS: job qpos leases wait waitqueues ; ARGV: id agent lease_ms now_iso legacy retention
 if redis.call('EXISTS', KEYS[1]) == 0 then return {'unknown'} end
 local st = redis.call('HGET', KEYS[1], 'state')
 if st == 'cancelled' then return {'cancelled'} end
 if st == 'complete' then return {'finished'} end
+if st == 'running' and redis.call('HGET', KEYS[1], 'agent') == ARGV[2]
+   and (redis.call('HGET', KEYS[1], 'legacy') or '0') == ARGV[5] then
+  local lease = now + tonumber(ARGV[3])
+  redis.call('HSET', KEYS[1], 'lease', lease)
+  redis.call('ZADD', KEYS[3], lease, ARGV[1])
+  return {'granted', redis.call('HGET', KEYS[1], 'attempt'), redis.call('HGET', KEYS[1], 'fence'),
+    redis.call('HGET', KEYS[1], 'def'), redis.call('HGET', KEYS[1], 'attach') or ''}
+end
 if st ~= 'waiting' then return {'owned'} end
 if redis.call('HGET', KEYS[1], 'attach') == 'waiting' then return {'owned'} end
 local def = redis.call('HGET', KEYS[1], 'def')
@@ -157,96 +187,180 @@ if ok and type(job) == 'table' and type(job['exclude_agents']) == 'table' then
 end
 local attempt = redis.call('HINCRBY', KEYS[1], 'attempt', 1)
 local fence = redis.call('HINCRBY', KEYS[1], 'fence', 1)
-local now = tonumber(ARGV[3])
-local lease = now + tonumber(ARGV[4])
-if ARGV[6] == '1' then lease = -1 end
+local lease = now + tonumber(ARGV[3])
 redis.call('HSET', KEYS[1], 'state', 'running', 'agent', ARGV[2], 'lease', lease,
-  'started_at', ARGV[5], 'reason', '')
+  'lease_ms', ARGV[3], 'legacy', ARGV[5], 'started_at', ARGV[4], 'reason', '')
 redis.call('ZREM', KEYS[2], ARGV[1])
-if lease > 0 then redis.call('ZADD', KEYS[3], lease, ARGV[1]) end
+redis.call('ZADD', KEYS[3], lease, ARGV[1])
 local created = tonumber(redis.call('HGET', KEYS[1], 'created')) or now
 local waited = math.floor((now - created) / 1000)
 if waited < 0 then waited = 0 end
 redis.call('LPUSH', KEYS[4], waited)
 redis.call('LTRIM', KEYS[4], 0, 999)
-redis.call('EXPIRE', KEYS[4], ARGV[7])
+redis.call('EXPIRE', KEYS[4], ARGV[6])
 redis.call('SADD', KEYS[5], redis.call('HGET', KEYS[1], 'queue'))
 return {'granted', attempt, fence, def, redis.call('HGET', KEYS[1], 'attach') or ''}
-"#,
-    )
+"#
+    ))
 });
 
 static HEARTBEAT: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
+    Script::new(concat!(
+        redis_now!(),
         r#"
--- KEYS: job leases ; ARGV: id token now_ms lease_ms
+-- KEYS: job leases ; ARGV: id token lease_ms
 if redis.call('EXISTS', KEYS[1]) == 0 then return {'stale'} end
 if redis.call('HGET', KEYS[1], 'fence') ~= ARGV[2] then return {'stale'} end
 local st = redis.call('HGET', KEYS[1], 'state')
 if st == 'waiting' or st == 'complete' then return {'stale'} end
-local lease = tonumber(ARGV[3]) + tonumber(ARGV[4])
+local lease = now + tonumber(ARGV[3])
 redis.call('HSET', KEYS[1], 'lease', lease)
 redis.call('ZADD', KEYS[2], lease, ARGV[1])
 if st == 'cancelled' then return {'ok', 1} end
 return {'ok', 0}
-"#,
-    )
+"#
+    ))
 });
 
-/// Puts a running job back to waiting (reaper or release) or ends it after too many
-/// attempts. Bumps the fencing token either way.
+/// Puts a running job back to waiting (reaper or release) or ends it once it has used
+/// `max_attempts` runs; a release counts as a run. Bumps the fencing token either way.
+/// The requeued job keeps its place in the position index and enters the outbox, from
+/// which its wake-up message is published (again) until the broker confirms it.
 static REQUEUE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
+    Script::new(concat!(
+        redis_now!(),
         r#"
--- KEYS: job leases qpos republish ; ARGV: id now_ms max_attempts reason mode(reap|release) token
+-- KEYS: job leases qpos outbox ; ARGV: id max_attempts reason mode(reap|release) token
 if redis.call('EXISTS', KEYS[1]) == 0 then
   redis.call('ZREM', KEYS[2], ARGV[1]); return {'gone'}
 end
 local st = redis.call('HGET', KEYS[1], 'state')
-if ARGV[5] == 'release' and redis.call('HGET', KEYS[1], 'fence') ~= ARGV[6] then return {'stale'} end
+if ARGV[4] == 'release' and redis.call('HGET', KEYS[1], 'fence') ~= ARGV[5] then return {'stale'} end
 if st == 'waiting' or st == 'complete' or st == 'cancelled' then
   redis.call('ZREM', KEYS[2], ARGV[1]); return {'skip', st}
 end
-if ARGV[5] == 'reap' then
+if ARGV[4] == 'reap' then
   local lease = tonumber(redis.call('HGET', KEYS[1], 'lease')) or 0
-  if lease < 0 or lease > tonumber(ARGV[2]) then return {'skip', st} end
+  if lease > now then return {'skip', st} end
 end
 redis.call('HINCRBY', KEYS[1], 'fence', 1)
 redis.call('ZREM', KEYS[2], ARGV[1])
 local attempt = tonumber(redis.call('HGET', KEYS[1], 'attempt')) or 0
 local agent = redis.call('HGET', KEYS[1], 'agent') or ''
-if ARGV[5] == 'reap' and attempt >= tonumber(ARGV[3]) then
-  local why = ARGV[4] .. '; giving up after ' .. attempt .. ' attempts'
+if attempt >= tonumber(ARGV[2]) then
+  local why = ARGV[3] .. '; giving up after ' .. attempt .. ' attempts'
   redis.call('HSET', KEYS[1], 'state', 'complete', 'reason', why, 'lease', 0)
   return {'ended', st, attempt, agent, why}
 end
 local prio = tonumber(redis.call('HGET', KEYS[1], 'prio')) or 0
 local seq = tonumber(redis.call('HGET', KEYS[1], 'seq')) or 0
-redis.call('HSET', KEYS[1], 'state', 'waiting', 'reason', ARGV[4], 'lease', 0, 'agent', '')
+redis.call('HSET', KEYS[1], 'state', 'waiting', 'reason', ARGV[3], 'lease', 0, 'agent', '')
 redis.call('ZADD', KEYS[3], -prio * 4294967296 + (seq % 4294967296), ARGV[1])
-redis.call('SADD', KEYS[4], ARGV[1])
-return {'requeued', st, attempt, agent, ARGV[4]}
-"#,
-    )
+redis.call('ZADD', KEYS[4], now, ARGV[1])
+return {'requeued', st, attempt, agent, ARGV[3]}
+"#
+    ))
 });
 
+/// Moves a job's state as its holder reports it. The caller passes the states the job
+/// may move from (the state machine lives in `JobState::may_follow`); a job that already
+/// ended keeps its state.
 static SET_STATE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
--- KEYS: job leases qpos ; ARGV: id token new_state
+-- KEYS: job leases qpos ; ARGV: id token new_state from_states...
 if redis.call('EXISTS', KEYS[1]) == 0 then return {'unknown'} end
 if ARGV[2] ~= '' and redis.call('HGET', KEYS[1], 'fence') ~= ARGV[2] then return {'stale'} end
 local st = redis.call('HGET', KEYS[1], 'state')
 local new = ARGV[3]
-if new == 'completed' then new = 'complete' end
-if new == 'complete' or new == 'cancelled' then redis.call('ZREM', KEYS[2], ARGV[1]) end
-if st == 'complete' then return {'kept', st} end
-if st == 'cancelled' then return {'kept', st} end
-if new == 'cancelled' or new == 'complete' then redis.call('ZREM', KEYS[3], ARGV[1]) end
+if st == 'complete' or st == 'cancelled' then
+  if new == 'complete' or new == 'cancelled' then redis.call('ZREM', KEYS[2], ARGV[1]) end
+  return {'kept', st}
+end
+if st == new then return {'kept', st} end
+local allowed = false
+for i = 4, #ARGV do if ARGV[i] == st then allowed = true end end
+if not allowed then return {'refused', st} end
+if new == 'complete' or new == 'cancelled' then
+  redis.call('ZREM', KEYS[2], ARGV[1])
+  redis.call('ZREM', KEYS[3], ARGV[1])
+  redis.call('HSET', KEYS[1], 'lease', 0)
+end
 redis.call('HSET', KEYS[1], 'state', new)
 return {'set', st}
 "#,
     )
+});
+
+/// Checks that a write about a job comes from its holder, inside Redis. With a token:
+/// the fencing token must match and the job must not be waiting. Without one (upstream's
+/// HTTP-polling agents): only for a job a legacy agent holds and while it runs; the
+/// write renews that agent's lease, as a heartbeat would.
+static WRITE_CHECK: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(concat!(
+        redis_now!(),
+        r#"
+-- KEYS: job leases ; ARGV: id token
+if redis.call('EXISTS', KEYS[1]) == 0 then return {'unknown', 0} end
+local f = redis.call('HMGET', KEYS[1], 'fence', 'state', 'legacy', 'lease_ms', 'attempt')
+local attempt = tonumber(f[5]) or 0
+if ARGV[2] ~= '' then
+  if f[1] == ARGV[2] and f[2] ~= 'waiting' then return {'ok', attempt} end
+  return {'stale', attempt}
+end
+if f[3] ~= '1' then return {'token', attempt} end
+if f[2] == 'waiting' or f[2] == 'complete' or f[2] == 'cancelled' then return {'stale', attempt} end
+local lease = now + (tonumber(f[4]) or 0)
+redis.call('HSET', KEYS[1], 'lease', lease)
+redis.call('ZADD', KEYS[2], lease, ARGV[1])
+return {'ok', attempt}
+"#
+    ))
+});
+
+/// Marks an agent `lost` only while its record still names the job whose lease expired:
+/// a replacement that runs under the same name, or the same agent on a newer job, is not
+/// lost.
+static MARK_LOST: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+-- KEYS: agent ; ARGV: job_id comment
+if redis.call('HGET', KEYS[1], 'job_id') ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'state', 'lost', 'comment', ARGV[2])
+return 1
+"#,
+    )
+});
+
+/// The reaper's clock and its grace: returns Redis time, and when the previous pass is
+/// older than `gap_ms` (Redis, the API or the reaper was away), first extends every
+/// running job's lease to now + its lease span, because its holder could not renew it
+/// meanwhile.
+static REAPER_CLOCK: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(concat!(
+        redis_now!(),
+        r#"
+-- KEYS: leases last ; ARGV: gap_ms default_lease_ms job_key_prefix
+local last = tonumber(redis.call('GET', KEYS[2]) or '0')
+redis.call('SET', KEYS[2], now)
+local graced = 0
+if now - last > tonumber(ARGV[1]) then
+  local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now + tonumber(ARGV[2]))
+  for _, id in ipairs(ids) do
+    if redis.call('EXISTS', ARGV[3] .. id) == 1 then
+      local span = tonumber(redis.call('HGET', ARGV[3] .. id, 'lease_ms') or '') or tonumber(ARGV[2])
+      local lease = now + span
+      redis.call('ZADD', KEYS[1], lease, id)
+      redis.call('HSET', ARGV[3] .. id, 'lease', lease)
+      graced = graced + 1
+    else
+      redis.call('ZREM', KEYS[1], id)
+    end
+  end
+end
+return {now, graced}
+"#
+    ))
 });
 
 static UPDATE_AGENT: LazyLock<Script> = LazyLock::new(|| {
@@ -289,6 +403,27 @@ pub struct JobRecord {
     pub device_info: Option<Value>,
     pub attach: String,
     pub priority: i64,
+}
+
+/// What [`Store::create_job`] did.
+#[derive(Debug, Clone)]
+pub struct Created {
+    /// False when a job with this id existed already (then nothing was written).
+    pub created: bool,
+    /// The job's state (the existing job's, when not created).
+    pub state: String,
+    /// The existing job's stored definition (JSON), when not created.
+    pub existing_def: String,
+}
+
+/// What [`Store::set_state`] did, with the state the job had before.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StateChange {
+    Set(String),
+    /// Same state, or the job already ended: nothing changed.
+    Kept(String),
+    /// The state machine does not allow this move.
+    Refused(String),
 }
 
 /// Result of a claim.
@@ -407,7 +542,7 @@ impl Store {
         priority: i64,
         attach_waiting: bool,
         tags: &[String],
-    ) -> ApiResult<(bool, String)> {
+    ) -> ApiResult<Created> {
         let k = &self.keys;
         let mut c = self.con();
         let tags_json = serde_json::to_string(tags).unwrap_or_else(|_| "[]".into());
@@ -417,6 +552,7 @@ impl Store {
             .key(k.qjobs(queue))
             .key(k.jobs())
             .key(k.seq())
+            .key(k.outbox())
             .arg(id)
             .arg(def.to_string())
             .arg(queue)
@@ -431,6 +567,7 @@ impl Store {
         let r = list(r);
         let created = r.first().map(n).unwrap_or(0) == 1;
         let state = r.get(1).map(s).unwrap_or_default();
+        let existing_def = r.get(2).map(s).unwrap_or_default();
         if created && !tags.is_empty() {
             let mut p = redis::pipe();
             for t in tags {
@@ -439,7 +576,11 @@ impl Store {
             }
             let _: () = p.query_async(&mut c).await?;
         }
-        Ok((created, state))
+        Ok(Created {
+            created,
+            state,
+            existing_def,
+        })
     }
 
     /// Removes a job that could not be queued (no half-written job stays behind).
@@ -451,6 +592,7 @@ impl Store {
             .key(k.qpos(queue))
             .key(k.qjobs(queue))
             .key(k.jobs())
+            .key(k.outbox())
             .arg(id)
             .invoke_async(&mut c)
             .await?;
@@ -520,7 +662,8 @@ impl Store {
         Ok(())
     }
 
-    /// Atomically hands a waiting job to `agent` with a lease (none for legacy agents).
+    /// Atomically hands a waiting job to `agent` with a lease of `lease_ms` (Redis time).
+    /// A `legacy` (HTTP-polling, tokenless) agent's lease is renewed by its writes.
     pub async fn claim(
         &self,
         id: &str,
@@ -544,7 +687,6 @@ impl Store {
             .key(k.wait_queues())
             .arg(id)
             .arg(agent)
-            .arg(now_ms())
             .arg(lease_ms)
             .arg(now_iso())
             .arg(if legacy { "1" } else { "0" })
@@ -596,7 +738,6 @@ impl Store {
             .key(self.keys.leases())
             .arg(id)
             .arg(token)
-            .arg(now_ms())
             .arg(lease_ms)
             .invoke_async(&mut c)
             .await?;
@@ -623,9 +764,8 @@ impl Store {
             .key(k.job(id))
             .key(k.leases())
             .key(k.qpos(queue))
-            .key(k.republish())
+            .key(k.outbox())
             .arg(id)
-            .arg(now_ms())
             .arg(max_attempts)
             .arg(reason)
             .arg(if release_token.is_some() {
@@ -657,32 +797,39 @@ impl Store {
         })
     }
 
-    /// Sets `job_state` as an agent reports it. `Err(Stale)` on a stale token; returns
-    /// `(applied, previous)`; a `cancelled` or `complete` job keeps its state.
+    /// Moves `job_state` as an agent reports it, through the state machine of
+    /// [`JobState::reported_from`]. `Err(Stale)` on a stale token; `Ok(None)` for an
+    /// unknown job; otherwise what happened and the previous state.
     pub async fn set_state(
         &self,
         id: &str,
         queue: &str,
         token: Option<u64>,
-        state: &str,
-    ) -> ApiResult<Option<(bool, String)>> {
+        state: JobState,
+    ) -> ApiResult<Option<StateChange>> {
+        let from = state.reported_from().map_err(|e| {
+            ApiError::Validation(testflinger_common::ValidationError::new("job_state", e))
+        })?;
         let k = &self.keys;
         let mut c = self.con();
-        let r: redis::Value = SET_STATE
-            .key(k.job(id))
-            .key(k.leases())
+        let mut inv = SET_STATE.key(k.job(id));
+        inv.key(k.leases())
             .key(k.qpos(queue))
             .arg(id)
             .arg(token.map(|t| t.to_string()).unwrap_or_default())
-            .arg(state)
-            .invoke_async(&mut c)
-            .await?;
+            .arg(state.as_str());
+        for f in from {
+            inv.arg(f.as_str());
+        }
+        let r: redis::Value = inv.invoke_async(&mut c).await?;
         let r = list(r);
+        let previous = r.get(1).map(s).unwrap_or_default();
         match r.first().map(s).as_deref() {
             Some("unknown") => Ok(None),
             Some("stale") => Err(ApiError::Stale(stale_message(id))),
-            Some("set") => Ok(Some((true, r.get(1).map(s).unwrap_or_default()))),
-            _ => Ok(Some((false, r.get(1).map(s).unwrap_or_default()))),
+            Some("set") => Ok(Some(StateChange::Set(previous))),
+            Some("refused") => Ok(Some(StateChange::Refused(previous))),
+            _ => Ok(Some(StateChange::Kept(previous))),
         }
     }
 
@@ -709,17 +856,154 @@ impl Store {
         })
     }
 
-    /// Checks a fencing token for a write about a job. No token (legacy agent): allowed.
-    pub async fn check_token(&self, id: &str, token: Option<u64>) -> ApiResult<()> {
-        let Some(t) = token else { return Ok(()) };
-        let v = self.job_fields(id, &["fence", "state"]).await?;
-        let fence = v.first().cloned().flatten();
-        let state = v.get(1).cloned().flatten().unwrap_or_default();
-        match fence {
-            None => Ok(()), // unknown job: the route decides
-            Some(f) if f == t.to_string() && state != "waiting" => Ok(()),
-            Some(_) => Err(ApiError::Stale(stale_message(id))),
+    /// Checks, inside Redis, that a write about job `id` comes from its holder (see
+    /// `WRITE_CHECK`): `Ok(None)` when the job is unknown (the route decides),
+    /// `Ok(Some(attempt))` when allowed (the attempt the write belongs to), `Err(Stale)`
+    /// (409) otherwise.
+    pub async fn check_token(&self, id: &str, token: Option<u64>) -> ApiResult<Option<u64>> {
+        let mut c = self.con();
+        let (r, attempt): (String, u64) = WRITE_CHECK
+            .key(self.keys.job(id))
+            .key(self.keys.leases())
+            .arg(id)
+            .arg(token.map(|t| t.to_string()).unwrap_or_default())
+            .invoke_async(&mut c)
+            .await?;
+        match r.as_str() {
+            "unknown" => Ok(None),
+            "ok" => Ok(Some(attempt)),
+            "token" => Err(ApiError::Stale(format!(
+                "job {id} is held under a lease: writes about it must carry the holder's {} header",
+                testflinger_common::protocol::TOKEN_HEADER
+            ))),
+            _ => Err(ApiError::Stale(stale_message(id))),
         }
+    }
+
+    /// Marks `agent` lost because its lease on `job_id` expired, unless its record has
+    /// moved on (see `MARK_LOST`). Returns whether it was marked.
+    pub async fn mark_agent_lost(&self, agent: &str, job_id: &str) -> ApiResult<bool> {
+        let mut c = self.con();
+        let r: i64 = MARK_LOST
+            .key(self.keys.agent(agent))
+            .arg(job_id)
+            .arg("lease expired: the agent stopped renewing its job")
+            .invoke_async(&mut c)
+            .await?;
+        Ok(r == 1)
+    }
+
+    /// The reaper's clock (Redis time, ms) and how many leases it extended because the
+    /// previous pass is older than `gap_ms` (see `REAPER_CLOCK`).
+    pub async fn reaper_clock(&self, gap_ms: u64, default_lease_ms: u64) -> ApiResult<(i64, u64)> {
+        let mut c = self.con();
+        let r: (i64, u64) = REAPER_CLOCK
+            .key(self.keys.leases())
+            .key(self.keys.reaper_last())
+            .arg(gap_ms)
+            .arg(default_lease_ms)
+            .arg(self.keys.job(""))
+            .invoke_async(&mut c)
+            .await?;
+        Ok(r)
+    }
+
+    /// Running jobs whose lease ended before `now` (Redis ms), at most `limit`.
+    pub async fn expired_leases(&self, now: i64, limit: usize) -> ApiResult<Vec<String>> {
+        let mut c = self.con();
+        let ids: Vec<String> = redis::cmd("ZRANGEBYSCORE")
+            .arg(self.keys.leases())
+            .arg("-inf")
+            .arg(now)
+            .arg("LIMIT")
+            .arg(0)
+            .arg(limit)
+            .query_async(&mut c)
+            .await?;
+        Ok(ids)
+    }
+
+    /// Jobs in the outbox that entered it before `before_ms` (Redis ms; use `i64::MAX`
+    /// for all), oldest first, at most `limit`.
+    pub async fn outbox(&self, before_ms: i64, limit: usize) -> ApiResult<Vec<String>> {
+        let mut c = self.con();
+        let ids: Vec<String> = redis::cmd("ZRANGEBYSCORE")
+            .arg(self.keys.outbox())
+            .arg("-inf")
+            .arg(format!("({before_ms}"))
+            .arg("LIMIT")
+            .arg(0)
+            .arg(limit)
+            .query_async(&mut c)
+            .await?;
+        Ok(ids)
+    }
+
+    /// Takes a job off the outbox: its message was confirmed (or it needs none now).
+    pub async fn outbox_done(&self, id: &str) -> ApiResult<()> {
+        let mut c = self.con();
+        let _: () = c.zrem(self.keys.outbox(), id).await?;
+        Ok(())
+    }
+
+    /// Puts a job in the outbox, to be published (again) by the reconciler.
+    pub async fn outbox_add(&self, id: &str) -> ApiResult<()> {
+        let mut c = self.con();
+        let _: () = c.zadd(self.keys.outbox(), id, now_ms()).await?;
+        Ok(())
+    }
+
+    /// The waiting jobs of `queue` that are ready to run (not waiting for attachments),
+    /// in position order, at most `limit`: the jobs that should each have a message.
+    pub async fn runnable_waiting(&self, queue: &str, limit: usize) -> ApiResult<Vec<String>> {
+        let mut c = self.con();
+        let ids: Vec<String> = c
+            .zrange(self.keys.qpos(queue), 0, limit as isize - 1)
+            .await?;
+        if ids.is_empty() {
+            return Ok(ids);
+        }
+        let mut p = redis::pipe();
+        for id in &ids {
+            p.cmd("HMGET")
+                .arg(self.keys.job(id))
+                .arg("state")
+                .arg("attach");
+        }
+        let rows: Vec<(Option<String>, Option<String>)> = p.query_async(&mut c).await?;
+        Ok(ids
+            .into_iter()
+            .zip(rows)
+            .filter(|(_, (st, at))| {
+                st.as_deref() == Some("waiting") && at.as_deref() != Some("waiting")
+            })
+            .map(|(id, _)| id)
+            .collect())
+    }
+
+    /// Queues that have waiting jobs in their position index.
+    pub async fn queues_with_waiting(&self) -> ApiResult<Vec<(String, u64)>> {
+        let mut c = self.con();
+        let pattern = self.keys.qpos("*");
+        let strip = self.keys.qpos("");
+        let keys: Vec<String> = {
+            let mut it: redis::AsyncIter<String> = c.scan_match(&pattern).await?;
+            let mut v = Vec::new();
+            while let Some(key) = futures_util::StreamExt::next(&mut it).await {
+                v.push(key?);
+            }
+            v
+        };
+        let mut out = Vec::new();
+        for key in keys {
+            let n: u64 = c.zcard(&key).await?;
+            if n > 0
+                && let Some(q) = key.strip_prefix(&strip)
+            {
+                out.push((q.to_string(), n));
+            }
+        }
+        Ok(out)
     }
 
     /// Sets fields of an agent's record if the agent registered; never creates one.
@@ -743,6 +1027,16 @@ impl Store {
     pub fn retention_secs(&self) -> i64 {
         self.retention as i64
     }
+}
+
+/// Fragment numbers of one attempt stay below this; attempt `a` > 1 stores its fragment
+/// `n` at `(a - 1) * ATTEMPT_STRIDE + n`, so each attempt's output is kept apart, in
+/// order, under ids unique across attempts (and attempt 1 keeps upstream's numbers).
+pub const ATTEMPT_STRIDE: i64 = 1_000_000_000;
+
+/// Where fragment `n` of `attempt` is stored (its score and its public id).
+pub fn fragment_score(attempt: u64, n: i64) -> i64 {
+    (attempt.max(1) as i64 - 1) * ATTEMPT_STRIDE + n
 }
 
 /// The 409 message for a write with a stale fencing token.

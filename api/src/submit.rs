@@ -1,9 +1,11 @@
 //! Admission of a job: the one path shared by `POST /v1/job` and the broker-native
 //! submission queue.
 //!
-//! Order: validate; write the record and position entry; publish and await the confirm;
-//! only then answer. A broker failure removes the record again, so a success always
-//! means durably queued and a failure leaves nothing behind.
+//! Order: validate; write the record, position entry and outbox entry (one script);
+//! publish and await the confirm; only then answer. Redis is the source of truth and the
+//! message a wake-up: a broker that was plainly unreachable removes the record again
+//! (503, nothing left behind); an unclear outcome keeps it in the outbox to be published
+//! again, so a success always means the job will run.
 
 use crate::error::{ApiError, ApiResult};
 use crate::events;
@@ -13,39 +15,66 @@ use testflinger_common::{Job, JobId};
 
 /// Validates and queues a job; returns its id. `forced_id` (a broker `message_id`)
 /// takes precedence over a `job_id` in the body.
+///
+/// The same definition submitted again under a known id (a client retrying) answers that
+/// id and queues nothing new; a different definition, or a job that already ended,
+/// under a known id (say, a definition copied from `testflinger show`) is queued as a new
+/// job with a new id.
 pub async fn admit(app: &AppState, body: Value, forced_id: Option<JobId>) -> ApiResult<JobId> {
     let job = Job::from_value(body).map_err(ApiError::Validation)?;
     check_exclusions(app, &job).await?;
-    let id = forced_id.or(job.job_id).unwrap_or_default();
-    let id_str = id.to_string();
-    let mut def = job.to_value();
-    if let Some(o) = def.as_object_mut() {
-        o.insert("job_id".into(), Value::String(id_str.clone()));
-    }
+    let mut id = forced_id.or(job.job_id).unwrap_or_default();
     let tags = job.tags.clone().unwrap_or_default();
     let attach = job.has_attachments();
-    let (created, state) = app
+    let with_id = |id: &JobId| {
+        let mut def = job.to_value();
+        if let Some(o) = def.as_object_mut() {
+            o.insert("job_id".into(), Value::String(id.to_string()));
+        }
+        def
+    };
+    let mut def = with_id(&id);
+    let mut created = app
         .store
-        .create_job(&id_str, &def, &job.job_queue, job.priority(), attach, &tags)
+        .create_job(
+            &id.to_string(),
+            &def,
+            &job.job_queue,
+            job.priority(),
+            attach,
+            &tags,
+        )
         .await?;
-    if !created {
-        // Resubmission of a known id: idempotent. If the job still waits, publish again
-        // (a duplicate message is dropped at claim time), in case the first publish
-        // never completed.
-        if state == "waiting" {
-            let rec = app.store.job_fields(&id_str, &["attach"]).await?;
-            let attach_waiting = rec.first().cloned().flatten().as_deref() == Some("waiting");
-            if !attach_waiting {
-                publish(app, &id_str, &job.job_queue, job.priority(), &def).await?;
-            }
+    if !created.created {
+        let same = serde_json::from_str::<Value>(&created.existing_def).ok() == Some(def.clone());
+        let ended = created.state == "complete" || created.state == "cancelled";
+        if same && !ended {
+            // A retry: the job is durable in Redis; the outbox or the reconciler publishes
+            // it if its first publish never completed.
+            return Ok(id);
         }
-        return Ok(id);
+        id = JobId::default();
+        def = with_id(&id);
+        created = app
+            .store
+            .create_job(
+                &id.to_string(),
+                &def,
+                &job.job_queue,
+                job.priority(),
+                attach,
+                &tags,
+            )
+            .await?;
+        if !created.created {
+            return Err(ApiError::Internal(anyhow::anyhow!(
+                "new job id {id} already taken"
+            )));
+        }
     }
-    if !attach && let Err(e) = publish(app, &id_str, &job.job_queue, job.priority(), &def).await {
-        if let Err(cleanup) = app.store.delete_job(&id_str, &job.job_queue, &tags).await {
-            tracing::error!(job.id = %id_str, error = %cleanup, "could not remove unqueued job");
-        }
-        return Err(e);
+    let id_str = id.to_string();
+    if !attach {
+        publish_new(app, &id_str, &job.job_queue, job.priority(), &def, &tags).await?;
     }
     app.metrics.inc("testflinger_jobs_total", &job.job_queue);
     if job.reserve_data.is_some() {
@@ -66,7 +95,35 @@ pub async fn admit(app: &AppState, body: Value, forced_id: Option<JobId>) -> Api
     Ok(id)
 }
 
-/// Publishes a job's message to its queue, waiting for the broker's confirm.
+/// Publishes a just-recorded job (it is in the outbox). Confirmed: off the outbox.
+/// Plainly not sent (the broker is unreachable or refused it): the record is removed and
+/// the caller gets 503, nothing stays. Outcome unclear (sent, no confirm): the record and
+/// the outbox entry stay and the caller gets success, since the job is durable in Redis
+/// and the reconciler publishes it again (a duplicate message is dropped at claim).
+pub async fn publish_new(
+    app: &AppState,
+    id: &str,
+    queue: &str,
+    priority: i64,
+    def: &Value,
+    tags: &[String],
+) -> ApiResult<()> {
+    match publish(app, id, queue, priority, def).await {
+        Ok(()) => app.store.outbox_done(id).await,
+        Err(ApiError::Unconfirmed(e)) => {
+            tracing::warn!(job.id = %id, error = %e, "publish outcome unclear: the job stays recorded and is published again");
+            Ok(())
+        }
+        Err(e) => {
+            if let Err(cleanup) = app.store.delete_job(id, queue, tags).await {
+                tracing::error!(job.id = %id, error = %cleanup, "could not remove unqueued job");
+            }
+            Err(e)
+        }
+    }
+}
+
+/// Publishes a job's wake-up message to its queue, waiting for the broker's confirm.
 pub async fn publish(
     app: &AppState,
     id: &str,

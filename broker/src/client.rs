@@ -208,12 +208,26 @@ impl Broker {
         }
     }
 
+    /// Forgets every declaration (queues and the shared topology): the next use declares
+    /// them again. Called when a channel or connection was lost.
+    pub fn forget_all_declared(&self) {
+        if let Ok(mut d) = self.inner.declared.lock() {
+            d.clear();
+        }
+        self.inner.shared_declared.store(false, Ordering::Release);
+    }
+
     /// The long-lived confirm channel of a slot, reopened when it was closed.
     async fn slot_channel(&self, i: usize) -> Result<Channel, BrokerError> {
         let mut slot = self.inner.slots[i % self.inner.slots.len()].lock().await;
         match slot.as_ref() {
             Some(ch) if ch.status().connected() => Ok(ch.clone()),
-            _ => {
+            stale => {
+                if stale.is_some() {
+                    // The channel died (broker restart, a deleted queue, a reconnect): what we
+                    // declared may be gone too.
+                    self.forget_all_declared();
+                }
                 let ch = self.open_channel().await?;
                 ch.confirm_select(ConfirmSelectOptions::default()).await?;
                 *slot = Some(ch.clone());
@@ -275,7 +289,10 @@ impl Broker {
     ) -> Result<(), BrokerError> {
         let confirmation = tokio::time::timeout(self.inner.cfg.confirm_timeout, confirm)
             .await
-            .map_err(|_| BrokerError::Unavailable("no publisher confirm in time".into()))??;
+            .map_err(|_| BrokerError::Unconfirmed("no publisher confirm in time".into()))?
+            .map_err(|e| {
+                BrokerError::Unconfirmed(format!("channel failed before the confirm: {e}"))
+            })?;
         match confirmation {
             lapin::Confirmation::Ack(None) | lapin::Confirmation::NotRequested => Ok(()),
             lapin::Confirmation::Ack(Some(_)) => Err(BrokerError::Refused(format!(
@@ -322,19 +339,33 @@ impl Broker {
         job_priority: i64,
         body: &[u8],
     ) -> Result<(), BrokerError> {
-        self.ensure_job_queue(queue).await?;
-        self.publish(OutgoingMessage {
-            exchange: "",
-            routing_key: queue,
-            body,
-            message_id: Some(job_id),
-            content_type: Some("application/json"),
-            priority: Some(topology::message_priority(job_priority)),
-            persistent: true,
-            mandatory: true,
-            ..OutgoingMessage::default()
-        })
-        .await
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            self.ensure_job_queue(queue).await?;
+            let r = self
+                .publish(OutgoingMessage {
+                    exchange: "",
+                    routing_key: queue,
+                    body,
+                    message_id: Some(job_id),
+                    content_type: Some("application/json"),
+                    priority: Some(topology::message_priority(job_priority)),
+                    persistent: true,
+                    mandatory: true,
+                    headers: vec![(topology::PUBLISHED_BY_HEADER, "api".to_string())],
+                    ..OutgoingMessage::default()
+                })
+                .await;
+            match r {
+                // The queue was deleted behind our cache (returned as unroutable), or the
+                // channel failed: declare it again and retry once.
+                Err(BrokerError::Refused(_)) | Err(BrokerError::Protocol(_)) if tries < 2 => {
+                    self.forget_declared(queue);
+                }
+                other => return other,
+            }
+        }
     }
 
     /// Takes one message from a queue (`basic.get`, manual ack), or `None` when empty.

@@ -30,6 +30,12 @@ pub enum BrokerError {
     /// A protocol or channel error (for example a queue declared with other arguments).
     #[error("message broker error: {0}")]
     Protocol(String),
+    /// The message was handed to the broker but its fate is unknown (no confirm in
+    /// time, or the channel closed before the confirm): it may or may not be queued.
+    /// Callers that must not lose it keep it and publish again (duplicates are harmless
+    /// where the consumer deduplicates, as a job claim does).
+    #[error("publish outcome unknown: {0}")]
+    Unconfirmed(String),
 }
 
 impl From<lapin::Error> for BrokerError {

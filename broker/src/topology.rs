@@ -22,6 +22,10 @@ pub const DEAD_QUEUE: &str = "testflinger.dead";
 pub const REJECTED_QUEUE: &str = "testflinger.rejected";
 /// Highest AMQP priority a job message carries (`job_priority` is clamped to it).
 pub const MAX_PRIORITY: u8 = 10;
+/// Header set on every job message the API publishes (value `api`): an agent that meets
+/// a marked message whose job the API does not know (expired, or the record was lost)
+/// drops it instead of registering it as a raw-published job.
+pub const PUBLISHED_BY_HEADER: &str = "x-testflinger-published-by";
 
 /// Routing key of a job event.
 pub fn event_routing_key(queue: &str, state: &str) -> String {

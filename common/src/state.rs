@@ -66,6 +66,47 @@ impl JobState {
         matches!(self, JobState::Cancelled | JobState::Complete)
     }
 
+    /// Place in the life cycle: `waiting` < `running` < the phase states in phase order
+    /// < `complete` = `cancelled`. States only move forward.
+    pub fn rank(self) -> u8 {
+        match self {
+            JobState::Waiting => 0,
+            JobState::Running => 1,
+            JobState::Setup => 2,
+            JobState::Provision => 3,
+            JobState::FirmwareUpdate => 4,
+            JobState::Test => 5,
+            JobState::Allocate => 6,
+            JobState::Allocated => 7,
+            JobState::Reserve => 8,
+            JobState::Cleanup => 9,
+            JobState::Cancelled | JobState::Complete => 10,
+        }
+    }
+
+    /// The state machine for writers (agents reporting `job_state`): the states from which
+    /// a job may move to `self`. `waiting` and `running` are set by the server only (submit,
+    /// claim, reaper), so a writer asking for them gets an error naming what is accepted.
+    /// A job moves forward only, and never out of `complete` or `cancelled`.
+    pub fn reported_from(self) -> Result<Vec<JobState>, String> {
+        if matches!(self, JobState::Waiting | JobState::Running) {
+            return Err(format!(
+                "'{self}' is set by the server only; an agent may report one of: {}",
+                JobState::ALL
+                    .iter()
+                    .filter(|s| s.rank() > 1)
+                    .map(|s| s.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        }
+        Ok(JobState::ALL
+            .iter()
+            .copied()
+            .filter(|from| from.rank() >= 1 && !from.is_terminal() && (from.rank() < self.rank()))
+            .collect())
+    }
+
     /// Parses a state as agents and old servers write it (`completed` = `complete`).
     pub fn parse_lenient(s: &str) -> Option<JobState> {
         if s == "completed" {
@@ -153,6 +194,27 @@ string_enum!(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn writers_move_states_forward_only() {
+        assert!(JobState::Waiting.reported_from().is_err());
+        assert!(JobState::Running.reported_from().is_err());
+        let to_test = JobState::Test.reported_from().unwrap_or_default();
+        assert!(to_test.contains(&JobState::Running));
+        assert!(to_test.contains(&JobState::Provision));
+        assert!(!to_test.contains(&JobState::Cleanup));
+        assert!(!to_test.contains(&JobState::Waiting));
+        let to_complete = JobState::Complete.reported_from().unwrap_or_default();
+        assert!(to_complete.contains(&JobState::Cleanup));
+        assert!(!to_complete.contains(&JobState::Cancelled));
+        assert!(
+            JobState::Setup
+                .reported_from()
+                .unwrap_or_default()
+                .iter()
+                .all(|s| *s == JobState::Running)
+        );
+    }
 
     #[test]
     fn round_trip() {

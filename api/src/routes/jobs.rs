@@ -192,12 +192,19 @@ async fn post_attachments(
         .as_deref()
         .and_then(|d| serde_json::from_str(d).ok())
         .unwrap_or(Value::Null);
-    if let Err(e) = submit::publish(&app, &id, &queue, prio, &def).await {
-        // Not queued: let the client retry the upload.
-        app.store
-            .set_job_fields(&id, &[("attach", "waiting".into())])
-            .await?;
-        return Err(e);
+    app.store.outbox_add(&id).await?;
+    match submit::publish(&app, &id, &queue, prio, &def).await {
+        Ok(()) => app.store.outbox_done(&id).await?,
+        // Sent, not confirmed: the outbox publishes it again.
+        Err(ApiError::Unconfirmed(_)) => {}
+        Err(e) => {
+            // Not queued: let the client retry the upload.
+            app.store.outbox_done(&id).await?;
+            app.store
+                .set_job_fields(&id, &[("attach", "waiting".into())])
+                .await?;
+            return Err(e);
+        }
     }
     events::emit(
         &app,
@@ -465,7 +472,8 @@ async fn legacy_next_job(app: web::Data<AppState>, req: HttpRequest) -> ApiResul
                 msg.reject().await?;
                 continue;
             };
-            let mut claim = app.store.claim(&id, &agent, app.lease_ms(), true).await?;
+            let lease_ms = legacy_lease_ms(&app, &id).await?;
+            let mut claim = app.store.claim(&id, &agent, lease_ms, true).await?;
             if let Some(job) = claim.job.as_mut() {
                 super::secrets::resolve(&app, job).await?;
             }
@@ -512,6 +520,27 @@ async fn legacy_next_job(app: web::Data<AppState>, req: HttpRequest) -> ApiResul
         }
     }
     Ok(HttpResponse::NoContent().finish())
+}
+
+/// The lease of a job taken by an upstream HTTP-polling agent. Such an agent sends no
+/// heartbeat; its writes renew the lease. It may stay silent for as long as the job's
+/// own timeouts allow (upstream's defaults: `global_timeout` 4 h, `output_timeout` 15
+/// min, plus a reservation's `timeout`), so the lease spans those: past them the agent is
+/// surely gone and the reaper requeues the job.
+async fn legacy_lease_ms(app: &AppState, id: &str) -> ApiResult<u64> {
+    let def = app.store.job_fields(id, &["def"]).await?;
+    let def: Value = def[0]
+        .as_deref()
+        .and_then(|d| serde_json::from_str(d).ok())
+        .unwrap_or(Value::Null);
+    let secs = |v: Option<&Value>, default: u64| v.and_then(Value::as_u64).unwrap_or(default);
+    let global = secs(def.get("global_timeout"), 4 * 3600);
+    let output = secs(def.get("output_timeout"), 15 * 60);
+    let reserve = def
+        .get("reserve_data")
+        .map(|r| secs(r.get("timeout"), 3600))
+        .unwrap_or(0);
+    Ok((global + output + reserve).max(app.settings.lease_ttl) * 1000)
 }
 
 fn message_job_id(body: &[u8]) -> Option<String> {

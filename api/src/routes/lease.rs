@@ -108,7 +108,13 @@ async fn release(
         .unwrap_or_else(|| format!("released by agent {}", r.agent_id));
     match app
         .store
-        .requeue(&id, &queue, u64::MAX, &reason, Some(r.token))
+        .requeue(
+            &id,
+            &queue,
+            app.settings.max_attempts,
+            &reason,
+            Some(r.token),
+        )
         .await?
     {
         Requeue::Stale => Err(ApiError::Stale(crate::store::stale_message(&id))),
@@ -118,12 +124,34 @@ async fn release(
             agent,
             reason,
         } => {
-            crate::reaper::republish(&app, &id).await?;
+            if let Err(e) = crate::reaper::republish(&app, &id).await {
+                tracing::warn!(job.id = %id, error = %e, "released job not yet republished; the outbox keeps it");
+            }
             events::emit(
                 &app,
                 &id,
                 &queue,
                 "waiting",
+                Some(&previous),
+                attempt,
+                Some(&agent),
+                Some(&reason),
+                super::jobs::webhook_of(f[1].as_deref()),
+            );
+            Ok(super::ok_text())
+        }
+        // A release counts as a run: after `max_attempts` the job ends with the reason.
+        Requeue::Ended {
+            previous,
+            attempt,
+            agent,
+            reason,
+        } => {
+            events::emit(
+                &app,
+                &id,
+                &queue,
+                "complete",
                 Some(&previous),
                 attempt,
                 Some(&agent),

@@ -5,6 +5,7 @@ use crate::error::{ApiError, ApiResult};
 use crate::events;
 use crate::files::Kind;
 use crate::state::AppState;
+use crate::store::StateChange;
 use actix_multipart::Multipart;
 use actix_web::http::StatusCode;
 use actix_web::{HttpRequest, HttpResponse, web};
@@ -70,38 +71,55 @@ async fn post_result(
     if !fields.is_empty() {
         app.store.set_job_fields(&id, &fields).await?;
     }
-    if let Some(state) = r.job_state.as_deref() {
-        if state.is_empty() || state.len() > 64 {
-            return Err(ApiError::Validation(
-                testflinger_common::ValidationError::new(
-                    "job_state",
-                    "must be a short non-empty string",
+    if let Some(raw) = r.job_state.as_deref() {
+        let state = JobState::parse_lenient(raw).ok_or_else(|| {
+            ApiError::Validation(testflinger_common::ValidationError::new(
+                "job_state",
+                format!(
+                    "'{}' is not a job state; accepted: {}",
+                    raw.chars().take(64).collect::<String>(),
+                    JobState::ALL
+                        .iter()
+                        .filter(|s| s.rank() > 1)
+                        .map(|s| s.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 ),
-            ));
-        }
-        if let Some((true, previous)) = app.store.set_state(&id, &queue, tok, state).await?
-            && previous != state
-        {
-            let attempt = f[1].as_deref().and_then(|a| a.parse().ok()).unwrap_or(0);
-            let shown = JobState::parse_lenient(state).map_or(state.to_string(), |s| s.to_string());
-            events::emit(
-                &app,
-                &id,
-                &queue,
-                &shown,
-                Some(&previous),
-                attempt,
-                f[2].as_deref(),
-                None,
-                super::jobs::webhook_of(f[3].as_deref()),
-            );
+            ))
+        })?;
+        match app.store.set_state(&id, &queue, tok, state).await? {
+            Some(StateChange::Set(previous)) => {
+                let attempt = f[1].as_deref().and_then(|a| a.parse().ok()).unwrap_or(0);
+                events::emit(
+                    &app,
+                    &id,
+                    &queue,
+                    state.as_str(),
+                    Some(&previous),
+                    attempt,
+                    f[2].as_deref(),
+                    None,
+                    super::jobs::webhook_of(f[3].as_deref()),
+                );
+            }
+            Some(StateChange::Refused(previous)) => {
+                return Err(ApiError::Json(
+                    StatusCode::CONFLICT,
+                    format!(
+                        "job_state: job {id} cannot move from '{previous}' to '{state}'; states only move forward (waiting, running, setup, provision, firmware_update, test, allocate, allocated, reserve, cleanup, complete)"
+                    ),
+                ));
+            }
+            _ => {}
         }
     }
     Ok(ok_text())
 }
 
 struct Fragment {
+    /// The stored number: unique across attempts (see `store::fragment_score`).
     n: i64,
+    attempt: u64,
     ts_ms: i64,
     ts: String,
     phase: String,
@@ -112,6 +130,7 @@ fn parse_fragment(member: &str) -> Option<Fragment> {
     let v: Value = serde_json::from_str(member).ok()?;
     Some(Fragment {
         n: v.get("n")?.as_i64()?,
+        attempt: v.get("a").and_then(Value::as_u64).unwrap_or(1),
         ts_ms: v.get("ms").and_then(Value::as_i64).unwrap_or(0),
         ts: v
             .get("t")
@@ -121,6 +140,34 @@ fn parse_fragment(member: &str) -> Option<Fragment> {
         phase: v.get("p")?.as_str()?.to_string(),
         data: v.get("d")?.as_str()?.to_string(),
     })
+}
+
+/// Joins fragments per phase, in order. When they come from more than one attempt
+/// (the job was retried), each attempt's part starts with a label line, so each
+/// attempt's output shows once and apart. `since_ms` skips older fragments.
+fn join_by_phase(frags: &[Fragment], since_ms: Option<i64>) -> BTreeMap<String, String> {
+    let retried = frags.iter().any(|f| f.attempt != frags[0].attempt);
+    let mut per_phase: BTreeMap<String, (u64, String)> = BTreeMap::new();
+    for f in frags {
+        if since_ms.is_some_and(|s| f.ts_ms < s) {
+            continue;
+        }
+        let (last, text) = per_phase.entry(f.phase.clone()).or_default();
+        if retried && *last != f.attempt {
+            if !text.is_empty() && !text.ends_with('\n') {
+                text.push('\n');
+            }
+            text.push_str(&attempt_label(f.attempt));
+            *last = f.attempt;
+        }
+        text.push_str(&f.data);
+    }
+    per_phase.into_iter().map(|(p, (_, t))| (p, t)).collect()
+}
+
+/// The line that starts an attempt's output in a retried job's logs.
+fn attempt_label(attempt: u64) -> String {
+    format!("===== attempt {attempt} =====\n")
 }
 
 async fn fragments(
@@ -152,11 +199,8 @@ async fn get_result(app: web::Data<AppState>, id: web::Path<String>) -> ApiResul
         out.insert("device_info".into(), di);
     }
     for (log_type, suffix) in [("output", "output"), ("serial", "serial")] {
-        let mut per_phase: BTreeMap<String, String> = BTreeMap::new();
-        for f in fragments(&app, &id, log_type, 0).await? {
-            per_phase.entry(f.phase).or_default().push_str(&f.data);
-        }
-        for (phase, text) in per_phase {
+        let frags = fragments(&app, &id, log_type, 0).await?;
+        for (phase, text) in join_by_phase(&frags, None) {
             out.insert(format!("{phase}_{suffix}"), Value::String(text));
         }
     }
@@ -219,9 +263,16 @@ async fn post_log(
     let lt = log_type(&lt)?;
     let tok = token(&req)?;
     let l: LogIn = typed_body(&body)?;
-    if l.fragment_number < 0 {
+    if !(0..crate::store::ATTEMPT_STRIDE).contains(&l.fragment_number) {
         return Err(ApiError::Validation(
-            testflinger_common::ValidationError::new("fragment_number", "must be at least 0"),
+            testflinger_common::ValidationError::new(
+                "fragment_number",
+                format!(
+                    "{} is out of range; accepted: 0 to {}",
+                    l.fragment_number,
+                    crate::store::ATTEMPT_STRIDE - 1
+                ),
+            ),
         ));
     }
     let Some(ms) = parse_time(&l.timestamp) else {
@@ -229,14 +280,26 @@ async fn post_log(
             testflinger_common::ValidationError::new("timestamp", "not a valid ISO 8601 datetime"),
         ));
     };
-    app.store.check_token(&id, tok).await?;
-    let member = json!({"n": l.fragment_number, "ms": ms, "t": l.timestamp, "p": l.phase.as_str(), "d": l.log_data}).to_string();
+    let Some(attempt) = app.store.check_token(&id, tok).await? else {
+        // Upstream accepts fragments for unknown jobs; there is nothing to attach them to.
+        return Ok(ok_text());
+    };
+    let n = crate::store::fragment_score(attempt, l.fragment_number);
+    let member = json!({"n": n, "a": attempt.max(1), "ms": ms, "t": l.timestamp, "p": l.phase.as_str(), "d": l.log_data}).to_string();
     let key = app.store.keys.log(&id, lt.as_str());
     let mut c = app.store.con();
+    // Idempotent per fragment: a fragment delivered again (a spool retry whose first
+    // answer was lost) replaces itself instead of showing twice.
     let _: () = redis::pipe()
+        .atomic()
+        .cmd("ZREMRANGEBYSCORE")
+        .arg(&key)
+        .arg(n)
+        .arg(n)
+        .ignore()
         .cmd("ZADD")
         .arg(&key)
-        .arg(l.fragment_number)
+        .arg(n)
         .arg(member)
         .ignore()
         .cmd("EXPIRE")
@@ -299,13 +362,18 @@ async fn get_log(
             per.insert(p.as_str(), (-1, String::new()));
         }
     }
-    for f in fragments(&app, &id, lt.as_str(), start).await? {
+    let frags = fragments(&app, &id, lt.as_str(), start).await?;
+    for f in &frags {
         if since.is_some_and(|s| f.ts_ms < s) {
             continue;
         }
         if let Some(entry) = per.get_mut(f.phase.as_str()) {
             entry.0 = entry.0.max(f.n);
-            entry.1.push_str(&f.data);
+        }
+    }
+    for (phase, text) in join_by_phase(&frags, since) {
+        if let Some(entry) = per.get_mut(phase.as_str()) {
+            entry.1 = text;
         }
     }
     let body: Map<String, Value> = per
@@ -383,7 +451,7 @@ async fn stream_log(
                 let mut out = String::new();
                 for f in frags {
                     st.next = st.next.max(f.n + 1);
-                    let data = json!({"fragment_number": f.n, "phase": f.phase, "timestamp": f.ts, "log_data": f.data});
+                    let data = json!({"fragment_number": f.n, "attempt": f.attempt, "phase": f.phase, "timestamp": f.ts, "log_data": f.data});
                     out.push_str(&format!("id: {}\ndata: {}\n\n", f.n, data));
                 }
                 st.idle = 0;

@@ -141,9 +141,23 @@ async fn bad_input_gets_clear_4xx_and_writes_nothing() {
         app.get(&format!("/v1/result/{unknown}")).await.status(),
         204
     );
+    // A waiting job has no holder: a tokenless write is refused (409).
     assert_eq!(
         app.post_json(
             &format!("/v1/result/{id}"),
+            &json!({"job_state": "setup", "device_info": {"device_ip": "10.0.0.5"}})
+        )
+        .await
+        .status(),
+        409
+    );
+    let token = app.claim(&id, "errors-agent").await["token"]
+        .as_u64()
+        .expect("token");
+    assert_eq!(
+        app.post_token(
+            &format!("/v1/result/{id}"),
+            token,
             &json!({"job_state": "setup", "device_info": {"device_ip": "10.0.0.5"}})
         )
         .await

@@ -40,9 +40,15 @@ async fn artifacts_round_trip_byte_for_byte_and_respect_the_limit() {
     let bytes: Vec<u8> = (0..1_500_000u32)
         .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
         .collect();
+    // Only the job's holder may upload its artifact.
+    let token = app.claim(&id, "files-agent").await["token"]
+        .as_u64()
+        .expect("token")
+        .to_string();
     let r = app
         .http
         .post(app.url(&format!("/v1/result/{id}/artifact")))
+        .header("X-Testflinger-Token", &token)
         .multipart(form(bytes.clone()))
         .send()
         .await
@@ -73,6 +79,7 @@ async fn artifacts_round_trip_byte_for_byte_and_respect_the_limit() {
     let r = app
         .http
         .post(app.url(&format!("/v1/result/{id}/artifact")))
+        .header("X-Testflinger-Token", &token)
         .multipart(form(big))
         .send()
         .await
@@ -89,6 +96,7 @@ async fn artifacts_round_trip_byte_for_byte_and_respect_the_limit() {
     let r = app
         .http
         .post(app.url(&format!("/v1/result/{id}/artifact")))
+        .header("X-Testflinger-Token", &token)
         .multipart(Form::new().text("other", "x"))
         .send()
         .await

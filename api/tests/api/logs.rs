@@ -1,10 +1,19 @@
 use crate::helpers::TestApp;
 use serde_json::{Value, json};
 
+/// Claims `id` for a test agent; returns the fencing token its writes carry.
+async fn hold(app: &TestApp, id: &str) -> u64 {
+    app.claim(id, "logs-agent").await["token"]
+        .as_u64()
+        .expect("token")
+}
+
 async fn post_frag(app: &TestApp, id: &str, n: i64, ts: &str, phase: &str, data: &str) {
+    let token = hold(app, id).await;
     let r = app
-        .post_json(
+        .post_token(
             &format!("/v1/result/{id}/log/output"),
+            token,
             &json!({"fragment_number": n, "timestamp": ts, "phase": phase, "log_data": data}),
         )
         .await;
@@ -138,8 +147,10 @@ async fn live_stream_delivers_fragments_then_ends() {
     });
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     post_frag(&app, &id, 1, "2026-01-01T00:00:01Z", "test", "second").await;
-    app.post_json(
+    let token = hold(&app, &id).await;
+    app.post_token(
         &format!("/v1/result/{id}"),
+        token,
         &json!({"job_state": "complete"}),
     )
     .await;
