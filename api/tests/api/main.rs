@@ -5,6 +5,7 @@ mod helpers;
 
 mod agents;
 mod broker_submit;
+mod delivery;
 mod errors;
 mod files;
 mod jobs;

@@ -332,9 +332,41 @@ impl TestEnv {
         assert_eq!(status, 200, "advertise queues: {text}");
     }
 
-    /// Posts one output fragment as an (upstream-style, token-less) agent does.
-    pub fn post_fragment(&self, job_id: &str, n: u64, phase: &str, data: &str) {
+    /// Takes `job_id` as a test agent would (claim; idempotent for the same agent) and
+    /// returns the fencing token its writes carry: the server accepts writes about a
+    /// job from its holder only.
+    pub fn hold(&self, job_id: &str) -> String {
         let (status, body) = self.post_json(
+            &format!("/v1/job/{job_id}/claim"),
+            &json!({"agent_id": "cli-test-agent"}),
+        );
+        assert_eq!(status, 200, "claim: {body}");
+        let v: Value = serde_json::from_str(&body).expect("claim json");
+        assert_eq!(v["outcome"], "granted", "claim: {body}");
+        v["token"].as_u64().expect("token").to_string()
+    }
+
+    /// POSTs JSON as the holder of `job_id`.
+    fn post_as_holder(&self, job_id: &str, path: &str, body: &Value) -> (u16, String) {
+        let token = self.hold(job_id);
+        self.rt.block_on(async {
+            let resp = self
+                .http
+                .post(format!("{}{path}", self.url))
+                .header("X-Testflinger-Token", token)
+                .json(body)
+                .send()
+                .await
+                .expect("POST");
+            let status = resp.status().as_u16();
+            (status, resp.text().await.unwrap_or_default())
+        })
+    }
+
+    /// Posts one output fragment as the job's (test) agent does.
+    pub fn post_fragment(&self, job_id: &str, n: u64, phase: &str, data: &str) {
+        let (status, body) = self.post_as_holder(
+            job_id,
             &format!("/v1/result/{job_id}/log/output"),
             &json!({
                 "fragment_number": n,
@@ -347,11 +379,12 @@ impl TestEnv {
     }
 
     pub fn post_result(&self, job_id: &str, body: &Value) {
-        let (status, text) = self.post_json(&format!("/v1/result/{job_id}"), body);
+        let (status, text) = self.post_as_holder(job_id, &format!("/v1/result/{job_id}"), body);
         assert_eq!(status, 200, "post result: {text}");
     }
 
     pub fn upload_artifact(&self, job_id: &str, bytes: Vec<u8>) {
+        let token = self.hold(job_id);
         self.rt.block_on(async {
             let part = reqwest::multipart::Part::bytes(bytes)
                 .file_name("file")
@@ -361,6 +394,7 @@ impl TestEnv {
             let resp = self
                 .http
                 .post(format!("{}/v1/result/{job_id}/artifact", self.url))
+                .header("X-Testflinger-Token", token)
                 .multipart(form)
                 .send()
                 .await

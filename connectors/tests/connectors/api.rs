@@ -155,11 +155,21 @@ impl ApiServer {
         body["job_state"].as_str().unwrap_or_default().to_string()
     }
 
-    /// What an agent posts when its job reaches a state.
+    /// What an agent posts when its job reaches a state, as the job's holder (a claim
+    /// by a test agent, idempotent; the server takes writes from the holder only).
     pub fn post_result(&self, id: &str, result: &Value) {
+        let (status, claim) = self.call(
+            self.client
+                .post(format!("{}/v1/job/{id}/claim", self.url))
+                .json(&serde_json::json!({"agent_id": "connectors-test-agent"})),
+        );
+        assert_eq!(status, 200, "claim {id}: {claim}");
+        assert_eq!(claim["outcome"], "granted", "claim {id}: {claim}");
+        let token = claim["token"].as_u64().expect("token").to_string();
         let (status, body) = self.call(
             self.client
                 .post(format!("{}/v1/result/{id}", self.url))
+                .header("X-Testflinger-Token", token)
                 .json(result),
         );
         assert_eq!(status, 200, "POST result {id}: {body}");

@@ -1,0 +1,569 @@
+//! The delivery guarantees under faults (DESIGN.md "Delivery guarantees"): Redis is the
+//! source of truth, leases are fair to survivors, writes follow the state machine.
+//! Faults that stop or restart Redis use a private `redis-server`, never the shared one.
+
+use crate::helpers::{TestApp, unique};
+use serde_json::{Value, json};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A `redis-server` of this test's own: a free port, its own directory, killed on drop.
+struct PrivateRedis {
+    child: Child,
+    port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl PrivateRedis {
+    fn start(extra: &[&str]) -> PrivateRedis {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .expect("bind")
+            .local_addr()
+            .expect("addr")
+            .port();
+        let mut r = PrivateRedis {
+            child: Self::spawn(port, dir.path(), extra),
+            port,
+            dir,
+        };
+        r.wait_ready();
+        r
+    }
+
+    fn spawn(port: u16, dir: &std::path::Path, extra: &[&str]) -> Child {
+        Command::new("redis-server")
+            .args([
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                &port.to_string(),
+                "--save",
+                "",
+            ])
+            .arg("--dir")
+            .arg(dir)
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server (Debian package redis-server) must be installed")
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    /// Waits until the server answers PING with PONG (not LOADING).
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if self.cli(&["PING"]).trim() == "PONG" {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("private redis on port {} did not start", self.port);
+    }
+
+    fn cli(&self, args: &[&str]) -> String {
+        let out = Command::new("redis-cli")
+            .args(["-p", &self.port.to_string()])
+            .args(args)
+            .output()
+            .expect("redis-cli");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn signal(&self, sig: &str) {
+        let _ = Command::new("kill")
+            .args(["-s", sig, &self.child.id().to_string()])
+            .status();
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn job_field(app: &TestApp, id: &str, field: &str) -> Option<String> {
+    app.state
+        .store
+        .job_fields(id, &[field])
+        .await
+        .expect("redis")
+        .pop()
+        .flatten()
+}
+
+/// A job held by a live agent that renews every lease/3 survives a Redis outage twice as
+/// long as its lease: the reaper's first pass after the gap grants a lease of grace.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_redis_outage_longer_than_the_lease_reruns_no_healthy_job() {
+    let redis = PrivateRedis::start(&[]);
+    let url = redis.url();
+    let app = TestApp::spawn_with(|s| {
+        s.redis_url = url;
+        s.lease_ttl = 6;
+    })
+    .await;
+    let q = app.queue("gap");
+    let id = app.submit(json!({"job_queue": q})).await;
+    let token = app.claim(&id, "survivor").await["token"]
+        .as_u64()
+        .expect("token");
+    // The survivor renews every 2 s (lease / 3), ignoring failures, as our agent does.
+    let stop = tokio_util::sync::CancellationToken::new();
+    let beat = tokio::spawn({
+        let (http, url, stop) = (
+            app.http.clone(),
+            app.url(&format!("/v1/job/{id}/heartbeat")),
+            stop.clone(),
+        );
+        async move {
+            while !stop.is_cancelled() {
+                let _ = http
+                    .post(&url)
+                    .timeout(Duration::from_secs(1))
+                    .json(&json!({"agent_id": "survivor", "token": token}))
+                    .send()
+                    .await;
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    redis.signal("STOP");
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    redis.signal("CONT");
+    // Several reaper passes (every 200 ms in tests) and heartbeats after the outage.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    stop.cancel();
+    let _ = beat.await;
+    assert_eq!(
+        job_field(&app, &id, "attempt").await.as_deref(),
+        Some("1"),
+        "the healthy job was re-run"
+    );
+    assert_eq!(
+        job_field(&app, &id, "state").await.as_deref(),
+        Some("running")
+    );
+    assert_eq!(
+        job_field(&app, &id, "agent").await.as_deref(),
+        Some("survivor")
+    );
+    app.cleanup().await;
+}
+
+/// While Redis loads its data set after a restart it answers LOADING: the API answers
+/// 503 (retry later), never 500.
+#[tokio::test(flavor = "multi_thread")]
+async fn redis_loading_its_data_answers_503() {
+    let mut redis = PrivateRedis::start(&["--appendonly", "yes"]);
+    // A data set that takes a while to load: 20 000 keys, 200 µs each on load.
+    let mut c = redis::Client::open(redis.url())
+        .expect("client")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect");
+    for chunk in 0..20 {
+        let mut p = redis::pipe();
+        for i in 0..1000 {
+            p.set(format!("filler:{chunk}:{i}"), i).ignore();
+        }
+        let _: () = p.query_async(&mut c).await.expect("fill");
+    }
+    drop(c);
+    let _ = redis.cli(&["SHUTDOWN"]);
+    let _ = redis.child.wait();
+    redis.child = PrivateRedis::spawn(
+        redis.port,
+        redis.dir.path(),
+        &[
+            "--appendonly",
+            "yes",
+            "--key-load-delay",
+            "200",
+            "--loading-process-events-interval-bytes",
+            "1024",
+        ],
+    );
+    // Wait until it listens and says LOADING.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if redis.cli(&["PING"]).contains("LOADING") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "redis never reported LOADING");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let url = redis.url();
+    let app = TestApp::spawn_with(|s| s.redis_url = url).await;
+    let q = app.queue("loading");
+    let r = app.post_json("/v1/job", &json!({"job_queue": q})).await;
+    assert_eq!(r.status(), 503, "{:?}", r.text().await);
+    let r = app
+        .get(&format!("/v1/result/{}", uuid::Uuid::new_v4()))
+        .await;
+    assert_eq!(r.status(), 503);
+    redis.wait_ready();
+    let _ = app.submit(json!({"job_queue": q})).await;
+    app.cleanup().await;
+}
+
+/// A waiting job whose message is gone (the queue was purged) is published again by the
+/// reconciler and can be taken.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_purged_queues_waiting_jobs_are_published_again() {
+    let app = TestApp::spawn().await;
+    let q = app.queue("purged");
+    let a = app.submit(json!({"job_queue": q})).await;
+    let b = app.submit(json!({"job_queue": q})).await;
+    assert_eq!(app.broker().message_count(&q).await.expect("count"), 2);
+    // Purge our own queue: both wake-ups are lost.
+    app.broker().delete_queue(&q).await.expect("delete");
+    let n = app
+        .wait_for(15, "the reconciler to publish the waiting jobs", || async {
+            let n = app.broker().message_count(&q).await.unwrap_or(0);
+            (n >= 2).then_some(n)
+        })
+        .await;
+    assert!(n >= 2);
+    let mut seen = Vec::new();
+    while let Some(m) = app.broker().get(&q).await.expect("get") {
+        seen.push(m.message_id.clone().unwrap_or_default());
+        m.ack().await.expect("ack");
+    }
+    assert!(seen.contains(&a) && seen.contains(&b), "{seen:?}");
+    app.cleanup().await;
+}
+
+/// Writers move a job forward only; `waiting` and `running` are the server's.
+#[tokio::test(flavor = "multi_thread")]
+async fn job_states_only_move_forward() {
+    let app = TestApp::spawn().await;
+    let q = app.queue("fsm");
+    let id = app.submit(json!({"job_queue": q})).await;
+    let token = app.claim(&id, "fsm-agent").await["token"]
+        .as_u64()
+        .expect("token");
+    let post = |state: &'static str| {
+        let app = &app;
+        let id = id.clone();
+        async move {
+            app.post_token(
+                &format!("/v1/result/{id}"),
+                token,
+                &json!({"job_state": state}),
+            )
+            .await
+        }
+    };
+    assert_eq!(post("setup").await.status(), 200);
+    assert_eq!(post("test").await.status(), 200);
+    let back = post("setup").await;
+    assert_eq!(back.status(), 409);
+    let body: Value = back.json().await.expect("json");
+    assert!(
+        body["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("from 'test' to 'setup'")),
+        "{body}"
+    );
+    for server_only in ["waiting", "running"] {
+        let r = post(server_only).await;
+        assert_eq!(r.status(), 422, "{server_only}");
+        let body: Value = r.json().await.expect("json");
+        assert!(body["detail"].to_string().contains("job_state"), "{body}");
+    }
+    let r = post("exploded").await;
+    assert_eq!(r.status(), 422);
+    assert_eq!(job_field(&app, &id, "state").await.as_deref(), Some("test"));
+    // Still reaped like any running job: the lease is intact.
+    let leased: Option<f64> = {
+        let mut c = app.state.store.con();
+        redis::cmd("ZSCORE")
+            .arg(app.state.store.keys.leases())
+            .arg(&id)
+            .query_async(&mut c)
+            .await
+            .expect("zscore")
+    };
+    assert!(leased.is_some());
+    assert_eq!(post("complete").await.status(), 200);
+    assert_eq!(
+        post("cleanup").await.status(),
+        200,
+        "an ended job keeps its state"
+    );
+    assert_eq!(
+        job_field(&app, &id, "state").await.as_deref(),
+        Some("complete")
+    );
+    app.cleanup().await;
+}
+
+/// A claim retried by its holder gets the same grant: no attempt is burnt.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_retried_claim_gets_the_same_grant() {
+    let app = TestApp::spawn().await;
+    let q = app.queue("reclaim");
+    let id = app.submit(json!({"job_queue": q})).await;
+    let first = app.claim(&id, "a1").await;
+    let again = app.claim(&id, "a1").await;
+    assert_eq!(first["outcome"], "granted");
+    assert_eq!(again["outcome"], "granted");
+    assert_eq!(first["token"], again["token"]);
+    assert_eq!(first["attempt"], again["attempt"]);
+    assert_eq!(app.claim(&id, "a2").await["outcome"], "owned");
+    app.cleanup().await;
+}
+
+/// `release` counts as a run: an agent that keeps giving a job back ends it after
+/// `max_attempts` with the reason.
+#[tokio::test(flavor = "multi_thread")]
+async fn release_counts_towards_max_attempts() {
+    let app = TestApp::spawn_with(|s| s.max_attempts = 2).await;
+    let q = app.queue("release");
+    let id = app.submit(json!({"job_queue": q})).await;
+    for _ in 0..2 {
+        let token = app.claim(&id, "full-disk").await["token"]
+            .as_u64()
+            .expect("token");
+        let r = app
+            .post_json(
+                &format!("/v1/job/{id}/release"),
+                &json!({"agent_id": "full-disk", "token": token, "reason": "disk full"}),
+            )
+            .await;
+        assert_eq!(r.status(), 200);
+    }
+    assert_eq!(
+        job_field(&app, &id, "state").await.as_deref(),
+        Some("complete")
+    );
+    let reason = job_field(&app, &id, "reason").await.unwrap_or_default();
+    assert!(
+        reason.contains("disk full") && reason.contains("2 attempts"),
+        "{reason}"
+    );
+    assert_eq!(app.claim(&id, "other").await["outcome"], "finished");
+    app.cleanup().await;
+}
+
+/// An upstream HTTP-polling agent's job has a real lease, renewed by its writes; a
+/// tokenless write to a job it does not hold is refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn legacy_pulls_get_a_lease_renewed_by_their_writes() {
+    let app = TestApp::spawn_with(|s| s.lease_ttl = 3).await;
+    let q = app.queue("legacy");
+    let id = app
+        .submit(json!({"job_queue": q, "global_timeout": 1, "output_timeout": 1}))
+        .await;
+    let pulled = app
+        .http
+        .get(app.url(&format!("/v1/job?queue={q}")))
+        .header("Cookie", "agent_name=legacy-1")
+        .send()
+        .await
+        .expect("pull");
+    assert_eq!(pulled.status(), 200);
+    let job: Value = pulled.json().await.expect("json");
+    assert_eq!(job["job_id"], id.as_str());
+    // Writes keep it alive past its 3 s lease.
+    for i in 0..5 {
+        let r = app
+            .post_json(
+                &format!("/v1/result/{id}/log/output"),
+                &json!({"fragment_number": i, "timestamp": "2026-01-01T00:00:00Z", "phase": "test", "log_data": "x"}),
+            )
+            .await;
+        assert_eq!(r.status(), 200);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    assert_eq!(job_field(&app, &id, "attempt").await.as_deref(), Some("1"));
+    assert_eq!(
+        job_field(&app, &id, "state").await.as_deref(),
+        Some("running")
+    );
+    // Silence past the lease: the reaper requeues it.
+    app.wait_for(
+        10,
+        "the silent legacy agent's job to be requeued",
+        || async {
+            (job_field(&app, &id, "state").await.as_deref() == Some("waiting")).then_some(())
+        },
+    )
+    .await;
+    // The lost holder's late write is refused.
+    let r = app
+        .post_json(&format!("/v1/result/{id}"), &json!({"job_state": "test"}))
+        .await;
+    assert_eq!(r.status(), 409);
+    app.cleanup().await;
+}
+
+/// `lost` is about a lease, not a name: an agent whose record moved on to another job
+/// is not marked lost when an old lease of its name expires.
+#[tokio::test(flavor = "multi_thread")]
+async fn lost_is_set_per_lease_not_per_agent_name() {
+    let app = TestApp::spawn_with(|s| s.lease_ttl = 3).await;
+    let q = app.queue("lost");
+    let agent = unique("agent");
+    let r = app
+        .post_json(
+            &format!("/v1/agents/data/{agent}"),
+            &json!({"state": "waiting", "queues": [q]}),
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    let old = app.submit(json!({"job_queue": q})).await;
+    let new = app.submit(json!({"job_queue": q})).await;
+    assert_eq!(app.claim(&old, &agent).await["outcome"], "granted");
+    // The agent restarted and took another job: its record names the new one, which it
+    // renews; the old lease lapses.
+    let token = app.claim(&new, &agent).await["token"]
+        .as_u64()
+        .expect("token");
+    app.wait_for(10, "the old lease to be reaped", || async {
+        let hb = app
+            .post_json(
+                &format!("/v1/job/{new}/heartbeat"),
+                &json!({"agent_id": agent, "token": token}),
+            )
+            .await;
+        assert_eq!(hb.status(), 200);
+        (job_field(&app, &old, "state").await.as_deref() == Some("waiting")).then_some(())
+    })
+    .await;
+    let rec: Value = app
+        .get(&format!("/v1/agents/data/{agent}"))
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert_ne!(rec["state"], "lost", "{rec}");
+    app.cleanup().await;
+}
+
+/// A retried job's result shows each attempt's output once, labelled, and fragment ids
+/// stay unique across attempts.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_retried_jobs_output_is_kept_apart_per_attempt() {
+    let app = TestApp::spawn_with(|s| s.lease_ttl = 3).await;
+    let q = app.queue("attempts");
+    let id = app.submit(json!({"job_queue": q})).await;
+    let frag = |n: i64, text: &str| json!({"fragment_number": n, "timestamp": "2026-01-01T00:00:00Z", "phase": "test", "log_data": text});
+    let t1 = app.claim(&id, "first").await["token"]
+        .as_u64()
+        .expect("token");
+    for (n, text) in [(0, "one-a\n"), (1, "one-b\n")] {
+        let r = app
+            .post_token(&format!("/v1/result/{id}/log/output"), t1, &frag(n, text))
+            .await;
+        assert_eq!(r.status(), 200);
+    }
+    app.wait_for(10, "the first attempt to be reaped", || async {
+        (job_field(&app, &id, "state").await.as_deref() == Some("waiting")).then_some(())
+    })
+    .await;
+    let t2 = app.claim(&id, "second").await["token"]
+        .as_u64()
+        .expect("token");
+    // Attempt 1's holder can no longer write.
+    let late = app
+        .post_token(
+            &format!("/v1/result/{id}/log/output"),
+            t1,
+            &frag(2, "zombie\n"),
+        )
+        .await;
+    assert_eq!(late.status(), 409);
+    for (n, text) in [(0, "two-a\n"), (1, "two-b\n"), (1, "two-b\n")] {
+        let r = app
+            .post_token(&format!("/v1/result/{id}/log/output"), t2, &frag(n, text))
+            .await;
+        assert_eq!(r.status(), 200);
+    }
+    let res = app.result(&id).await;
+    assert_eq!(
+        res["test_output"],
+        "===== attempt 1 =====\none-a\none-b\n===== attempt 2 =====\ntwo-a\ntwo-b\n",
+        "{res}"
+    );
+    // The fragments route: the same text and a last fragment number past attempt 1's.
+    let log: Value = app
+        .get(&format!("/v1/result/{id}/log/output"))
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(log["output"]["test"]["log_data"], res["test_output"]);
+    let last = log["output"]["test"]["last_fragment_number"]
+        .as_i64()
+        .expect("n");
+    assert!(last > 1, "{log}");
+    // SSE ids are unique.
+    let mut tok = app.state.store.con();
+    let _: () = redis::cmd("HSET")
+        .arg(app.state.store.keys.job(&id))
+        .arg("state")
+        .arg("complete")
+        .query_async(&mut tok)
+        .await
+        .expect("hset");
+    let text = app
+        .get(&format!("/v1/result/{id}/log/output/stream"))
+        .await
+        .text()
+        .await
+        .expect("sse");
+    let ids: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("id: "))
+        .collect();
+    let mut unique_ids = ids.clone();
+    unique_ids.sort();
+    unique_ids.dedup();
+    assert_eq!(ids.len(), 4, "{text}");
+    assert_eq!(unique_ids.len(), 4, "{text}");
+    app.cleanup().await;
+}
+
+/// A definition that carries the id of a job that already ran (copied from `show`) is
+/// queued as a new job; the same definition sent again while it waits is a retry.
+#[tokio::test(flavor = "multi_thread")]
+async fn resubmitting_a_known_job_id() {
+    let app = TestApp::spawn().await;
+    let q = app.queue("resubmit");
+    let id = app.submit(json!({"job_queue": q})).await;
+    let def: Value = app
+        .get(&format!("/v1/job/{id}"))
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(app.submit(def.clone()).await, id, "a retry while waiting");
+    let token = app.claim(&id, "runner").await["token"]
+        .as_u64()
+        .expect("token");
+    let r = app
+        .post_token(
+            &format!("/v1/result/{id}"),
+            token,
+            &json!({"job_state": "complete"}),
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    let again = app.submit(def).await;
+    assert_ne!(again, id, "a finished job's definition must run again");
+    assert_eq!(
+        job_field(&app, &again, "state").await.as_deref(),
+        Some("waiting")
+    );
+    app.cleanup().await;
+}
