@@ -9,22 +9,8 @@ use crate::error::{ApiError, ApiResult};
 use crate::events;
 use crate::state::AppState;
 use crate::store::{Requeue, now_ms};
-use redis::{AsyncCommands, Script};
 use serde_json::Value;
-use std::sync::LazyLock;
 use std::time::{Duration, Instant};
-
-static LOCK: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r#"
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  redis.call('PEXPIRE', KEYS[1], ARGV[2]); return 1
-end
-if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
-return 0
-"#,
-    )
-});
 
 /// Runs until the task is dropped.
 pub async fn run(app: AppState) {
@@ -53,62 +39,16 @@ pub async fn run(app: AppState) {
 /// Removes index entries of jobs that expired (job hashes expire by themselves; the
 /// sorted sets that list them do not).
 pub async fn sweep_indexes(app: &AppState) -> ApiResult<usize> {
-    let k = &app.store.keys;
-    let mut c = app.store.con();
     let cutoff = now_ms() - (app.settings.retention as i64) * 1000;
-    let mut removed: usize = redis::cmd("ZREMRANGEBYSCORE")
-        .arg(k.jobs())
-        .arg("-inf")
-        .arg(cutoff)
-        .query_async(&mut c)
-        .await?;
-    for pattern in [k.qjobs("*"), k.qpos("*")] {
-        let keys: Vec<String> = {
-            let mut it: redis::AsyncIter<String> = c.scan_match(&pattern).await?;
-            let mut v = Vec::new();
-            while let Some(key) = futures_util::StreamExt::next(&mut it).await {
-                v.push(key?);
-            }
-            v
-        };
-        for key in keys {
-            let ids: Vec<String> = c.zrange(&key, 0, -1).await?;
-            if ids.is_empty() {
-                continue;
-            }
-            let mut p = redis::pipe();
-            for id in &ids {
-                p.exists(k.job(id));
-            }
-            let alive: Vec<bool> = p.query_async(&mut c).await?;
-            let gone: Vec<&String> = ids
-                .iter()
-                .zip(alive)
-                .filter(|(_, a)| !a)
-                .map(|(id, _)| id)
-                .collect();
-            if !gone.is_empty() {
-                removed += gone.len();
-                let _: () = c.zrem(&key, gone).await?;
-            }
-        }
-    }
-    Ok(removed)
+    app.store.sweep_index_entries(cutoff).await
 }
 
 /// One pass: returns how many jobs it requeued or ended. Holds the reaper lock; takes
 /// its clock from Redis; after a gap (no pass for longer than a third of a lease) it first
 /// grants every running job one more lease; one job that fails does not stop the pass.
 pub async fn tick(app: &AppState, me: &str, interval: Duration) -> ApiResult<usize> {
-    let k = &app.store.keys;
-    let mut c = app.store.con();
-    let held: i64 = LOCK
-        .key(k.reaper_lock())
-        .arg(me)
-        .arg((interval.as_millis() as u64 * 5).max(1000))
-        .invoke_async(&mut c)
-        .await?;
-    if held != 1 {
+    let ttl = (interval.as_millis() as u64 * 5).max(1000);
+    if !app.store.hold_lock("reaper", me, ttl).await? {
         return Ok(0);
     }
     let gap_ms = (app.lease_ms() / 3).max(interval.as_millis() as u64 * 3);
@@ -264,20 +204,12 @@ pub async fn reconcile_queues(
 /// Runs [`reconcile_queues`] every `interval` while this replica holds the reaper lock's
 /// turn (any replica may run it: duplicates are harmless, but one is enough).
 pub async fn run_reconciler(app: AppState, interval: Duration) {
+    let me = uuid::Uuid::new_v4().to_string();
     let mut short = std::collections::HashSet::new();
     loop {
         tokio::time::sleep(interval).await;
-        let k = &app.store.keys;
-        let mut c = app.store.con();
-        let got: Result<Option<String>, _> = redis::cmd("SET")
-            .arg(format!("{}:reconciler", k.prefix()))
-            .arg("1")
-            .arg("NX")
-            .arg("PX")
-            .arg(interval.as_millis() as u64)
-            .query_async(&mut c)
-            .await;
-        if !matches!(got, Ok(Some(_))) {
+        let ttl = interval.as_millis() as u64 * 2;
+        if !matches!(app.store.hold_lock("reconciler", &me, ttl).await, Ok(true)) {
             continue;
         }
         match reconcile_queues(&app, &mut short).await {

@@ -89,9 +89,6 @@ impl Keys {
     pub fn images(&self, q: &str) -> String {
         format!("{}:images:{q}", self.p)
     }
-    pub fn reaper_lock(&self) -> String {
-        format!("{}:reaper", self.p)
-    }
     pub fn secret(&self, client: &str, path: &str) -> String {
         format!("{}:secret:{client}/{path}", self.p)
     }
@@ -405,6 +402,44 @@ pub struct JobRecord {
     pub priority: i64,
 }
 
+/// One log fragment as stored (member of the sorted set `log:<id>:<type>`, scored by
+/// `n`): JSON `{"n","a","ms","t","p","d"}`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Fragment {
+    /// The stored number: unique across attempts (see [`fragment_score`]).
+    pub n: i64,
+    /// The attempt that wrote it (1 for fragments stored before attempts were recorded).
+    pub attempt: u64,
+    /// Its timestamp in Unix milliseconds, and as the agent wrote it.
+    pub ts_ms: i64,
+    pub ts: String,
+    pub phase: String,
+    pub data: String,
+}
+
+impl Fragment {
+    fn to_member(&self) -> String {
+        serde_json::json!({"n": self.n, "a": self.attempt, "ms": self.ts_ms, "t": self.ts, "p": self.phase, "d": self.data})
+            .to_string()
+    }
+
+    fn from_member(member: &str) -> Option<Fragment> {
+        let v: Value = serde_json::from_str(member).ok()?;
+        Some(Fragment {
+            n: v.get("n")?.as_i64()?,
+            attempt: v.get("a").and_then(Value::as_u64).unwrap_or(1),
+            ts_ms: v.get("ms").and_then(Value::as_i64).unwrap_or(0),
+            ts: v
+                .get("t")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_string(),
+            phase: v.get("p")?.as_str()?.to_string(),
+            data: v.get("d")?.as_str()?.to_string(),
+        })
+    }
+}
+
 /// What [`Store::create_job`] did.
 #[derive(Debug, Clone)]
 pub struct Created {
@@ -415,6 +450,18 @@ pub struct Created {
     /// The existing job's stored definition (JSON), when not created.
     pub existing_def: String,
 }
+
+static LOCK: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2]); return 1
+end
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
+return 0
+"#,
+    )
+});
 
 /// What [`Store::set_state`] did, with the state the job had before.
 #[derive(Debug, Clone, PartialEq)]
@@ -1004,6 +1051,165 @@ impl Store {
             }
         }
         Ok(out)
+    }
+
+    /// Stores a log fragment, replacing one stored under the same number (a fragment
+    /// delivered again shows once). Expires with the retention.
+    pub async fn put_fragment(&self, id: &str, log_type: &str, f: &Fragment) -> ApiResult<()> {
+        let key = self.keys.log(id, log_type);
+        let mut c = self.con();
+        let _: () = redis::pipe()
+            .atomic()
+            .cmd("ZREMRANGEBYSCORE")
+            .arg(&key)
+            .arg(f.n)
+            .arg(f.n)
+            .ignore()
+            .cmd("ZADD")
+            .arg(&key)
+            .arg(f.n)
+            .arg(f.to_member())
+            .ignore()
+            .cmd("EXPIRE")
+            .arg(&key)
+            .arg(self.retention_secs())
+            .ignore()
+            .query_async(&mut c)
+            .await?;
+        Ok(())
+    }
+
+    /// A job's fragments of one log type numbered `from` or more, in order.
+    pub async fn fragments(&self, id: &str, log_type: &str, from: i64) -> ApiResult<Vec<Fragment>> {
+        let mut c = self.con();
+        let members: Vec<String> = redis::cmd("ZRANGEBYSCORE")
+            .arg(self.keys.log(id, log_type))
+            .arg(from)
+            .arg("+inf")
+            .query_async(&mut c)
+            .await?;
+        Ok(members
+            .iter()
+            .filter_map(|m| Fragment::from_member(m))
+            .collect())
+    }
+
+    /// Jobs for `GET /v1/job/search`: all jobs newest first, or the union (`all`:
+    /// intersection) of the tags' sets; each with `(id, state, created_at, created_ms)`;
+    /// jobs that expired are left out.
+    pub async fn search_jobs(
+        &self,
+        tags: &[String],
+        all: bool,
+    ) -> ApiResult<Vec<(String, String, String, i64)>> {
+        let k = &self.keys;
+        let mut c = self.con();
+        let ids: Vec<String> = if tags.is_empty() {
+            c.zrevrange(k.jobs(), 0, -1).await?
+        } else {
+            let keys: Vec<String> = tags.iter().map(|t| k.tag(t)).collect();
+            redis::cmd(if all { "SINTER" } else { "SUNION" })
+                .arg(keys)
+                .query_async(&mut c)
+                .await?
+        };
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for id in &ids {
+            pipe.cmd("HMGET")
+                .arg(k.job(id))
+                .arg("state")
+                .arg("created_at")
+                .arg("created");
+        }
+        let rows: Vec<(Option<String>, Option<String>, Option<i64>)> =
+            pipe.query_async(&mut c).await?;
+        Ok(ids
+            .into_iter()
+            .zip(rows)
+            .filter_map(|(id, (state, created_at, created))| {
+                Some((id, state?, created_at?, created.unwrap_or(0)))
+            })
+            .collect())
+    }
+
+    /// The score of each queue's best waiting job (lower is better: priority, then
+    /// submit order); `f64::MAX` for a queue with none.
+    pub async fn queue_heads(&self, queues: &[String]) -> ApiResult<Vec<f64>> {
+        let mut c = self.con();
+        let mut pipe = redis::pipe();
+        for queue in queues {
+            pipe.cmd("ZRANGE")
+                .arg(self.keys.qpos(queue))
+                .arg(0)
+                .arg(0)
+                .arg("WITHSCORES");
+        }
+        let heads: Vec<Vec<(String, f64)>> = pipe.query_async(&mut c).await?;
+        Ok(heads
+            .into_iter()
+            .map(|h| h.first().map_or(f64::MAX, |x| x.1))
+            .collect())
+    }
+
+    /// Removes index entries of jobs created before `cutoff_ms` or whose record expired
+    /// (job hashes expire by themselves; the sorted sets that list them do not). Returns
+    /// how many entries went.
+    pub async fn sweep_index_entries(&self, cutoff_ms: i64) -> ApiResult<usize> {
+        let k = &self.keys;
+        let mut c = self.con();
+        let mut removed: usize = redis::cmd("ZREMRANGEBYSCORE")
+            .arg(k.jobs())
+            .arg("-inf")
+            .arg(cutoff_ms)
+            .query_async(&mut c)
+            .await?;
+        for pattern in [k.qjobs("*"), k.qpos("*")] {
+            let keys: Vec<String> = {
+                let mut it: redis::AsyncIter<String> = c.scan_match(&pattern).await?;
+                let mut v = Vec::new();
+                while let Some(key) = futures_util::StreamExt::next(&mut it).await {
+                    v.push(key?);
+                }
+                v
+            };
+            for key in keys {
+                let ids: Vec<String> = c.zrange(&key, 0, -1).await?;
+                if ids.is_empty() {
+                    continue;
+                }
+                let mut p = redis::pipe();
+                for id in &ids {
+                    p.exists(k.job(id));
+                }
+                let alive: Vec<bool> = p.query_async(&mut c).await?;
+                let gone: Vec<&String> = ids
+                    .iter()
+                    .zip(alive)
+                    .filter(|(_, a)| !a)
+                    .map(|(id, _)| id)
+                    .collect();
+                if !gone.is_empty() {
+                    removed += gone.len();
+                    let _: () = c.zrem(&key, gone).await?;
+                }
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Takes or renews a named lock held by `me` for `ttl_ms`; true when held.
+    pub async fn hold_lock(&self, name: &str, me: &str, ttl_ms: u64) -> ApiResult<bool> {
+        let mut c = self.con();
+        let held: i64 = LOCK
+            .key(format!("{}:{name}", self.keys.p))
+            .arg(me)
+            .arg(ttl_ms)
+            .invoke_async(&mut c)
+            .await?;
+        Ok(held == 1)
     }
 
     /// Sets fields of an agent's record if the agent registered; never creates one.

@@ -298,39 +298,9 @@ async fn search(app: web::Data<AppState>, req: HttpRequest) -> ApiResult<HttpRes
             return Err(query_error("state", &format!("'{s}' is not a valid state")));
         }
     }
-    let k = &app.store.keys;
-    let mut c = app.store.con();
-    let ids: Vec<String> = if q.tags.is_empty() {
-        redis::cmd("ZREVRANGE")
-            .arg(k.jobs())
-            .arg(0)
-            .arg(-1)
-            .query_async(&mut c)
-            .await?
-    } else {
-        let keys: Vec<String> = q.tags.iter().map(|t| k.tag(t)).collect();
-        redis::cmd(if all { "SINTER" } else { "SUNION" })
-            .arg(keys)
-            .query_async(&mut c)
-            .await?
-    };
-    if ids.is_empty() {
-        return Ok(HttpResponse::Ok().json(json!([])));
-    }
-    let mut pipe = redis::pipe();
-    for id in &ids {
-        pipe.cmd("HMGET")
-            .arg(k.job(id))
-            .arg("state")
-            .arg("created_at")
-            .arg("created");
-    }
-    let rows: Vec<Vec<Option<String>>> = pipe.query_async(&mut c).await?;
+    let rows = app.store.search_jobs(&q.tags, all).await?;
     let mut out: Vec<(i64, Value)> = Vec::new();
-    for (id, row) in ids.iter().zip(rows) {
-        let (Some(state), Some(created_at)) = (row[0].clone(), row[1].clone()) else {
-            continue;
-        };
+    for (id, state, created_at, created) in rows {
         let keep = q.state.is_empty()
             || q.state.iter().any(|s| match s.as_str() {
                 "active" => state != "cancelled" && state != "complete",
@@ -338,7 +308,6 @@ async fn search(app: web::Data<AppState>, req: HttpRequest) -> ApiResult<HttpRes
                 other => other == state,
             });
         if keep {
-            let created: i64 = row[2].as_deref().and_then(|c| c.parse().ok()).unwrap_or(0);
             out.push((
                 created,
                 json!({"job_id": id, "created_at": created_at, "job_state": state}),
@@ -441,23 +410,8 @@ async fn legacy_next_job(app: web::Data<AppState>, req: HttpRequest) -> ApiResul
         .ok_or_else(|| ApiError::Text(StatusCode::UNAUTHORIZED, "Agent not identified".into()))?;
     tracing::Span::current().record("agent", agent.as_str());
     // Visit queues in the order of their best waiting job (priority, then age).
-    let k = &app.store.keys;
-    let mut c = app.store.con();
-    let mut pipe = redis::pipe();
-    for queue in &q.queue {
-        pipe.cmd("ZRANGE")
-            .arg(k.qpos(queue))
-            .arg(0)
-            .arg(0)
-            .arg("WITHSCORES");
-    }
-    let heads: Vec<Vec<(String, f64)>> = pipe.query_async(&mut c).await?;
-    let mut order: Vec<(f64, &String)> = q
-        .queue
-        .iter()
-        .zip(heads)
-        .map(|(queue, h)| (h.first().map_or(f64::MAX, |x| x.1), queue))
-        .collect();
+    let heads = app.store.queue_heads(&q.queue).await?;
+    let mut order: Vec<(f64, &String)> = heads.into_iter().zip(q.queue.iter()).collect();
     order.sort_by(|a, b| a.0.total_cmp(&b.0));
     for (_, queue) in order {
         if testflinger_common::queue::validate_queue_name(queue).is_err() {

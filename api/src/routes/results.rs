@@ -5,7 +5,7 @@ use crate::error::{ApiError, ApiResult};
 use crate::events;
 use crate::files::Kind;
 use crate::state::AppState;
-use crate::store::StateChange;
+use crate::store::{Fragment, StateChange};
 use actix_multipart::Multipart;
 use actix_web::http::StatusCode;
 use actix_web::{HttpRequest, HttpResponse, web};
@@ -116,32 +116,6 @@ async fn post_result(
     Ok(ok_text())
 }
 
-struct Fragment {
-    /// The stored number: unique across attempts (see `store::fragment_score`).
-    n: i64,
-    attempt: u64,
-    ts_ms: i64,
-    ts: String,
-    phase: String,
-    data: String,
-}
-
-fn parse_fragment(member: &str) -> Option<Fragment> {
-    let v: Value = serde_json::from_str(member).ok()?;
-    Some(Fragment {
-        n: v.get("n")?.as_i64()?,
-        attempt: v.get("a").and_then(Value::as_u64).unwrap_or(1),
-        ts_ms: v.get("ms").and_then(Value::as_i64).unwrap_or(0),
-        ts: v
-            .get("t")
-            .and_then(Value::as_str)
-            .unwrap_or_default()
-            .to_string(),
-        phase: v.get("p")?.as_str()?.to_string(),
-        data: v.get("d")?.as_str()?.to_string(),
-    })
-}
-
 /// Joins fragments per phase, in order. When they come from more than one attempt
 /// (the job was retried), each attempt's part starts with a label line, so each
 /// attempt's output shows once and apart. `since_ms` skips older fragments.
@@ -176,14 +150,7 @@ async fn fragments(
     log_type: &str,
     from: i64,
 ) -> ApiResult<Vec<Fragment>> {
-    let mut c = app.store.con();
-    let members: Vec<String> = redis::cmd("ZRANGEBYSCORE")
-        .arg(app.store.keys.log(id, log_type))
-        .arg(from)
-        .arg("+inf")
-        .query_async(&mut c)
-        .await?;
-    Ok(members.iter().filter_map(|m| parse_fragment(m)).collect())
+    app.store.fragments(id, log_type, from).await
 }
 
 #[tracing::instrument(skip_all, fields(job.id = %id))]
@@ -284,29 +251,19 @@ async fn post_log(
         // Upstream accepts fragments for unknown jobs; there is nothing to attach them to.
         return Ok(ok_text());
     };
-    let n = crate::store::fragment_score(attempt, l.fragment_number);
-    let member = json!({"n": n, "a": attempt.max(1), "ms": ms, "t": l.timestamp, "p": l.phase.as_str(), "d": l.log_data}).to_string();
-    let key = app.store.keys.log(&id, lt.as_str());
-    let mut c = app.store.con();
-    // Idempotent per fragment: a fragment delivered again (a spool retry whose first
-    // answer was lost) replaces itself instead of showing twice.
-    let _: () = redis::pipe()
-        .atomic()
-        .cmd("ZREMRANGEBYSCORE")
-        .arg(&key)
-        .arg(n)
-        .arg(n)
-        .ignore()
-        .cmd("ZADD")
-        .arg(&key)
-        .arg(n)
-        .arg(member)
-        .ignore()
-        .cmd("EXPIRE")
-        .arg(&key)
-        .arg(app.store.retention_secs())
-        .ignore()
-        .query_async(&mut c)
+    app.store
+        .put_fragment(
+            &id,
+            lt.as_str(),
+            &Fragment {
+                n: crate::store::fragment_score(attempt, l.fragment_number),
+                attempt: attempt.max(1),
+                ts_ms: ms,
+                ts: l.timestamp,
+                phase: l.phase.as_str().to_string(),
+                data: l.log_data,
+            },
+        )
         .await?;
     Ok(ok_text())
 }

@@ -74,12 +74,6 @@ impl PrivateRedis {
             .expect("redis-cli");
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
-
-    fn signal(&self, sig: &str) {
-        let _ = Command::new("kill")
-            .args(["-s", sig, &self.child.id().to_string()])
-            .status();
-    }
 }
 
 impl Drop for PrivateRedis {
@@ -103,7 +97,7 @@ async fn job_field(app: &TestApp, id: &str, field: &str) -> Option<String> {
 /// long as its lease: the reaper's first pass after the gap grants a lease of grace.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_redis_outage_longer_than_the_lease_reruns_no_healthy_job() {
-    let redis = PrivateRedis::start(&[]);
+    let mut redis = PrivateRedis::start(&["--appendonly", "yes", "--appendfsync", "always"]);
     let url = redis.url();
     let app = TestApp::spawn_with(|s| {
         s.redis_url = url;
@@ -136,9 +130,16 @@ async fn a_redis_outage_longer_than_the_lease_reruns_no_healthy_job() {
         }
     });
     tokio::time::sleep(Duration::from_millis(500)).await;
-    redis.signal("STOP");
+    // Redis goes away for 12 s (twice the lease) and comes back with its data (AOF).
+    let _ = redis.cli(&["SHUTDOWN"]);
+    let _ = redis.child.wait();
     tokio::time::sleep(Duration::from_secs(12)).await;
-    redis.signal("CONT");
+    redis.child = PrivateRedis::spawn(
+        redis.port,
+        redis.dir.path(),
+        &["--appendonly", "yes", "--appendfsync", "always"],
+    );
+    redis.wait_ready();
     // Several reaper passes (every 200 ms in tests) and heartbeats after the outage.
     tokio::time::sleep(Duration::from_secs(4)).await;
     stop.cancel();
