@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 use std::time::Duration;
 use testflinger_common::LogType;
 use testflinger_common::protocol::{
-    ClaimRequest, ClaimResponse, HeartbeatResponse, LeaseRequest, TOKEN_HEADER,
+    ClaimRequest, ClaimResponse, FenceToken, HeartbeatResponse, LeaseRequest, TOKEN_HEADER,
 };
 
 /// What went wrong with an API call, sorted by what the caller can do.
@@ -119,7 +119,7 @@ impl ApiClient {
             .map_err(|e| ClientError::Protocol(e.to_string()))
     }
 
-    fn post_json(&self, path: &str, body: &Value, token: Option<u64>) -> RequestBuilder {
+    fn post_json(&self, path: &str, body: &Value, token: Option<FenceToken>) -> RequestBuilder {
         let mut b = self.http.request(Method::POST, self.url(path)).json(body);
         if let Some(t) = token {
             b = b.header(TOKEN_HEADER, t.to_string());
@@ -194,7 +194,7 @@ impl ApiClient {
     pub async fn heartbeat(
         &self,
         job_id: &str,
-        token: u64,
+        token: FenceToken,
     ) -> Result<HeartbeatResponse, ClientError> {
         let path = format!("/v1/job/{job_id}/heartbeat");
         let body = self.lease_body(token, None)?;
@@ -203,14 +203,19 @@ impl ApiClient {
     }
 
     /// `POST /v1/job/<id>/release`: gives the job back so it is queued again.
-    pub async fn release(&self, job_id: &str, token: u64, reason: &str) -> Result<(), ClientError> {
+    pub async fn release(
+        &self,
+        job_id: &str,
+        token: FenceToken,
+        reason: &str,
+    ) -> Result<(), ClientError> {
         let path = format!("/v1/job/{job_id}/release");
         let body = self.lease_body(token, Some(reason.to_string()))?;
         let r = self.send(|| self.post_json(&path, &body, None)).await?;
         Self::ok(r).await.map(|_| ())
     }
 
-    fn lease_body(&self, token: u64, reason: Option<String>) -> Result<Value, ClientError> {
+    fn lease_body(&self, token: FenceToken, reason: Option<String>) -> Result<Value, ClientError> {
         serde_json::to_value(LeaseRequest {
             agent_id: self.agent_id.clone(),
             token,
@@ -260,7 +265,7 @@ impl ApiClient {
     pub async fn post_result(
         &self,
         job_id: &str,
-        token: u64,
+        token: FenceToken,
         body: &Value,
     ) -> Result<(), ClientError> {
         let path = format!("/v1/result/{job_id}");
@@ -274,7 +279,7 @@ impl ApiClient {
     pub async fn post_log(
         &self,
         job_id: &str,
-        token: u64,
+        token: FenceToken,
         log_type: LogType,
         fragment: &Fragment,
     ) -> Result<(), ClientError> {
@@ -291,7 +296,7 @@ impl ApiClient {
     pub async fn post_artifact(
         &self,
         job_id: &str,
-        token: u64,
+        token: FenceToken,
         tarball: Vec<u8>,
     ) -> Result<(), ClientError> {
         let path = format!("/v1/result/{job_id}/artifact");

@@ -544,7 +544,7 @@ pub fn job_id_from(message_id: Option<&str>, body: &[u8]) -> String {
 async fn heartbeat_loop(
     client: ApiClient,
     job_id: String,
-    token: u64,
+    token: testflinger_common::protocol::FenceToken,
     lease_ttl: u64,
     signals: JobSignals,
 ) {

@@ -39,7 +39,7 @@ const SERIAL_CHUNK: usize = 1024 * 1024;
 pub struct ClaimedJob {
     pub id: String,
     pub queue: String,
-    pub token: u64,
+    pub token: testflinger_common::protocol::FenceToken,
     pub attempt: u64,
     pub lease_ttl: u64,
     /// The job as the claim handed it out (with `job_id`, secrets resolved).
@@ -842,7 +842,7 @@ fn append(path: &Path, text: &str) {
 async fn ship_logs(
     client: ApiClient,
     job_id: String,
-    token: u64,
+    token: testflinger_common::protocol::FenceToken,
     mut rx: mpsc::UnboundedReceiver<(LogType, Fragment)>,
     lost: CancellationToken,
 ) {

@@ -14,7 +14,7 @@ use redis::{AsyncCommands, Script};
 use serde_json::{Map, Value};
 use std::sync::LazyLock;
 use testflinger_common::JobState;
-use testflinger_common::protocol::ClaimOutcome;
+use testflinger_common::protocol::{ClaimOutcome, FenceToken};
 
 /// Key names, all under one prefix.
 #[derive(Debug, Clone)]
@@ -112,7 +112,7 @@ end
 local seq = redis.call('INCR', KEYS[5])
 local score = -tonumber(ARGV[4]) * 4294967296 + (seq % 4294967296)
 redis.call('HSET', KEYS[1], 'def', ARGV[2], 'queue', ARGV[3], 'prio', ARGV[4], 'seq', seq,
-  'created', ARGV[5], 'created_at', ARGV[6], 'state', 'waiting', 'attempt', 0, 'fence', 0,
+  'created', ARGV[5], 'created_at', ARGV[6], 'state', 'waiting', 'attempt', 0, 'fence', '',
   'attach', ARGV[7], 'tags', ARGV[9])
 redis.call('EXPIRE', KEYS[1], ARGV[8])
 redis.call('ZADD', KEYS[2], score, ARGV[1])
@@ -160,7 +160,7 @@ static CLAIM: LazyLock<Script> = LazyLock::new(|| {
     Script::new(concat!(
         redis_now!(),
         r#"
--- KEYS: job qpos leases wait waitqueues ; ARGV: id agent lease_ms now_iso legacy retention
+-- KEYS: job qpos leases wait waitqueues ; ARGV: id agent lease_ms now_iso legacy retention new_fence
 if redis.call('EXISTS', KEYS[1]) == 0 then return {'unknown'} end
 local st = redis.call('HGET', KEYS[1], 'state')
 if st == 'cancelled' then return {'cancelled'} end
@@ -183,7 +183,8 @@ if ok and type(job) == 'table' and type(job['exclude_agents']) == 'table' then
   end
 end
 local attempt = redis.call('HINCRBY', KEYS[1], 'attempt', 1)
-local fence = redis.call('HINCRBY', KEYS[1], 'fence', 1)
+local fence = ARGV[7]
+redis.call('HSET', KEYS[1], 'fence', fence)
 local lease = now + tonumber(ARGV[3])
 redis.call('HSET', KEYS[1], 'state', 'running', 'agent', ARGV[2], 'lease', lease,
   'lease_ms', ARGV[3], 'legacy', ARGV[5], 'started_at', ARGV[4], 'reason', '')
@@ -220,14 +221,15 @@ return {'ok', 0}
 });
 
 /// Puts a running job back to waiting (reaper or release) or ends it once it has used
-/// `max_attempts` runs; a release counts as a run. Bumps the fencing token either way.
+/// `max_attempts` runs; a release counts as a run. Replaces the fencing token by a fresh
+/// random one either way, so the old holder's writes are refused.
 /// The requeued job keeps its place in the position index and enters the outbox, from
 /// which its wake-up message is published (again) until the broker confirms it.
 static REQUEUE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(concat!(
         redis_now!(),
         r#"
--- KEYS: job leases qpos outbox ; ARGV: id max_attempts reason mode(reap|release) token
+-- KEYS: job leases qpos outbox ; ARGV: id max_attempts reason mode(reap|release) token new_fence
 if redis.call('EXISTS', KEYS[1]) == 0 then
   redis.call('ZREM', KEYS[2], ARGV[1]); return {'gone'}
 end
@@ -240,7 +242,7 @@ if ARGV[4] == 'reap' then
   local lease = tonumber(redis.call('HGET', KEYS[1], 'lease')) or 0
   if lease > now then return {'skip', st} end
 end
-redis.call('HINCRBY', KEYS[1], 'fence', 1)
+redis.call('HSET', KEYS[1], 'fence', ARGV[6])
 redis.call('ZREM', KEYS[2], ARGV[1])
 local attempt = tonumber(redis.call('HGET', KEYS[1], 'attempt')) or 0
 local agent = redis.call('HGET', KEYS[1], 'agent') or ''
@@ -392,7 +394,7 @@ pub struct JobRecord {
     pub state: String,
     pub created_at: String,
     pub attempt: u64,
-    pub fence: u64,
+    pub fence: String,
     pub agent: String,
     pub started_at: String,
     pub reason: String,
@@ -478,7 +480,7 @@ pub enum StateChange {
 pub struct Claim {
     pub outcome: ClaimOutcome,
     pub attempt: u64,
-    pub token: u64,
+    pub token: FenceToken,
     pub job: Option<Value>,
 }
 
@@ -538,6 +540,21 @@ fn list(v: redis::Value) -> Vec<redis::Value> {
         redis::Value::Array(items) => items,
         _ => Vec::new(),
     }
+}
+
+/// A fresh fencing token: 128 bits from the system's random source.
+pub fn new_fence() -> ApiResult<FenceToken> {
+    Ok(FenceToken::from_bytes(random_bytes::<16>()?))
+}
+
+/// `N` bytes from the system's random source (ring's `SystemRandom`).
+pub fn random_bytes<const N: usize>() -> ApiResult<[u8; N]> {
+    use ring::rand::SecureRandom;
+    let mut b = [0u8; N];
+    ring::rand::SystemRandom::new()
+        .fill(&mut b)
+        .map_err(|_| ApiError::Internal(anyhow::anyhow!("the system random source failed")))?;
+    Ok(b)
 }
 
 pub fn now_ms() -> i64 {
@@ -667,7 +684,7 @@ impl Store {
             state: g("state"),
             created_at: g("created_at"),
             attempt: num("attempt"),
-            fence: num("fence"),
+            fence: g("fence"),
             agent: g("agent"),
             started_at: g("started_at"),
             reason: g("reason"),
@@ -738,6 +755,7 @@ impl Store {
             .arg(now_iso())
             .arg(if legacy { "1" } else { "0" })
             .arg(self.retention)
+            .arg(new_fence()?.to_string())
             .invoke_async(&mut c)
             .await?;
         let r = list(r);
@@ -753,12 +771,17 @@ impl Store {
             return Ok(Claim {
                 outcome,
                 attempt: 0,
-                token: 0,
+                token: FenceToken::default(),
                 job: None,
             });
         }
         let attempt = r.get(1).map(n).unwrap_or(0);
-        let token = r.get(2).map(n).unwrap_or(0);
+        let token = r
+            .get(2)
+            .map(s)
+            .unwrap_or_default()
+            .parse::<FenceToken>()
+            .map_err(|e| ApiError::Internal(anyhow::anyhow!("stored fence of {id}: {e}")))?;
         let mut job: Value =
             serde_json::from_str(&r.get(3).map(s).unwrap_or_default()).unwrap_or(Value::Null);
         if let Some(o) = job.as_object_mut() {
@@ -778,13 +801,18 @@ impl Store {
     }
 
     /// Renews a lease. `Ok(Some(cancel_requested))`, or `Ok(None)` when the token is stale.
-    pub async fn heartbeat(&self, id: &str, token: u64, lease_ms: u64) -> ApiResult<Option<bool>> {
+    pub async fn heartbeat(
+        &self,
+        id: &str,
+        token: FenceToken,
+        lease_ms: u64,
+    ) -> ApiResult<Option<bool>> {
         let mut c = self.con();
         let r: redis::Value = HEARTBEAT
             .key(self.keys.job(id))
             .key(self.keys.leases())
             .arg(id)
-            .arg(token)
+            .arg(token.to_string())
             .arg(lease_ms)
             .invoke_async(&mut c)
             .await?;
@@ -803,7 +831,7 @@ impl Store {
         queue: &str,
         max_attempts: u64,
         reason: &str,
-        release_token: Option<u64>,
+        release_token: Option<FenceToken>,
     ) -> ApiResult<Requeue> {
         let k = &self.keys;
         let mut c = self.con();
@@ -820,7 +848,8 @@ impl Store {
             } else {
                 "reap"
             })
-            .arg(release_token.unwrap_or(0))
+            .arg(release_token.map(|t| t.to_string()).unwrap_or_default())
+            .arg(new_fence()?.to_string())
             .invoke_async(&mut c)
             .await?;
         let r = list(r);
@@ -851,7 +880,7 @@ impl Store {
         &self,
         id: &str,
         queue: &str,
-        token: Option<u64>,
+        token: Option<FenceToken>,
         state: JobState,
     ) -> ApiResult<Option<StateChange>> {
         let from = state.reported_from().map_err(|e| {
@@ -907,7 +936,7 @@ impl Store {
     /// `WRITE_CHECK`): `Ok(None)` when the job is unknown (the route decides),
     /// `Ok(Some(attempt))` when allowed (the attempt the write belongs to), `Err(Stale)`
     /// (409) otherwise.
-    pub async fn check_token(&self, id: &str, token: Option<u64>) -> ApiResult<Option<u64>> {
+    pub async fn check_token(&self, id: &str, token: Option<FenceToken>) -> ApiResult<Option<u64>> {
         let mut c = self.con();
         let (r, attempt): (String, u64) = WRITE_CHECK
             .key(self.keys.job(id))

@@ -13,6 +13,67 @@ use serde_json::Value;
 /// HTTP header carrying the fencing token on agent writes.
 pub const TOKEN_HEADER: &str = "X-Testflinger-Token";
 
+/// A lease's fencing token: 128 random bits, on the wire 32 lowercase hex digits (in
+/// JSON a string, in [`TOKEN_HEADER`] the bare digits). Random rather than a counter, so
+/// a caller cannot guess the token of a job it does not hold. `Copy`, so holders pass it
+/// around freely; the API draws it (see `FenceToken::from_bytes`).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct FenceToken(u128);
+
+impl FenceToken {
+    /// The token made of these 16 bytes (the API passes 16 bytes from the system's
+    /// random source).
+    pub fn from_bytes(b: [u8; 16]) -> FenceToken {
+        FenceToken(u128::from_be_bytes(b))
+    }
+}
+
+impl std::fmt::Display for FenceToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:032x}", self.0)
+    }
+}
+
+/// Shown as its hex digits: a token is a capability, but a log of the holder's own
+/// token reveals nothing the holder does not have.
+impl std::fmt::Debug for FenceToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "FenceToken({self})")
+    }
+}
+
+/// Why a string is not a fencing token.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("a fencing token is 32 hexadecimal digits; got {0:?}")]
+pub struct BadToken(pub String);
+
+impl std::str::FromStr for FenceToken {
+    type Err = BadToken;
+    fn from_str(s: &str) -> Result<FenceToken, BadToken> {
+        let t = s.trim();
+        if t.len() != 32 || !t.bytes().all(|b| b.is_ascii_hexdigit()) {
+            let shown: String = t.chars().take(40).collect();
+            return Err(BadToken(shown));
+        }
+        u128::from_str_radix(t, 16)
+            .map(FenceToken)
+            .map_err(|_| BadToken(t.to_string()))
+    }
+}
+
+impl Serialize for FenceToken {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for FenceToken {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<FenceToken, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 /// `POST /v1/job/<id>/claim`
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -43,7 +104,7 @@ pub struct ClaimResponse {
     pub outcome: ClaimOutcome,
     /// The fencing token, present when granted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub token: Option<u64>,
+    pub token: Option<FenceToken>,
     /// Which attempt this is (1 for the first run).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attempt: Option<u64>,
@@ -60,7 +121,7 @@ pub struct ClaimResponse {
 #[serde(deny_unknown_fields)]
 pub struct LeaseRequest {
     pub agent_id: String,
-    pub token: u64,
+    pub token: FenceToken,
     /// Why the job is given back (release only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
@@ -97,4 +158,30 @@ pub struct JobEvent {
     pub timestamp: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fence_token_round_trips_as_hex() {
+        let t = FenceToken::from_bytes([0xab; 16]);
+        let s = t.to_string();
+        assert_eq!(s, "ab".repeat(16));
+        assert_eq!(s.parse::<FenceToken>(), Ok(t));
+        let j = serde_json::to_value(t).unwrap();
+        assert_eq!(j, serde_json::json!("ab".repeat(16)));
+        assert_eq!(serde_json::from_value::<FenceToken>(j).unwrap(), t);
+        let small = FenceToken::from_bytes([0; 16]).to_string();
+        assert_eq!(small.len(), 32);
+    }
+
+    #[test]
+    fn fence_token_refuses_numbers_and_junk() {
+        assert!("1".parse::<FenceToken>().is_err());
+        assert!("zz".repeat(16).parse::<FenceToken>().is_err());
+        assert!("a".repeat(33).parse::<FenceToken>().is_err());
+        assert!(serde_json::from_value::<FenceToken>(serde_json::json!(7)).is_err());
+    }
 }

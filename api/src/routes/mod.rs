@@ -13,7 +13,7 @@ use crate::error::{ApiError, ApiResult};
 use actix_web::http::StatusCode;
 use actix_web::{HttpRequest, HttpResponse, web};
 use testflinger_common::JobId;
-use testflinger_common::protocol::TOKEN_HEADER;
+use testflinger_common::protocol::{FenceToken, TOKEN_HEADER};
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.route("/v1", web::get().to(identity))
@@ -75,16 +75,17 @@ pub fn parse_id(raw: &str, text: bool) -> ApiResult<JobId> {
     })
 }
 
-/// The fencing token of an agent write, when it carries one.
-pub fn token(req: &HttpRequest) -> ApiResult<Option<u64>> {
+/// The fencing token of an agent write, when it carries one; 400 naming the header
+/// when it is not 32 hexadecimal digits.
+pub fn token(req: &HttpRequest) -> ApiResult<Option<FenceToken>> {
     match req.headers().get(TOKEN_HEADER) {
         None => Ok(None),
-        Some(v) => v
-            .to_str()
-            .ok()
-            .and_then(|s| s.trim().parse::<u64>().ok())
-            .map(Some)
-            .ok_or_else(|| ApiError::BadRequest(format!("{TOKEN_HEADER} must be a number"))),
+        Some(v) => {
+            let raw = v.to_str().unwrap_or("(not text)");
+            raw.parse::<FenceToken>()
+                .map(Some)
+                .map_err(|e| ApiError::BadRequest(format!("{TOKEN_HEADER}: {e}")))
+        }
     }
 }
 

@@ -143,13 +143,14 @@ async fn a_subscriber_sees_every_state_change_of_a_job_in_order() {
         .expect("subscribe");
     let id = app.submit(json!({"job_queue": q})).await;
     let token = app.claim(&id, "ev-agent").await["token"]
-        .as_u64()
+        .as_str()
+        .map(str::to_string)
         .expect("token");
     let phases = ["setup", "provision", "test", "cleanup", "complete"];
     for state in phases {
         app.post_token(
             &format!("/v1/result/{id}"),
-            token,
+            &token,
             &json!({"job_state": state}),
         )
         .await;

@@ -107,7 +107,8 @@ async fn a_redis_outage_longer_than_the_lease_reruns_no_healthy_job() {
     let q = app.queue("gap");
     let id = app.submit(json!({"job_queue": q})).await;
     let token = app.claim(&id, "survivor").await["token"]
-        .as_u64()
+        .as_str()
+        .map(str::to_string)
         .expect("token");
     // The survivor renews every 2 s (lease / 3), ignoring failures, as our agent does.
     let stop = tokio_util::sync::CancellationToken::new();
@@ -250,11 +251,13 @@ async fn job_states_only_move_forward() {
     let q = app.queue("fsm");
     let id = app.submit(json!({"job_queue": q})).await;
     let token = app.claim(&id, "fsm-agent").await["token"]
-        .as_u64()
+        .as_str()
+        .map(str::to_string)
         .expect("token");
     let post = |state: &'static str| {
         let app = &app;
         let id = id.clone();
+        let token = &token;
         async move {
             app.post_token(
                 &format!("/v1/result/{id}"),
@@ -333,7 +336,8 @@ async fn release_counts_towards_max_attempts() {
     let id = app.submit(json!({"job_queue": q})).await;
     for _ in 0..2 {
         let token = app.claim(&id, "full-disk").await["token"]
-            .as_u64()
+            .as_str()
+            .map(str::to_string)
             .expect("token");
         let r = app
             .post_json(
@@ -428,7 +432,8 @@ async fn lost_is_set_per_lease_not_per_agent_name() {
     // The agent restarted and took another job: its record names the new one, which it
     // renews; the old lease lapses.
     let token = app.claim(&new, &agent).await["token"]
-        .as_u64()
+        .as_str()
+        .map(str::to_string)
         .expect("token");
     app.wait_for(10, "the old lease to be reaped", || async {
         let hb = app
@@ -460,11 +465,12 @@ async fn a_retried_jobs_output_is_kept_apart_per_attempt() {
     let id = app.submit(json!({"job_queue": q})).await;
     let frag = |n: i64, text: &str| json!({"fragment_number": n, "timestamp": "2026-01-01T00:00:00Z", "phase": "test", "log_data": text});
     let t1 = app.claim(&id, "first").await["token"]
-        .as_u64()
+        .as_str()
+        .map(str::to_string)
         .expect("token");
     for (n, text) in [(0, "one-a\n"), (1, "one-b\n")] {
         let r = app
-            .post_token(&format!("/v1/result/{id}/log/output"), t1, &frag(n, text))
+            .post_token(&format!("/v1/result/{id}/log/output"), &t1, &frag(n, text))
             .await;
         assert_eq!(r.status(), 200);
     }
@@ -473,20 +479,21 @@ async fn a_retried_jobs_output_is_kept_apart_per_attempt() {
     })
     .await;
     let t2 = app.claim(&id, "second").await["token"]
-        .as_u64()
+        .as_str()
+        .map(str::to_string)
         .expect("token");
     // Attempt 1's holder can no longer write.
     let late = app
         .post_token(
             &format!("/v1/result/{id}/log/output"),
-            t1,
+            &t1,
             &frag(2, "zombie\n"),
         )
         .await;
     assert_eq!(late.status(), 409);
     for (n, text) in [(0, "two-a\n"), (1, "two-b\n"), (1, "two-b\n")] {
         let r = app
-            .post_token(&format!("/v1/result/{id}/log/output"), t2, &frag(n, text))
+            .post_token(&format!("/v1/result/{id}/log/output"), &t2, &frag(n, text))
             .await;
         assert_eq!(r.status(), 200);
     }
@@ -550,12 +557,13 @@ async fn resubmitting_a_known_job_id() {
         .expect("json");
     assert_eq!(app.submit(def.clone()).await, id, "a retry while waiting");
     let token = app.claim(&id, "runner").await["token"]
-        .as_u64()
+        .as_str()
+        .map(str::to_string)
         .expect("token");
     let r = app
         .post_token(
             &format!("/v1/result/{id}"),
-            token,
+            &token,
             &json!({"job_state": "complete"}),
         )
         .await;

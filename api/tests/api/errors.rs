@@ -152,12 +152,13 @@ async fn bad_input_gets_clear_4xx_and_writes_nothing() {
         409
     );
     let token = app.claim(&id, "errors-agent").await["token"]
-        .as_u64()
+        .as_str()
+        .map(str::to_string)
         .expect("token");
     assert_eq!(
         app.post_token(
             &format!("/v1/result/{id}"),
-            token,
+            &token,
             &json!({"job_state": "setup", "device_info": {"device_ip": "10.0.0.5"}})
         )
         .await

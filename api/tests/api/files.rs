@@ -42,7 +42,8 @@ async fn artifacts_round_trip_byte_for_byte_and_respect_the_limit() {
         .collect();
     // Only the job's holder may upload its artifact.
     let token = app.claim(&id, "files-agent").await["token"]
-        .as_u64()
+        .as_str()
+        .map(str::to_string)
         .expect("token")
         .to_string();
     let r = app

@@ -94,10 +94,10 @@ impl TestApp {
             .expect("POST")
     }
 
-    pub async fn post_token(&self, path: &str, token: u64, body: &Value) -> Response {
+    pub async fn post_token(&self, path: &str, token: &str, body: &Value) -> Response {
         self.http
             .post(self.url(path))
-            .header("X-Testflinger-Token", token.to_string())
+            .header("X-Testflinger-Token", token)
             .json(body)
             .send()
             .await

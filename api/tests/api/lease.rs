@@ -15,12 +15,12 @@ async fn unrenewed_lease_is_reaped_redelivered_with_attempt_2_and_fences_the_fir
     first.ack().await.expect("ack");
     assert_eq!(c1["outcome"], "granted");
     assert_eq!(c1["attempt"], 1);
-    let t1 = c1["token"].as_u64().expect("token");
+    let t1 = c1["token"].as_str().map(str::to_string).expect("token");
     // Writes with the live token work.
     let r = app
         .post_token(
             &format!("/v1/result/{id}"),
-            t1,
+            &t1,
             &json!({"job_state": "setup"}),
         )
         .await;
@@ -43,13 +43,13 @@ async fn unrenewed_lease_is_reaped_redelivered_with_attempt_2_and_fences_the_fir
     let stale = app
         .post_token(
             &format!("/v1/result/{id}"),
-            t1,
+            &t1,
             &json!({"job_state": "complete"}),
         )
         .await;
     assert_eq!(stale.status(), 409);
     let stale_log = app
-        .post_token(&format!("/v1/result/{id}/log/output"), t1, &json!({"fragment_number": 0, "timestamp": "2026-01-01T00:00:00Z", "phase": "test", "log_data": "zombie"}))
+        .post_token(&format!("/v1/result/{id}/log/output"), &t1, &json!({"fragment_number": 0, "timestamp": "2026-01-01T00:00:00Z", "phase": "test", "log_data": "zombie"}))
         .await;
     assert_eq!(stale_log.status(), 409);
     let hb = app
@@ -100,7 +100,8 @@ async fn heartbeat_keeps_the_lease_and_reports_cancel() {
     let q = app.queue("hb");
     let id = app.submit(json!({"job_queue": q})).await;
     let t = app.claim(&id, "busy").await["token"]
-        .as_u64()
+        .as_str()
+        .map(str::to_string)
         .expect("token");
     for _ in 0..5 {
         let r: Value = app
@@ -135,7 +136,7 @@ async fn heartbeat_keeps_the_lease_and_reports_cancel() {
     // The agent's final outcome does not overwrite cancelled.
     app.post_token(
         &format!("/v1/result/{id}"),
-        t,
+        &t,
         &json!({"job_state": "complete", "status": {"test": 0}}),
     )
     .await;
@@ -152,7 +153,8 @@ async fn release_requeues_for_another_agent() {
     let id = app.submit(json!({"job_queue": q})).await;
     let m = app.broker().get(&q).await.expect("get").expect("message");
     let t = app.claim(&id, "leaving").await["token"]
-        .as_u64()
+        .as_str()
+        .map(str::to_string)
         .expect("token");
     m.ack().await.expect("ack");
     let r = app

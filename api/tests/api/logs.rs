@@ -2,9 +2,10 @@ use crate::helpers::TestApp;
 use serde_json::{Value, json};
 
 /// Claims `id` for a test agent; returns the fencing token its writes carry.
-async fn hold(app: &TestApp, id: &str) -> u64 {
+async fn hold(app: &TestApp, id: &str) -> String {
     app.claim(id, "logs-agent").await["token"]
-        .as_u64()
+        .as_str()
+        .map(str::to_string)
         .expect("token")
 }
 
@@ -13,7 +14,7 @@ async fn post_frag(app: &TestApp, id: &str, n: i64, ts: &str, phase: &str, data:
     let r = app
         .post_token(
             &format!("/v1/result/{id}/log/output"),
-            token,
+            &token,
             &json!({"fragment_number": n, "timestamp": ts, "phase": phase, "log_data": data}),
         )
         .await;
@@ -150,7 +151,7 @@ async fn live_stream_delivers_fragments_then_ends() {
     let token = hold(&app, &id).await;
     app.post_token(
         &format!("/v1/result/{id}"),
-        token,
+        &token,
         &json!({"job_state": "complete"}),
     )
     .await;

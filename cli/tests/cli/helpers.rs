@@ -343,7 +343,7 @@ impl TestEnv {
         assert_eq!(status, 200, "claim: {body}");
         let v: Value = serde_json::from_str(&body).expect("claim json");
         assert_eq!(v["outcome"], "granted", "claim: {body}");
-        v["token"].as_u64().expect("token").to_string()
+        v["token"].as_str().expect("token").to_string()
     }
 
     /// POSTs JSON as the holder of `job_id`.

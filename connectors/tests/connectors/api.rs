@@ -165,7 +165,7 @@ impl ApiServer {
         );
         assert_eq!(status, 200, "claim {id}: {claim}");
         assert_eq!(claim["outcome"], "granted", "claim {id}: {claim}");
-        let token = claim["token"].as_u64().expect("token").to_string();
+        let token = claim["token"].as_str().expect("token").to_string();
         let (status, body) = self.call(
             self.client
                 .post(format!("{}/v1/result/{id}", self.url))
