@@ -105,7 +105,15 @@ async fn admit_message(app: &AppState, msg: &Incoming) -> Result<JobId, ApiError
         Some(m) => m.parse::<JobId>().ok(),
         None => None,
     };
-    crate::submit::admit(app, value, forced).await
+    // A broker submission has no HTTP identity: it is anonymous unless the message
+    // carries an `Authorization: Bearer <access token>` header (checked like HTTP's).
+    let header = msg
+        .headers
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case("authorization"))
+        .map(|(_, v)| v.as_str());
+    let caller = crate::auth::Caller::from_authorization(&app.auth, header)?;
+    crate::submit::admit(app, value, forced, &caller).await
 }
 
 fn describe(e: &ApiError) -> (String, Value) {

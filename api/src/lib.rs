@@ -6,6 +6,7 @@
 //! - [`routes`]: one module per route group (jobs, lease, results, agents, queues).
 //! - [`submit`]: admission of a job (shared by HTTP and the broker submit queue).
 //! - [`admission`]: the `testflinger.submit` consumer.
+//! - [`auth`]: clients, tokens, roles and submission permissions.
 //! - [`store`]: all Redis state and its atomic scripts; [`files`]: artifacts/attachments.
 //! - [`reaper`]: requeues jobs whose lease expired.
 //! - [`events`]: job events to `testflinger.events` and webhooks.
@@ -13,6 +14,7 @@
 //! - [`error`]: errors at the HTTP edge.
 
 pub mod admission;
+pub mod auth;
 pub mod error;
 pub mod events;
 pub mod files;

@@ -21,6 +21,10 @@
 //! | `TESTFLINGER_SUBMIT_QUEUE` | `testflinger.submit` | the broker-native submission queue |
 //! | `TESTFLINGER_WEBHOOK_ALLOWED_HOSTS` | empty | comma-separated hosts `job_status_webhook` may name |
 //! | `TESTFLINGER_LOG_FORMAT` | `text` | `text` or `json` |
+//! | `JWT_SIGNING_KEY` | unset | turns authentication on; the HS256 key of access tokens (upstream's name) |
+//! | `JWT_LEEWAY` | `5` | seconds of clock skew tolerated on token expiry (upstream's name) |
+//! | `TESTFLINGER_ADMIN_ID` | `testflinger-admin` | the bootstrap administrator's client id |
+//! | `TESTFLINGER_ADMIN_SECRET` | unset | its secret; with auth on, the client is created (or its secret reset) at start-up |
 
 use serde::Deserialize;
 use std::path::PathBuf;
@@ -54,6 +58,23 @@ pub struct Settings {
     pub submit_queue: String,
     pub webhook_allowed_hosts: String,
     pub log_format: String,
+    #[serde(default)]
+    pub jwt_signing_key: Option<Redacted>,
+    pub jwt_leeway: u64,
+    pub admin_id: String,
+    #[serde(default)]
+    pub admin_secret: Option<Redacted>,
+}
+
+/// A setting that must not appear in logs or `Debug` output (keys, secrets).
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Redacted(pub String);
+
+impl std::fmt::Debug for Redacted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("\"***\"")
+    }
 }
 
 const KNOWN: &[&str] = &[
@@ -75,6 +96,10 @@ const KNOWN: &[&str] = &[
     "submit_queue",
     "webhook_allowed_hosts",
     "log_format",
+    "jwt_signing_key",
+    "jwt_leeway",
+    "admin_id",
+    "admin_secret",
 ];
 
 impl Settings {
@@ -103,7 +128,9 @@ impl Settings {
             .set_default("submit_consumer", true)?
             .set_default("submit_queue", testflinger_broker::topology::SUBMIT_QUEUE)?
             .set_default("webhook_allowed_hosts", "")?
-            .set_default("log_format", "text")?;
+            .set_default("log_format", "text")?
+            .set_default("jwt_leeway", 5)?
+            .set_default("admin_id", crate::auth::DEFAULT_ADMIN_ID)?;
         if let Ok(path) = std::env::var("TESTFLINGER_CONFIG") {
             b = b.add_source(config::File::with_name(&path));
         }
@@ -116,6 +143,8 @@ impl Settings {
             ("AMQP_URI", "amqp_uri"),
             ("REDIS_URL", "redis_url"),
             ("DATA_PATH", "data_path"),
+            ("JWT_SIGNING_KEY", "jwt_signing_key"),
+            ("JWT_LEEWAY", "jwt_leeway"),
         ] {
             if let Ok(v) = std::env::var(var)
                 && !v.is_empty()
@@ -190,6 +219,10 @@ impl Settings {
             submit_queue: format!("testflinger.submit.{prefix}"),
             webhook_allowed_hosts: String::new(),
             log_format: "text".into(),
+            jwt_signing_key: None,
+            jwt_leeway: 5,
+            admin_id: crate::auth::DEFAULT_ADMIN_ID.into(),
+            admin_secret: None,
         }
     }
 

@@ -53,6 +53,17 @@ impl Application {
         };
         let port = listener.local_addr()?.port();
         let workers = settings.workers;
+        let auth = Arc::new(crate::auth::Auth::new(
+            settings.jwt_signing_key.as_ref().map(|k| k.0.as_str()),
+            settings.jwt_leeway,
+        ));
+        if auth.enabled() {
+            bootstrap_admin(&store, &settings).await?;
+        } else {
+            tracing::warn!(
+                "AUTHENTICATION IS OFF: JWT_SIGNING_KEY is not set, so anyone who can reach this server may claim jobs, read their secrets, cancel any job and change agents. Run it like this only on a trusted network."
+            );
+        }
         let settings = Arc::new(settings);
         let (events, events_task) =
             crate::events::EventSink::start(broker.clone(), http.clone(), settings.clone());
@@ -64,6 +75,7 @@ impl Application {
             http,
             events,
             metrics: Arc::default(),
+            auth,
         };
         let data = web::Data::new(state.clone());
         let server = HttpServer::new(move || {
@@ -123,6 +135,45 @@ impl Application {
         }
         r
     }
+}
+
+/// Creates the administrator named by `TESTFLINGER_ADMIN_ID` when
+/// `TESTFLINGER_ADMIN_SECRET` is set, or resets its secret and role when they changed.
+async fn bootstrap_admin(store: &Store, settings: &Settings) -> anyhow::Result<()> {
+    let Some(secret) = settings.admin_secret.as_ref().map(|s| s.0.clone()) else {
+        tracing::info!(
+            "authentication on; no TESTFLINGER_ADMIN_SECRET, so no bootstrap administrator"
+        );
+        return Ok(());
+    };
+    let id = settings.admin_id.as_str();
+    let existing = store.client(id).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+    if let Some(rec) = &existing
+        && rec.permissions.role == crate::auth::Role::Admin
+        && crate::auth::verify_secret(secret.clone(), rec.secret_hash.clone())
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+    {
+        return Ok(());
+    }
+    let hash = crate::auth::hash_secret(secret)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    store
+        .put_client(
+            id,
+            &crate::store::ClientUpdate {
+                secret_hash: Some(hash),
+                role: Some(crate::auth::Role::Admin),
+                max_priority: Some([("*".to_string(), 1_000_000)].into()),
+                max_reservation_time: Some([("*".to_string(), 30 * 24 * 3600)].into()),
+                email: None,
+            },
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    tracing::info!(client_id = id, "bootstrap administrator ready");
+    Ok(())
 }
 
 /// A URL without its password, for messages.

@@ -14,6 +14,8 @@ pub struct AppState {
     pub http: reqwest::Client,
     pub events: crate::events::EventSink,
     pub metrics: std::sync::Arc<crate::metrics::Metrics>,
+    /// Authentication and roles (off without `JWT_SIGNING_KEY`).
+    pub auth: std::sync::Arc<crate::auth::Auth>,
 }
 
 impl AppState {

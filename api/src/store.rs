@@ -8,6 +8,9 @@
 //! creation), `leases` (running jobs by lease expiry, Redis time), `outbox` (jobs whose
 //! wake-up message is not yet confirmed by the broker), agents, queues, images.
 
+mod auth;
+pub use auth::{ClientRecord, ClientUpdate};
+
 use crate::error::{ApiError, ApiResult};
 use redis::aio::ConnectionManager;
 use redis::{AsyncCommands, Script};
@@ -105,7 +108,7 @@ macro_rules! redis_now {
 static SUBMIT: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
--- KEYS: job qpos qjobs jobs seq outbox ; ARGV: id def queue prio created_ms created_iso attach ttl tags_json
+-- KEYS: job qpos qjobs jobs seq outbox ; ARGV: id def queue prio created_ms created_iso attach ttl tags_json owner
 if redis.call('EXISTS', KEYS[1]) == 1 then
   return {0, redis.call('HGET', KEYS[1], 'state') or '', redis.call('HGET', KEYS[1], 'def') or ''}
 end
@@ -113,7 +116,7 @@ local seq = redis.call('INCR', KEYS[5])
 local score = -tonumber(ARGV[4]) * 4294967296 + (seq % 4294967296)
 redis.call('HSET', KEYS[1], 'def', ARGV[2], 'queue', ARGV[3], 'prio', ARGV[4], 'seq', seq,
   'created', ARGV[5], 'created_at', ARGV[6], 'state', 'waiting', 'attempt', 0, 'fence', '',
-  'attach', ARGV[7], 'tags', ARGV[9])
+  'attach', ARGV[7], 'tags', ARGV[9], 'owner', ARGV[10])
 redis.call('EXPIRE', KEYS[1], ARGV[8])
 redis.call('ZADD', KEYS[2], score, ARGV[1])
 redis.call('ZADD', KEYS[3], ARGV[5], ARGV[1])
@@ -597,7 +600,9 @@ impl Store {
     }
 
     /// Records a new job (state waiting, in the position index). Returns false when a
-    /// job with this id exists already (then nothing is written).
+    /// job with this id exists already (then nothing is written). `owner`: the client id
+    /// that submitted it, empty for anonymous.
+    #[allow(clippy::too_many_arguments)]
     pub async fn create_job(
         &self,
         id: &str,
@@ -606,6 +611,7 @@ impl Store {
         priority: i64,
         attach_waiting: bool,
         tags: &[String],
+        owner: &str,
     ) -> ApiResult<Created> {
         let k = &self.keys;
         let mut c = self.con();
@@ -626,6 +632,7 @@ impl Store {
             .arg(if attach_waiting { "waiting" } else { "" })
             .arg(self.retention)
             .arg(tags_json)
+            .arg(owner)
             .invoke_async(&mut c)
             .await?;
         let r = list(r);

@@ -7,21 +7,34 @@
 //! (503, nothing left behind); an unclear outcome keeps it in the outbox to be published
 //! again, so a success always means the job will run.
 
+use crate::auth::Caller;
 use crate::error::{ApiError, ApiResult};
 use crate::events;
 use crate::state::AppState;
+use actix_web::http::StatusCode;
 use serde_json::Value;
 use testflinger_common::{Job, JobId};
 
 /// Validates and queues a job; returns its id. `forced_id` (a broker `message_id`)
-/// takes precedence over a `job_id` in the body.
+/// takes precedence over a `job_id` in the body. `caller` is who submits: its
+/// permissions are checked (priority, restricted queue, reservation length, secrets) and
+/// it becomes the job's owner (anonymous: no owner).
 ///
 /// The same definition submitted again under a known id (a client retrying) answers that
 /// id and queues nothing new; a different definition, or a job that already ended,
 /// under a known id (say, a definition copied from `testflinger show`) is queued as a new
 /// job with a new id.
-pub async fn admit(app: &AppState, body: Value, forced_id: Option<JobId>) -> ApiResult<JobId> {
+pub async fn admit(
+    app: &AppState,
+    body: Value,
+    forced_id: Option<JobId>,
+    caller: &Caller,
+) -> ApiResult<JobId> {
     let job = Job::from_value(body).map_err(ApiError::Validation)?;
+    let restricted = caller.enabled && app.store.is_restricted(&job.job_queue).await?;
+    caller.check_submission(&job, restricted)?;
+    let owner = caller.client_id().unwrap_or_default().to_string();
+    check_secrets(app, &job, caller).await?;
     check_exclusions(app, &job).await?;
     let mut id = forced_id.or(job.job_id).unwrap_or_default();
     let tags = job.tags.clone().unwrap_or_default();
@@ -43,6 +56,7 @@ pub async fn admit(app: &AppState, body: Value, forced_id: Option<JobId>) -> Api
             job.priority(),
             attach,
             &tags,
+            &owner,
         )
         .await?;
     if !created.created {
@@ -64,6 +78,7 @@ pub async fn admit(app: &AppState, body: Value, forced_id: Option<JobId>) -> Api
                 job.priority(),
                 attach,
                 &tags,
+                &owner,
             )
             .await?;
         if !created.created {
@@ -138,6 +153,37 @@ pub async fn publish(
         .map_err(ApiError::from)
 }
 
+/// Upstream's rule for `test_data.secrets` with auth on: the submitter must be an
+/// authenticated client and every path must exist in its namespace (422 otherwise).
+async fn check_secrets(app: &AppState, job: &Job, caller: &Caller) -> ApiResult<()> {
+    let Some(secrets) = job.test_data.as_ref().and_then(|t| t.secrets.as_ref()) else {
+        return Ok(());
+    };
+    if !caller.enabled || secrets.is_empty() {
+        return Ok(());
+    }
+    let unprocessable = |m: String| ApiError::Json(StatusCode::UNPROCESSABLE_ENTITY, m);
+    let Some(client) = caller.client_id() else {
+        return Err(unprocessable(
+            "test_data.secrets needs an authenticated client: secrets are read from the submitter's namespace".into(),
+        ));
+    };
+    let mut missing = Vec::new();
+    for path in secrets.values() {
+        if !app.store.secret_exists(client, path).await? {
+            missing.push(path.as_str());
+        }
+    }
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(unprocessable(format!(
+            "Inaccessible secret paths: {}",
+            missing.join(", ")
+        )))
+    }
+}
+
 /// Upstream's rule: with `exclude_agents`, some registered agent of the queue must be
 /// allowed to run the job.
 async fn check_exclusions(app: &AppState, job: &Job) -> ApiResult<()> {
@@ -154,7 +200,7 @@ async fn check_exclusions(app: &AppState, job: &Job) -> ApiResult<()> {
         Ok(())
     } else {
         Err(ApiError::Json(
-            actix_web::http::StatusCode::UNPROCESSABLE_ENTITY,
+            StatusCode::UNPROCESSABLE_ENTITY,
             "There are no agents on the specified queue that are allowed to run this job".into(),
         ))
     }

@@ -48,9 +48,11 @@ fn check_name(name: &str) -> ApiResult<()> {
 
 async fn post_agent(
     app: web::Data<AppState>,
+    caller: crate::auth::Caller,
     name: web::Path<String>,
     body: web::Bytes,
 ) -> ApiResult<HttpResponse> {
+    caller.require(crate::auth::ADMIN_MANAGER_AGENT)?;
     let name = name.into_inner();
     check_name(&name)?;
     let a: AgentIn = typed_body(&body)?;
@@ -202,7 +204,12 @@ async fn get_agent(app: web::Data<AppState>, name: web::Path<String>) -> ApiResu
     Ok(HttpResponse::Ok().json(agent_json(h)))
 }
 
-async fn post_queues(app: web::Data<AppState>, body: web::Bytes) -> ApiResult<HttpResponse> {
+async fn post_queues(
+    app: web::Data<AppState>,
+    caller: crate::auth::Caller,
+    body: web::Bytes,
+) -> ApiResult<HttpResponse> {
+    caller.require(crate::auth::ADMIN_MANAGER_AGENT)?;
     let m: BTreeMap<String, String> = typed_body(&body)?;
     for q in m.keys() {
         testflinger_common::queue::validate_queue_name(q).map_err(|e| {
@@ -243,7 +250,12 @@ async fn get_queues(app: web::Data<AppState>) -> ApiResult<HttpResponse> {
     Ok(HttpResponse::Ok().json(m))
 }
 
-async fn post_images(app: web::Data<AppState>, body: web::Bytes) -> ApiResult<HttpResponse> {
+async fn post_images(
+    app: web::Data<AppState>,
+    caller: crate::auth::Caller,
+    body: web::Bytes,
+) -> ApiResult<HttpResponse> {
+    caller.require(crate::auth::ADMIN_MANAGER_AGENT)?;
     let m: BTreeMap<String, BTreeMap<String, String>> = typed_body(&body)?;
     let mut p = redis::pipe();
     for (q, images) in &m {
@@ -289,9 +301,11 @@ struct ProvisionLogIn {
 
 async fn post_provision_log(
     app: web::Data<AppState>,
+    caller: crate::auth::Caller,
     name: web::Path<String>,
     body: web::Bytes,
 ) -> ApiResult<HttpResponse> {
+    caller.require(crate::auth::AGENT)?;
     let l: ProvisionLogIn = typed_body(&body)?;
     let k = &app.store.keys;
     let mut c = app.store.con();

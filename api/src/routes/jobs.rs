@@ -26,7 +26,11 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
 }
 
 #[tracing::instrument(skip_all, fields(job.id))]
-async fn submit_job(app: web::Data<AppState>, body: web::Bytes) -> ApiResult<HttpResponse> {
+async fn submit_job(
+    app: web::Data<AppState>,
+    caller: crate::auth::Caller,
+    body: web::Bytes,
+) -> ApiResult<HttpResponse> {
     let value = json_body(&body)?;
     if let Some(raw) = value.get("job_id")
         && raw
@@ -35,7 +39,7 @@ async fn submit_job(app: web::Data<AppState>, body: web::Bytes) -> ApiResult<Htt
     {
         return Err(ApiError::BadRequest("Invalid job_id specified".into()));
     }
-    let id = submit::admit(&app, value, None).await?;
+    let id = submit::admit(&app, value, None, &caller).await?;
     tracing::Span::current().record("job.id", tracing::field::display(&id));
     Ok(HttpResponse::Ok().json(json!({"job_id": id.to_string()})))
 }
@@ -77,6 +81,7 @@ struct ActionIn {
 #[tracing::instrument(skip_all, fields(job.id = %id))]
 async fn action(
     app: web::Data<AppState>,
+    caller: crate::auth::Caller,
     id: web::Path<String>,
     body: web::Bytes,
 ) -> ApiResult<HttpResponse> {
@@ -101,11 +106,12 @@ async fn action(
     };
     let f = app
         .store
-        .job_fields(&id, &["queue", "attempt", "def"])
+        .job_fields(&id, &["queue", "attempt", "def", "owner"])
         .await?;
     let Some(queue) = f[0].clone() else {
         return Err(already());
     };
+    check_owner(&caller, f[3].as_deref(), "cancel")?;
     match app.store.cancel(&id, &queue).await? {
         None | Some(Err(_)) => Err(already()),
         Some(Ok((previous, agent))) => {
@@ -130,6 +136,24 @@ async fn action(
     }
 }
 
+/// Only the owner of a job, a manager or an admin may act on it; anyone on a job
+/// submitted anonymously (as upstream). 401 for an anonymous caller, else 403.
+pub fn check_owner(caller: &crate::auth::Caller, owner: Option<&str>, what: &str) -> ApiResult<()> {
+    let owner = owner.unwrap_or_default();
+    if caller.may_manage(owner) {
+        return Ok(());
+    }
+    let status = if caller.client_id().is_none() {
+        StatusCode::UNAUTHORIZED
+    } else {
+        StatusCode::FORBIDDEN
+    };
+    Err(ApiError::Json(
+        status,
+        format!("only the job's owner ('{owner}'), a manager or an admin may {what} this job"),
+    ))
+}
+
 /// The `job_status_webhook` of a stored definition.
 pub fn webhook_of(def: Option<&str>) -> Option<String> {
     let v: Value = serde_json::from_str(def?).ok()?;
@@ -151,14 +175,16 @@ async fn lease_notify_cancel(app: &AppState, agent: &str, id: &str) {
 #[tracing::instrument(skip_all, fields(job.id = %id))]
 async fn post_attachments(
     app: web::Data<AppState>,
+    caller: crate::auth::Caller,
     id: web::Path<String>,
     payload: Multipart,
 ) -> ApiResult<HttpResponse> {
     let id = parse_id(&id, true)?.to_string();
     let f = app
         .store
-        .job_fields(&id, &["state", "attach", "queue", "prio", "def"])
+        .job_fields(&id, &["state", "attach", "queue", "prio", "def", "owner"])
         .await?;
+    check_owner(&caller, f[5].as_deref(), "upload attachments for")?;
     let not_valid = || {
         ApiError::Text(
             StatusCode::UNPROCESSABLE_ENTITY,
@@ -223,8 +249,10 @@ async fn post_attachments(
 #[tracing::instrument(skip_all, fields(job.id = %id))]
 async fn get_attachments(
     app: web::Data<AppState>,
+    caller: crate::auth::Caller,
     id: web::Path<String>,
 ) -> ApiResult<HttpResponse> {
+    caller.require(crate::auth::AGENT)?;
     let id = parse_id(&id, true)?.to_string();
     stream_file(&app, Kind::Attachments, &id, "application/gzip", None).await
 }
@@ -399,7 +427,12 @@ struct LegacyQuery {
 /// best waiting job of those queues from RabbitMQ (basic.get), claims it for the
 /// calling agent, acks it, and returns it; 204 when there is none.
 #[tracing::instrument(skip_all, fields(agent))]
-async fn legacy_next_job(app: web::Data<AppState>, req: HttpRequest) -> ApiResult<HttpResponse> {
+async fn legacy_next_job(
+    app: web::Data<AppState>,
+    caller: crate::auth::Caller,
+    req: HttpRequest,
+) -> ApiResult<HttpResponse> {
+    caller.require(crate::auth::AGENT)?;
     let q: LegacyQuery = serde_html_form(&req)?;
     if q.queue.is_empty() {
         return Err(ApiError::BadRequest(
@@ -429,7 +462,7 @@ async fn legacy_next_job(app: web::Data<AppState>, req: HttpRequest) -> ApiResul
             let lease_ms = legacy_lease_ms(&app, &id).await?;
             let mut claim = app.store.claim(&id, &agent, lease_ms, true).await?;
             if let Some(job) = claim.job.as_mut() {
-                super::secrets::resolve(&app, job).await?;
+                super::secrets::resolve(&app, job, &id).await?;
             }
             if let Ok(v) = serde_json::to_value(claim.outcome)
                 && let Some(o) = v.as_str()

@@ -20,9 +20,11 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
 #[tracing::instrument(skip_all, fields(job.id = %id, agent))]
 async fn claim(
     app: web::Data<AppState>,
+    caller: crate::auth::Caller,
     id: web::Path<String>,
     body: web::Bytes,
 ) -> ApiResult<HttpResponse> {
+    caller.require(crate::auth::AGENT)?;
     let id = parse_id(&id, false)?.to_string();
     let r: ClaimRequest = typed_body(&body)?;
     if r.agent_id.is_empty() {
@@ -34,7 +36,7 @@ async fn claim(
         .claim(&id, &r.agent_id, app.lease_ms(), false)
         .await?;
     if let Some(job) = c.job.as_mut() {
-        super::secrets::resolve(&app, job).await?;
+        super::secrets::resolve(&app, job, &id).await?;
     }
     if c.outcome == ClaimOutcome::Granted {
         let f = app.store.job_fields(&id, &["queue", "def"]).await?;
@@ -76,9 +78,11 @@ async fn claim(
 #[tracing::instrument(skip_all, fields(job.id = %id))]
 async fn heartbeat(
     app: web::Data<AppState>,
+    caller: crate::auth::Caller,
     id: web::Path<String>,
     body: web::Bytes,
 ) -> ApiResult<HttpResponse> {
+    caller.require(crate::auth::AGENT)?;
     let id = parse_id(&id, false)?.to_string();
     let r: LeaseRequest = typed_body(&body)?;
     match app.store.heartbeat(&id, r.token, app.lease_ms()).await? {
@@ -93,9 +97,11 @@ async fn heartbeat(
 #[tracing::instrument(skip_all, fields(job.id = %id))]
 async fn release(
     app: web::Data<AppState>,
+    caller: crate::auth::Caller,
     id: web::Path<String>,
     body: web::Bytes,
 ) -> ApiResult<HttpResponse> {
+    caller.require(crate::auth::AGENT)?;
     let id = parse_id(&id, false)?.to_string();
     let r: LeaseRequest = typed_body(&body)?;
     let f = app.store.job_fields(&id, &["queue", "def"]).await?;

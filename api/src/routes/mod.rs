@@ -2,6 +2,7 @@
 //! stream beside them.
 
 pub mod agents;
+pub mod auth;
 pub mod docs;
 pub mod jobs;
 pub mod lease;
@@ -28,6 +29,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .configure(agents::configure)
         .configure(queues::configure)
         .configure(secrets::configure)
+        .configure(auth::configure)
         .configure(docs::configure);
 }
 

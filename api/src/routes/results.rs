@@ -41,10 +41,12 @@ struct ResultIn {
 #[tracing::instrument(skip_all, fields(job.id = %id))]
 async fn post_result(
     app: web::Data<AppState>,
+    caller: crate::auth::Caller,
     req: HttpRequest,
     id: web::Path<String>,
     body: web::Bytes,
 ) -> ApiResult<HttpResponse> {
+    caller.require(crate::auth::AGENT)?;
     let id = parse_id(&id, true)?.to_string();
     let tok = token(&req)?;
     let r: ResultIn = typed_body(&body)?;
@@ -221,10 +223,12 @@ fn log_type(raw: &str) -> ApiResult<LogType> {
 #[tracing::instrument(skip_all, fields(job.id = %path.0))]
 async fn post_log(
     app: web::Data<AppState>,
+    caller: crate::auth::Caller,
     req: HttpRequest,
     path: web::Path<(String, String)>,
     body: web::Bytes,
 ) -> ApiResult<HttpResponse> {
+    caller.require(crate::auth::AGENT)?;
     let (id, lt) = path.into_inner();
     let id = parse_id(&id, true)?.to_string();
     let lt = log_type(&lt)?;
@@ -453,10 +457,12 @@ async fn stream_log(
 #[tracing::instrument(skip_all, fields(job.id = %id))]
 async fn post_artifact(
     app: web::Data<AppState>,
+    caller: crate::auth::Caller,
     req: HttpRequest,
     id: web::Path<String>,
     payload: Multipart,
 ) -> ApiResult<HttpResponse> {
+    caller.require(crate::auth::AGENT)?;
     let id = parse_id(&id, true)?.to_string();
     app.store.check_token(&id, token(&req)?).await?;
     if let Some(len) = req

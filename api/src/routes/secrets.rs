@@ -3,8 +3,10 @@
 //! replaced by the values (an unknown path becomes an empty string, as upstream), so
 //! values never sit in the job definition, its queue message or `GET /v1/job/<id>`.
 //!
-//! Without a login provider every caller is anonymous and jobs read the `anonymous`
-//! namespace: write secrets to `/v1/secrets/anonymous/<path>`.
+//! With auth on (`JWT_SIGNING_KEY`), secrets are namespaced by the authenticated client:
+//! a client writes only under its own id (403 otherwise, 401 anonymous), and a job reads
+//! its owner's namespace. With auth off every caller is anonymous and jobs read the
+//! `anonymous` namespace: write secrets to `/v1/secrets/anonymous/<path>`.
 
 use super::{ok_text, typed_body};
 use crate::error::{ApiError, ApiResult};
@@ -65,11 +67,14 @@ fn check_path(client: &str, path: &str) -> ApiResult<()> {
 
 async fn put_secret(
     app: web::Data<AppState>,
+    caller: crate::auth::Caller,
     p: web::Path<(String, String)>,
     body: web::Bytes,
 ) -> ApiResult<HttpResponse> {
+    caller.require(crate::auth::USERS)?;
     let (client, path) = p.into_inner();
     check_path(&client, &path)?;
+    check_namespace(&caller, &client)?;
     let s: SecretIn = typed_body(&body)?;
     if s.value.is_empty() {
         return Err(ApiError::Validation(
@@ -89,17 +94,9 @@ async fn put_secret(
             testflinger_common::ValidationError::new("expire_after", "must be at least 1"),
         ));
     }
-    let key = app.store.keys.secret(&client, &path);
     let record = json!({"value": s.value, "ephemeral": s.ephemeral.unwrap_or(false)}).to_string();
-    let mut c = app.store.con();
     let ttl = s.expire_after.unwrap_or(app.settings.retention);
-    let _: () = redis::cmd("SET")
-        .arg(&key)
-        .arg(record)
-        .arg("EX")
-        .arg(ttl)
-        .query_async(&mut c)
-        .await?;
+    app.store.put_secret(&client, &path, &record, ttl).await?;
     let expires_at = s.expire_after.map(|secs| {
         (chrono::Utc::now() + chrono::Duration::seconds(secs as i64))
             .format("%Y-%m-%dT%H:%M:%SZ")
@@ -110,37 +107,67 @@ async fn put_secret(
 
 async fn delete_secret(
     app: web::Data<AppState>,
+    caller: crate::auth::Caller,
     p: web::Path<(String, String)>,
 ) -> ApiResult<HttpResponse> {
+    caller.require(crate::auth::USERS)?;
     let (client, path) = p.into_inner();
     check_path(&client, &path)?;
-    let mut c = app.store.con();
-    let _: i64 = redis::cmd("DEL")
-        .arg(app.store.keys.secret(&client, &path))
-        .query_async(&mut c)
-        .await?;
+    check_namespace(&caller, &client)?;
+    app.store.delete_secret(&client, &path).await?;
     Ok(ok_text())
 }
 
-/// Replaces the secret paths of a claimed job by their values (single-use secrets are
-/// consumed). Unknown paths become empty strings.
-pub async fn resolve(app: &AppState, job: &mut Value) -> ApiResult<()> {
+/// With auth on, a client writes only its own namespace (upstream: 403 otherwise).
+fn check_namespace(caller: &crate::auth::Caller, client: &str) -> ApiResult<()> {
+    if !caller.enabled || caller.client_id() == Some(client) {
+        return Ok(());
+    }
+    if caller.client_id().is_none() {
+        return Err(ApiError::Json(
+            actix_web::http::StatusCode::UNAUTHORIZED,
+            "writing secrets needs an authenticated client (get a token at /v1/oauth2/token)".into(),
+        ));
+    }
+    Err(ApiError::Json(
+        actix_web::http::StatusCode::FORBIDDEN,
+        format!(
+            "secrets of client '{client}' may be written only by that client (you are '{}')",
+            caller.client_id().unwrap_or("anonymous")
+        ),
+    ))
+}
+
+/// Replaces the secret paths of claimed job `id` by their values from its owner's
+/// namespace (no owner: the `anonymous` one); single-use secrets are consumed.
+/// Unknown paths become empty strings.
+pub async fn resolve(app: &AppState, job: &mut Value, id: &str) -> ApiResult<()> {
     let Some(secrets) = job
         .pointer_mut("/test_data/secrets")
         .and_then(Value::as_object_mut)
     else {
         return Ok(());
     };
-    let mut c = app.store.con();
+    let owner = app
+        .store
+        .job_fields(id, &["owner"])
+        .await?
+        .pop()
+        .flatten()
+        .unwrap_or_default();
+    let namespace = if owner.is_empty() {
+        ANONYMOUS
+    } else {
+        owner.as_str()
+    };
     for (_, v) in secrets.iter_mut() {
         let path = v.as_str().unwrap_or_default().to_string();
-        let key = app.store.keys.secret(ANONYMOUS, &path);
-        let raw: Option<String> = redis::cmd("GET").arg(&key).query_async(&mut c).await?;
+        let raw = app.store.get_secret(namespace, &path).await?;
         let rec: Value = raw
             .and_then(|r| serde_json::from_str(&r).ok())
             .unwrap_or(Value::Null);
         if rec["ephemeral"] == true {
-            let _: i64 = redis::cmd("DEL").arg(&key).query_async(&mut c).await?;
+            app.store.delete_secret(namespace, &path).await?;
         }
         *v = Value::String(rec["value"].as_str().unwrap_or_default().to_string());
     }

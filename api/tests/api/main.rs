@@ -4,6 +4,7 @@
 mod helpers;
 
 mod agents;
+mod auth;
 mod broker_submit;
 mod delivery;
 mod errors;

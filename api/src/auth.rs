@@ -1,0 +1,375 @@
+//! Who may do what: upstream Testflinger's model (reference §1.4).
+//!
+//! On when `JWT_SIGNING_KEY` is set. Clients exchange their credentials at
+//! `POST /v1/oauth2/token` for a short-lived HS256 JWT (10 minutes) and a refresh token
+//! (6 days, stored hashed). The JWT carries the client's [`Permissions`]; every route
+//! reads the caller from the `Authorization: Bearer <jwt>` header through the [`Caller`]
+//! extractor and checks its role with [`Caller::require`]. A caller without a header is
+//! an anonymous `contributor`. Off (no key): every caller may do everything, as before
+//! (a trusted network only; the server warns loudly at start-up).
+//!
+//! Errors, as upstream: no or expired token where one is needed → 401; a token that does
+//! not verify, or a role that is not enough → 403
+//! (`{"message": "Specified action requires role: ..."}`).
+
+use crate::error::{ApiError, ApiResult};
+use actix_web::http::StatusCode;
+use actix_web::{FromRequest, HttpRequest, dev::Payload, web};
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::future::{Ready, ready};
+use testflinger_common::Job;
+
+/// Lifetime of an access token, seconds (upstream: 10 minutes).
+pub const ACCESS_TTL: u64 = 600;
+/// Lifetime of a refresh token, seconds (upstream: 6 days).
+pub const REFRESH_TTL: u64 = 6 * 24 * 3600;
+/// Reservations up to this many seconds need no permission (upstream: 6 hours).
+pub const FREE_RESERVATION: u64 = 6 * 3600;
+/// Reservation length when `reserve_data.timeout` is absent (upstream: 1 hour).
+pub const DEFAULT_RESERVATION: u64 = 3600;
+/// bcrypt cost of stored secrets (upstream: Python bcrypt's default, 12).
+pub const BCRYPT_COST: u32 = 12;
+/// The bootstrap administrator's client id when `TESTFLINGER_ADMIN_ID` is not set.
+pub const DEFAULT_ADMIN_ID: &str = "testflinger-admin";
+
+/// A client's role. Upstream's four.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Admin,
+    Manager,
+    #[default]
+    Contributor,
+    Agent,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Admin => "admin",
+            Role::Manager => "manager",
+            Role::Contributor => "contributor",
+            Role::Agent => "agent",
+        }
+    }
+
+    /// Roles a client of this role may hand out: an admin any; a manager any but admin;
+    /// others none.
+    pub fn may_grant(self, other: Role) -> bool {
+        match self {
+            Role::Admin => true,
+            Role::Manager => other != Role::Admin,
+            _ => false,
+        }
+    }
+}
+
+impl std::str::FromStr for Role {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Role, String> {
+        match s {
+            "admin" => Ok(Role::Admin),
+            "manager" => Ok(Role::Manager),
+            "contributor" => Ok(Role::Contributor),
+            "agent" => Ok(Role::Agent),
+            other => Err(format!(
+                "'{other}' is not a role; one of admin, manager, contributor, agent"
+            )),
+        }
+    }
+}
+
+/// Roles of upstream's route table.
+pub const AGENT: &[Role] = &[Role::Agent];
+pub const ADMIN_MANAGER: &[Role] = &[Role::Admin, Role::Manager];
+pub const ADMIN_MANAGER_AGENT: &[Role] = &[Role::Admin, Role::Manager, Role::Agent];
+pub const ADMIN: &[Role] = &[Role::Admin];
+/// Authenticated users (not agents): secrets.
+pub const USERS: &[Role] = &[Role::Admin, Role::Manager, Role::Contributor];
+
+/// What a client may do; carried in its access token (claim `permissions`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Permissions {
+    pub client_id: String,
+    #[serde(default)]
+    pub role: Role,
+    /// Highest `job_priority` per queue; `*` for every queue.
+    #[serde(default)]
+    pub max_priority: BTreeMap<String, i64>,
+    /// Restricted queues this client may submit to.
+    #[serde(default)]
+    pub allowed_queues: Vec<String>,
+    /// Longest reservation in seconds per queue; `*` for every queue.
+    #[serde(default)]
+    pub max_reservation_time: BTreeMap<String, u64>,
+}
+
+impl Permissions {
+    fn limit<T: Copy + Ord>(map: &BTreeMap<String, T>, queue: &str) -> Option<T> {
+        [map.get(queue), map.get("*")]
+            .into_iter()
+            .flatten()
+            .copied()
+            .max()
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Claims {
+    exp: u64,
+    iat: u64,
+    sub: String,
+    permissions: Permissions,
+}
+
+/// The server's signing key and policy; `None` key = auth off.
+pub struct Auth {
+    keys: Option<(EncodingKey, DecodingKey)>,
+    leeway: u64,
+}
+
+impl std::fmt::Debug for Auth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Auth")
+            .field("enabled", &self.enabled())
+            .finish()
+    }
+}
+
+impl Auth {
+    /// Auth with this HS256 key (on), or none (off). `leeway`: seconds of clock skew
+    /// tolerated on `exp` (upstream's `JWT_LEEWAY`, default 5).
+    pub fn new(signing_key: Option<&str>, leeway: u64) -> Auth {
+        Auth {
+            keys: signing_key.filter(|k| !k.is_empty()).map(|k| {
+                (
+                    EncodingKey::from_secret(k.as_bytes()),
+                    DecodingKey::from_secret(k.as_bytes()),
+                )
+            }),
+            leeway,
+        }
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.keys.is_some()
+    }
+
+    /// A signed access token for these permissions, valid [`ACCESS_TTL`] seconds.
+    pub fn issue(&self, permissions: Permissions) -> ApiResult<String> {
+        let Some((enc, _)) = &self.keys else {
+            return Err(ApiError::Json(
+                StatusCode::BAD_REQUEST,
+                "authentication is not enabled on this server (JWT_SIGNING_KEY is unset)".into(),
+            ));
+        };
+        let now = chrono::Utc::now().timestamp().max(0) as u64;
+        let claims = Claims {
+            exp: now + ACCESS_TTL,
+            iat: now,
+            sub: "access_token".into(),
+            permissions,
+        };
+        jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, enc)
+            .map_err(|e| ApiError::Internal(anyhow::anyhow!("cannot sign a token: {e}")))
+    }
+
+    /// The permissions in a bearer token. Expired → 401; anything else wrong → 403.
+    pub fn verify(&self, token: &str) -> ApiResult<Permissions> {
+        let Some((_, dec)) = &self.keys else {
+            return Err(forbidden("authentication is not enabled on this server"));
+        };
+        let mut v = Validation::new(Algorithm::HS256);
+        v.leeway = self.leeway;
+        v.set_required_spec_claims(&["exp", "sub"]);
+        match jsonwebtoken::decode::<Claims>(token, dec, &v) {
+            Ok(d) if d.claims.sub == "access_token" => Ok(d.claims.permissions),
+            Ok(_) => Err(forbidden("Invalid Token: not an access token")),
+            Err(e) => match e.kind() {
+                jsonwebtoken::errors::ErrorKind::ExpiredSignature => Err(ApiError::Json(
+                    StatusCode::UNAUTHORIZED,
+                    "Token has expired".into(),
+                )),
+                _ => Err(forbidden(&format!("Invalid Token: {e}"))),
+            },
+        }
+    }
+}
+
+fn forbidden(msg: &str) -> ApiError {
+    ApiError::Json(StatusCode::FORBIDDEN, msg.to_string())
+}
+
+/// Who is calling: anonymous, or the client whose token came with the request.
+#[derive(Debug, Clone, Default)]
+pub struct Caller {
+    /// Whether the server checks permissions at all.
+    pub enabled: bool,
+    pub perms: Option<Permissions>,
+}
+
+impl Caller {
+    /// A caller with no credentials (anonymous contributor).
+    pub fn anonymous(enabled: bool) -> Caller {
+        Caller {
+            enabled,
+            perms: None,
+        }
+    }
+
+    /// The caller given a raw `Authorization` header value (or none).
+    pub fn from_authorization(auth: &Auth, header: Option<&str>) -> ApiResult<Caller> {
+        if !auth.enabled() {
+            return Ok(Caller::anonymous(false));
+        }
+        let Some(h) = header.map(str::trim).filter(|h| !h.is_empty()) else {
+            return Ok(Caller::anonymous(true));
+        };
+        let token = h
+            .strip_prefix("Bearer ")
+            .or_else(|| h.strip_prefix("bearer "))
+            .ok_or_else(|| {
+                ApiError::Json(
+                    StatusCode::UNAUTHORIZED,
+                    "Authorization header must be 'Bearer <access token>'".into(),
+                )
+            })?;
+        Ok(Caller {
+            enabled: true,
+            perms: Some(auth.verify(token.trim())?),
+        })
+    }
+
+    pub fn client_id(&self) -> Option<&str> {
+        self.perms.as_ref().map(|p| p.client_id.as_str())
+    }
+
+    /// The caller's role; anonymous callers are contributors.
+    pub fn role(&self) -> Role {
+        self.perms.as_ref().map_or(Role::Contributor, |p| p.role)
+    }
+
+    /// Ok when auth is off or the caller's role is one of `roles`. Otherwise 401 for an
+    /// anonymous caller, 403 for an authenticated one.
+    pub fn require(&self, roles: &[Role]) -> ApiResult<()> {
+        if !self.enabled || roles.contains(&self.role()) {
+            return Ok(());
+        }
+        let names: Vec<&str> = roles.iter().map(|r| r.as_str()).collect();
+        if self.perms.is_none() {
+            return Err(ApiError::Json(
+                StatusCode::UNAUTHORIZED,
+                format!(
+                    "Authentication required: this action needs role {} (get a token at /v1/oauth2/token)",
+                    names.join(", ")
+                ),
+            ));
+        }
+        Err(forbidden(&format!(
+            "Specified action requires role: {}",
+            names.join(", ")
+        )))
+    }
+
+    /// Whether the caller may act on something owned by `owner` (empty = anonymous):
+    /// auth off, an anonymous owner (as upstream), the owner, a manager or an admin.
+    pub fn may_manage(&self, owner: &str) -> bool {
+        !self.enabled
+            || owner.is_empty()
+            || self.client_id() == Some(owner)
+            || matches!(self.role(), Role::Admin | Role::Manager)
+    }
+
+    /// Upstream's submission checks (reference §1.4): a non-zero priority, a restricted
+    /// queue and a reservation above 6 h each need a permission. Anonymous → 401, not
+    /// enough → 403. Nothing is checked when auth is off.
+    pub fn check_submission(&self, job: &Job, restricted: bool) -> ApiResult<()> {
+        if !self.enabled {
+            return Ok(());
+        }
+        let q = job.job_queue.as_str();
+        let deny = |what: String| -> ApiError {
+            if self.perms.is_none() {
+                ApiError::Json(
+                    StatusCode::UNAUTHORIZED,
+                    format!(
+                        "{what} needs an authenticated client (get a token at /v1/oauth2/token)"
+                    ),
+                )
+            } else {
+                forbidden(&format!("Not enough permissions: {what}"))
+            }
+        };
+        let none = Permissions::default();
+        let p = self.perms.as_ref().unwrap_or(&none);
+        let prio = job.priority();
+        if prio != 0 && Permissions::limit(&p.max_priority, q).is_none_or(|max| max < prio) {
+            return Err(deny(format!(
+                "job_priority {prio} on queue '{q}' (allowed up to {})",
+                Permissions::limit(&p.max_priority, q).unwrap_or(0)
+            )));
+        }
+        if restricted && !p.allowed_queues.iter().any(|a| a == q) {
+            return Err(deny(format!("queue '{q}' is restricted")));
+        }
+        if let Some(r) = &job.reserve_data {
+            let t = r.timeout.map_or(DEFAULT_RESERVATION, |s| s.0);
+            let max = Permissions::limit(&p.max_reservation_time, q)
+                .unwrap_or(0)
+                .max(FREE_RESERVATION);
+            if t > max {
+                return Err(deny(format!(
+                    "reserve_data.timeout {t} s on queue '{q}' (allowed up to {max} s)"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl FromRequest for Caller {
+    type Error = ApiError;
+    type Future = Ready<Result<Caller, ApiError>>;
+
+    fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
+        let Some(app) = req.app_data::<web::Data<crate::state::AppState>>() else {
+            return ready(Err(ApiError::Internal(anyhow::anyhow!(
+                "no application state"
+            ))));
+        };
+        let header = req
+            .headers()
+            .get(actix_web::http::header::AUTHORIZATION)
+            .map(|v| v.to_str().unwrap_or("(not text)"));
+        ready(Caller::from_authorization(&app.auth, header))
+    }
+}
+
+/// A bcrypt hash of a client secret (cost [`BCRYPT_COST`]); compatible with upstream's
+/// stored hashes. Runs on a blocking thread: it takes a quarter second of CPU.
+pub async fn hash_secret(secret: String) -> ApiResult<String> {
+    tokio::task::spawn_blocking(move || bcrypt::hash(secret, BCRYPT_COST))
+        .await
+        .map_err(|e| ApiError::Internal(e.into()))?
+        .map_err(|e| ApiError::Internal(anyhow::anyhow!("bcrypt: {e}")))
+}
+
+/// Whether `secret` matches a stored bcrypt hash (false for a malformed hash).
+pub async fn verify_secret(secret: String, hash: String) -> ApiResult<bool> {
+    tokio::task::spawn_blocking(move || bcrypt::verify(secret, &hash).unwrap_or(false))
+        .await
+        .map_err(|e| ApiError::Internal(e.into()))
+}
+
+/// A new opaque refresh token: 64 hex characters (256 random bits).
+pub fn new_refresh_token() -> ApiResult<String> {
+    Ok(hex::encode(crate::store::random_bytes::<32>()?))
+}
+
+/// How a refresh token is stored: its SHA-256, hex.
+pub fn token_digest(token: &str) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(token.as_bytes()))
+}

@@ -1,0 +1,261 @@
+//! Auth state in Redis: clients, refresh tokens, restricted queues, job owners.
+//!
+//! Keys (under the store's prefix; none of them expires with the job retention):
+//! - `client:<id>`: hash `secret_hash` (bcrypt), `role`, `max_priority` (JSON object),
+//!   `max_reservation_time` (JSON object), `email`;
+//! - `clientq:<id>`: set of the restricted queues the client may submit to;
+//! - `clients`: set of client ids;
+//! - `refresh:<sha256 of the token>`: the client id, expiring with the token;
+//! - `restricted`: set of restricted queue names; `rqowners:<q>`: set of their owners.
+
+use super::{Keys, Store};
+use crate::auth::{Permissions, Role};
+use crate::error::ApiResult;
+use redis::AsyncCommands;
+use std::collections::{BTreeMap, HashMap};
+
+impl Keys {
+    pub fn client(&self, id: &str) -> String {
+        format!("{}:client:{id}", self.p)
+    }
+    pub fn client_queues(&self, id: &str) -> String {
+        format!("{}:clientq:{id}", self.p)
+    }
+    pub fn clients(&self) -> String {
+        format!("{}:clients", self.p)
+    }
+    pub fn refresh(&self, digest: &str) -> String {
+        format!("{}:refresh:{digest}", self.p)
+    }
+    pub fn restricted(&self) -> String {
+        format!("{}:restricted", self.p)
+    }
+    pub fn restricted_owners(&self, q: &str) -> String {
+        format!("{}:rqowners:{q}", self.p)
+    }
+}
+
+/// A stored client.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ClientRecord {
+    pub secret_hash: String,
+    pub email: Option<String>,
+    pub permissions: Permissions,
+}
+
+/// Changes to a client (`PUT /v1/client-permissions/<id>`); `None` keeps the value.
+#[derive(Debug, Clone, Default)]
+pub struct ClientUpdate {
+    pub secret_hash: Option<String>,
+    pub role: Option<Role>,
+    pub max_priority: Option<BTreeMap<String, i64>>,
+    pub max_reservation_time: Option<BTreeMap<String, u64>>,
+    pub email: Option<String>,
+}
+
+impl Store {
+    /// The client `id`, with its allowed queues; `None` if unknown.
+    pub async fn client(&self, id: &str) -> ApiResult<Option<ClientRecord>> {
+        let mut c = self.con();
+        let (h, queues): (HashMap<String, String>, Vec<String>) = redis::pipe()
+            .hgetall(self.keys.client(id))
+            .smembers(self.keys.client_queues(id))
+            .query_async(&mut c)
+            .await?;
+        if h.is_empty() {
+            return Ok(None);
+        }
+        let mut allowed_queues = queues;
+        allowed_queues.sort();
+        let prio = h
+            .get("max_priority")
+            .and_then(|v| serde_json::from_str(v).ok());
+        let reserve = h
+            .get("max_reservation_time")
+            .and_then(|v| serde_json::from_str(v).ok());
+        Ok(Some(ClientRecord {
+            secret_hash: h.get("secret_hash").cloned().unwrap_or_default(),
+            email: h.get("email").filter(|e| !e.is_empty()).cloned(),
+            permissions: Permissions {
+                client_id: id.to_string(),
+                role: h
+                    .get("role")
+                    .and_then(|r| r.parse().ok())
+                    .unwrap_or_default(),
+                max_priority: prio.unwrap_or_default(),
+                allowed_queues,
+                max_reservation_time: reserve.unwrap_or_default(),
+            },
+        }))
+    }
+
+    /// Every client id, sorted.
+    pub async fn client_ids(&self) -> ApiResult<Vec<String>> {
+        let mut c = self.con();
+        let mut ids: Vec<String> = c.smembers(self.keys.clients()).await?;
+        ids.sort();
+        Ok(ids)
+    }
+
+    /// Creates or updates a client with the given fields.
+    pub async fn put_client(&self, id: &str, u: &ClientUpdate) -> ApiResult<()> {
+        let mut fields: Vec<(&str, String)> = Vec::new();
+        if let Some(h) = &u.secret_hash {
+            fields.push(("secret_hash", h.clone()));
+        }
+        if let Some(r) = u.role {
+            fields.push(("role", r.as_str().to_string()));
+        }
+        if let Some(m) = &u.max_priority {
+            fields.push(("max_priority", serde_json::json!(m).to_string()));
+        }
+        if let Some(m) = &u.max_reservation_time {
+            fields.push(("max_reservation_time", serde_json::json!(m).to_string()));
+        }
+        if let Some(e) = &u.email {
+            fields.push(("email", e.clone()));
+        }
+        let mut c = self.con();
+        let mut p = redis::pipe();
+        p.atomic().sadd(self.keys.clients(), id).ignore();
+        if !fields.is_empty() {
+            p.hset_multiple(self.keys.client(id), &fields).ignore();
+        }
+        let _: () = p.query_async(&mut c).await?;
+        Ok(())
+    }
+
+    /// Deletes a client, its restricted-queue grants and ownerships. False if unknown.
+    pub async fn delete_client(&self, id: &str) -> ApiResult<bool> {
+        let mut c = self.con();
+        let queues: Vec<String> = c.smembers(self.keys.client_queues(id)).await?;
+        let mut p = redis::pipe();
+        p.atomic()
+            .del(self.keys.client(id))
+            .srem(self.keys.clients(), id)
+            .ignore()
+            .del(self.keys.client_queues(id))
+            .ignore();
+        for q in &queues {
+            p.srem(self.keys.restricted_owners(q), id).ignore();
+        }
+        let (deleted,): (i64,) = p.query_async(&mut c).await?;
+        Ok(deleted == 1)
+    }
+
+    /// Stores a refresh token's digest for `client_id`, expiring after `ttl_secs`.
+    pub async fn put_refresh(&self, digest: &str, client_id: &str, ttl_secs: u64) -> ApiResult<()> {
+        let mut c = self.con();
+        let _: () = c
+            .set_ex(self.keys.refresh(digest), client_id, ttl_secs)
+            .await?;
+        Ok(())
+    }
+
+    /// The client a live refresh token belongs to.
+    pub async fn refresh_owner(&self, digest: &str) -> ApiResult<Option<String>> {
+        let mut c = self.con();
+        Ok(c.get(self.keys.refresh(digest)).await?)
+    }
+
+    /// Revokes a refresh token; false if it was unknown (or already revoked, or expired).
+    pub async fn revoke_refresh(&self, digest: &str) -> ApiResult<bool> {
+        let mut c = self.con();
+        let n: i64 = c.del(self.keys.refresh(digest)).await?;
+        Ok(n == 1)
+    }
+
+    /// Whether `queue` is restricted.
+    pub async fn is_restricted(&self, queue: &str) -> ApiResult<bool> {
+        let mut c = self.con();
+        Ok(c.sismember(self.keys.restricted(), queue).await?)
+    }
+
+    /// Restricted queues with their owners, sorted by queue.
+    pub async fn restricted_queues(&self) -> ApiResult<Vec<(String, Vec<String>)>> {
+        let mut c = self.con();
+        let mut queues: Vec<String> = c.smembers(self.keys.restricted()).await?;
+        queues.sort();
+        let mut out = Vec::with_capacity(queues.len());
+        for q in queues {
+            let owners = self.restricted_owners(&q).await?;
+            out.push((q, owners));
+        }
+        Ok(out)
+    }
+
+    /// The owners of a restricted queue, sorted.
+    pub async fn restricted_owners(&self, queue: &str) -> ApiResult<Vec<String>> {
+        let mut c = self.con();
+        let mut owners: Vec<String> = c.smembers(self.keys.restricted_owners(queue)).await?;
+        owners.sort();
+        Ok(owners)
+    }
+
+    /// Marks `queue` restricted and lets `client_id` submit to it.
+    pub async fn restrict_queue(&self, queue: &str, client_id: &str) -> ApiResult<()> {
+        let mut c = self.con();
+        let _: () = redis::pipe()
+            .atomic()
+            .sadd(self.keys.restricted(), queue)
+            .ignore()
+            .sadd(self.keys.restricted_owners(queue), client_id)
+            .ignore()
+            .sadd(self.keys.client_queues(client_id), queue)
+            .ignore()
+            .query_async(&mut c)
+            .await?;
+        Ok(())
+    }
+
+    /// Lifts the restriction of `queue` entirely (upstream deletes the record) and takes
+    /// the queue from every owner's allowed queues. False if it was not restricted.
+    pub async fn unrestrict_queue(&self, queue: &str) -> ApiResult<bool> {
+        let owners = self.restricted_owners(queue).await?;
+        let mut c = self.con();
+        let mut p = redis::pipe();
+        p.atomic()
+            .srem(self.keys.restricted(), queue)
+            .del(self.keys.restricted_owners(queue))
+            .ignore();
+        for o in &owners {
+            p.srem(self.keys.client_queues(o), queue).ignore();
+        }
+        let (removed,): (i64,) = p.query_async(&mut c).await?;
+        Ok(removed == 1)
+    }
+
+    /// Stores a secret (JSON record) under `client/path` for `ttl_secs`.
+    pub async fn put_secret(
+        &self,
+        client: &str,
+        path: &str,
+        record: &str,
+        ttl_secs: u64,
+    ) -> ApiResult<()> {
+        let mut c = self.con();
+        let _: () = c
+            .set_ex(self.keys.secret(client, path), record, ttl_secs)
+            .await?;
+        Ok(())
+    }
+
+    /// Deletes a secret; whether it existed.
+    pub async fn delete_secret(&self, client: &str, path: &str) -> ApiResult<bool> {
+        let mut c = self.con();
+        let n: i64 = c.del(self.keys.secret(client, path)).await?;
+        Ok(n == 1)
+    }
+
+    /// A secret's stored record (JSON), if it exists.
+    pub async fn get_secret(&self, client: &str, path: &str) -> ApiResult<Option<String>> {
+        let mut c = self.con();
+        Ok(c.get(self.keys.secret(client, path)).await?)
+    }
+
+    /// Whether a secret exists.
+    pub async fn secret_exists(&self, client: &str, path: &str) -> ApiResult<bool> {
+        let mut c = self.con();
+        Ok(c.exists(self.keys.secret(client, path)).await?)
+    }
+}
