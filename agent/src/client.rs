@@ -1,5 +1,10 @@
 //! The agent's view of the Testflinger HTTP API: one method per call.
 //!
+//! With a token file (upstream's `token_file`: JSON `{"refresh_token": ".."}`), every
+//! request carries `Authorization: Bearer <access token>`; the access token is obtained
+//! at `POST /v1/oauth2/refresh`, cached, and fetched again once on a 401 (the request is
+//! then replayed), as upstream's agent does.
+//!
 //! Writes about a job carry the fencing token in [`TOKEN_HEADER`]; a 409 answer means
 //! the lease was lost and becomes [`ClientError::LeaseLost`], never retried. Server
 //! errors (5xx) and connection failures are retried with exponential back-off; other
@@ -47,6 +52,37 @@ pub struct ApiClient {
     base: String,
     agent_id: String,
     attempts: u32,
+    auth: Option<std::sync::Arc<Credentials>>,
+}
+
+/// The agent's refresh token and the access token it was last exchanged for.
+struct Credentials {
+    refresh_token: String,
+    access: tokio::sync::Mutex<Option<String>>,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Credentials(***)")
+    }
+}
+
+/// Reads upstream's token file: JSON `{"refresh_token": "<token>"}`. Errors name the
+/// file and what is wrong with it.
+pub fn read_token_file(path: &std::path::Path) -> Result<String, ClientError> {
+    let bad = |m: String| ClientError::Protocol(format!("token file {}: {m}", path.display()));
+    let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
+    let v: Value = serde_json::from_str(&text).map_err(|e| {
+        bad(format!(
+            "not JSON ({e}); expected {{\"refresh_token\": \"...\"}}"
+        ))
+    })?;
+    match v.get("refresh_token").and_then(Value::as_str) {
+        Some(t) if !t.trim().is_empty() => Ok(t.trim().to_string()),
+        _ => Err(bad(
+            "no non-empty \"refresh_token\" string; expected {\"refresh_token\": \"...\"}".into(),
+        )),
+    }
 }
 
 impl ApiClient {
@@ -64,7 +100,76 @@ impl ApiClient {
             base: base.trim_end_matches('/').to_string(),
             agent_id: agent_id.to_string(),
             attempts: 5,
+            auth: None,
         })
+    }
+
+    /// Authenticates every request with an access token obtained from this refresh
+    /// token (see the module docs).
+    pub fn with_refresh_token(mut self, refresh_token: String) -> ApiClient {
+        self.auth = Some(std::sync::Arc::new(Credentials {
+            refresh_token,
+            access: tokio::sync::Mutex::new(None),
+        }));
+        self
+    }
+
+    /// Like [`ApiClient::with_refresh_token`] with the token read from upstream's token
+    /// file; a path that does not exist leaves the client unauthenticated (as upstream).
+    pub fn with_token_file(self, path: Option<&std::path::Path>) -> Result<ApiClient, ClientError> {
+        match path {
+            Some(p) if p.exists() => Ok(self.with_refresh_token(read_token_file(p)?)),
+            Some(p) => {
+                tracing::warn!(path = %p.display(), "no token file: requests to the API are not authenticated");
+                Ok(self)
+            }
+            None => Ok(self),
+        }
+    }
+
+    /// The cached access token, exchanging the refresh token when there is none or
+    /// `renew` is set.
+    async fn access_token(&self, renew: bool) -> Result<Option<String>, ClientError> {
+        let Some(creds) = &self.auth else {
+            return Ok(None);
+        };
+        let mut cached = creds.access.lock().await;
+        if let Some(t) = cached.as_ref()
+            && !renew
+        {
+            return Ok(Some(t.clone()));
+        }
+        let r = self
+            .http
+            .post(self.url("/v1/oauth2/refresh"))
+            .json(&json!({"refresh_token": creds.refresh_token}))
+            .send()
+            .await
+            .map_err(|e| ClientError::Unavailable(format!("token refresh: {e}")))?;
+        if r.status().is_server_error() {
+            return Err(ClientError::Unavailable(format!(
+                "token refresh: {}",
+                r.status()
+            )));
+        }
+        if !r.status().is_success() {
+            let status = r.status().as_u16();
+            return Err(ClientError::Rejected {
+                status,
+                message: format!(
+                    "the refresh token in the token file was refused: {}",
+                    message_of(r).await
+                ),
+            });
+        }
+        let v: Value = Self::json(r).await?;
+        let t = v
+            .get("access_token")
+            .and_then(Value::as_str)
+            .ok_or_else(|| ClientError::Protocol("no access_token in the refresh answer".into()))?
+            .to_string();
+        *cached = Some(t.clone());
+        Ok(Some(t))
     }
 
     pub fn agent_id(&self) -> &str {
@@ -84,7 +189,33 @@ impl ApiClient {
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(5));
             }
-            match build().send().await {
+            let mut req = build();
+            match self.access_token(false).await {
+                Ok(Some(t)) => req = req.bearer_auth(t),
+                Ok(None) => {}
+                Err(ClientError::Unavailable(e)) => {
+                    last = e;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            }
+            let mut res = req.send().await;
+            // An expired or rejected access token: fetch a new one once and replay.
+            if let Ok(r) = &res
+                && r.status() == StatusCode::UNAUTHORIZED
+                && self.auth.is_some()
+            {
+                match self.access_token(true).await {
+                    Ok(Some(t)) => res = build().bearer_auth(t).send().await,
+                    Ok(None) => {}
+                    Err(ClientError::Unavailable(e)) => {
+                        last = e;
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            match res {
                 Ok(r) if r.status().is_server_error() => {
                     last = format!("{} {}", r.status(), message_of(r).await);
                 }

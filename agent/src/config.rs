@@ -93,6 +93,10 @@ pub struct Config {
     /// Seconds a running job may still take after SIGTERM before it is released.
     #[serde(default = "default_shutdown_grace")]
     pub shutdown_grace: f64,
+    /// Upstream's `--token-file`: JSON `{"refresh_token": ".."}` exchanged at
+    /// `/v1/oauth2/refresh` for the agent's access token. Set from the command line.
+    #[serde(skip)]
+    pub token_file: Option<PathBuf>,
     /// Every top-level string value of the file, exported to phases as lowercase
     /// variables (upstream behaviour the charm's wrapper scripts rely on).
     #[serde(skip)]

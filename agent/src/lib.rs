@@ -9,6 +9,7 @@
 //!   offline/maintenance, shutdown with a grace.
 //! - [`runner`]: one job: run directory, phases, output streaming, outcome, artifacts.
 //! - [`phases`]: the per-phase rules in one `match`.
+//! - [`phase_env`]: the allow-list of the phases' environment.
 //! - [`process`]: phase processes in their own process group; killing the tree.
 //! - [`archive`]: safe extraction of attachments, packing of artifacts.
 //! - [`telemetry`]: the tracing subscriber.
@@ -17,6 +18,7 @@ pub mod archive;
 pub mod client;
 pub mod config;
 pub mod lifecycle;
+pub mod phase_env;
 pub mod phases;
 pub mod process;
 pub mod runner;

@@ -56,7 +56,8 @@ struct Agent {
 
 impl Agent {
     fn new(cfg: Arc<Config>, stop: CancellationToken) -> anyhow::Result<Agent> {
-        let client = ApiClient::new(&cfg.server_address, &cfg.agent_id)?;
+        let client = ApiClient::new(&cfg.server_address, &cfg.agent_id)?
+            .with_token_file(cfg.token_file.as_deref())?;
         // One connection is plenty for one device, and keeps the agent small.
         let mut bcfg = BrokerConfig::new(cfg.amqp_uri());
         bcfg.connections = 1;

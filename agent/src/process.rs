@@ -41,8 +41,9 @@ impl Output {
 }
 
 impl PhaseProcess {
-    /// Starts `command` with `/bin/sh -c` in `cwd`, with `env` added to the agent's own
-    /// environment. Fails when the shell cannot be started.
+    /// Starts `command` with `/bin/sh -c` in `cwd`, with `env` added to the allowed part
+    /// of the agent's environment ([`crate::phase_env`]: never its credentials). Fails
+    /// when the shell cannot be started.
     pub fn spawn(command: &str, cwd: &Path, env: &BTreeMap<String, String>) -> io::Result<Self> {
         let (reader, writer) = io::pipe()?;
         let writer2 = writer.try_clone()?;
@@ -50,6 +51,8 @@ impl PhaseProcess {
         cmd.arg("-c")
             .arg(command)
             .current_dir(cwd)
+            .env_clear()
+            .envs(crate::phase_env::inherited())
             .envs(env)
             .stdin(Stdio::null())
             .stdout(Stdio::from(writer))

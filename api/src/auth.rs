@@ -21,7 +21,7 @@ use std::collections::BTreeMap;
 use std::future::{Ready, ready};
 use testflinger_common::Job;
 
-/// Lifetime of an access token, seconds (upstream: 10 minutes).
+/// Default lifetime of an access token, seconds (upstream: 10 minutes).
 pub const ACCESS_TTL: u64 = 600;
 /// Lifetime of a refresh token, seconds (upstream: 6 days).
 pub const REFRESH_TTL: u64 = 6 * 24 * 3600;
@@ -128,6 +128,7 @@ struct Claims {
 pub struct Auth {
     keys: Option<(EncodingKey, DecodingKey)>,
     leeway: u64,
+    access_ttl: u64,
 }
 
 impl std::fmt::Debug for Auth {
@@ -140,8 +141,9 @@ impl std::fmt::Debug for Auth {
 
 impl Auth {
     /// Auth with this HS256 key (on), or none (off). `leeway`: seconds of clock skew
-    /// tolerated on `exp` (upstream's `JWT_LEEWAY`, default 5).
-    pub fn new(signing_key: Option<&str>, leeway: u64) -> Auth {
+    /// tolerated on `exp` (upstream's `JWT_LEEWAY`, default 5); `access_ttl`: seconds
+    /// an access token lives ([`ACCESS_TTL`] by default).
+    pub fn new(signing_key: Option<&str>, leeway: u64, access_ttl: u64) -> Auth {
         Auth {
             keys: signing_key.filter(|k| !k.is_empty()).map(|k| {
                 (
@@ -150,14 +152,20 @@ impl Auth {
                 )
             }),
             leeway,
+            access_ttl: access_ttl.max(1),
         }
+    }
+
+    /// Seconds an access token lives.
+    pub fn access_ttl(&self) -> u64 {
+        self.access_ttl
     }
 
     pub fn enabled(&self) -> bool {
         self.keys.is_some()
     }
 
-    /// A signed access token for these permissions, valid [`ACCESS_TTL`] seconds.
+    /// A signed access token for these permissions, valid [`Auth::access_ttl`] seconds.
     pub fn issue(&self, permissions: Permissions) -> ApiResult<String> {
         let Some((enc, _)) = &self.keys else {
             return Err(ApiError::Json(
@@ -167,7 +175,7 @@ impl Auth {
         };
         let now = chrono::Utc::now().timestamp().max(0) as u64;
         let claims = Claims {
-            exp: now + ACCESS_TTL,
+            exp: now + self.access_ttl,
             iat: now,
             sub: "access_token".into(),
             permissions,

@@ -22,6 +22,7 @@
 //! | `TESTFLINGER_WEBHOOK_ALLOWED_HOSTS` | empty | comma-separated hosts `job_status_webhook` may name |
 //! | `TESTFLINGER_LOG_FORMAT` | `text` | `text` or `json` |
 //! | `JWT_SIGNING_KEY` | unset | turns authentication on; the HS256 key of access tokens (upstream's name) |
+//! | `TESTFLINGER_ACCESS_TTL` | `600` | seconds an access token is valid (upstream: 10 minutes) |
 //! | `JWT_LEEWAY` | `5` | seconds of clock skew tolerated on token expiry (upstream's name) |
 //! | `TESTFLINGER_ADMIN_ID` | `testflinger-admin` | the bootstrap administrator's client id |
 //! | `TESTFLINGER_ADMIN_SECRET` | unset | its secret; with auth on, the client is created (or its secret reset) at start-up |
@@ -61,6 +62,7 @@ pub struct Settings {
     #[serde(default)]
     pub jwt_signing_key: Option<Redacted>,
     pub jwt_leeway: u64,
+    pub access_ttl: u64,
     pub admin_id: String,
     #[serde(default)]
     pub admin_secret: Option<Redacted>,
@@ -98,6 +100,7 @@ const KNOWN: &[&str] = &[
     "log_format",
     "jwt_signing_key",
     "jwt_leeway",
+    "access_ttl",
     "admin_id",
     "admin_secret",
 ];
@@ -130,6 +133,7 @@ impl Settings {
             .set_default("webhook_allowed_hosts", "")?
             .set_default("log_format", "text")?
             .set_default("jwt_leeway", 5)?
+            .set_default("access_ttl", crate::auth::ACCESS_TTL)?
             .set_default("admin_id", crate::auth::DEFAULT_ADMIN_ID)?;
         if let Ok(path) = std::env::var("TESTFLINGER_CONFIG") {
             b = b.add_source(config::File::with_name(&path));
@@ -221,6 +225,7 @@ impl Settings {
             log_format: "text".into(),
             jwt_signing_key: None,
             jwt_leeway: 5,
+            access_ttl: crate::auth::ACCESS_TTL,
             admin_id: crate::auth::DEFAULT_ADMIN_ID.into(),
             admin_secret: None,
         }

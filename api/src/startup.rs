@@ -56,6 +56,7 @@ impl Application {
         let auth = Arc::new(crate::auth::Auth::new(
             settings.jwt_signing_key.as_ref().map(|k| k.0.as_str()),
             settings.jwt_leeway,
+            settings.access_ttl,
         ));
         if auth.enabled() {
             bootstrap_admin(&store, &settings).await?;

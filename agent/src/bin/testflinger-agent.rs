@@ -19,17 +19,25 @@ struct Args {
     /// The agent configuration file (YAML).
     #[arg(short = 'c', long = "config", default_value = "testflinger-agent.conf")]
     config: PathBuf,
+    /// Upstream's token file: JSON `{"refresh_token": "..."}` from the lab's provisioning.
+    /// Absent file: the agent talks to the API unauthenticated.
+    #[arg(
+        long = "token-file",
+        default_value = "/var/lib/testflinger-agent/refresh_token"
+    )]
+    token_file: PathBuf,
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    let cfg = match Config::load(&args.config) {
+    let mut cfg = match Config::load(&args.config) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("testflinger-agent: {e}");
             return ExitCode::FAILURE;
         }
     };
+    cfg.token_file = Some(args.token_file);
     telemetry::init(&cfg);
     // One device, one job at a time: a single-threaded runtime is enough (phase commands
     // are child processes, lapin has its own I/O thread) and keeps the agent small.

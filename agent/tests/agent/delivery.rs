@@ -23,6 +23,7 @@ async fn a_killed_agents_job_is_reaped_and_run_again_by_another() {
         ServerOpts {
             lease_ttl: 3,
             reaper_ms: 200,
+            ..ServerOpts::default()
         },
     )
     .await;
@@ -46,7 +47,8 @@ async fn a_killed_agents_job_is_reaped_and_run_again_by_another() {
     assert!(out.contains("fast-run"), "second run's output: {out}");
     assert!(out.contains("on dev-b"), "{out}");
 
-    // The first agent's token (1) is stale now: every write of it is refused.
+    // A token other than the current holder's (such as the first agent's) is stale now:
+    // every write with it is refused.
     for (path, body) in [
         (format!("/v1/result/{id}"), json!({"job_state": "test"})),
         (
@@ -57,7 +59,7 @@ async fn a_killed_agents_job_is_reaped_and_run_again_by_another() {
         let resp = lab
             .http
             .post(format!("{}{path}", lab.base))
-            .header("X-Testflinger-Token", "1")
+            .header("X-Testflinger-Token", "00000000000000000000000000000001")
             .json(&body)
             .send()
             .await
@@ -256,6 +258,7 @@ async fn a_frozen_agent_loses_its_lease_and_its_late_writes_are_refused() {
         ServerOpts {
             lease_ttl: 3,
             reaper_ms: 200,
+            ..ServerOpts::default()
         },
     )
     .await;

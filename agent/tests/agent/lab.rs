@@ -45,6 +45,8 @@ fn free_port() -> u16 {
 pub struct ServerOpts {
     pub lease_ttl: u64,
     pub reaper_ms: u64,
+    /// Extra environment of the server (e.g. `JWT_SIGNING_KEY` to turn auth on).
+    pub env: Vec<(String, String)>,
 }
 
 impl Default for ServerOpts {
@@ -52,6 +54,7 @@ impl Default for ServerOpts {
         ServerOpts {
             lease_ttl: 30,
             reaper_ms: 1000,
+            env: Vec::new(),
         }
     }
 }
@@ -113,6 +116,7 @@ impl TestLab {
                 .env("TESTFLINGER_SUBMIT_CONSUMER", "false")
                 .env("TESTFLINGER_WORKERS", "2")
                 .env("RUST_LOG", "info")
+                .envs(opts.env.clone())
                 .stdout(Stdio::null())
                 .stderr(log)
                 .spawn()
@@ -176,14 +180,28 @@ impl TestLab {
 
     /// Starts an agent process with the given extra config keys.
     pub fn spawn_agent(&mut self, agent: &str, extra: Value) -> usize {
+        self.spawn_agent_with(agent, extra, &[], &[])
+    }
+
+    /// Starts an agent process with extra config keys, command-line arguments and
+    /// environment variables.
+    pub fn spawn_agent_with(
+        &mut self,
+        agent: &str,
+        extra: Value,
+        args: &[String],
+        env: &[(String, String)],
+    ) -> usize {
         let cfg = self.agent_config(agent, extra);
         let log = self.path(&format!("{agent}-{}.log", self.agents.len()));
         let file = std::fs::File::create(&log).expect("agent log");
         let child = Command::new(env!("CARGO_BIN_EXE_testflinger-agent"))
             .arg("-c")
             .arg(&cfg)
+            .args(args)
             .env("RUST_LOG", "testflinger_agent=debug,info")
             .env("AMQP_URI", amqp_uri())
+            .envs(env.iter().cloned())
             .stdout(Stdio::null())
             .stderr(file)
             .spawn()

@@ -9,6 +9,7 @@
 //! `AMQP_URI` and `REDIS_URL` default to the loopback services. Each test has its own
 //! server, Redis prefix and queue, all removed when its `TestLab` drops.
 
+mod auth;
 mod control;
 mod delivery;
 mod lab;

@@ -78,7 +78,7 @@ async fn token(app: web::Data<AppState>, req: HttpRequest) -> ApiResult<HttpResp
     Ok(HttpResponse::Ok().json(json!({
         "access_token": access,
         "token_type": "Bearer",
-        "expires_in": auth::ACCESS_TTL,
+        "expires_in": app.auth.access_ttl(),
         "refresh_token": refresh,
     })))
 }
@@ -116,7 +116,7 @@ async fn refresh(app: web::Data<AppState>, body: web::Bytes) -> ApiResult<HttpRe
     Ok(HttpResponse::Ok().json(json!({
         "access_token": access,
         "token_type": "Bearer",
-        "expires_in": auth::ACCESS_TTL,
+        "expires_in": app.auth.access_ttl(),
     })))
 }
 

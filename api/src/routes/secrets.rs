@@ -126,7 +126,8 @@ fn check_namespace(caller: &crate::auth::Caller, client: &str) -> ApiResult<()> 
     if caller.client_id().is_none() {
         return Err(ApiError::Json(
             actix_web::http::StatusCode::UNAUTHORIZED,
-            "writing secrets needs an authenticated client (get a token at /v1/oauth2/token)".into(),
+            "writing secrets needs an authenticated client (get a token at /v1/oauth2/token)"
+                .into(),
         ));
     }
     Err(ApiError::Json(

@@ -167,7 +167,7 @@ async fn bad_input_gets_clear_4xx_and_writes_nothing() {
     );
     let res = app.result(&id).await;
     assert_eq!(res["device_info"]["device_ip"], "10.0.0.5");
-    // Token must be a number.
+    // A token is 32 hex digits.
     let r = app
         .http
         .post(app.url(&format!("/v1/result/{id}")))
