@@ -42,8 +42,11 @@ impl Application {
         let broker = Broker::new(bcfg).context("bad AMQP settings")?;
         let files = FileStore::open(&settings.data_path, settings.max_upload_bytes)
             .with_context(|| format!("cannot create DATA_PATH {}", settings.data_path.display()))?;
+        // Webhooks only: a redirect would let a webhook host send us anywhere, past the
+        // allow-list, so none is followed.
         let http = reqwest::Client::builder()
             .timeout(std::time::Duration::from_secs(10))
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .context("http client")?;
         let listener = match listener {

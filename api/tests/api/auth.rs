@@ -693,3 +693,55 @@ async fn secrets_are_namespaced_by_the_authenticated_client() {
     assert!(t.bytes().all(|b| b.is_ascii_hexdigit()));
     app.cleanup().await;
 }
+
+/// Answers every request with `status_line` and `extra` headers; counts requests.
+fn fixed_server(
+    status_line: &'static str,
+    extra: String,
+) -> (u16, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::io::{BufRead, BufReader, Write};
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = l.local_addr().expect("addr").port();
+    let hits = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let h = hits.clone();
+    std::thread::spawn(move || {
+        for stream in l.incoming().flatten() {
+            h.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let mut r = BufReader::new(stream);
+            loop {
+                let mut line = String::new();
+                if r.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                    break;
+                }
+            }
+            let _ = r.get_mut().write_all(
+                format!("{status_line}\r\n{extra}content-length: 0\r\nconnection: close\r\n\r\n")
+                    .as_bytes(),
+            );
+        }
+    });
+    (port, hits)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn webhooks_follow_no_redirects() {
+    // The allowed host redirects to one that is not allowed: the second is never called.
+    let (target, target_hits) = fixed_server("HTTP/1.1 200 OK", String::new());
+    let (hook, hook_hits) = fixed_server(
+        "HTTP/1.1 307 Temporary Redirect",
+        format!("location: http://127.0.0.1:{target}/stolen\r\n"),
+    );
+    let app = TestApp::spawn_with(|s| s.webhook_allowed_hosts = format!("127.0.0.1:{hook}")).await;
+    let q = app.queue("redirect");
+    app.submit(
+        json!({"job_queue": q, "job_status_webhook": format!("http://127.0.0.1:{hook}/hook")}),
+    )
+    .await;
+    app.wait_for(10, "the webhook call", || async {
+        (hook_hits.load(std::sync::atomic::Ordering::SeqCst) > 0).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(target_hits.load(std::sync::atomic::Ordering::SeqCst), 0);
+    app.cleanup().await;
+}
