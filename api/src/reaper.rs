@@ -166,6 +166,10 @@ pub async fn reconcile_queues(
     let mut published = 0;
     let mut now_short = std::collections::HashSet::new();
     for (queue, waiting) in app.store.queues_with_waiting().await? {
+        // Unregistered queues have no broker queue by design (their jobs are parked).
+        if app.auth.enabled() && !app.store.is_registered(&queue).await? {
+            continue;
+        }
         let held = match app.broker.message_count(&queue).await {
             Ok(n) => u64::from(n),
             // The queue does not exist (deleted): it holds nothing.

@@ -139,6 +139,10 @@ pub async fn publish_new(
 }
 
 /// Publishes a job's wake-up message to its queue, waiting for the broker's confirm.
+///
+/// With auth on, a queue no agent or operator registered gets no broker queue: the job
+/// is parked in Redis instead (and published when the queue is registered), so anonymous
+/// submissions to made-up names cannot create durable broker queues.
 pub async fn publish(
     app: &AppState,
     id: &str,
@@ -146,6 +150,10 @@ pub async fn publish(
     priority: i64,
     def: &Value,
 ) -> ApiResult<()> {
+    if app.auth.enabled() && !app.store.is_registered(queue).await? {
+        tracing::info!(job.id = %id, queue, "queue not registered by any agent: the job waits in Redis");
+        return app.store.park(id, queue).await;
+    }
     let body = serde_json::to_vec(def).map_err(|e| ApiError::Internal(e.into()))?;
     app.broker
         .publish_job(queue, id, priority, &body)

@@ -97,6 +97,10 @@ async fn post_agent(
     {
         notify_state(&app, &name, state).await;
     }
+    // The queues an agent serves are registered: they may get broker queues.
+    if let Some(q) = &a.queues {
+        app.store.register_queues(q).await?;
+    }
     Ok(HttpResponse::Ok()
         .insert_header((
             "Set-Cookie",
@@ -217,6 +221,9 @@ async fn post_queues(
         })?;
     }
     if !m.is_empty() {
+        // An agent or operator advertising a queue registers it: it may get a broker queue.
+        let names: Vec<String> = m.keys().cloned().collect();
+        app.store.register_queues(&names).await?;
         let k = app.store.keys.queues();
         let mut c = app.store.con();
         let items: Vec<(String, String)> = m.into_iter().collect();

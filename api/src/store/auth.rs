@@ -6,7 +6,10 @@
 //! - `clientq:<id>`: set of the restricted queues the client may submit to;
 //! - `clients`: set of client ids;
 //! - `refresh:<sha256 of the token>`: the client id, expiring with the token;
-//! - `restricted`: set of restricted queue names; `rqowners:<q>`: set of their owners.
+//! - `restricted`: set of restricted queue names; `rqowners:<q>`: set of their owners;
+//! - `regqueues`: queues an agent or operator registered (with auth on, only those get a
+//!   broker queue); `parked:<q>`: waiting jobs of an unregistered queue, moved to the
+//!   outbox when the queue is registered.
 
 use super::{Keys, Store};
 use crate::auth::{Permissions, Role};
@@ -32,6 +35,12 @@ impl Keys {
     }
     pub fn restricted_owners(&self, q: &str) -> String {
         format!("{}:rqowners:{q}", self.p)
+    }
+    pub fn registered_queues(&self) -> String {
+        format!("{}:regqueues", self.p)
+    }
+    pub fn parked(&self, q: &str) -> String {
+        format!("{}:parked:{q}", self.p)
     }
 }
 
@@ -223,6 +232,56 @@ impl Store {
         }
         let (removed,): (i64,) = p.query_async(&mut c).await?;
         Ok(removed == 1)
+    }
+
+    /// Registers job queues (an agent serves them, or an operator declared them) and
+    /// hands their parked jobs to the outbox (scored 0: published at the next pass).
+    /// Returns how many jobs were unparked.
+    pub async fn register_queues(&self, queues: &[String]) -> ApiResult<usize> {
+        if queues.is_empty() {
+            return Ok(0);
+        }
+        let mut c = self.con();
+        let _: () = c.sadd(self.keys.registered_queues(), queues).await?;
+        let mut moved = 0;
+        for q in queues {
+            let ids: Vec<String> = c.smembers(self.keys.parked(q)).await?;
+            if ids.is_empty() {
+                continue;
+            }
+            let mut p = redis::pipe();
+            p.atomic();
+            for id in &ids {
+                p.zadd(self.keys.outbox(), id, 0).ignore();
+            }
+            p.srem(self.keys.parked(q), &ids).ignore();
+            let _: () = p.query_async(&mut c).await?;
+            moved += ids.len();
+        }
+        Ok(moved)
+    }
+
+    /// Whether a job queue was registered.
+    pub async fn is_registered(&self, queue: &str) -> ApiResult<bool> {
+        let mut c = self.con();
+        Ok(c.sismember(self.keys.registered_queues(), queue).await?)
+    }
+
+    /// Parks a waiting job of an unregistered queue: off the outbox until the queue is
+    /// registered. Parked jobs expire with the retention.
+    pub async fn park(&self, id: &str, queue: &str) -> ApiResult<()> {
+        let mut c = self.con();
+        let _: () = redis::pipe()
+            .atomic()
+            .zrem(self.keys.outbox(), id)
+            .ignore()
+            .sadd(self.keys.parked(queue), id)
+            .ignore()
+            .expire(self.keys.parked(queue), self.retention as i64)
+            .ignore()
+            .query_async(&mut c)
+            .await?;
+        Ok(())
     }
 
     /// Stores a secret (JSON record) under `client/path` for `ttl_secs`.

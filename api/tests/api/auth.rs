@@ -745,3 +745,34 @@ async fn webhooks_follow_no_redirects() {
     assert_eq!(target_hits.load(std::sync::atomic::Ordering::SeqCst), 0);
     app.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_submit_to_an_unregistered_queue_creates_no_broker_queue_until_an_agent_serves_it() {
+    let app = auth_app(false).await;
+    let admin = access(&app, ADMIN, ADMIN_SECRET).await;
+    let agent = client(&app, &admin, "agent-4", json!({"role": "agent"})).await;
+    let q = app.queue("unregistered");
+    let id = job_id(submit_as(&app, None, json!({"job_queue": q})).await).await;
+    assert_eq!(app.result(&id).await["job_state"], "waiting");
+    // Several reaper and reconciler passes later, the broker still has no such queue.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        app.broker().message_count(&q).await.is_err(),
+        "a broker queue was declared for an unregistered name"
+    );
+    // An agent registers the queue: the job is published to a new broker queue.
+    let r = call(
+        &app,
+        Method::POST,
+        "/v1/agents/data/reg-agent",
+        Some(&agent),
+        Some(json!({"queues": [q]})),
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    app.wait_for(15, "the parked job to be published", || async {
+        (app.broker().message_count(&q).await.ok()? == 1).then_some(())
+    })
+    .await;
+    app.cleanup().await;
+}
