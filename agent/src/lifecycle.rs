@@ -356,6 +356,10 @@ impl Agent {
                             settle(msg.ack().await);
                             return;
                         }
+                        RawOutcome::Rejected => {
+                            settle(msg.reject().await);
+                            return;
+                        }
                         RawOutcome::Retry => {
                             settle(msg.requeue().await);
                             self.close(consumer).await;
@@ -413,6 +417,9 @@ impl Agent {
                     .await;
                 match r {
                     Ok(()) => RawOutcome::DeadLettered,
+                    // A least-privilege agent user may publish nothing: reject the message
+                    // instead, and its queue's dead-letter exchange takes it.
+                    Err(e) if testflinger_broker::is_access_refused(&e) => RawOutcome::Rejected,
                     Err(e) => {
                         tracing::warn!(error = %e, "cannot dead-letter the job; retrying later");
                         RawOutcome::Retry
@@ -505,6 +512,8 @@ impl Agent {
 enum RawOutcome {
     Registered,
     DeadLettered,
+    /// Not copied to the dead queue (no publish permission): reject it to its DLX.
+    Rejected,
     Retry,
 }
 

@@ -174,10 +174,28 @@ impl Broker {
         }
         let ch = result?;
         if !inner.shared_declared.load(Ordering::Acquire) {
-            topology::declare_shared(&ch).await?;
-            inner.shared_declared.store(true, Ordering::Release);
+            match topology::declare_shared(&ch).await {
+                Ok(()) => inner.shared_declared.store(true, Ordering::Release),
+                // A least-privilege user (an agent's) may not declare the shared
+                // topology: the API's user does. The refusal closed this channel.
+                Err(e) if is_access_refused(&e) => {
+                    tracing::debug!(error = %e, "not allowed to declare the shared topology; leaving it to the API");
+                    inner.shared_declared.store(true, Ordering::Release);
+                    return Box::pin(self.open_channel()).await;
+                }
+                Err(e) => return Err(e),
+            }
         }
         Ok(ch)
+    }
+
+    /// Declares and binds an agent's control queue (see
+    /// [`topology::declare_control_queue`]); the API calls it when an agent registers.
+    pub async fn ensure_control_queue(&self, agent_id: &str) -> Result<(), BrokerError> {
+        let ch = self.open_channel().await?;
+        let r = topology::declare_control_queue(&ch, agent_id).await;
+        let _ = ch.close(200, "declared".into()).await;
+        r
     }
 
     /// Declares a job queue once per process (the declaration is idempotent anyway).
@@ -401,11 +419,18 @@ impl Broker {
         Consumer::start(ch, queues, prefetch, tag).await
     }
 
-    /// Consumes the agent's control queue (exclusive, auto-delete, bound to
-    /// `testflinger.control` with the agent id).
+    /// Consumes the agent's commands (no acks): from a private queue bound to
+    /// `testflinger.control` with the agent id when this user may bind one, else (a
+    /// least-privilege agent user) from `testflinger.control.<agent id>`, which the API
+    /// declared and bound when the agent registered.
     pub async fn consume_control(&self, agent_id: &str) -> Result<Consumer, BrokerError> {
-        let ch = self.open_channel().await?;
-        Consumer::start_control(ch, agent_id).await
+        match self.subscribe(topology::CONTROL_EXCHANGE, agent_id).await {
+            Err(e) if is_access_refused(&e) => {
+                let ch = self.open_channel().await?;
+                Consumer::start_control(ch, agent_id).await
+            }
+            other => other,
+        }
     }
 
     /// Declares and consumes one of our shared queues (such as the submit queue).
@@ -485,6 +510,11 @@ impl Broker {
         let _ = ch.close(200, "count".into()).await;
         Ok(q.message_count())
     }
+}
+
+/// Whether the broker refused an operation for lack of permission (ACCESS_REFUSED, 403).
+pub fn is_access_refused(e: &BrokerError) -> bool {
+    e.to_string().contains("ACCESS_REFUSED")
 }
 
 /// Adds `frame_max` to an AMQP URI's query unless it has one.

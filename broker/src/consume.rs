@@ -1,7 +1,6 @@
 //! Consumers with manual ack, and the messages they yield.
 
 use crate::BrokerError;
-use crate::topology::CONTROL_EXCHANGE;
 use futures_util::stream::{SelectAll, StreamExt};
 use lapin::Channel;
 use lapin::message::Delivery;
@@ -156,11 +155,26 @@ impl Consumer {
         Self::start(channel, &[queue.to_string()], prefetch, tag).await
     }
 
+    /// Consumes (without acks) an agent's named control queue, which must exist.
     pub(crate) async fn start_control(
         channel: Channel,
         agent_id: &str,
     ) -> Result<Consumer, BrokerError> {
-        Self::start_subscription(channel, CONTROL_EXCHANGE, agent_id).await
+        let name = crate::topology::control_queue(agent_id);
+        let c = channel
+            .basic_consume(
+                name.as_str().into(),
+                "".into(),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+        let mut streams = SelectAll::new();
+        streams.push(c);
+        Ok(Consumer { channel, streams })
     }
 
     pub(crate) async fn start_subscription(

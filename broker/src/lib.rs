@@ -5,14 +5,16 @@
 //! - [`Broker`]: a connection pool (deadpool-lapin) plus our own pool of long-lived
 //!   confirm-mode channels, with reconnect and back-off; publishing that waits for the
 //!   broker's confirm; `basic.get`; a readiness probe.
+//! - [`permissions`]: the RabbitMQ permissions of each component's user (least privilege).
 //! - [`consume`]: consumers with manual ack and a prefetch shared by all their queues,
 //!   yielding [`Incoming`] messages.
 
 mod client;
 pub mod consume;
+pub mod permissions;
 pub mod topology;
 
-pub use client::{Broker, BrokerConfig, OutgoingMessage};
+pub use client::{Broker, BrokerConfig, OutgoingMessage, is_access_refused};
 pub use consume::{Consumer, Incoming};
 pub use topology::QueueType;
 

@@ -10,6 +10,17 @@ use lapin::{Channel, ExchangeKind};
 
 /// Broker-native submission queue (validated path).
 pub const SUBMIT_QUEUE: &str = "testflinger.submit";
+/// Fanout exchange in front of [`SUBMIT_QUEUE`]: other systems publish here (any routing
+/// key), so their broker user needs write on this exchange only, not on the default
+/// exchange (which reaches every job queue).
+pub const SUBMIT_EXCHANGE: &str = "testflinger.submit";
+/// Prefix of each agent's control queue, `testflinger.control.<agent id>`.
+pub const CONTROL_QUEUE_PREFIX: &str = "testflinger.control.";
+/// A control queue nobody consumes is deleted by the broker after this long (ms); the
+/// API declares it again whenever the agent registers (at each agent start).
+pub const CONTROL_QUEUE_EXPIRES_MS: u32 = 3600 * 1000;
+/// Commands older than this (ms) are dropped: the heartbeat carries the same news.
+pub const CONTROL_MESSAGE_TTL_MS: u32 = 60 * 1000;
 /// Topic exchange of job life-cycle events, routing key `job.<queue>.<state>`.
 pub const EVENTS_EXCHANGE: &str = "testflinger.events";
 /// Direct exchange of commands for one agent, routing key = agent id.
@@ -26,6 +37,11 @@ pub const MAX_PRIORITY: u8 = 10;
 /// a marked message whose job the API does not know (expired, or the record was lost)
 /// drops it instead of registering it as a raw-published job.
 pub const PUBLISHED_BY_HEADER: &str = "x-testflinger-published-by";
+
+/// The control queue of one agent: bound to [`CONTROL_EXCHANGE`] with the agent id.
+pub fn control_queue(agent_id: &str) -> String {
+    format!("{CONTROL_QUEUE_PREFIX}{agent_id}")
+}
 
 /// Routing key of a job event.
 pub fn event_routing_key(queue: &str, state: &str) -> String {
@@ -120,6 +136,13 @@ pub async fn declare_shared(ch: &Channel) -> Result<(), BrokerError> {
         FieldTable::default(),
     )
     .await?;
+    ch.exchange_declare(
+        SUBMIT_EXCHANGE.into(),
+        ExchangeKind::Fanout,
+        ex,
+        FieldTable::default(),
+    )
+    .await?;
     for q in [DEAD_QUEUE, SUBMIT_QUEUE, REJECTED_QUEUE] {
         ch.queue_declare(q.into(), durable(), FieldTable::default())
             .await?;
@@ -128,6 +151,43 @@ pub async fn declare_shared(ch: &Channel) -> Result<(), BrokerError> {
         DEAD_QUEUE.into(),
         DEAD_LETTER_EXCHANGE.into(),
         "".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await?;
+    ch.queue_bind(
+        SUBMIT_QUEUE.into(),
+        SUBMIT_EXCHANGE.into(),
+        "".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await?;
+    Ok(())
+}
+
+/// Declares an agent's control queue (durable, deleted after an hour unused, commands
+/// kept a minute) and binds
+/// it to [`CONTROL_EXCHANGE`] with the agent id. The API does it when the agent
+/// registers, so the agent's own broker user needs no access to the exchange (with it,
+/// an agent could bind its queue with another agent's id and read its commands).
+pub async fn declare_control_queue(ch: &Channel, agent_id: &str) -> Result<(), BrokerError> {
+    let name = control_queue(agent_id);
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-expires".into(),
+        AMQPValue::LongUInt(CONTROL_QUEUE_EXPIRES_MS),
+    );
+    args.insert(
+        "x-message-ttl".into(),
+        AMQPValue::LongUInt(CONTROL_MESSAGE_TTL_MS),
+    );
+    ch.queue_declare(name.as_str().into(), durable(), args)
+        .await?;
+    ch.queue_bind(
+        name.as_str().into(),
+        CONTROL_EXCHANGE.into(),
+        agent_id.into(),
         QueueBindOptions::default(),
         FieldTable::default(),
     )

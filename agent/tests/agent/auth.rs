@@ -84,8 +84,9 @@ async fn an_authenticated_agent_runs_jobs_and_its_phases_see_no_credentials() {
         ),
         ("LC_TESTFLINGER_PROBE".to_string(), "allowed".to_string()),
     ];
+    let agent = format!("dev-auth-{}", &lab.prefix[lab.prefix.len() - 10..]);
     let i = lab.spawn_agent_with(
-        "dev-auth",
+        &agent,
         json!({"test_command": "env; echo END-OF-ENV"}),
         &["--token-file".to_string(), token_file.display().to_string()],
         &agent_env,
@@ -115,7 +116,16 @@ async fn an_authenticated_agent_runs_jobs_and_its_phases_see_no_credentials() {
     let id2 = lab.submit(json!({"test_data": {"test_cmds": "x"}})).await;
     let r2 = lab.wait_complete(&id2, LONG).await;
     assert_eq!(r2["test_status"], 0, "{r2}");
-    assert!(lab.agent_log(i).contains("dev-auth"), "agent ran");
+    assert!(lab.agent_log(i).contains(&agent), "agent ran");
+    // The API declared the agent's control queue when it registered: remove it.
+    let broker = testflinger_broker::Broker::new(testflinger_broker::BrokerConfig::new(
+        crate::lab::amqp_uri(),
+    ))
+    .expect("broker");
+    broker
+        .delete_queue(&testflinger_broker::topology::control_queue(&agent))
+        .await
+        .expect("delete the control queue");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -101,6 +101,15 @@ async fn post_agent(
     if let Some(q) = &a.queues {
         app.store.register_queues(q).await?;
     }
+    // With auth on (least privilege), its control queue is declared and bound here when
+    // it starts (it posts its queues), so the agent's broker user needs no access to the
+    // control exchange. Best effort: commands also ride the heartbeat.
+    if app.auth.enabled()
+        && a.queues.is_some()
+        && let Err(e) = app.broker.ensure_control_queue(&name).await
+    {
+        tracing::warn!(agent = %name, error = %e, "control queue not declared yet");
+    }
     Ok(HttpResponse::Ok()
         .insert_header((
             "Set-Cookie",

@@ -96,6 +96,17 @@ async fn client(app: &TestApp, admin: &str, id: &str, mut body: Value) -> String
     access(app, id, SECRET).await
 }
 
+/// A unique agent name whose control queue (declared by the API when the agent
+/// registers with auth on) is deleted at cleanup.
+fn agent_name(app: &TestApp, tag: &str) -> String {
+    let n = crate::helpers::unique(tag);
+    app.queues
+        .lock()
+        .expect("lock")
+        .push(testflinger_broker::topology::control_queue(&n));
+    n
+}
+
 async fn submit_as(app: &TestApp, bearer: Option<&str>, job: Value) -> Response {
     call(app, Method::POST, "/v1/job", bearer, Some(job)).await
 }
@@ -461,10 +472,11 @@ async fn submissions_are_checked_for_priority_reservation_and_restricted_queues(
     )
     .await;
     assert_eq!(r.status(), 404, "no agent serves the queue yet");
+    let name = agent_name(&app, "rq-agent");
     let r = call(
         &app,
         Method::POST,
-        "/v1/agents/data/rq-agent",
+        &format!("/v1/agents/data/{name}"),
         Some(&agent),
         Some(json!({"queues": [rq]})),
     )
@@ -761,10 +773,11 @@ async fn a_submit_to_an_unregistered_queue_creates_no_broker_queue_until_an_agen
         "a broker queue was declared for an unregistered name"
     );
     // An agent registers the queue: the job is published to a new broker queue.
+    let name = agent_name(&app, "reg-agent");
     let r = call(
         &app,
         Method::POST,
-        "/v1/agents/data/reg-agent",
+        &format!("/v1/agents/data/{name}"),
         Some(&agent),
         Some(json!({"queues": [q]})),
     )

@@ -1,0 +1,209 @@
+//! Least privilege on the real broker: a throwaway vhost with one user per role, made
+//! with `rabbitmqctl` (needs root, as in CI) from the regexes of
+//! `testflinger_broker::permissions`, removed at the end.
+
+use std::process::Command;
+use testflinger_broker::permissions::{self, Permissions};
+use testflinger_broker::{Broker, BrokerConfig, OutgoingMessage, is_access_refused};
+
+fn ctl(args: &[&str]) {
+    let out = Command::new("rabbitmqctl")
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("rabbitmqctl {args:?} cannot run ({e}); these tests need rabbitmqctl as root")
+        });
+    assert!(
+        out.status.success(),
+        "rabbitmqctl {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The vhost and users of one test; deleted on drop.
+struct Sandbox {
+    vhost: String,
+    users: Vec<String>,
+}
+
+impl Sandbox {
+    fn new() -> Sandbox {
+        let vhost = format!(
+            "tf-perm-{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..10]
+        );
+        ctl(&["add_vhost", &vhost]);
+        Sandbox {
+            vhost,
+            users: Vec::new(),
+        }
+    }
+
+    /// Adds a user with these permissions; returns its AMQP URI.
+    fn user(&mut self, role: &str, p: &Permissions) -> String {
+        let name = format!("{}-{role}", self.vhost);
+        let password = uuid::Uuid::new_v4().simple().to_string();
+        ctl(&["add_user", &name, &password]);
+        self.users.push(name.clone());
+        ctl(&[
+            "set_permissions",
+            "-p",
+            &self.vhost,
+            &name,
+            &p.configure,
+            &p.write,
+            &p.read,
+        ]);
+        format!("amqp://{name}:{password}@127.0.0.1:5672/{}", self.vhost)
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        for u in &self.users {
+            let _ = Command::new("rabbitmqctl")
+                .args(["delete_user", u])
+                .output();
+        }
+        let _ = Command::new("rabbitmqctl")
+            .args(["delete_vhost", &self.vhost])
+            .output();
+    }
+}
+
+fn broker(uri: &str) -> Broker {
+    let mut cfg = BrokerConfig::new(uri.to_string());
+    cfg.connections = 1;
+    Broker::new(cfg).expect("broker")
+}
+
+fn to_queue<'a>(queue: &'a str, body: &'a [u8]) -> OutgoingMessage<'a> {
+    OutgoingMessage {
+        exchange: "",
+        routing_key: queue,
+        body,
+        persistent: true,
+        ..OutgoingMessage::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn each_role_gets_only_what_it_needs() {
+    let mut sb = Sandbox::new();
+    let api_uri = sb.user("api", &permissions::api());
+    let queue_a = "lab-a".to_string();
+    let queue_b = "lab-b".to_string();
+    let agent_a = sb.user(
+        "agent-a",
+        &permissions::agent("agent-a", std::slice::from_ref(&queue_a)),
+    );
+    let agent_b_perm = permissions::agent("agent-b", std::slice::from_ref(&queue_b));
+    let _agent_b = sb.user("agent-b", &agent_b_perm);
+    let submitter = sb.user("submitter", &permissions::submitter());
+
+    // The API declares the topology, both job queues and both control queues.
+    let api = broker(&api_uri);
+    api.ready()
+        .await
+        .expect("api connects and declares the topology");
+    for q in [&queue_a, &queue_b] {
+        api.ensure_job_queue(q)
+            .await
+            .expect("api declares job queues");
+    }
+    for a in ["agent-a", "agent-b"] {
+        api.ensure_control_queue(a)
+            .await
+            .expect("api declares control queues");
+    }
+
+    // Agent A consumes its job queue (declaring it again is allowed) and its control
+    // queue, and receives a job the API publishes and a command for it.
+    let a = broker(&agent_a);
+    let mut jobs = a
+        .consume(std::slice::from_ref(&queue_a), 1, "agent-a")
+        .await
+        .expect("agent consumes its job queue");
+    let mut control = a
+        .consume_control("agent-a")
+        .await
+        .expect("own control queue");
+    api.publish_job(&queue_a, "job-1", 0, b"{}")
+        .await
+        .expect("api publishes a job");
+    let m = tokio::time::timeout(std::time::Duration::from_secs(10), jobs.next())
+        .await
+        .expect("job in time")
+        .expect("open")
+        .expect("message");
+    m.ack().await.expect("ack");
+    api.send_control("agent-a", br#"{"command":"set_state","state":"offline"}"#)
+        .await
+        .expect("api sends a command");
+    let c = tokio::time::timeout(std::time::Duration::from_secs(10), control.next())
+        .await
+        .expect("command in time")
+        .expect("open")
+        .expect("message");
+    assert!(String::from_utf8_lossy(&c.body).contains("offline"));
+
+    // Agent A may not publish to a job queue (its own or another), nor to the control
+    // exchange, nor read agent B's control queue or job queue: the broker refuses.
+    for q in [&queue_a, &queue_b] {
+        let e = a
+            .publish(to_queue(q, b"{}"))
+            .await
+            .expect_err("publish refused");
+        assert!(is_access_refused(&e), "publish to {q}: {e}");
+    }
+    let e = a
+        .send_control("agent-b", b"{}")
+        .await
+        .expect_err("control publish refused");
+    assert!(is_access_refused(&e), "{e}");
+    let e = a
+        .consume_control("agent-b")
+        .await
+        .err()
+        .expect("another agent's control queue is refused");
+    assert!(is_access_refused(&e), "{e}");
+    let e = a
+        .consume(std::slice::from_ref(&queue_b), 1, "steal")
+        .await
+        .err()
+        .expect("another agent's job queue is refused");
+    assert!(is_access_refused(&e), "{e}");
+    // Nor may it subscribe to the control exchange under another agent's id.
+    let e = a
+        .subscribe(testflinger_broker::topology::CONTROL_EXCHANGE, "agent-b")
+        .await
+        .err()
+        .expect("binding to the control exchange is refused");
+    assert!(is_access_refused(&e), "{e}");
+
+    // Another system publishes to the submit exchange only (it reaches the submit
+    // queue), and may not publish straight to a job queue.
+    let s = broker(&submitter);
+    s.publish(OutgoingMessage {
+        exchange: testflinger_broker::topology::SUBMIT_EXCHANGE,
+        routing_key: "anything",
+        body: br#"{"job_queue":"lab-a"}"#,
+        persistent: true,
+        ..OutgoingMessage::default()
+    })
+    .await
+    .expect("submitter publishes to the submit exchange");
+    assert_eq!(
+        api.message_count(testflinger_broker::topology::SUBMIT_QUEUE)
+            .await
+            .expect("count"),
+        1
+    );
+    let e = s
+        .publish(to_queue(&queue_a, b"{}"))
+        .await
+        .expect_err("raw publish refused");
+    assert!(is_access_refused(&e), "{e}");
+    let (_reply_to, _replies) = s.reply_queue().await.expect("a private reply queue");
+}
