@@ -22,6 +22,16 @@ pub struct Cli {
     #[arg(short = 'd', long, global = true)]
     pub debug: bool,
 
+    /// Client id for authentication (default: config `client_id`, then
+    /// $TESTFLINGER_CLIENT_ID, then the stored login).
+    #[arg(long, global = true)]
+    pub client_id: Option<String>,
+
+    /// Secret key of the client id (default: config `secret_key`, then
+    /// $TESTFLINGER_SECRET_KEY).
+    #[arg(long, global = true)]
+    pub secret_key: Option<String>,
+
     #[command(subcommand)]
     pub command: Command,
 }
@@ -63,6 +73,14 @@ pub enum Command {
     Jobs(JobsArgs),
     /// Print the config, or set `key=value` in it.
     Config(ConfigArgs),
+    /// Authenticate with --client-id/--secret-key and store the login for this server.
+    Login,
+    /// Write or delete a secret of your client (used by jobs' `test_data.secrets`).
+    #[command(subcommand)]
+    Secret(SecretCmd),
+    /// Administration: agent status, client permissions, restricted queues.
+    #[command(subcommand)]
+    Admin(AdminCmd),
     /// Print a shell completion script.
     Completions(CompletionsArgs),
 }
@@ -191,6 +209,101 @@ pub struct JobsArgs {
 pub struct ConfigArgs {
     /// `key=value` to set; nothing prints the config.
     pub setting: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SecretCmd {
+    /// Store a secret under PATH (letters, digits, '_', '-', '/').
+    Write {
+        path: String,
+        value: String,
+        /// Delete the secret after this many seconds.
+        #[arg(long, conflicts_with = "single_use")]
+        expire_after: Option<u64>,
+        /// Delete the secret once a job has read it.
+        #[arg(long)]
+        single_use: bool,
+    },
+    /// Delete the secret at PATH.
+    Delete { path: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AdminCmd {
+    /// Set something.
+    #[command(subcommand)]
+    Set(AdminSet),
+    /// Show something.
+    #[command(subcommand)]
+    Get(AdminGet),
+    /// Delete something.
+    #[command(subcommand)]
+    Delete(AdminDelete),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AdminSet {
+    /// Set agents' state: online (waiting), offline or maintenance, with a comment.
+    #[command(name = "agent-status")]
+    AgentStatus {
+        #[arg(long)]
+        status: String,
+        #[arg(long, num_args = 1.., required = true)]
+        agents: Vec<String>,
+        #[arg(long, default_value = "")]
+        comment: String,
+    },
+    /// Create or update a client.
+    #[command(name = "client-permissions")]
+    ClientPermissions {
+        /// The client to create or change.
+        client: String,
+        /// Its secret (at least 15 characters; required when creating).
+        #[arg(long)]
+        client_secret: Option<String>,
+        /// admin, manager, contributor or agent.
+        #[arg(long)]
+        role: Option<String>,
+        /// QUEUE=N (or *=N for every queue), repeatable.
+        #[arg(long = "max-priority")]
+        max_priority: Vec<String>,
+        /// QUEUE=SECONDS (or *=SECONDS), repeatable.
+        #[arg(long = "max-reservation-time")]
+        max_reservation_time: Vec<String>,
+        #[arg(long)]
+        email: Option<String>,
+    },
+    /// Restrict a queue to a client (repeat for more owners).
+    #[command(name = "restricted-queue")]
+    RestrictedQueue {
+        queue: String,
+        #[arg(long)]
+        owner: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AdminGet {
+    /// One client's permissions, or every client's.
+    #[command(name = "client-permissions")]
+    ClientPermissions { client: Option<String> },
+    /// One restricted queue, or all.
+    #[command(name = "restricted-queues")]
+    RestrictedQueues { queue: Option<String> },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AdminDelete {
+    /// Delete a client.
+    #[command(name = "client-permissions")]
+    ClientPermissions { client: String },
+    /// Lift a queue's restriction.
+    #[command(name = "restricted-queue")]
+    RestrictedQueue {
+        queue: String,
+        #[arg(long)]
+        owner: String,
+    },
 }
 
 #[derive(Debug, Args)]

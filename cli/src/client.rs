@@ -20,6 +20,7 @@ pub struct Client {
     /// The same client without an overall timeout, for long downloads and streams.
     streaming: reqwest::Client,
     debug: bool,
+    session: std::sync::Arc<tokio::sync::Mutex<crate::auth::Session>>,
 }
 
 /// A request that got no answer in time (worth retrying, unlike the other failures).
@@ -42,7 +43,7 @@ pub struct Reply {
 }
 
 impl Client {
-    pub fn new(base: String, debug: bool) -> anyhow::Result<Client> {
+    pub fn new(base: String, debug: bool, session: crate::auth::Session) -> anyhow::Result<Client> {
         let build = |timeout: Option<Duration>| {
             let mut b = reqwest::Client::builder()
                 .connect_timeout(CONNECT_TIMEOUT)
@@ -57,6 +58,38 @@ impl Client {
             http: build(Some(REQUEST_TIMEOUT))?,
             streaming: build(None)?,
             debug,
+            session: std::sync::Arc::new(tokio::sync::Mutex::new(session)),
+        })
+    }
+
+    /// The client id this process acts as (credentials or stored login), if any.
+    pub async fn client_id(&self) -> Option<String> {
+        self.session.lock().await.client_id().map(str::to_string)
+    }
+
+    /// `testflinger login`: authenticates now and stores the refresh token.
+    pub async fn login(&self) -> anyhow::Result<String> {
+        self.session
+            .lock()
+            .await
+            .login(&self.http, &self.base)
+            .await
+    }
+
+    /// Adds the access token, when this process has credentials.
+    async fn authorize(
+        &self,
+        r: reqwest::RequestBuilder,
+    ) -> anyhow::Result<reqwest::RequestBuilder> {
+        let bearer = self
+            .session
+            .lock()
+            .await
+            .bearer(&self.http, &self.base)
+            .await?;
+        Ok(match bearer {
+            Some(t) => r.bearer_auth(t),
+            None => r,
         })
     }
 
@@ -80,7 +113,7 @@ impl Client {
         let url = self.url(path);
         self.debug(&method, &url);
         let what = format!("{method} {path}");
-        let resp = f(self.http.request(method, &url))
+        let resp = f(self.authorize(self.http.request(method, &url)).await?)
             .send()
             .await
             .map_err(|e| self.transport_error(e))?;
@@ -108,7 +141,7 @@ impl Client {
     ) -> anyhow::Result<reqwest::Response> {
         let url = self.url(path);
         self.debug(&Method::GET, &url);
-        let resp = f(self.streaming.get(&url))
+        let resp = f(self.authorize(self.streaming.get(&url)).await?)
             .send()
             .await
             .map_err(|e| self.transport_error(e))?;

@@ -64,9 +64,14 @@ impl ConfigFile {
     }
 
     pub fn get(&self, key: &str) -> Option<&str> {
+        self.get_in(SECTION, key)
+    }
+
+    /// A key of another section (such as `[AUTH]` in the stored login).
+    pub fn get_in(&self, section: &str, key: &str) -> Option<&str> {
         self.sections
             .iter()
-            .filter(|(s, _)| s == SECTION)
+            .filter(|(s, _)| s == section)
             .flat_map(|(_, e)| e.iter())
             .rev()
             .find(|(k, _)| k == key)
@@ -82,7 +87,12 @@ impl ConfigFile {
     }
 
     pub fn set(&mut self, key: &str, value: &str) {
-        if let Some((_, entries)) = self.sections.iter_mut().find(|(s, _)| s == SECTION) {
+        self.set_in(SECTION, key, value);
+    }
+
+    /// Sets a key of `section`, adding the section when needed.
+    pub fn set_in(&mut self, section: &str, key: &str, value: &str) {
+        if let Some((_, entries)) = self.sections.iter_mut().find(|(s, _)| s == section) {
             if let Some(entry) = entries.iter_mut().find(|(k, _)| k == key) {
                 entry.1 = value.to_string();
             } else {
@@ -90,7 +100,7 @@ impl ConfigFile {
             }
         } else {
             self.sections.push((
-                SECTION.to_string(),
+                section.to_string(),
                 vec![(key.to_string(), value.to_string())],
             ));
         }

@@ -16,6 +16,7 @@
 //! - [`commands`]: one module per subcommand (or small group).
 
 mod args;
+mod auth;
 mod client;
 mod commands;
 mod config;

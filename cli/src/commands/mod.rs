@@ -1,5 +1,6 @@
 //! One module per subcommand (or small group), behind [`run`]'s single `match`.
 
+mod admin;
 mod agents;
 mod job;
 mod local;
@@ -29,8 +30,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         other => other,
     };
     let server = config::resolve_server(cli.server.as_deref(), &config)?;
+    let creds = crate::auth::Credentials::resolve(
+        cli.client_id.as_deref(),
+        cli.secret_key.as_deref(),
+        &config,
+    );
+    let session = crate::auth::Session::new(creds, &server);
     let ctx = Ctx {
-        client: Client::new(server, cli.debug)?,
+        client: Client::new(server, cli.debug, session)?,
         config,
     };
     match command {
@@ -50,6 +57,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::AgentStatus(args) => agents::status(&ctx, &args).await,
         Command::Reserve(args) => reserve::run(&ctx, &args).await,
         Command::Jobs(args) => local::jobs(&ctx, &args).await,
+        Command::Login => admin::login(&ctx).await,
+        Command::Secret(args) => admin::secret(&ctx, args).await,
+        Command::Admin(args) => admin::admin(&ctx, args).await,
         Command::Config(_) | Command::Completions(_) => Ok(ExitCode::SUCCESS),
     }
 }

@@ -101,6 +101,11 @@ pub struct TestEnv {
 impl TestEnv {
     /// Starts a server on a free port and waits (bounded) until it answers.
     pub fn start() -> TestEnv {
+        TestEnv::start_with_env(&[])
+    }
+
+    /// Like [`TestEnv::start`], with extra server environment (e.g. `JWT_SIGNING_KEY`).
+    pub fn start_with_env(extra: &[(&str, &str)]) -> TestEnv {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -121,6 +126,7 @@ impl TestEnv {
             .env("TESTFLINGER_BIND", format!("127.0.0.1:{port}"))
             .env("TESTFLINGER_REDIS_PREFIX", &prefix)
             .env_remove("TESTFLINGER_CONFIG")
+            .envs(extra.iter().copied())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -209,6 +215,8 @@ impl TestEnv {
             .env("XDG_CONFIG_HOME", self.xdg())
             .env("HOME", self.dir.path())
             .env_remove("TESTFLINGER_SERVER")
+            .env_remove("TESTFLINGER_CLIENT_ID")
+            .env_remove("TESTFLINGER_SECRET_KEY")
             .env_remove("TESTFLINGER_ERROR_THRESHOLD")
             .env_remove("RUST_BACKTRACE");
         cmd
