@@ -23,7 +23,7 @@ use testflinger_common::Job;
 
 /// Default lifetime of an access token, seconds (upstream: 10 minutes).
 pub const ACCESS_TTL: u64 = 600;
-/// Lifetime of a refresh token, seconds (upstream: 6 days).
+/// Lifetime of an unused refresh token, seconds (upstream: 6 days); each use renews it.
 pub const REFRESH_TTL: u64 = 6 * 24 * 3600;
 /// Reservations up to this many seconds need no permission (upstream: 6 hours).
 pub const FREE_RESERVATION: u64 = 6 * 3600;

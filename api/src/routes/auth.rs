@@ -112,6 +112,10 @@ async fn refresh(app: web::Data<AppState>, body: web::Bytes) -> ApiResult<HttpRe
         .ok_or_else(invalid)?;
     // Permissions are read afresh: changes apply at the next refresh.
     let rec = app.store.client(&id).await?.ok_or_else(invalid)?;
+    // A refresh token in use stays valid: it expires after REFRESH_TTL unused.
+    app.store
+        .put_refresh(&auth::token_digest(&t), &id, auth::REFRESH_TTL)
+        .await?;
     let access = app.auth.issue(rec.permissions)?;
     Ok(HttpResponse::Ok().json(json!({
         "access_token": access,
