@@ -17,17 +17,29 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .route("/v1/oauth2/refresh", web::post().to(refresh))
         .route("/v1/oauth2/revoke", web::post().to(revoke))
         .route("/v1/client-permissions", web::get().to(list_clients))
-        .route("/v1/client-permissions/{id}", web::get().to(get_client))
-        .route("/v1/client-permissions/{id}", web::put().to(put_client))
         .route(
-            "/v1/client-permissions/{id}",
+            "/v1/client-permissions/{client_id}",
+            web::get().to(get_client),
+        )
+        .route(
+            "/v1/client-permissions/{client_id}",
+            web::put().to(put_client),
+        )
+        .route(
+            "/v1/client-permissions/{client_id}",
             web::delete().to(delete_client),
         )
         .route("/v1/restricted-queues", web::get().to(list_restricted))
-        .route("/v1/restricted-queues/{q}", web::get().to(get_restricted))
-        .route("/v1/restricted-queues/{q}", web::post().to(post_restricted))
         .route(
-            "/v1/restricted-queues/{q}",
+            "/v1/restricted-queues/{queue}",
+            web::get().to(get_restricted),
+        )
+        .route(
+            "/v1/restricted-queues/{queue}",
+            web::post().to(post_restricted),
+        )
+        .route(
+            "/v1/restricted-queues/{queue}",
             web::delete().to(delete_restricted),
         );
 }

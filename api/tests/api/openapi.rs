@@ -52,6 +52,18 @@ const SERVED: &[(&str, &str)] = &[
     // secrets.rs
     ("PUT", "/v1/secrets/{client_id}/{path:.*}"),
     ("DELETE", "/v1/secrets/{client_id}/{path:.*}"),
+    // auth.rs
+    ("POST", "/v1/oauth2/token"),
+    ("POST", "/v1/oauth2/refresh"),
+    ("POST", "/v1/oauth2/revoke"),
+    ("GET", "/v1/client-permissions"),
+    ("GET", "/v1/client-permissions/{client_id}"),
+    ("PUT", "/v1/client-permissions/{client_id}"),
+    ("DELETE", "/v1/client-permissions/{client_id}"),
+    ("GET", "/v1/restricted-queues"),
+    ("GET", "/v1/restricted-queues/{queue}"),
+    ("POST", "/v1/restricted-queues/{queue}"),
+    ("DELETE", "/v1/restricted-queues/{queue}"),
     // docs.rs
     ("GET", "/openapi.json"),
     ("GET", "/v1/openapi.json"),
