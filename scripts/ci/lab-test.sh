@@ -167,3 +167,12 @@ if curl -fsS --max-time 2 "$URL/healthz" >/dev/null 2>&1; then
 else
     ok "port $LAB_PORT is free again"
 fi
+# Nor the RabbitMQ users the lab made (when it could run rabbitmqctl).
+if command -v rabbitmqctl >/dev/null 2>&1 && users=$(rabbitmqctl -q list_users </dev/null 2>/dev/null); then
+    leftover=$(awk '{print $1}' <<<"$users" | grep "^$LAB_VHOST-" | tr '\n' ' ' || true)
+    if [ -n "$leftover" ]; then
+        not_ok "RabbitMQ users of the lab are left: $leftover"
+    else
+        ok "the lab's RabbitMQ users are gone"
+    fi
+fi
