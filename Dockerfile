@@ -42,7 +42,8 @@ ARG UID=10001
 RUN groupadd --system --gid ${UID} testflinger \
  && useradd --system --uid ${UID} --gid testflinger \
         --home-dir /var/lib/testflinger --shell /usr/sbin/nologin testflinger \
- && mkdir -p /var/lib/testflinger/data /var/lib/testflinger/agent /etc/testflinger \
+ && mkdir -p /var/lib/testflinger/data /var/lib/testflinger/agent /var/lib/testflinger/tokens \
+        /etc/testflinger \
  && chown -R testflinger:testflinger /var/lib/testflinger
 
 COPY --from=builder /out/ /usr/local/bin/

@@ -207,3 +207,58 @@ async fn each_role_gets_only_what_it_needs() {
     assert!(is_access_refused(&e), "{e}");
     let (_reply_to, _replies) = s.reply_queue().await.expect("a private reply queue");
 }
+
+/// `deploy/rabbitmq/users.sh` (used by docker-compose) grants exactly the permissions of
+/// `testflinger_broker::permissions`.
+#[test]
+fn the_deployment_script_grants_the_same_permissions() {
+    let mut sb = Sandbox::new();
+    let api = format!("{}-api", sb.vhost);
+    let submit = format!("{}-submit", sb.vhost);
+    let agent_id = format!("{}-a", sb.vhost);
+    let agent_user = format!("agent-{agent_id}");
+    sb.users
+        .extend([api.clone(), submit.clone(), agent_user.clone()]);
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/rabbitmq/users.sh");
+    let out = Command::new("bash")
+        .arg(script)
+        .env("RABBITMQ_VHOST", &sb.vhost)
+        .env("RABBITMQ_NODE", "")
+        .env("API_USER", &api)
+        .env("API_PASSWORD", "api-password")
+        .env("SUBMIT_USER", &submit)
+        .env("SUBMIT_PASSWORD", "submit-password")
+        .env("AGENTS", format!("{agent_id}:lab.a,lab-b"))
+        .env("AGENT_PASSWORD", "agent-password")
+        .output()
+        .expect("run users.sh");
+    assert!(
+        out.status.success(),
+        "users.sh: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let granted = |user: &str| -> Permissions {
+        let out = Command::new("rabbitmqctl")
+            .args(["-q", "list_user_permissions", user])
+            .output()
+            .expect("rabbitmqctl");
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(&format!("{}\t", sb.vhost)))
+            .unwrap_or_else(|| panic!("no permissions of {user}: {text}"));
+        let f: Vec<&str> = line.split('\t').collect();
+        Permissions {
+            configure: f[1].to_string(),
+            write: f[2].to_string(),
+            read: f[3].to_string(),
+        }
+    };
+    assert_eq!(granted(&api), permissions::api());
+    assert_eq!(granted(&submit), permissions::submitter());
+    assert_eq!(
+        granted(&agent_user),
+        permissions::agent(&agent_id, &["lab.a".to_string(), "lab-b".to_string()])
+    );
+}

@@ -175,6 +175,13 @@ VARIANTS = {
             {"name": "off-1", "queues": ["demo"], "enabled": False},
         ],
     },
+    "authentication on, agents with token files and own broker users": {
+        "auth": {"enabled": True, "existingSecret": "tf-auth"},
+        "agents": [
+            {"name": "lp-1", "queues": ["demo"], "tokenSecret": "lp-1-token",
+             "amqpSecret": "lp-1-amqp"},
+        ],
+    },
     "existing claim, no service account": {
         "api": {"persistence": {"existingClaim": "tf-artifacts"}},
         "serviceAccount": {"create": False},
@@ -227,7 +234,13 @@ def render_checks(renderer):
         check(not problems, f"rendered manifests parse as YAML ({label})", "; ".join(problems))
         want = {"Deployment", "Service", "ConfigMap"}
         check(want <= set(kinds), f"rendered kinds include {sorted(want)} ({label})", str(sorted(set(kinds))))
+        if label.startswith("authentication on"):
+            flat = "\n".join(manifests.values())
+            for needle in ("JWT_SIGNING_KEY", "tf-auth", "--token-file", "lp-1-token", "lp-1-amqp"):
+                check(needle in flat, f"{needle} rendered ({label})")
         if label == "default values":
+            check("Secret" in kinds and "JWT_SIGNING_KEY" in "\n".join(manifests.values()),
+                  "default values: authentication on with a generated Secret")
             check(kinds.count("Deployment") == 3, "default values: one API and two agent Deployments",
                   f"{kinds.count('Deployment')} Deployments")
         else:

@@ -59,3 +59,10 @@ app.kubernetes.io/instance: {{ .Release.Name }}
       name: {{ .Values.amqp.existingSecret }}
       key: {{ .Values.amqp.secretKey }}
 {{- end }}
+
+{{/*
+The Secret holding jwt-signing-key and admin-secret: the named one, else the generated one.
+*/}}
+{{- define "testflinger.authSecret" -}}
+{{- default (printf "%s-auth" (include "testflinger.fullname" .)) .Values.auth.existingSecret -}}
+{{- end }}
