@@ -96,6 +96,8 @@ pub struct TestEnv {
     children: Mutex<Vec<Child>>,
     queues: Mutex<Vec<String>>,
     broker: testflinger_broker::Broker,
+    /// Fencing tokens of the jobs this test holds as their agent.
+    tokens: Mutex<std::collections::HashMap<String, String>>,
 }
 
 impl TestEnv {
@@ -144,6 +146,7 @@ impl TestEnv {
             children: Mutex::new(Vec::new()),
             queues: Mutex::new(Vec::new()),
             broker,
+            tokens: Mutex::new(std::collections::HashMap::new()),
         };
         env.wait_ready();
         env
@@ -336,6 +339,9 @@ impl TestEnv {
     /// returns the fencing token its writes carry: the server accepts writes about a
     /// job from its holder only.
     pub fn hold(&self, job_id: &str) -> String {
+        if let Some(t) = self.tokens.lock().expect("lock").get(job_id) {
+            return t.clone();
+        }
         let (status, body) = self.post_json(
             &format!("/v1/job/{job_id}/claim"),
             &json!({"agent_id": "cli-test-agent"}),
@@ -343,7 +349,12 @@ impl TestEnv {
         assert_eq!(status, 200, "claim: {body}");
         let v: Value = serde_json::from_str(&body).expect("claim json");
         assert_eq!(v["outcome"], "granted", "claim: {body}");
-        v["token"].as_u64().expect("token").to_string()
+        let token = v["token"].as_u64().expect("token").to_string();
+        self.tokens
+            .lock()
+            .expect("lock")
+            .insert(job_id.to_string(), token.clone());
+        token
     }
 
     /// POSTs JSON as the holder of `job_id`.
