@@ -429,7 +429,7 @@ async fn legacy_next_job(app: web::Data<AppState>, req: HttpRequest) -> ApiResul
             let lease_ms = legacy_lease_ms(&app, &id).await?;
             let mut claim = app.store.claim(&id, &agent, lease_ms, true).await?;
             if let Some(job) = claim.job.as_mut() {
-                super::secrets::resolve(&app, job).await?;
+                super::secrets::resolve(&app, job, &format!("{id}:{}", claim.attempt)).await?;
             }
             if let Ok(v) = serde_json::to_value(claim.outcome)
                 && let Some(o) = v.as_str()

@@ -124,24 +124,19 @@ async fn delete_secret(
 
 /// Replaces the secret paths of a claimed job by their values (single-use secrets are
 /// consumed). Unknown paths become empty strings.
-pub async fn resolve(app: &AppState, job: &mut Value) -> ApiResult<()> {
+pub async fn resolve(app: &AppState, job: &mut Value, claim: &str) -> ApiResult<()> {
     let Some(secrets) = job
         .pointer_mut("/test_data/secrets")
         .and_then(Value::as_object_mut)
     else {
         return Ok(());
     };
-    let mut c = app.store.con();
     for (_, v) in secrets.iter_mut() {
         let path = v.as_str().unwrap_or_default().to_string();
-        let key = app.store.keys.secret(ANONYMOUS, &path);
-        let raw: Option<String> = redis::cmd("GET").arg(&key).query_async(&mut c).await?;
+        let raw = app.store.take_secret(ANONYMOUS, &path, claim).await?;
         let rec: Value = raw
             .and_then(|r| serde_json::from_str(&r).ok())
             .unwrap_or(Value::Null);
-        if rec["ephemeral"] == true {
-            let _: i64 = redis::cmd("DEL").arg(&key).query_async(&mut c).await?;
-        }
         *v = Value::String(rec["value"].as_str().unwrap_or_default().to_string());
     }
     Ok(())

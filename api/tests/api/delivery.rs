@@ -568,3 +568,28 @@ async fn resubmitting_a_known_job_id() {
     );
     app.cleanup().await;
 }
+
+/// Quorum job queues (`TESTFLINGER_QUEUE_TYPE=quorum`, for clustered RabbitMQ): the API
+/// declares, publishes to and hands out jobs from them.
+#[tokio::test(flavor = "multi_thread")]
+async fn quorum_job_queues_take_and_hand_out_jobs() {
+    let app = TestApp::spawn_with(|s| s.queue_type = "quorum".into()).await;
+    let q = app.queue("quorum");
+    let low = app.submit(json!({"job_queue": q})).await;
+    let high = app.submit(json!({"job_queue": q, "job_priority": 8})).await;
+    assert_eq!(app.broker().message_count(&q).await.expect("count"), 2);
+    let pulled = app
+        .http
+        .get(app.url(&format!("/v1/job?queue={q}")))
+        .header("Cookie", "agent_name=quorum-legacy")
+        .send()
+        .await
+        .expect("pull");
+    assert_eq!(pulled.status(), 200);
+    let job: Value = pulled.json().await.expect("json");
+    assert!(
+        job["job_id"] == json!(high) || job["job_id"] == json!(low),
+        "{job}"
+    );
+    app.cleanup().await;
+}

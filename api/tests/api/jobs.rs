@@ -366,6 +366,9 @@ async fn secrets_are_resolved_only_for_the_claiming_agent() {
         claimed["job"]["test_data"]["secrets"],
         json!({"TOKEN": "s3cr3t-value", "ONCE": "one-time", "MISSING": ""})
     );
+    // The same claim retried (its first answer lost) gets the single-use value again.
+    let retried = app.claim(&a, "agent-s").await;
+    assert_eq!(retried["job"]["test_data"]["secrets"]["ONCE"], "one-time");
     // Single-use: gone for the next job.
     let claimed = app.claim(&b, "agent-s").await;
     assert_eq!(claimed["job"]["test_data"]["secrets"]["ONCE"], "");
