@@ -26,14 +26,24 @@ pub struct Cli {
     pub command: Command,
 }
 
+/// The exit statuses of `poll`, `poll-serial` and `submit --poll`.
+pub const POLL_EXIT_CODES: &str = "Exit status: 0 the job completed and every phase exited 0; \
+1 the CLI failed (one `error:` line); 2 bad command line; 3 the job was cancelled; \
+4 a phase exited non-zero (a failed test, provision or reservation; 241 and 247 mean the \
+phase was killed by SIGTERM or SIGKILL: a timeout, a cancel or the agent stopping it); \
+5 the server ended the job without a result (its agent was lost too often); \
+130 interrupted.";
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Submit a job (YAML or JSON; `-` reads stdin).
+    #[command(after_help = POLL_EXIT_CODES)]
     Submit(SubmitArgs),
     /// Follow a job's output until it completes or is cancelled.
+    #[command(after_help = POLL_EXIT_CODES)]
     Poll(PollArgs),
     /// Follow a job's serial output until it completes or is cancelled.
-    #[command(name = "poll-serial")]
+    #[command(name = "poll-serial", after_help = POLL_EXIT_CODES)]
     PollSerial(PollArgs),
     /// Print a job's state.
     Status(JobArg),

@@ -251,7 +251,7 @@ impl Follower<'_> {
                     Ok(Some(Event::End)) => {
                         self.status.clear();
                         self.catch_up().await?;
-                        return Ok(ExitCode::SUCCESS);
+                        return self.outcome().await;
                     }
                     Ok(Some(Event::Other)) => {}
                     // Closed or broken: reopened from the next fragment on a later tick.
@@ -287,7 +287,7 @@ impl Follower<'_> {
                         self.poll_fragments().await?;
                         if check.done {
                             self.status.clear();
-                            return Ok(ExitCode::SUCCESS);
+                            return self.outcome().await;
                         }
                         if self.stream_supported == Some(true) {
                             sse = self.open_stream().await?;
@@ -297,7 +297,7 @@ impl Follower<'_> {
                         if self.phase.is_some() || since.elapsed() >= END_GRACE {
                             self.status.clear();
                             self.catch_up().await?;
-                            return Ok(ExitCode::SUCCESS);
+                            return self.outcome().await;
                         }
                     }
                 }
@@ -528,6 +528,18 @@ impl Follower<'_> {
         median
     }
 
+    /// How the job ended, on stderr, and the exit status that says it (see
+    /// [`JobOutcome`]): each phase's exit code as upstream prints it, what a
+    /// signal-style code means, the reason a job ended without finishing.
+    async fn outcome(&mut self) -> anyhow::Result<ExitCode> {
+        let results = job::fetch_results(self.ctx, &self.job_id).await?;
+        let outcome = JobOutcome::of(&results, self.phase);
+        for line in outcome.lines() {
+            eprintln!("{line}");
+        }
+        Ok(ExitCode::from(outcome.exit_code()))
+    }
+
     /// Ctrl-C: offer to cancel the job, then stop.
     async fn interrupted(&mut self) -> anyhow::Result<ExitCode> {
         self.status.clear();
@@ -549,6 +561,114 @@ impl Follower<'_> {
     }
 }
 
+/// How a followed job ended, and the CLI's exit status for it (`poll`, `submit --poll`):
+///
+/// | exit | meaning |
+/// |---|---|
+/// | 0 | the job completed and every phase that ran exited 0 |
+/// | 1 | the CLI failed (server unreachable, bad input): one `error:` line |
+/// | 2 | bad command line (clap) |
+/// | 3 | the job was cancelled |
+/// | 4 | a phase exited non-zero (a failed test, provision or reservation, a timeout) |
+/// | 5 | the server ended the job without a result (e.g. its agent was lost too often) |
+/// | 130 | interrupted (Ctrl-C) |
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobOutcome {
+    pub state: String,
+    /// `(phase, exit code)` in phase order.
+    pub phases: Vec<(Phase, i64)>,
+    pub reason: Option<String>,
+    /// Only this phase counts (`--phase`).
+    pub only: Option<Phase>,
+}
+
+impl JobOutcome {
+    pub fn of(results: &Value, only: Option<Phase>) -> JobOutcome {
+        JobOutcome {
+            state: results
+                .get("job_state")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_string(),
+            phases: Phase::ALL
+                .iter()
+                .filter(|p| only.is_none_or(|o| o == **p))
+                .filter_map(|p| {
+                    let code = results.get(format!("{p}_status"))?.as_i64()?;
+                    Some((*p, code))
+                })
+                .collect(),
+            reason: results
+                .get("job_reason")
+                .and_then(Value::as_str)
+                .filter(|r| !r.is_empty())
+                .map(str::to_string),
+            only,
+        }
+    }
+
+    pub fn exit_code(&self) -> u8 {
+        if self.only.is_none() && self.state == "cancelled" {
+            3
+        } else if self.phases.iter().any(|(_, c)| *c != 0) {
+            4
+        } else if self.only.is_none() && self.phases.is_empty() && self.reason.is_some() {
+            5
+        } else {
+            0
+        }
+    }
+
+    /// What to print: one line per phase, an explanation of signal-style codes, the
+    /// reason, and the state when it is not a plain completion.
+    pub fn lines(&self) -> Vec<String> {
+        let mut out: Vec<String> = self
+            .phases
+            .iter()
+            .map(|(p, c)| {
+                let mut line = format!("Phase '{p}' completed with exit code: {c}");
+                if let Some(why) = explain_code(*c) {
+                    line.push_str(&format!(" ({why})"));
+                }
+                line
+            })
+            .collect();
+        if self.only.is_none() && self.state == "cancelled" {
+            out.push("Job cancelled".to_string());
+        }
+        if let Some(r) = &self.reason {
+            out.push(format!("Job ended: {r}"));
+        }
+        out
+    }
+}
+
+/// What a phase exit code means beyond "the command failed": 46 (device recovery
+/// failed) and codes of a death by signal (upstream reports -N modulo 256, so SIGTERM ->
+/// 241 and SIGKILL -> 247: the agent stopped the phase for a timeout or a cancel).
+pub fn explain_code(code: i64) -> Option<String> {
+    let signal = |n: i64| match n {
+        1 => "SIGHUP",
+        2 => "SIGINT",
+        6 => "SIGABRT",
+        9 => "SIGKILL",
+        15 => "SIGTERM",
+        _ => "a signal",
+    };
+    match code {
+        46 => Some(
+            "device recovery failed: the agent is offline until an operator brings it back".into(),
+        ),
+        100 => Some("the agent could not run the phase command".into()),
+        c @ 193..=255 => Some(format!(
+            "killed by {} ({}): a timeout, a cancel or the agent stopping it",
+            signal(256 - c),
+            256 - c
+        )),
+        _ => None,
+    }
+}
+
 /// `95` -> `1m 35s`.
 fn human_duration(secs: f64) -> String {
     let total = secs.max(0.0).round() as u64;
@@ -563,6 +683,43 @@ fn human_duration(secs: f64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn outcomes_and_exit_codes() {
+        use serde_json::json;
+        let ok = JobOutcome::of(
+            &json!({"job_state": "complete", "setup_status": 0, "test_status": 0}),
+            None,
+        );
+        assert_eq!(ok.exit_code(), 0);
+        assert_eq!(ok.lines()[1], "Phase 'test' completed with exit code: 0");
+        let failed = JobOutcome::of(&json!({"job_state": "complete", "test_status": 7}), None);
+        assert_eq!(failed.exit_code(), 4);
+        let timed_out = JobOutcome::of(&json!({"job_state": "complete", "test_status": 241}), None);
+        assert_eq!(timed_out.exit_code(), 4);
+        assert!(
+            timed_out.lines()[0].contains("SIGTERM (15)"),
+            "{:?}",
+            timed_out.lines()
+        );
+        assert!(explain_code(247).is_some_and(|e| e.contains("SIGKILL")));
+        let reserve = JobOutcome::of(&json!({"job_state": "complete", "reserve_status": 1}), None);
+        assert_eq!(reserve.exit_code(), 4);
+        let cancelled = JobOutcome::of(&json!({"job_state": "cancelled", "setup_status": 0}), None);
+        assert_eq!(cancelled.exit_code(), 3);
+        assert!(cancelled.lines().contains(&"Job cancelled".to_string()));
+        let lost = JobOutcome::of(
+            &json!({"job_state": "complete", "job_reason": "agent lost; giving up after 3 attempts"}),
+            None,
+        );
+        assert_eq!(lost.exit_code(), 5);
+        // --phase: only that phase counts.
+        let phase = JobOutcome::of(
+            &json!({"job_state": "test", "setup_status": 0, "provision_status": 2}),
+            Some(Phase::Setup),
+        );
+        assert_eq!(phase.exit_code(), 0);
+    }
 
     #[test]
     fn durations() {
