@@ -163,6 +163,9 @@ pub struct QueueStatusArgs {
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
+    /// Also list the queue's agents and its waiting jobs in order.
+    #[arg(short = 'v', long)]
+    pub verbose: bool,
 }
 
 #[derive(Debug, Args)]

@@ -439,6 +439,10 @@ async fn legacy_next_job(app: web::Data<AppState>, req: HttpRequest) -> ApiResul
             match claim.outcome {
                 ClaimOutcome::Granted => {
                     msg.ack().await?;
+                    // As for a push claim: the agent's record names the job it runs.
+                    app.store
+                        .update_agent_if_known(&agent, &[("job_id", &id)])
+                        .await?;
                     if let Some(queue_name) = claim
                         .job
                         .as_ref()

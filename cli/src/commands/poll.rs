@@ -7,6 +7,7 @@
 //! instead. While the job waits, a status line shows its place in the queue and an
 //! estimate from the queue's wait-time statistics.
 
+use super::queues::AgentCounts;
 use super::{Ctx, job, sorted_json};
 use crate::args::PollArgs;
 use crate::client::seg;
@@ -483,19 +484,33 @@ impl Follower<'_> {
             return;
         };
         let median = self.median_wait().await;
+        let agents = self.queue_agents().await;
         let queue = self.queue.as_deref().unwrap_or("?");
-        let estimate = match median {
-            Some(m) => format!(
-                "estimated start in ~{}",
-                human_duration(m * (ahead as f64 + 1.0))
-            ),
-            None => "no wait-time data for an estimate yet".to_string(),
-        };
         self.status.set(&format!(
-            "Waiting in queue '{queue}': position {} ({ahead} job{} ahead), {estimate}",
+            "Waiting in queue '{queue}': position {} ({ahead} job{} ahead), {}",
             ahead + 1,
-            if ahead == 1 { "" } else { "s" }
+            if ahead == 1 { "" } else { "s" },
+            start_estimate(ahead, agents, median)
         ));
+    }
+
+    /// How the agents serving the job's queue stand now (`None` when unknown).
+    async fn queue_agents(&mut self) -> Option<AgentCounts> {
+        let queue = self.queue.clone()?;
+        let reply = self
+            .ctx
+            .client
+            .get(&format!("/v1/queues/{}/agents", seg(&queue)))
+            .await
+            .ok()?;
+        if reply.status == StatusCode::NOT_FOUND || reply.status == StatusCode::NO_CONTENT {
+            return Some(AgentCounts::default());
+        }
+        if !reply.ok() {
+            return None;
+        }
+        let agents = reply.json().ok()?;
+        Some(AgentCounts::of(agents.as_array()?))
     }
 
     /// The queue's median wait in seconds, from `GET /v1/queues/wait_times`.
@@ -559,6 +574,40 @@ impl Follower<'_> {
         }
         Ok(ExitCode::from(130))
     }
+}
+
+/// The start estimate of a waiting job with `ahead` jobs before it. It promises only
+/// what the agents can keep: "starting shortly" when an idle agent is there for it;
+/// otherwise it says why it waits and gives no time (job lengths are not known ahead),
+/// only the queue's recent median wait as history.
+pub fn start_estimate(ahead: u64, agents: Option<AgentCounts>, median: Option<f64>) -> String {
+    let history = match median {
+        Some(m) => format!("recent jobs waited ~{} (median)", human_duration(m)),
+        None => "no wait-time data yet".to_string(),
+    };
+    let Some(a) = agents else {
+        return format!("agents unknown; {history}");
+    };
+    let plural = |n: usize| if n == 1 { "" } else { "s" };
+    if a.idle + a.busy == 0 {
+        return if a.unavailable == 0 {
+            "no agent serves this queue: it will wait until one registers".to_string()
+        } else {
+            format!(
+                "no agent is available to run it ({} offline or in maintenance)",
+                a.unavailable
+            )
+        };
+    }
+    if (a.idle as u64) > ahead {
+        return format!("starting shortly ({} idle agent{})", a.idle, plural(a.idle));
+    }
+    format!(
+        "no estimate: {} of {} agent{} busy; {history}",
+        a.busy,
+        a.idle + a.busy,
+        plural(a.idle + a.busy)
+    )
 }
 
 /// How a followed job ended, and the CLI's exit status for it (`poll`, `submit --poll`):
@@ -719,6 +768,36 @@ mod tests {
             Some(Phase::Setup),
         );
         assert_eq!(phase.exit_code(), 0);
+    }
+
+    #[test]
+    fn estimates_promise_only_what_agents_can_keep() {
+        let busy = AgentCounts {
+            idle: 0,
+            busy: 1,
+            unavailable: 0,
+        };
+        // The reported case: the only agent busy, position 1, past waits of 0 s.
+        let e = start_estimate(0, Some(busy), Some(0.0));
+        assert!(e.starts_with("no estimate: 1 of 1 agent busy"), "{e}");
+        assert!(!e.contains("estimated start"), "{e}");
+        let idle = AgentCounts {
+            idle: 1,
+            busy: 0,
+            unavailable: 1,
+        };
+        assert_eq!(
+            start_estimate(0, Some(idle), None),
+            "starting shortly (1 idle agent)"
+        );
+        assert!(start_estimate(1, Some(idle), None).starts_with("no estimate"));
+        let stopped = AgentCounts {
+            idle: 0,
+            busy: 0,
+            unavailable: 2,
+        };
+        assert!(start_estimate(0, Some(stopped), Some(5.0)).contains("no agent is available"));
+        assert!(start_estimate(0, Some(AgentCounts::default()), None).contains("no agent serves"));
     }
 
     #[test]

@@ -84,7 +84,7 @@ fn cancel_stops_a_running_job_and_poll_ends() {
     poll.wait_line(std::time::Duration::from_secs(30), |l| l == "started");
     env.run(&["cancel", &id]).assert_ok();
     let (status, lines, stderr) = poll.finish(std::time::Duration::from_secs(30));
-    assert_eq!(status.code(), Some(0), "{stderr}");
+    assert_eq!(status.code(), Some(3), "cancelled: {stderr}");
     assert!(!lines.iter().any(|l| l == "not reached"), "{lines:?}");
     assert_eq!(env.run(&["status", &id]).stdout, "cancelled\n");
 }
