@@ -3,14 +3,14 @@
 // GET /v1/result/<id>/log/<type>/stream (Server-Sent Events) from the fragment after the
 // last one rendered, and EventSource resumes with Last-Event-ID after a dropped
 // connection. The job's state is polled from /jobs/<id>/summary.json and shown without a
-// reload; both stop once the job is complete or cancelled.
+// reload (with the facts and phases table re-read from the page when it changes); both
+// stop once the job is complete or cancelled.
 (function () {
   "use strict";
   var root = document.querySelector("[data-live-job]");
   if (!root) return;
   var id = root.getAttribute("data-live-job");
   var stateEl = document.getElementById("job-state");
-  var attemptEl = document.getElementById("job-attempt");
   var terminal = root.getAttribute("data-terminal") === "true";
   var TERMINAL = { complete: true, completed: true, cancelled: true };
 
@@ -34,6 +34,23 @@
     });
   }
 
+  // The facts and the phases table as the server renders them now (one fetch of this
+  // page; the logs are left alone).
+  function refreshParts() {
+    fetch(window.location.pathname, { cache: "no-store" })
+      .then(function (r) { return r.ok ? r.text() : null; })
+      .then(function (html) {
+        if (!html) return;
+        var doc = new DOMParser().parseFromString(html, "text/html");
+        ["job-facts", "job-phases"].forEach(function (id) {
+          var mine = document.getElementById(id);
+          var fresh = doc.getElementById(id);
+          if (mine && fresh) mine.innerHTML = fresh.innerHTML;
+        });
+      })
+      .catch(function () { /* keep what is shown */ });
+  }
+
   function setState(s) {
     if (!stateEl || !s || stateEl.textContent === s) return;
     stateEl.textContent = s;
@@ -43,6 +60,7 @@
       root.setAttribute("data-terminal", "true");
       if (form) form.remove();
     }
+    refreshParts();
   }
 
   var sections = document.querySelectorAll(".log-section");
@@ -128,7 +146,6 @@
       .then(function (s) {
         if (s) {
           setState(s.job_state);
-          if (attemptEl) attemptEl.textContent = String(s.attempt);
         }
       })
       .catch(function () { /* try again at the next tick */ })
