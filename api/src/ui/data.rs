@@ -5,9 +5,10 @@
 
 use crate::error::ApiResult;
 use crate::state::AppState;
-use redis::AsyncCommands;
+use redis::{AsyncCommands, Script};
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::LazyLock;
 use testflinger_common::JobState;
 
 /// The job fields a table row shows, in [`JobRow::from_fields`] order.
@@ -184,18 +185,6 @@ pub struct JobFilter {
     pub states: Vec<String>,
 }
 
-impl JobFilter {
-    fn state_matches(&self, state: &str) -> bool {
-        self.states.is_empty()
-            || self.states.iter().any(|s| match s.as_str() {
-                "active" => !is_terminal(state),
-                "complete" | "completed" => state == "complete" || state == "completed",
-                "running" => !is_terminal(state) && state != "waiting",
-                other => other == state,
-            })
-    }
-}
-
 /// A page of a job list.
 #[derive(Debug, Clone, Default)]
 pub struct JobPage {
@@ -210,12 +199,73 @@ pub struct JobPage {
     pub total: usize,
 }
 
-/// Most index entries one page request reads when a state filter skips rows.
+/// Most index entries one page request looks at when a state filter skips rows.
 pub const SCAN_BOUND: usize = 2000;
-const CHUNK: usize = 200;
+
+/// One page of a job index, filtered by state inside Redis (read-only; one round trip).
+/// The index is `KEYS[1]` (newest = highest score), intersected with the tag sets
+/// `KEYS[2..]` when there are any. Returns `{total, scanned, next, capped, ids...}`
+/// (`next` = -1 when there is no next page). A record that is gone is skipped.
+static PAGE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+-- KEYS: index tagset... ; ARGV: job_key_prefix from limit bound state...
+local from, limit, bound = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local want, any = {}, #ARGV < 5
+for i = 5, #ARGV do want[ARGV[i]] = true end
+local function matches(st)
+  if not st then return false end
+  if any then return true end
+  local done = st == 'complete' or st == 'completed'
+  local ended = done or st == 'cancelled'
+  if want[st] then return true end
+  if done and (want['complete'] or want['completed']) then return true end
+  if want['active'] and not ended then return true end
+  if want['running'] and not ended and st ~= 'waiting' then return true end
+  return false
+end
+local asc, total = nil, 0
+if #KEYS > 1 then
+  local args = {#KEYS}
+  for i = 1, #KEYS do args[#args + 1] = KEYS[i] end
+  args[#args + 1] = 'WEIGHTS'
+  args[#args + 1] = 1
+  for i = 2, #KEYS do args[#args + 1] = 0 end
+  asc = redis.call('ZINTER', unpack(args))
+  total = #asc
+else
+  total = redis.call('ZCARD', KEYS[1])
+end
+local function slice(s, n)
+  if asc then
+    local out = {}
+    for i = s, math.min(s + n, total) - 1 do out[#out + 1] = asc[total - i] end
+    return out
+  end
+  return redis.call('ZREVRANGE', KEYS[1], s, s + n - 1)
+end
+local found, pos, scanned = {}, from, 0
+while pos < total and scanned < bound do
+  local ids = slice(pos, 500)
+  if #ids == 0 then break end
+  for _, id in ipairs(ids) do
+    if scanned >= bound then break end
+    if matches(redis.call('HGET', ARGV[1] .. id, 'state')) then
+      if #found == limit then return {total, scanned, pos, 0, unpack(found)} end
+      found[#found + 1] = id
+    end
+    pos = pos + 1
+    scanned = scanned + 1
+  end
+end
+if pos < total then return {total, scanned, pos, 1, unpack(found)} end
+return {total, scanned, -1, 0, unpack(found)}
+"#,
+    )
+});
 
 /// A page of `limit` jobs matching `f`, newest first, starting at index position `from`.
-/// Reads the index in chunks and stops after [`SCAN_BOUND`] entries (then `capped`).
+/// Looks at most [`SCAN_BOUND`] index entries (then `capped`, with `next` to go on).
 pub async fn job_page(
     app: &AppState,
     f: &JobFilter,
@@ -223,84 +273,39 @@ pub async fn job_page(
     limit: usize,
 ) -> ApiResult<JobPage> {
     let k = &app.store.keys;
-    let mut c = app.store.con();
-    // Tags: the intersection of the tag sets with the creation index, in memory (a tag
-    // names a bounded set of jobs).
-    let tagged: Option<Vec<String>> = if f.tags.is_empty() {
-        None
-    } else {
-        let mut cmd = redis::cmd("ZINTER");
-        let n = 1 + f.tags.len() + usize::from(f.queue.is_some());
-        cmd.arg(n).arg(k.jobs());
-        for t in &f.tags {
-            cmd.arg(k.tag(t));
-        }
-        if let Some(q) = &f.queue {
-            cmd.arg(k.qjobs(q));
-        }
-        cmd.arg("WEIGHTS").arg(1);
-        for _ in 1..n {
-            cmd.arg(0);
-        }
-        let mut ids: Vec<String> = cmd.query_async(&mut c).await?;
-        ids.reverse();
-        Some(ids)
-    };
-    let index = match &f.queue {
+    let mut inv = PAGE.key(match &f.queue {
         Some(q) => k.qjobs(q),
         None => k.jobs(),
-    };
-    let total = match &tagged {
-        Some(ids) => ids.len(),
-        None => c.zcard(&index).await?,
-    };
-    let mut page = JobPage {
-        total,
-        ..JobPage::default()
-    };
-    let mut pos = from;
-    let filtering = !f.states.is_empty();
-    while pos < total {
-        let want = if filtering {
-            CHUNK
-        } else {
-            limit + 1 - page.rows.len()
-        };
-        let ids: Vec<String> = match &tagged {
-            Some(all) => all.iter().skip(pos).take(want).cloned().collect(),
-            None => {
-                c.zrevrange(&index, pos as isize, (pos + want) as isize - 1)
-                    .await?
-            }
-        };
-        if ids.is_empty() {
-            break;
-        }
-        let rows = job_rows(app, &ids).await?;
-        let by_id: HashMap<&str, &JobRow> = rows.iter().map(|r| (r.id.as_str(), r)).collect();
-        for id in &ids {
-            pos += 1;
-            page.scanned += 1;
-            if let Some(r) = by_id.get(id.as_str())
-                && f.state_matches(&r.state)
-            {
-                if page.rows.len() == limit {
-                    // One more match exists: the next page starts at it.
-                    page.next = Some(pos - 1);
-                    return Ok(page);
-                }
-                page.rows.push((*r).clone());
-            }
-        }
-        if filtering && page.scanned >= SCAN_BOUND {
-            if pos < total {
-                page.capped = true;
-                page.next = Some(pos);
-            }
-            return Ok(page);
-        }
+    });
+    for t in &f.tags {
+        inv.key(k.tag(t));
     }
-    Ok(page)
+    inv.arg(k.job("")).arg(from).arg(limit).arg(SCAN_BOUND);
+    for s in &f.states {
+        inv.arg(s);
+    }
+    let mut c = app.store.con();
+    let r: Vec<redis::Value> = inv.invoke_async(&mut c).await?;
+    let int = |i: usize| -> i64 {
+        r.get(i)
+            .and_then(|v| redis::from_redis_value(v.clone()).ok())
+            .unwrap_or(0)
+    };
+    let ids: Vec<String> = r
+        .iter()
+        .skip(4)
+        .filter_map(|v| redis::from_redis_value(v.clone()).ok())
+        .collect();
+    let next = int(2);
+    // Only a state filter can end a page early without filling it.
+    let capped = int(3) == 1 && !f.states.is_empty() && ids.len() < limit;
+    Ok(JobPage {
+        rows: job_rows(app, &ids).await?,
+        next: (next >= 0).then_some(next as usize),
+        scanned: int(1) as usize,
+        capped,
+        total: int(0) as usize,
+    })
 }
 
 /// One agent as the UI shows it.
@@ -406,14 +411,18 @@ pub async fn agent_detail(
 ) -> ApiResult<Option<AgentDetail>> {
     let k = &app.store.keys;
     let mut c = app.store.con();
-    let (h, log, prov, ids): (HashMap<String, String>, Vec<String>, Vec<String>, Vec<String>) =
-        redis::pipe()
-            .hgetall(k.agent(name))
-            .lrange(k.agent_log(name), -50, -1)
-            .lrange(k.provision_log(name), -50, -1)
-            .zrevrange(k.agent_jobs(name), 0, jobs as isize - 1)
-            .query_async(&mut c)
-            .await?;
+    let (h, log, prov, ids): (
+        HashMap<String, String>,
+        Vec<String>,
+        Vec<String>,
+        Vec<String>,
+    ) = redis::pipe()
+        .hgetall(k.agent(name))
+        .lrange(k.agent_log(name), -50, -1)
+        .lrange(k.provision_log(name), -50, -1)
+        .zrevrange(k.agent_jobs(name), 0, jobs as isize - 1)
+        .query_async(&mut c)
+        .await?;
     if h.is_empty() {
         return Ok(None);
     }

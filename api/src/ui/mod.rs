@@ -66,9 +66,7 @@ pub enum UiError {
 impl std::fmt::Display for UiError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            UiError::BadRequest(m) | UiError::NotFound(m) | UiError::Forbidden(m) => {
-                f.write_str(m)
-            }
+            UiError::BadRequest(m) | UiError::NotFound(m) | UiError::Forbidden(m) => f.write_str(m),
             UiError::Api(e) => e.fmt(f),
         }
     }
@@ -295,7 +293,11 @@ async fn agents(app: web::Data<AppState>, req: HttpRequest) -> Page {
         .map(str::trim)
         .filter(|l| !l.is_empty())
         .map(str::to_string);
-    let sort = q.sort.as_deref().filter(|s| !s.is_empty()).unwrap_or("name");
+    let sort = q
+        .sort
+        .as_deref()
+        .filter(|s| !s.is_empty())
+        .unwrap_or("name");
     if !AGENT_SORTS.contains(&sort) {
         return Err(UiError::BadRequest(format!(
             "sort: '{sort}' is not accepted; expected one of: {}",
@@ -615,7 +617,9 @@ async fn job_summary(app: web::Data<AppState>, req: HttpRequest, id: web::Path<S
     let id = parse_job_id(&id)?;
     let rows = data::job_rows(&app, std::slice::from_ref(&id)).await?;
     let Some(r) = rows.into_iter().find(|r| viewer.may_see_queue(&r.queue)) else {
-        return Ok(HttpResponse::NotFound().json(json!({"message": format!("No job with id {id}.")})));
+        return Ok(
+            HttpResponse::NotFound().json(json!({"message": format!("No job with id {id}.")}))
+        );
     };
     Ok(HttpResponse::Ok()
         .insert_header((header::CACHE_CONTROL, "no-store"))
@@ -642,9 +646,7 @@ async fn cancel(app: web::Data<AppState>, req: HttpRequest, id: web::Path<String
         return Err(UiError::NotFound(format!("No job with id {id}.")));
     };
     if !viewer.may_cancel(&r.queue, None) {
-        return Err(UiError::Forbidden(format!(
-            "You may not cancel job {id}."
-        )));
+        return Err(UiError::Forbidden(format!("You may not cancel job {id}.")));
     }
     // Already ended: nothing to do; the job page shows how it ended.
     crate::routes::jobs::cancel_job(&app, &id).await?;
@@ -694,7 +696,11 @@ async fn queue(app: web::Data<AppState>, req: HttpRequest, name: web::Path<Strin
     let viewer = Viewer::from_request(&req, &app);
     let name = name.into_inner();
     valid_queue("queue", &name)?;
-    let unknown = || UiError::NotFound(format!("No queue named '{name}' is known: no agent serves it, none advertises it and no job was submitted to it."));
+    let unknown = || {
+        UiError::NotFound(format!(
+            "No queue named '{name}' is known: no agent serves it, none advertises it and no job was submitted to it."
+        ))
+    };
     if !viewer.may_see_queue(&name) {
         return Err(unknown());
     }
@@ -714,7 +720,9 @@ async fn queue(app: web::Data<AppState>, req: HttpRequest, name: web::Path<Strin
         .collect();
     let running = data::running_jobs(&app, &serving).await?;
     let running: Vec<_> = running.into_iter().filter(|r| r.queue == name).collect();
-    let described = [(name.clone(), d.description.clone())].into_iter().collect();
+    let described = [(name.clone(), d.description.clone())]
+        .into_iter()
+        .collect();
     let row = data::queue_rows(&app, vec![name.clone()], &described, &serving, &running)
         .await?
         .into_iter()

@@ -129,14 +129,20 @@ async fn every_page_renders_its_data() {
     // Overview: agents by state, the queue with its depth, recent jobs.
     let body = page(&app, "/", 200).await;
     assert!(body.contains("href=\"/agents?state=waiting\""), "{body}");
-    assert!(body.contains(&format!("href=\"/queues/{}\"", w.queue)), "{body}");
+    assert!(
+        body.contains(&format!("href=\"/queues/{}\"", w.queue)),
+        "{body}"
+    );
     assert!(body.contains(&short(&w.running)) && body.contains(&short(&w.waiting)));
     assert!(body.contains("1 job(s) running"), "{body}");
 
     // Agents: list, filters, sorting.
     let body = page(&app, "/agents", 200).await;
     assert!(body.contains(&w.agent) && body.contains("rack-7"));
-    assert!(body.contains(&short(&w.running)), "current job shown: {body}");
+    assert!(
+        body.contains(&short(&w.running)),
+        "current job shown: {body}"
+    );
     // Escaped, never raw HTML.
     assert!(body.contains("bench B &#60;ok&#62;"), "{body}");
     assert!(!body.contains("<ok>"));
@@ -176,21 +182,36 @@ async fn every_page_renders_its_data() {
     // Newest first: the waiting job was submitted last.
     assert!(body.contains(&short(&w.waiting)) && !body.contains(&short(&w.running)));
     let next = format!("/jobs?queue={}&limit=1&from=1", w.queue);
-    assert!(unescape(&body).contains(&next), "next link {next} in {body}");
+    assert!(
+        unescape(&body).contains(&next),
+        "next link {next} in {body}"
+    );
     let body = page(&app, &next, 200).await;
     assert!(body.contains(&short(&w.running)) && !body.contains(&short(&w.waiting)));
     assert!(!body.contains("rel=\"next\""), "{body}");
 
     // The running job: state, attempt, phases, live log tail, YAML, cancel form.
     let body = page(&app, &format!("/jobs/{}", w.running), 200).await;
-    assert!(body.contains("id=\"job-state\" class=\"state state-test\""), "{body}");
+    assert!(
+        body.contains("id=\"job-state\" class=\"state state-test\""),
+        "{body}"
+    );
     assert!(body.contains(&w.marker), "output tail: {body}");
     assert!(body.contains("hello &#60;b&#62;"), "{body}");
-    assert!(body.contains("data-log-type=\"output\" data-next=\"2\""), "{body}");
-    assert!(body.contains("data-log-type=\"serial\" data-next=\"0\""), "{body}");
+    assert!(
+        body.contains("data-log-type=\"output\" data-next=\"2\""),
+        "{body}"
+    );
+    assert!(
+        body.contains("data-log-type=\"serial\" data-next=\"0\""),
+        "{body}"
+    );
     assert!(body.contains(&format!("job_queue: {}", w.queue)), "{body}");
     assert!(body.contains("test_cmds: echo 1"), "{body}");
-    assert!(!body.contains("job_id:"), "the YAML must be resubmittable: {body}");
+    assert!(
+        !body.contains("job_id:"),
+        "the YAML must be resubmittable: {body}"
+    );
     assert!(body.contains(&format!("action=\"/jobs/{}/cancel\"", w.running)));
     assert!(body.contains("<td>setup</td>") && body.contains("<td>test</td>"));
     assert!(body.contains("outcome running"), "{body}");
@@ -231,21 +252,57 @@ async fn bad_filters_and_ids_answer_clear_4xx_pages() {
     let app = TestApp::spawn().await;
     let unknown = uuid::Uuid::new_v4();
     for (path, status, needles) in [
-        ("/jobs?state=bogus".to_string(), 400, vec!["state", "bogus", "waiting"]),
+        (
+            "/jobs?state=bogus".to_string(),
+            400,
+            vec!["state", "bogus", "waiting"],
+        ),
         ("/jobs?limit=many".to_string(), 400, vec!["limit", "many"]),
         ("/jobs?limit=100000".to_string(), 400, vec!["limit", "200"]),
         ("/jobs?from=-1".to_string(), 400, vec!["from", "-1"]),
-        ("/jobs?queue=a&queue=b".to_string(), 400, vec!["queue", "one value"]),
-        ("/jobs?queue=amq.x".to_string(), 400, vec!["queue", "amq.x", "reserved"]),
+        (
+            "/jobs?queue=a&queue=b".to_string(),
+            400,
+            vec!["queue", "one value"],
+        ),
+        (
+            "/jobs?queue=amq.x".to_string(),
+            400,
+            vec!["queue", "amq.x", "reserved"],
+        ),
         ("/jobs?colour=red".to_string(), 400, vec!["colour"]),
-        ("/jobs/not-a-uuid".to_string(), 400, vec!["not-a-uuid", "UUID"]),
+        (
+            "/jobs/not-a-uuid".to_string(),
+            400,
+            vec!["not-a-uuid", "UUID"],
+        ),
         (format!("/jobs/{unknown}"), 404, vec!["No job", "{unknown}"]),
-        ("/agents?state=asleep".to_string(), 400, vec!["state", "asleep", "offline"]),
-        ("/agents?sort=size".to_string(), 400, vec!["sort", "size", "name"]),
-        ("/agents?order=up".to_string(), 400, vec!["order", "up", "desc"]),
+        (
+            "/agents?state=asleep".to_string(),
+            400,
+            vec!["state", "asleep", "offline"],
+        ),
+        (
+            "/agents?sort=size".to_string(),
+            400,
+            vec!["sort", "size", "name"],
+        ),
+        (
+            "/agents?order=up".to_string(),
+            400,
+            vec!["order", "up", "desc"],
+        ),
         ("/agents/nobody-here".to_string(), 404, vec!["nobody-here"]),
-        ("/queues/no-such-queue-here".to_string(), 404, vec!["no-such-queue-here"]),
-        ("/queues/testflinger.x".to_string(), 400, vec!["testflinger.x", "reserved"]),
+        (
+            "/queues/no-such-queue-here".to_string(),
+            404,
+            vec!["no-such-queue-here"],
+        ),
+        (
+            "/queues/testflinger.x".to_string(),
+            400,
+            vec!["testflinger.x", "reserved"],
+        ),
     ] {
         let body = page(&app, &path, status).await;
         let text = unescape(&body);
@@ -314,7 +371,10 @@ async fn cancel_form_cancels_and_refuses_other_sites() {
     assert_eq!(app.result(&id).await["job_state"], "cancelled");
     let body = page(&app, &format!("/jobs/{id}"), 200).await;
     assert!(body.contains("state-cancelled"), "{body}");
-    assert!(!body.contains("data-cancel-form"), "no cancel once ended: {body}");
+    assert!(
+        !body.contains("data-cancel-form"),
+        "no cancel once ended: {body}"
+    );
     // Again: nothing to do, back to the page.
     let r = http
         .post(app.url(&format!("/jobs/{id}/cancel")))
@@ -329,7 +389,11 @@ async fn cancel_form_cancels_and_refuses_other_sites() {
 async fn static_assets_are_served() {
     let app = TestApp::spawn().await;
     for (path, ct, needle) in [
-        ("/static/ui.css", "text/css; charset=utf-8", "prefers-color-scheme"),
+        (
+            "/static/ui.css",
+            "text/css; charset=utf-8",
+            "prefers-color-scheme",
+        ),
         (
             "/static/live-log.js",
             "text/javascript; charset=utf-8",
@@ -414,7 +478,10 @@ async fn pages_with_10000_jobs_stay_bounded() {
         "/queues".to_string(),
         format!("/queues/{}", queues[0]),
     ];
-    println!("{:<60} {:>9} {:>9} {:>9}", "page", "min ms", "median", "max ms");
+    println!(
+        "{:<60} {:>9} {:>9} {:>9}",
+        "page", "min ms", "median", "max ms"
+    );
     for p in &pages {
         let mut times = Vec::new();
         for _ in 0..15 {
