@@ -6,7 +6,9 @@
 //! position index `qpos:<q>` (waiting jobs, scored by priority then submit order), the
 //! job list `qjobs:<q>`, wait-time samples `wait:<q>`. Global: `jobs` (all jobs by
 //! creation), `leases` (running jobs by lease expiry, Redis time), `outbox` (jobs whose
-//! wake-up message is not yet confirmed by the broker), agents, queues, images.
+//! wake-up message is not yet confirmed by the broker), agents, queues, images. For the
+//! web UI: `agentjobs:<agent>` (an agent's recent jobs by claim time), `jobqueues` (queues
+//! ever submitted to), and `at_<state>` fields of `job:<id>` (when each state began, ms).
 
 use crate::error::{ApiError, ApiResult};
 use redis::aio::ConnectionManager;

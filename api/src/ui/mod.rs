@@ -596,7 +596,10 @@ fn phase_views(d: &data::JobDetail) -> Vec<PhaseView> {
             (_, true) => ("running", "running".to_string()),
             (Some(0), _) => ("pass", "exit 0".to_string()),
             (Some(c), _) => ("fail", format!("exit {c}")),
-            (None, _) => ("none", "no status".to_string()),
+            // The agent reports exit statuses at the end; a phase without one then
+            // had nothing to run.
+            (None, _) if terminal => ("none", "skipped".to_string()),
+            (None, _) => ("none", "done".to_string()),
         };
         out.push(PhaseView {
             name: p.as_str(),
