@@ -598,7 +598,8 @@ fn phase_views(d: &data::JobDetail) -> Vec<PhaseView> {
             (Some(c), _) => ("fail", format!("exit {c}")),
             // The agent reports exit statuses at the end; a phase without one then
             // had nothing to run.
-            (None, _) if terminal => ("none", "skipped".to_string()),
+            (None, _) if d.row.state == "complete" => ("none", "skipped".to_string()),
+            (None, _) if terminal => ("none", "no status".to_string()),
             (None, _) => ("none", "done".to_string()),
         };
         out.push(PhaseView {

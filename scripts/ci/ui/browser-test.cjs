@@ -136,6 +136,22 @@ async function until(what, secs, f) {
     if (!queuePage.includes(id)) throw new Error("the queue page does not list the job");
     ok("the queue page lists the job");
 
+    // Without JavaScript: the page still shows the output (as rendered) and the state.
+    const nojs = await browser.newContext({ javaScriptEnabled: false });
+    const np = await nojs.newPage();
+    await np.goto(`${base}/jobs/${id}`, { waitUntil: "load" });
+    const staticLog = await np.textContent('.log-section[data-log-type="output"] pre');
+    if (!staticLog.includes(marker)) throw new Error("without JavaScript the output is not shown");
+    if ((await np.textContent("#job-state")).trim() !== "complete") throw new Error("without JavaScript the state is wrong");
+    ok("without JavaScript the job page shows the output and the state");
+
+    // The dark colour scheme.
+    const dark = await browser.newContext({ colorScheme: "dark", viewport: { width: 1280, height: 900 } });
+    const dp = await dark.newPage();
+    await dp.goto(`${base}/jobs/${id}`, { waitUntil: "load" });
+    await dp.screenshot({ path: path.join(outDir, "job-dark.png"), fullPage: false });
+    ok("screenshot job-dark.png");
+
     // A phone.
     const phone = await browser.newContext({ viewport: { width: 390, height: 844 }, deviceScaleFactor: 2, isMobile: true });
     const pp = await phone.newPage();
