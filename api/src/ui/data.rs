@@ -147,13 +147,15 @@ pub struct Fragment {
     pub data: String,
 }
 
-/// The last `max` fragments of a job's log of `log_type` (`output` or `serial`), oldest
-/// first, and whether earlier ones were left out.
+/// The last fragments of a job's log of `log_type` (`output` or `serial`), oldest first:
+/// at most `max` of them and `max_bytes` of text (at least the newest one), and whether
+/// earlier ones were left out.
 pub async fn log_tail(
     app: &AppState,
     id: &str,
     log_type: &str,
     max: usize,
+    max_bytes: usize,
 ) -> ApiResult<(Vec<Fragment>, bool)> {
     let key = app.store.keys.log(id, log_type);
     let mut c = app.store.con();
@@ -162,19 +164,33 @@ pub async fn log_tail(
         .zrevrange(&key, 0, max as isize - 1)
         .query_async(&mut c)
         .await?;
-    let mut out: Vec<Fragment> = members
-        .iter()
-        .filter_map(|m| {
-            let v: Value = serde_json::from_str(m).ok()?;
-            Some(Fragment {
-                n: v.get("n")?.as_i64()?,
-                phase: v.get("p")?.as_str()?.to_string(),
-                data: v.get("d")?.as_str()?.to_string(),
-            })
-        })
-        .collect();
+    let mut out: Vec<Fragment> = Vec::new();
+    let mut bytes = 0;
+    let mut cut = false;
+    for m in &members {
+        let Ok(v) = serde_json::from_str::<Value>(m) else {
+            continue;
+        };
+        let (Some(n), Some(phase), Some(data)) = (
+            v.get("n").and_then(Value::as_i64),
+            v.get("p").and_then(Value::as_str),
+            v.get("d").and_then(Value::as_str),
+        ) else {
+            continue;
+        };
+        bytes += data.len();
+        if bytes > max_bytes && !out.is_empty() {
+            cut = true;
+            break;
+        }
+        out.push(Fragment {
+            n,
+            phase: phase.to_string(),
+            data: data.to_string(),
+        });
+    }
     out.reverse();
-    Ok((out, total > members.len()))
+    Ok((out, cut || total > members.len()))
 }
 
 /// Where a job list reads from, newest first.

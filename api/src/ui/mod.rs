@@ -46,8 +46,10 @@ const JS: &str = include_str!("../../static/live-log.js");
 /// Most rows a list page shows.
 pub const MAX_LIMIT: usize = 200;
 const DEFAULT_LIMIT: usize = 50;
-/// Log fragments a job page renders per log type; the script streams the rest.
-const LOG_TAIL: usize = 2000;
+/// Most log fragments, and bytes of them, a job page renders per log type (the newest);
+/// the script streams what comes after.
+const LOG_TAIL: usize = 1000;
+const LOG_TAIL_BYTES: usize = 512 * 1024;
 
 /// A page's failure, shown as an HTML page with the right status.
 #[derive(Debug)]
@@ -539,7 +541,8 @@ async fn job(app: web::Data<AppState>, req: HttpRequest, id: web::Path<String>) 
         .unwrap_or(false);
     let mut logs = Vec::new();
     for (log_type, label) in [("output", "Output"), ("serial", "Serial console")] {
-        let (frags, truncated) = data::log_tail(&app, &id, log_type, LOG_TAIL).await?;
+        let (frags, truncated) =
+            data::log_tail(&app, &id, log_type, LOG_TAIL, LOG_TAIL_BYTES).await?;
         logs.push(LogView::new(log_type, label, frags, truncated));
     }
     let can_cancel = !terminal && viewer.may_cancel(&d.row.queue, d.owner.as_deref());

@@ -47,6 +47,8 @@ struct World {
     waiting: String,
     marker: String,
     tag: String,
+    /// The running job's fencing token.
+    token: u64,
 }
 
 async fn world(app: &TestApp) -> World {
@@ -117,6 +119,7 @@ async fn world(app: &TestApp) -> World {
         waiting,
         marker,
         tag,
+        token,
     }
 }
 
@@ -513,5 +516,39 @@ async fn pages_with_10000_jobs_stay_bounded() {
     let body = page(&app, "/", 200).await;
     assert!(body.contains("(5 of 5)"), "{body}");
 
+    app.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_long_log_shows_its_newest_part() {
+    let app = TestApp::spawn().await;
+    let w = world(&app).await;
+    let token = w.token;
+    let big = |c: char| format!("{}\n", c.to_string().repeat(300 * 1024));
+    for (n, c) in [(2, 'x'), (3, 'y'), (4, 'z')] {
+        let r = app
+            .post_token(
+                &format!("/v1/result/{}/log/output", w.running),
+                token,
+                &json!({"fragment_number": n, "timestamp": "2026-01-01T00:00:01Z",
+                        "phase": "test", "log_data": big(c)}),
+            )
+            .await;
+        assert_eq!(r.status(), 200);
+    }
+    let body = page(&app, &format!("/jobs/{}", w.running), 200).await;
+    assert!(
+        body.contains(&"z".repeat(1000)),
+        "the newest fragment is shown"
+    );
+    assert!(!body.contains(&"y".repeat(1000)), "older ones are left out");
+    assert!(!body.contains(&w.marker));
+    assert!(
+        body.contains("Earlier output is not shown here"),
+        "{}",
+        &body[..2000]
+    );
+    assert!(body.contains("data-log-type=\"output\" data-next=\"5\""));
+    assert!(body.len() < 400 * 1024, "page of {} bytes", body.len());
     app.cleanup().await;
 }
