@@ -45,6 +45,30 @@ async function until(what, secs, f) {
   }
 }
 
+// Basic accessibility checks: a language, one h1, a main landmark, a name for every
+// form control and link, a caption or label for every table.
+async function checkAccessible(page, what) {
+  const problems = await page.evaluate(() => {
+    const out = [];
+    if (!document.documentElement.lang) out.push("no lang on <html>");
+    if (document.querySelectorAll("h1").length !== 1) out.push("not exactly one h1");
+    if (!document.querySelector("main")) out.push("no <main>");
+    for (const el of document.querySelectorAll("input:not([type=hidden]), select, textarea, button")) {
+      const named = (el.labels && el.labels.length) || el.getAttribute("aria-label") ||
+        (el.tagName === "BUTTON" && el.textContent.trim());
+      if (!named) out.push(`unnamed ${el.tagName.toLowerCase()} ${el.name || ""}`);
+    }
+    for (const a of document.querySelectorAll("a")) {
+      if (!a.textContent.trim() && !a.getAttribute("aria-label")) out.push(`empty link ${a.href}`);
+    }
+    for (const t of document.querySelectorAll("table")) {
+      if (!t.querySelector("caption") && !t.getAttribute("aria-label")) out.push("table without caption");
+    }
+    return out;
+  });
+  if (problems.length) throw new Error(`${what}: ${problems.join("; ")}`);
+}
+
 (async () => {
   fs.mkdirSync(outDir, { recursive: true });
   const work = fs.mkdtempSync(path.join(os.tmpdir(), "tf-ui-test-"));
@@ -110,6 +134,7 @@ async function until(what, secs, f) {
     ok("the state turned 'complete' without a reload");
     if (await page.$("[data-cancel-form]")) throw new Error("the cancel button is still shown after completion");
     ok("the cancel button went away");
+    await checkAccessible(page, "job page");
     if (errors.length) throw new Error("script errors on the job page: " + errors.join("; "));
     ok("no script errors");
     await page.screenshot({ path: path.join(outDir, "job.png"), fullPage: true });
@@ -121,16 +146,19 @@ async function until(what, secs, f) {
     }
     ok("the definition is shown as YAML without the job id");
 
+    const agents = await api("GET", "/v1/agents/data");
     for (const [name, p] of [
       ["overview", "/"],
+      ["agent", `/agents/${encodeURIComponent(agents[0].name)}`],
       ["queue", `/queues/${encodeURIComponent(queue)}`],
       ["jobs", "/jobs"],
       ["agents", "/agents"],
     ]) {
       const r = await page.goto(base + p, { waitUntil: "load" });
       if (r.status() !== 200) throw new Error(`${p} answered ${r.status()}`);
+      await checkAccessible(page, p);
       await page.screenshot({ path: path.join(outDir, `${name}.png`), fullPage: true });
-      ok(`${p} rendered; screenshot ${name}.png`);
+      ok(`${p} rendered, basic accessibility checks pass; screenshot ${name}.png`);
     }
     const queuePage = await (await page.goto(`${base}/queues/${encodeURIComponent(queue)}`)).text();
     if (!queuePage.includes(id)) throw new Error("the queue page does not list the job");
