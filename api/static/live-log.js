@@ -73,9 +73,12 @@
     var filter = sec.querySelector("[data-phase-filter]");
     var status = sec.querySelector(".live-status");
     var none = sec.querySelector(".no-output");
-    var lastPhase = null;
+    var lastKey = null;
     var spans = pre.querySelectorAll("span[data-phase]");
-    if (spans.length) lastPhase = spans[spans.length - 1].getAttribute("data-phase");
+    if (spans.length) {
+      var lastSpan = spans[spans.length - 1];
+      lastKey = lastSpan.getAttribute("data-attempt") + "/" + lastSpan.getAttribute("data-phase");
+    }
     tools.hidden = false;
     pre.scrollTop = pre.scrollHeight;
 
@@ -87,25 +90,30 @@
     }
     filter.addEventListener("change", applyFilter);
 
-    function append(phase, text) {
+    function append(phase, attempt, text) {
+      attempt = attempt || 1;
+      var key = attempt + "/" + phase;
       var atEnd = pre.scrollTop + pre.clientHeight >= pre.scrollHeight - 24;
       if (pre.hasAttribute("data-empty")) {
         pre.removeAttribute("data-empty");
         if (none) none.remove();
       }
       var hide = filter.value !== "" && filter.value !== phase;
-      if (phase !== lastPhase) {
+      if (key !== lastKey) {
         var mark = document.createElement("span");
         mark.className = "phase-mark";
         mark.setAttribute("data-phase", phase);
+        mark.setAttribute("data-attempt", String(attempt));
         var tail = pre.textContent;
-        mark.textContent = (tail && tail.slice(-1) !== "\n" ? "\n" : "") + "── " + phase + " ──\n";
+        var heading = attempt > 1 ? phase + " (attempt " + attempt + ")" : phase;
+        mark.textContent = (tail && tail.slice(-1) !== "\n" ? "\n" : "") + "── " + heading + " ──\n";
         mark.hidden = hide;
         pre.appendChild(mark);
-        lastPhase = phase;
+        lastKey = key;
       }
       var span = document.createElement("span");
       span.setAttribute("data-phase", phase);
+      span.setAttribute("data-attempt", String(attempt));
       span.textContent = text;
       span.hidden = hide;
       pre.appendChild(span);
@@ -124,7 +132,7 @@
     es.onmessage = function (e) {
       try {
         var f = JSON.parse(e.data);
-        append(f.phase, f.log_data);
+        append(f.phase, f.attempt, f.log_data);
       } catch (err) { /* a malformed event: skip it */ }
     };
     es.addEventListener("end", function (e) {

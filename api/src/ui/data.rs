@@ -142,7 +142,10 @@ pub async fn job_detail(app: &AppState, id: &str) -> ApiResult<Option<JobDetail>
 /// One log fragment.
 #[derive(Debug, Clone)]
 pub struct Fragment {
+    /// The stored number (its SSE event id; unique across attempts).
     pub n: i64,
+    /// The attempt that wrote it.
+    pub attempt: u64,
     pub phase: String,
     pub data: String,
 }
@@ -185,6 +188,7 @@ pub async fn log_tail(
         }
         out.push(Fragment {
             n,
+            attempt: v.get("a").and_then(Value::as_u64).unwrap_or(1),
             phase: phase.to_string(),
             data: data.to_string(),
         });

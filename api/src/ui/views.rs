@@ -178,9 +178,20 @@ pub struct PhaseView {
 
 pub struct FragView {
     pub phase: String,
+    pub attempt: u64,
     /// A heading line before the first fragment of a phase.
     pub mark: String,
     pub text: String,
+}
+
+/// The heading line before a phase's output: `── test ──`, or `── test (attempt 2) ──`
+/// for a retried job's later attempts (the live-log script writes the same).
+pub fn phase_heading(phase: &str, attempt: u64) -> String {
+    if attempt > 1 {
+        format!("── {phase} (attempt {attempt}) ──")
+    } else {
+        format!("── {phase} ──")
+    }
 }
 
 pub struct LogView {
@@ -202,15 +213,16 @@ impl LogView {
     ) -> LogView {
         let next = frags.last().map_or(0, |f| f.n + 1);
         let mut out: Vec<FragView> = Vec::with_capacity(frags.len());
-        let mut last_phase: Option<String> = None;
+        let mut last: Option<(u64, String)> = None;
         let mut at_line_start = true;
         for f in frags {
-            let mark = if last_phase.as_ref() != Some(&f.phase) {
-                last_phase = Some(f.phase.clone());
+            let here = (f.attempt, f.phase.clone());
+            let mark = if last.as_ref() != Some(&here) {
+                last = Some(here);
                 format!(
-                    "{}── {} ──\n",
+                    "{}{}\n",
                     if at_line_start { "" } else { "\n" },
-                    f.phase
+                    phase_heading(&f.phase, f.attempt)
                 )
             } else {
                 String::new()
@@ -219,6 +231,7 @@ impl LogView {
                 at_line_start = f.data.ends_with('\n');
             }
             out.push(FragView {
+                attempt: f.attempt,
                 phase: f.phase,
                 mark,
                 text: f.data,

@@ -552,3 +552,44 @@ async fn a_long_log_shows_its_newest_part() {
     assert!(body.len() < 400 * 1024, "page of {} bytes", body.len());
     app.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_retried_job_shows_each_attempt_apart() {
+    let app = TestApp::spawn().await;
+    let w = world(&app).await;
+    let r = app
+        .post_json(
+            &format!("/v1/job/{}/release", w.running),
+            &json!({"agent_id": w.agent, "token": w.token, "reason": "ui test"}),
+        )
+        .await;
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap_or_default());
+    let grant = app.claim(&w.running, &w.agent).await;
+    assert_eq!(grant["attempt"], 2, "{grant}");
+    let token = grant["token"].as_u64().expect("token");
+    let again = unique("second");
+    let r = app
+        .post_token(
+            &format!("/v1/result/{}/log/output", w.running),
+            token,
+            &json!({"fragment_number": 0, "timestamp": "2026-01-01T00:00:02Z",
+                    "phase": "test", "log_data": format!("{again}\n")}),
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    let body = page(&app, &format!("/jobs/{}", w.running), 200).await;
+    let first = body.find(&w.marker).expect("attempt 1 output");
+    let heading = body
+        .find("── test (attempt 2) ──")
+        .expect("attempt 2 heading");
+    let second = body.find(&again).expect("attempt 2 output");
+    assert!(first < heading && heading < second, "{body}");
+    assert!(body.contains("<dd id=\"job-attempt\">2</dd>"), "{body}");
+    // The stream goes on after attempt 2's first fragment.
+    let next = format!(
+        "data-log-type=\"output\" data-next=\"{}\"",
+        testflinger_api::store::fragment_score(2, 1)
+    );
+    assert!(body.contains(&next), "{next}: {body}");
+    app.cleanup().await;
+}
