@@ -99,7 +99,10 @@ async function checkAccessible(page, what) {
     args: ["--no-sandbox", "--disable-dev-shm-usage"],
   });
   try {
-    const context = await browser.newContext({ viewport: { width: 1280, height: 900 } });
+    const context = await browser.newContext({
+      viewport: { width: 1280, height: 900 },
+      permissions: ["clipboard-read", "clipboard-write"],
+    });
     const page = await context.newPage();
     const errors = [];
     page.on("pageerror", (e) => errors.push(String(e)));
@@ -145,6 +148,11 @@ async function checkAccessible(page, what) {
       throw new Error("the definition YAML is not resubmittable: " + yaml);
     }
     ok("the definition is shown as YAML without the job id");
+    await page.click("[data-copy]");
+    await page.waitForFunction(() => document.querySelector("[data-copy]").textContent === "Copied", null, { timeout: 5000 });
+    const copied = await page.evaluate(() => navigator.clipboard.readText());
+    if (copied !== yaml) throw new Error("the copy button copied something else: " + copied);
+    ok("the copy button puts the YAML on the clipboard");
 
     const agents = await api("GET", "/v1/agents/data");
     for (const [name, p] of [
