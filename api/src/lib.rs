@@ -11,6 +11,7 @@
 //! - [`events`]: job events to `testflinger.events` and webhooks.
 //! - [`metrics`]: Prometheus metrics at `/metrics`.
 //! - [`error`]: errors at the HTTP edge.
+//! - [`ui`]: the server-rendered web UI (HTML pages, live job log).
 
 pub mod admission;
 pub mod error;
@@ -25,3 +26,4 @@ pub mod state;
 pub mod store;
 pub mod submit;
 pub mod telemetry;
+pub mod ui;

@@ -75,6 +75,7 @@ impl Application {
                 ))
                 .route("/metrics", web::get().to(crate::metrics::metrics))
                 .configure(crate::routes::configure)
+                .configure(crate::ui::configure)
                 .default_service(web::to(crate::routes::not_found))
         })
         .workers(workers)

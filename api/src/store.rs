@@ -6,7 +6,9 @@
 //! position index `qpos:<q>` (waiting jobs, scored by priority then submit order), the
 //! job list `qjobs:<q>`, wait-time samples `wait:<q>`. Global: `jobs` (all jobs by
 //! creation), `leases` (running jobs by lease expiry, Redis time), `outbox` (jobs whose
-//! wake-up message is not yet confirmed by the broker), agents, queues, images.
+//! wake-up message is not yet confirmed by the broker), agents, queues, images. For the
+//! web UI: `agentjobs:<agent>` (an agent's recent jobs by claim time), `jobqueues` (queues
+//! ever submitted to), and `at_<state>` fields of `job:<id>` (when each state began, ms).
 
 use crate::error::{ApiError, ApiResult};
 use redis::aio::ConnectionManager;
@@ -76,6 +78,16 @@ impl Keys {
     }
     pub fn agent_log(&self, name: &str) -> String {
         format!("{}:agentlog:{name}", self.p)
+    }
+    /// An agent's recent jobs: sorted set of job ids scored by claim time (ms), for the
+    /// web UI. Written at claim; the newest [`AGENT_JOBS_KEPT`] are kept.
+    pub fn agent_jobs(&self, name: &str) -> String {
+        format!("{}:agentjobs:{name}", self.p)
+    }
+    /// Every queue that was ever submitted to: sorted set scored by the last submission
+    /// (ms), for the web UI's queue list. Written at submit.
+    pub fn job_queues(&self) -> String {
+        format!("{}:jobqueues", self.p)
     }
     pub fn provision_log(&self, name: &str) -> String {
         format!("{}:provlog:{name}", self.p)
@@ -384,6 +396,9 @@ return {'cancelled', st, redis.call('HGET', KEYS[1], 'agent') or ''}
     )
 });
 
+/// How many recent jobs the index [`Keys::agent_jobs`] keeps per agent.
+pub const AGENT_JOBS_KEPT: isize = 100;
+
 /// A job's record as stored.
 #[derive(Debug, Clone, Default)]
 pub struct JobRecord {
@@ -641,8 +656,10 @@ impl Store {
         let created = r.first().map(n).unwrap_or(0) == 1;
         let state = r.get(1).map(s).unwrap_or_default();
         let existing_def = r.get(2).map(s).unwrap_or_default();
-        if created && !tags.is_empty() {
+        if created {
             let mut p = redis::pipe();
+            p.zadd(k.job_queues(), queue, now_ms()).ignore();
+            p.expire(k.job_queues(), self.retention as i64).ignore();
             for t in tags {
                 p.sadd(k.tag(t), id).ignore();
                 p.expire(k.tag(t), self.retention as i64).ignore();
@@ -1273,6 +1290,23 @@ impl Store {
         let mut c = self.con();
         let r: i64 = inv.invoke_async(&mut c).await?;
         Ok(r == 1)
+    }
+
+    /// Adds a granted claim to the agent's recent-jobs index ([`Keys::agent_jobs`]),
+    /// keeping the newest [`AGENT_JOBS_KEPT`]; the index expires with the retention.
+    pub async fn note_agent_job(&self, agent: &str, id: &str) -> ApiResult<()> {
+        let key = self.keys.agent_jobs(agent);
+        let mut c = self.con();
+        let _: () = redis::pipe()
+            .zadd(&key, id, now_ms())
+            .ignore()
+            .zremrangebyrank(&key, 0, -(AGENT_JOBS_KEPT + 1))
+            .ignore()
+            .expire(&key, self.retention as i64)
+            .ignore()
+            .query_async(&mut c)
+            .await?;
+        Ok(())
     }
 
     pub fn retention_secs(&self) -> i64 {

@@ -93,30 +93,38 @@ async fn action(
             ),
         ));
     }
-    let already = || {
-        ApiError::Text(
+    if cancel_job(&app, &id).await? {
+        Ok(ok_text())
+    } else {
+        Err(ApiError::Text(
             StatusCode::BAD_REQUEST,
             "The job is already completed or cancelled".into(),
-        )
-    };
+        ))
+    }
+}
+
+/// Cancels a job as `POST /v1/job/<id>/action {"action":"cancel"}` does: marks it
+/// cancelled, tells its agent, emits the event. `Ok(false)` when the job is unknown or
+/// already ended (nothing changed).
+pub async fn cancel_job(app: &AppState, id: &str) -> ApiResult<bool> {
     let f = app
         .store
-        .job_fields(&id, &["queue", "attempt", "def"])
+        .job_fields(id, &["queue", "attempt", "def"])
         .await?;
     let Some(queue) = f[0].clone() else {
-        return Err(already());
+        return Ok(false);
     };
-    match app.store.cancel(&id, &queue).await? {
-        None | Some(Err(_)) => Err(already()),
+    match app.store.cancel(id, &queue).await? {
+        None | Some(Err(_)) => Ok(false),
         Some(Ok((previous, agent))) => {
             let attempt = f[1].as_deref().and_then(|a| a.parse().ok()).unwrap_or(0);
             if !agent.is_empty() && previous != "waiting" {
-                lease_notify_cancel(&app, &agent, &id).await;
+                lease_notify_cancel(app, &agent, id).await;
             }
             let webhook = webhook_of(f[2].as_deref());
             events::emit(
-                &app,
-                &id,
+                app,
+                id,
                 &queue,
                 "cancelled",
                 Some(&previous),
@@ -125,7 +133,7 @@ async fn action(
                 None,
                 webhook,
             );
-            Ok(ok_text())
+            Ok(true)
         }
     }
 }
@@ -443,6 +451,7 @@ async fn legacy_next_job(app: web::Data<AppState>, req: HttpRequest) -> ApiResul
                     app.store
                         .update_agent_if_known(&agent, &[("job_id", &id)])
                         .await?;
+                    app.store.note_agent_job(&agent, &id).await?;
                     if let Some(queue_name) = claim
                         .job
                         .as_ref()

@@ -48,6 +48,7 @@ async fn claim(
         app.store
             .update_agent_if_known(&r.agent_id, &[("job_id", &id)])
             .await?;
+        app.store.note_agent_job(&r.agent_id, &id).await?;
         events::emit(
             &app,
             &id,

@@ -90,6 +90,13 @@ async fn post_result(
         match app.store.set_state(&id, &queue, tok, state).await? {
             Some(StateChange::Set(previous)) => {
                 let attempt = f[1].as_deref().and_then(|a| a.parse().ok()).unwrap_or(0);
+                // When each state began, for the phase durations of the web UI.
+                app.store
+                    .set_job_fields(
+                        &id,
+                        &[(&format!("at_{state}"), crate::store::now_ms().to_string())],
+                    )
+                    .await?;
                 events::emit(
                     &app,
                     &id,

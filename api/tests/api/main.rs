@@ -12,3 +12,4 @@ mod jobs;
 mod lease;
 mod logs;
 mod openapi;
+mod ui;

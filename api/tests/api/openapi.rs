@@ -8,6 +8,7 @@ use std::collections::BTreeSet;
 
 /// The routes registered by the `configure` functions of `api/src/routes/*.rs`, spelled
 /// as there (read from the code; update this list with the routes).
+/// The web UI's HTML pages (`api/src/ui`) are not API routes and are not documented.
 const SERVED: &[(&str, &str)] = &[
     // mod.rs
     ("GET", "/v1"),
