@@ -10,6 +10,7 @@
 mod agent;
 mod helpers;
 mod jobs;
+mod parity;
 mod poll;
 mod queues;
 mod submit;
