@@ -13,6 +13,7 @@
 //! - [`error`]: errors at the HTTP edge.
 
 pub mod admission;
+pub mod docs_site;
 pub mod error;
 pub mod events;
 pub mod files;

@@ -5,6 +5,8 @@ mod helpers;
 
 mod agents;
 mod broker_submit;
+mod docs_reference;
+mod docs_site;
 mod errors;
 mod files;
 mod jobs;
