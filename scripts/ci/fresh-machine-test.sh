@@ -79,7 +79,13 @@ cargo build -q --bins -p testflinger-api -p testflinger-agent -p testflinger-con
 RUN=$CACHE/run-$$
 mkdir -p "$RUN/upper" "$RUN/work" "$RUN/merged"
 cleanup() {
-    rm -rf "$RUN"
+    rm -rf "$RUN" 2>/dev/null || { sleep 1; rm -rf "$RUN"; } || say "warning: could not remove $RUN"
+    # Earlier runs' leftovers (a run killed before its trap), never a live one.
+    local d
+    for d in "$CACHE"/run-*; do
+        [ -d "$d" ] && [ "$d" != "$RUN" ] && ! grep -qF "$d" /proc/mounts && ! kill -0 "${d##*-}" 2>/dev/null && rm -rf "$d"
+    done
+    return 0
 }
 trap cleanup EXIT
 
