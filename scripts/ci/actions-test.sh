@@ -98,6 +98,16 @@ state_of() { testflinger status "$1" 2>/dev/null | tail -n 1; }
 O=$LAB_DIR/out
 mkdir -p "$O"
 
+# The lab's server serves the built documentation site (scripts/docs build, run before
+# this test in CI) under /docs.
+if [ -f docs/book/index.html ]; then
+    if curl -fsSL --max-time 10 "$URL/docs" | grep -q "Testflinger in Rust"; then
+        ok "the lab's server serves the documentation site under /docs"
+    else
+        not_ok "GET $URL/docs does not serve docs/book"
+    fi
+fi
+
 # ---------------------------------------------------------------- submit: a passing job
 marker="actions-marker-$$"
 job="job_queue: $LAB_QUEUE
