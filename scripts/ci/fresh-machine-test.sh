@@ -98,6 +98,15 @@ echo "== inside: \$(. /etc/os-release; echo \$PRETTY_NAME), hostname \$(hostname
 for p in rabbitmq-server redis-server curl python3 sshd; do
     if command -v \$p >/dev/null 2>&1; then echo "before: \$p present"; else echo "before: \$p missing"; fi
 done
+# Not root: nothing is installed; the lab names the one command to run.
+if setpriv --reuid=65534 --regid=65534 --clear-groups env HOME=/tmp LAB_DIR=/tmp/nobody-lab \
+    bash scripts/lab up >/root/nobody.txt 2>&1; then
+    echo "scripts/lab up as nobody succeeded on a machine without the packages"; cat /root/nobody.txt; exit 1
+fi
+cat /root/nobody.txt
+grep -q "sudo apt-get install -y --no-install-recommends rabbitmq-server redis-server" /root/nobody.txt
+echo "== not root: lab up printed the install command"
+# Root: the README's quick start.
 scripts/lab up
 target/debug/testflinger --server http://127.0.0.1:8000 submit /root/lab/demo-job.yaml --poll | tee /root/poll.txt
 grep -q "hello from" /root/poll.txt
@@ -153,4 +162,6 @@ if [ "$rc" -ne 0 ]; then
 fi
 grep -q "installing missing packages" "$CACHE/run.log" || die "scripts/lab up did not install the missing packages"
 grep -q "== inside: done" "$CACHE/run.log" || die "the run did not finish"
+grep -q "== not root: lab up printed the install command" "$CACHE/run.log" ||
+    die "scripts/lab up as a user did not print the install command"
 say "ok: a fresh $SUITE root got its packages from scripts/lab up, ran the demo job, and left nothing running"
