@@ -5,11 +5,13 @@ mod helpers;
 
 mod agents;
 mod broker_submit;
-mod docs_reference;
-mod docs_site;
 mod errors;
 mod files;
 mod jobs;
 mod lease;
 mod logs;
 mod openapi;
+
+// Documentation: the settings reference and the /docs site.
+mod docs_reference;
+mod docs_site;
