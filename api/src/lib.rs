@@ -14,6 +14,7 @@
 //! - [`ui`]: the server-rendered web UI (HTML pages, live job log).
 
 pub mod admission;
+pub mod docs_site;
 pub mod error;
 pub mod events;
 pub mod files;

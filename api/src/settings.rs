@@ -21,6 +21,7 @@
 //! | `TESTFLINGER_SUBMIT_QUEUE` | `testflinger.submit` | the broker-native submission queue |
 //! | `TESTFLINGER_WEBHOOK_ALLOWED_HOSTS` | empty | comma-separated hosts `job_status_webhook` may name |
 //! | `TESTFLINGER_LOG_FORMAT` | `text` | `text` or `json` |
+//! | `TESTFLINGER_DOCS_DIR` | `docs/book` | built documentation site, served under `/docs` if present |
 
 use serde::Deserialize;
 use std::path::PathBuf;
@@ -54,6 +55,9 @@ pub struct Settings {
     pub submit_queue: String,
     pub webhook_allowed_hosts: String,
     pub log_format: String,
+    /// The built documentation site (`scripts/docs build`), served under `/docs` when
+    /// it holds an `index.html`.
+    pub docs_dir: PathBuf,
 }
 
 const KNOWN: &[&str] = &[
@@ -75,6 +79,7 @@ const KNOWN: &[&str] = &[
     "submit_queue",
     "webhook_allowed_hosts",
     "log_format",
+    "docs_dir",
 ];
 
 impl Settings {
@@ -103,7 +108,8 @@ impl Settings {
             .set_default("submit_consumer", true)?
             .set_default("submit_queue", testflinger_broker::topology::SUBMIT_QUEUE)?
             .set_default("webhook_allowed_hosts", "")?
-            .set_default("log_format", "text")?;
+            .set_default("log_format", "text")?
+            .set_default("docs_dir", "docs/book")?;
         if let Ok(path) = std::env::var("TESTFLINGER_CONFIG") {
             b = b.add_source(config::File::with_name(&path));
         }
@@ -190,6 +196,7 @@ impl Settings {
             submit_queue: format!("testflinger.submit.{prefix}"),
             webhook_allowed_hosts: String::new(),
             log_format: "text".into(),
+            docs_dir: PathBuf::from("docs/book"),
         }
     }
 

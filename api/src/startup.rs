@@ -66,6 +66,7 @@ impl Application {
             metrics: Arc::default(),
         };
         let data = web::Data::new(state.clone());
+        let docs_dir = state.settings.docs_dir.clone();
         let server = HttpServer::new(move || {
             App::new()
                 .app_data(data.clone())
@@ -76,6 +77,7 @@ impl Application {
                 .route("/metrics", web::get().to(crate::metrics::metrics))
                 .configure(crate::routes::configure)
                 .configure(crate::ui::configure)
+                .configure(|cfg| crate::docs_site::configure(cfg, &docs_dir))
                 .default_service(web::to(crate::routes::not_found))
         })
         .workers(workers)

@@ -4,6 +4,7 @@
 //! - [`job`]: the job definition schema (`POST /v1/job` body) and its validation.
 //! - [`duration`]: `2h30m`-style durations.
 //! - [`queue`]: queue-name rules.
+//! - [`introspect`]: field names of config and schema structs, for the documentation check.
 //! - [`state`]: `JobState`, `Phase`, `AgentState`, `LogType`.
 //! - [`protocol`]: bodies of our additions to the v1 API (claim, heartbeat, release) and
 //!   the job event published on `testflinger.events`.
@@ -11,6 +12,7 @@
 //! Serializable types here are wire formats: change them as you would change a protocol.
 
 pub mod duration;
+pub mod introspect;
 pub mod job;
 pub mod protocol;
 pub mod queue;

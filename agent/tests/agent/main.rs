@@ -11,6 +11,7 @@
 
 mod control;
 mod delivery;
+mod docs_reference;
 mod lab;
 mod runs;
 mod startup;

@@ -13,3 +13,7 @@ mod lease;
 mod logs;
 mod openapi;
 mod ui;
+
+// Documentation: the settings reference and the /docs site.
+mod docs_reference;
+mod docs_site;

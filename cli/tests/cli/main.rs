@@ -8,6 +8,7 @@
 //! and `REDIS_URL` (default `redis://127.0.0.1:6379/`).
 
 mod agent;
+mod docs_reference;
 mod helpers;
 mod jobs;
 mod parity;

@@ -4,6 +4,7 @@
 
 mod api;
 mod cli;
+mod docs_reference;
 mod multi;
 mod multi_agents;
 mod noprovision;
