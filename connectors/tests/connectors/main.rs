@@ -7,6 +7,7 @@ mod cli;
 mod multi;
 mod multi_agents;
 mod noprovision;
+mod qemu;
 mod reserve;
 mod serial;
 mod support;
