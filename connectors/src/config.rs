@@ -98,6 +98,9 @@ pub struct DeviceConfig {
     /// `qemu`: downloaded base images, shared by devices. Default
     /// `<tmp>/testflinger-qemu/cache`.
     pub qemu_cache_dir: Option<String>,
+    /// `qemu`: the host address the SSH forward listens on (default `device_ip`); e.g.
+    /// `0.0.0.0` in a container whose port is published.
+    pub qemu_ssh_bind: Option<String>,
     /// `qemu`: the emulator (default `qemu-system-x86_64`).
     pub qemu_binary: Option<String>,
     /// `qemu`: extra emulator arguments, appended as given (e.g. `["-cpu", "host"]`).
@@ -158,6 +161,13 @@ impl DeviceConfig {
         {
             return Err(format!(
                 "qemu_memory: {m} MiB is out of range; expected 64 to 1048576"
+            ));
+        }
+        if let Some(b) = &self.qemu_ssh_bind
+            && b.parse::<std::net::Ipv4Addr>().is_err()
+        {
+            return Err(format!(
+                "qemu_ssh_bind: '{b}' is not an IPv4 address (e.g. 127.0.1.1 or 0.0.0.0)"
             ));
         }
         if let Some(c) = self.qemu_cpus

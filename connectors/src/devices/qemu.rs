@@ -84,6 +84,8 @@ struct Vm {
     cache: PathBuf,
     ip: Ipv4Addr,
     port: u16,
+    /// The host address the SSH forward listens on (`qemu_ssh_bind`, else `ip`).
+    bind: Ipv4Addr,
     /// Where this stage's console output starts in `console.log`.
     console_mark: u64,
 }
@@ -112,6 +114,12 @@ impl Vm {
             ))
         })?;
         let port = cfg.ssh_port.unwrap_or(22);
+        let bind = match &cfg.qemu_ssh_bind {
+            Some(b) => b
+                .parse()
+                .map_err(|_| provisioning(format!("qemu_ssh_bind: '{b}' is not an IPv4 address")))?,
+            None => ip,
+        };
         let state = cfg
             .qemu_state_dir
             .as_ref()
@@ -130,6 +138,7 @@ impl Vm {
             cache,
             ip,
             port,
+            bind,
             console_mark: 0,
         };
         vm.console_mark = vm.console_len();
@@ -516,7 +525,7 @@ impl Vm {
             ])
             .args([
                 "-netdev",
-                &format!("user,id=net0,hostfwd=tcp:{}:{}-:22", self.ip, self.port),
+                &format!("user,id=net0,hostfwd=tcp:{}:{}-:22", self.bind, self.port),
             ])
             .args(["-device", "virtio-net-pci,netdev=net0"])
             .args(["-device", "virtio-rng-pci"])
@@ -549,7 +558,7 @@ impl Vm {
                 "software emulation"
             },
             self.path(OVERLAY).display(),
-            self.ip,
+            self.bind,
             self.port
         );
         let mut child = cmd
