@@ -276,6 +276,13 @@ fn two_qemu_agents_run_jobs_side_by_side_over_ssh() {
         pa.contains("(KVM)") || pa.contains("(TCG)"),
         "accelerator not reported: {pa}"
     );
+    // Where /dev/kvm opens but runs no guest (nested virtualization), `auto` fell back to
+    // TCG and recorded it for the next boots.
+    assert_eq!(
+        pa.contains("falling back to TCG"),
+        dir.path().join("cache/kvm-unusable").exists(),
+        "{pa}"
+    );
     // The URL image was downloaded once into the cache.
     assert_eq!(*hits.lock().expect("lock"), 1);
     // Cleanup stopped both VMs and removed their overlays; the base never changed.
