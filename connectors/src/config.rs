@@ -163,6 +163,19 @@ impl DeviceConfig {
                 "qemu_memory: {m} MiB is out of range; expected 64 to 1048576"
             ));
         }
+        for (key, dir) in [
+            ("qemu_state_dir", &self.qemu_state_dir),
+            ("qemu_cache_dir", &self.qemu_cache_dir),
+        ] {
+            if let Some(d) = dir
+                && !Path::new(d).is_absolute()
+            {
+                return Err(format!(
+                    "{key}: '{d}' is not an absolute path (the VM outlives the stage's \
+                     working directory)"
+                ));
+            }
+        }
         if let Some(b) = &self.qemu_ssh_bind
             && b.parse::<std::net::Ipv4Addr>().is_err()
         {

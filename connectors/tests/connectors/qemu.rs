@@ -491,6 +491,18 @@ fn bad_images_and_settings_fail_clearly_without_booting() {
         stderr(&out)
     );
 
+    let run = Run::new(
+        &d.config.replace("qemu_state_dir: /", "qemu_state_dir: "),
+        &json!({}),
+    );
+    let out = run.run("qemu", "provision");
+    assert_eq!(code(&out), 1);
+    assert!(
+        stderr(&out).contains("qemu_state_dir") && stderr(&out).contains("absolute"),
+        "{}",
+        stderr(&out)
+    );
+
     let run = Run::new(&d.config, &json!({"job_queue": "q"}));
     let out = run.run("qemu", "firmware_update");
     assert_eq!(code(&out), 0);
