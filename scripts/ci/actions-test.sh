@@ -10,6 +10,8 @@ cd "$repo"
 
 export LAB_DIR=${ACTIONS_LAB_DIR:-$repo/target/actions-lab}
 export LAB_PORT=${ACTIONS_LAB_PORT:-18767}
+# Fake devices: this test is about the server and the agent, not about VMs.
+export LAB_DEVICE=fake
 export LAB_PREFIX=tfact$$
 export LAB_VHOST=tfact$$
 export LAB_QUEUE=actions

@@ -12,6 +12,8 @@ bash scripts/ci/ui-deps.sh
 target=${CARGO_TARGET_DIR:-$repo/target}
 export LAB_DIR=${UI_TEST_DIR:-$target/ui-test}
 export LAB_PORT=${UI_TEST_PORT:-18767}
+# Fake devices: this test is about the server and the agent, not about VMs.
+export LAB_DEVICE=fake
 export LAB_PREFIX=tfuitest$$
 export LAB_VHOST=tfuitest$$
 export LAB_QUEUE=uitest

@@ -87,4 +87,5 @@ device_types! {
     Fake => fake::Fake ["fake", "fake_connector"];
     NoProvision => noprovision::NoProvision ["noprovision"];
     Multi => multi::Multi ["multi"];
+    Qemu => qemu::Qemu ["qemu"];
 }

@@ -8,6 +8,7 @@ mod docs_reference;
 mod multi;
 mod multi_agents;
 mod noprovision;
+mod qemu;
 mod reserve;
 mod serial;
 mod support;
