@@ -642,12 +642,14 @@ impl Run {
         let Ok(data) = tokio::fs::read(&path).await else {
             return Ok(());
         };
-        for chunk in data.chunks(SERIAL_CHUNK) {
+        // Cut at character boundaries: a character across a 1 MiB cut must not turn into
+        // U+FFFD on both sides.
+        for chunk in testflinger_common::text::utf8_chunks(&data, SERIAL_CHUNK) {
             let fragment = Fragment {
                 fragment_number: self.serial_counter,
                 timestamp: now_iso(),
                 phase,
-                log_data: String::from_utf8_lossy(chunk).into_owned(),
+                log_data: chunk,
             };
             self.serial_counter += 1;
             let r = self

@@ -6,6 +6,7 @@
 //! - [`queue`]: queue-name rules.
 //! - [`introspect`]: field names of config and schema structs, for the documentation check.
 //! - [`state`]: `JobState`, `Phase`, `AgentState`, `LogType`.
+//! - [`text`]: log text cut into fragments at character boundaries.
 //! - [`protocol`]: bodies of our additions to the v1 API (claim, heartbeat, release) and
 //!   the job event published on `testflinger.events`.
 //!
@@ -17,6 +18,7 @@ pub mod job;
 pub mod protocol;
 pub mod queue;
 pub mod state;
+pub mod text;
 
 pub use job::{Job, JobId, ValidationError};
 pub use state::{AgentState, JobState, LogType, Phase};
