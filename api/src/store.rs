@@ -504,6 +504,19 @@ return false
     )
 });
 
+/// Raises a job's counter field to ARGV[1] if it is lower; returns the old value (0
+/// when unset), or -1 for an unknown job.
+static ADVANCE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+local old = tonumber(redis.call('HGET', KEYS[1], ARGV[2]) or '0') or 0
+if tonumber(ARGV[1]) > old then redis.call('HSET', KEYS[1], ARGV[2], ARGV[1]) end
+return old
+"#,
+    )
+});
+
 /// What [`Store::set_state`] did, with the state the job had before.
 #[derive(Debug, Clone, PartialEq)]
 pub enum StateChange {
@@ -1260,6 +1273,19 @@ impl Store {
             .invoke_async(&mut c)
             .await?;
         Ok(r)
+    }
+
+    /// How many of an agent's cumulative event list were relayed before; records that
+    /// `seen` are relayed now. `None` for an unknown job.
+    pub async fn advance_agent_events(&self, id: &str, seen: u64) -> ApiResult<Option<u64>> {
+        let mut c = self.con();
+        let old: i64 = ADVANCE
+            .key(self.keys.job(id))
+            .arg(seen)
+            .arg("agent_events")
+            .invoke_async(&mut c)
+            .await?;
+        Ok(u64::try_from(old).ok())
     }
 
     /// Takes or renews a named lock held by `me` for `ttl_ms`; true when held.

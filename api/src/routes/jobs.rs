@@ -22,7 +22,8 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .route("/v1/job/{id}/position", web::get().to(position))
         .route("/v1/job/{id}/action", web::post().to(action))
         .route("/v1/job/{id}/attachments", web::post().to(post_attachments))
-        .route("/v1/job/{id}/attachments", web::get().to(get_attachments));
+        .route("/v1/job/{id}/attachments", web::get().to(get_attachments))
+        .route("/v1/job/{id}/events", web::post().to(post_events));
 }
 
 #[tracing::instrument(skip_all, fields(job.id))]
@@ -224,6 +225,82 @@ async fn post_attachments(
         None,
         Some("attachments received"),
         webhook_of(f[4].as_deref()),
+    );
+    Ok(ok_text())
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EventsIn {
+    #[serde(default)]
+    agent_id: Option<String>,
+    #[serde(default)]
+    job_queue: Option<String>,
+    job_status_webhook: String,
+    #[serde(default)]
+    events: Vec<events::AgentEvent>,
+}
+
+/// `POST /v1/job/<id>/events`: upstream agents post the cumulative list of a job's phase
+/// events after each one. New events go to `testflinger.events`; the post (without
+/// `job_status_webhook`) goes to the job's webhook, as upstream relays it. The webhook
+/// must be the job's own `job_status_webhook` (403 otherwise: the route relays to no
+/// other address); its host must be in `TESTFLINGER_WEBHOOK_ALLOWED_HOSTS` to be called.
+#[tracing::instrument(skip_all, fields(job.id = %id))]
+async fn post_events(
+    app: web::Data<AppState>,
+    id: web::Path<String>,
+    body: web::Bytes,
+) -> ApiResult<HttpResponse> {
+    let id = parse_id(&id, true)?.to_string();
+    let value = json_body(&body)?;
+    let e: EventsIn =
+        testflinger_common::job::deserialize(value.clone()).map_err(ApiError::Validation)?;
+    let f = app
+        .store
+        .job_fields(&id, &["queue", "def", "agent"])
+        .await?;
+    let Some(queue) = f[0].clone() else {
+        return Err(ApiError::Text(
+            StatusCode::NOT_FOUND,
+            format!("Job {id} not found\n"),
+        ));
+    };
+    if webhook_of(f[1].as_deref()).as_deref() != Some(e.job_status_webhook.as_str()) {
+        return Err(ApiError::Json(
+            StatusCode::FORBIDDEN,
+            "job_status_webhook: not this job's job_status_webhook; events are relayed to the job's own webhook only".into(),
+        ));
+    }
+    let Some(seen) = app
+        .store
+        .advance_agent_events(&id, e.events.len() as u64)
+        .await?
+    else {
+        return Err(ApiError::Text(
+            StatusCode::NOT_FOUND,
+            format!("Job {id} not found\n"),
+        ));
+    };
+    let new = e.events.get(seen as usize..).unwrap_or_default();
+    let mut forward = value;
+    if let Some(o) = forward.as_object_mut() {
+        o.remove("job_status_webhook");
+    }
+    let agent = e.agent_id.clone().or_else(|| f[2].clone());
+    let queue = e.job_queue.clone().filter(|q| *q == queue).unwrap_or(queue);
+    events::relay_agent_events(
+        &app,
+        &id,
+        &queue,
+        agent.as_deref(),
+        new,
+        (!new.is_empty()).then(|| {
+            (
+                e.job_status_webhook.clone(),
+                serde_json::to_vec(&forward).unwrap_or_default(),
+            )
+        }),
     );
     Ok(ok_text())
 }

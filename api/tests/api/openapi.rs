@@ -25,6 +25,7 @@ const SERVED: &[(&str, &str)] = &[
     ("POST", "/v1/job/{id}/action"),
     ("POST", "/v1/job/{id}/attachments"),
     ("GET", "/v1/job/{id}/attachments"),
+    ("POST", "/v1/job/{id}/events"),
     // lease.rs
     ("POST", "/v1/job/{id}/claim"),
     ("POST", "/v1/job/{id}/heartbeat"),
