@@ -60,6 +60,11 @@ impl Keys {
     pub fn outbox(&self) -> String {
         format!("{}:outbox", self.p)
     }
+    /// Jobs waiting for their attachments, by submit time (ms): the reaper cancels those
+    /// whose upload never came.
+    pub fn attach_wait(&self) -> String {
+        format!("{}:attachwait", self.p)
+    }
     /// The reaper's last pass, in Redis milliseconds.
     pub fn reaper_last(&self) -> String {
         format!("{}:reaper:last", self.p)
@@ -117,7 +122,7 @@ macro_rules! redis_now {
 static SUBMIT: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
--- KEYS: job qpos qjobs jobs seq outbox ; ARGV: id def queue prio created_ms created_iso attach ttl tags_json
+-- KEYS: job qpos qjobs jobs seq outbox attachwait ; ARGV: id def queue prio created_ms created_iso attach ttl tags_json
 if redis.call('EXISTS', KEYS[1]) == 1 then
   return {0, redis.call('HGET', KEYS[1], 'state') or '', redis.call('HGET', KEYS[1], 'def') or ''}
 end
@@ -130,7 +135,11 @@ redis.call('EXPIRE', KEYS[1], ARGV[8])
 redis.call('ZADD', KEYS[2], score, ARGV[1])
 redis.call('ZADD', KEYS[3], ARGV[5], ARGV[1])
 redis.call('ZADD', KEYS[4], ARGV[5], ARGV[1])
-if ARGV[7] == '' then redis.call('ZADD', KEYS[6], ARGV[5], ARGV[1]) end
+if ARGV[7] == '' then
+  redis.call('ZADD', KEYS[6], ARGV[5], ARGV[1])
+else
+  redis.call('ZADD', KEYS[7], ARGV[5], ARGV[1])
+end
 return {1, 'waiting'}
 "#,
     )
@@ -517,6 +526,22 @@ return old
     )
 });
 
+/// Cancels a job whose attachments were never uploaded (still `attach` = waiting).
+static EXPIRE_ATTACH: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+-- KEYS: job qpos attachwait ; ARGV: id reason
+redis.call('ZREM', KEYS[3], ARGV[1])
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+if redis.call('HGET', KEYS[1], 'attach') ~= 'waiting' then return 0 end
+if redis.call('HGET', KEYS[1], 'state') ~= 'waiting' then return 0 end
+redis.call('HSET', KEYS[1], 'state', 'cancelled', 'reason', ARGV[2])
+redis.call('ZREM', KEYS[2], ARGV[1])
+return 1
+"#,
+    )
+});
+
 /// What [`Store::set_state`] did, with the state the job had before.
 #[derive(Debug, Clone, PartialEq)]
 pub enum StateChange {
@@ -654,6 +679,7 @@ impl Store {
             .key(k.jobs())
             .key(k.seq())
             .key(k.outbox())
+            .key(k.attach_wait())
             .arg(id)
             .arg(def.to_string())
             .arg(queue)
@@ -1273,6 +1299,46 @@ impl Store {
             .invoke_async(&mut c)
             .await?;
         Ok(r)
+    }
+
+    /// Cancels the jobs that have waited for their attachments since before `cutoff_ms`
+    /// (at most 100 a call); returns `(id, queue)` of each job cancelled.
+    pub async fn expire_attachment_waits(
+        &self,
+        cutoff_ms: i64,
+        reason: &str,
+    ) -> ApiResult<Vec<(String, String)>> {
+        let mut c = self.con();
+        let ids: Vec<String> = redis::cmd("ZRANGEBYSCORE")
+            .arg(self.keys.attach_wait())
+            .arg("-inf")
+            .arg(cutoff_ms)
+            .arg("LIMIT")
+            .arg(0)
+            .arg(100)
+            .query_async(&mut c)
+            .await?;
+        let mut out = Vec::new();
+        for id in ids {
+            let queue = self
+                .job_fields(&id, &["queue"])
+                .await?
+                .pop()
+                .flatten()
+                .unwrap_or_default();
+            let done: i64 = EXPIRE_ATTACH
+                .key(self.keys.job(&id))
+                .key(self.keys.qpos(&queue))
+                .key(self.keys.attach_wait())
+                .arg(&id)
+                .arg(reason)
+                .invoke_async(&mut c)
+                .await?;
+            if done == 1 {
+                out.push((id, queue));
+            }
+        }
+        Ok(out)
     }
 
     /// How many of an agent's cumulative event list were relayed before; records that
