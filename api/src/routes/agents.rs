@@ -226,20 +226,9 @@ async fn post_queues(app: web::Data<AppState>, body: web::Bytes) -> ApiResult<Ht
 
 async fn get_queues(app: web::Data<AppState>) -> ApiResult<HttpResponse> {
     let mut c = app.store.con();
-    let mut m: BTreeMap<String, String> = c.hgetall(app.store.keys.queues()).await?;
-    // Queues only seen on agents appear too, without a description.
-    for a in all_agents(&app).await? {
-        for q in a
-            .get("queues")
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-        {
-            if let Some(q) = q.as_str() {
-                m.entry(q.to_string()).or_default();
-            }
-        }
-    }
+    // Advertised queues only (`advertised_queues` of agents, as upstream): a queue an
+    // agent merely consumes is not listed.
+    let m: BTreeMap<String, String> = c.hgetall(app.store.keys.queues()).await?;
     Ok(HttpResponse::Ok().json(m))
 }
 

@@ -109,9 +109,10 @@ async fn post_result(
                     super::jobs::webhook_of(f[3].as_deref()),
                 );
             }
+            // 422, never 409: an agent takes 409 to mean "lease lost" and stops the job.
             Some(StateChange::Refused(previous)) => {
                 return Err(ApiError::Json(
-                    StatusCode::CONFLICT,
+                    StatusCode::UNPROCESSABLE_ENTITY,
                     format!(
                         "job_state: job {id} cannot move from '{previous}' to '{state}'; states only move forward (waiting, running, setup, provision, firmware_update, test, allocate, allocated, reserve, cleanup, complete)"
                     ),
