@@ -1,6 +1,18 @@
 //! Phase processes: `/bin/sh -c <command>` in its own process group with stdout and
 //! stderr merged into one pipe, so a timeout or a cancel can kill the whole tree.
 //!
+//! Phases die with the agent, without `unsafe` (no `prctl`/`pre_exec`):
+//! - a [`Watchdog`] per phase: the agent binary re-executed as `testflinger-agent
+//!   watchdog` in its own process group, its stdin a pipe only the agent holds. The
+//!   agent writes `extend <ms>` after each lease renewal and `done` when the phase
+//!   ended; the watchdog kills the phase's group on end-of-file (the agent died), on
+//!   silence past the last deadline (the agent is frozen, or cannot renew its lease),
+//!   and exits quietly on `done`;
+//! - a start-up [`sweep`]: each phase's group id and a random marker (also in the
+//!   phase's environment as [`MARKER_ENV`]) are recorded in `<rundir>/<phase>.pgid`;
+//!   an agent starting kills the recorded groups whose processes still carry their
+//!   marker.
+//!
 //! Signals go to the group through `kill(1)`: the workspace forbids `unsafe`, and std
 //! has no safe `killpg`.
 
@@ -11,9 +23,13 @@ use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::unix::pipe;
-use tokio::process::{Child, Command};
+use tokio::process::{Child, ChildStdin, Command};
+
+/// Environment variable holding a phase's marker, so a later sweep can tell its
+/// processes from whatever reused the group id.
+pub const MARKER_ENV: &str = "TESTFLINGER_AGENT_PHASE";
 
 /// A running phase command: the process tree and its merged output, apart so that one
 /// task can wait for the one while reading the other.
@@ -114,6 +130,215 @@ pub async fn signal_group(pgid: u32, signal: &str) {
     if let Err(e) = r {
         tracing::warn!(pgid, signal, error = %e, "could not run kill(1)");
     }
+}
+
+/// The watchdog process of one phase (see the module docs). Dropping it without
+/// [`Watchdog::done`] closes its pipe, and it kills the phase's group.
+pub struct Watchdog {
+    child: Child,
+    stdin: Option<ChildStdin>,
+}
+
+impl Watchdog {
+    /// Starts `<this executable> watchdog` for group `pgid`: it kills the group unless
+    /// it hears from us within `within`; `grace` between SIGTERM and SIGKILL.
+    pub fn spawn(pgid: u32, within: Duration, grace: Duration) -> io::Result<Watchdog> {
+        let exe = std::env::current_exe()?;
+        let mut child = Command::new(exe)
+            .arg("watchdog")
+            .arg("--pgid")
+            .arg(pgid.to_string())
+            .arg("--within-ms")
+            .arg(within.as_millis().to_string())
+            .arg("--grace-ms")
+            .arg(grace.as_millis().to_string())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            // Not in the agent's group: a terminal's Ctrl-C must not take it away.
+            .process_group(0)
+            .kill_on_drop(false)
+            .spawn()?;
+        let stdin = child.stdin.take();
+        Ok(Watchdog { child, stdin })
+    }
+
+    /// Moves the deadline to `within` from now.
+    pub async fn extend(&mut self, within: Duration) {
+        self.say(&format!("extend {}\n", within.as_millis())).await;
+    }
+
+    async fn say(&mut self, line: &str) {
+        if let Some(s) = self.stdin.as_mut()
+            && let Err(e) = s.write_all(line.as_bytes()).await
+        {
+            tracing::warn!(error = %e, "the phase's watchdog is gone");
+            self.stdin = None;
+        }
+    }
+
+    /// The phase ended: the watchdog exits without killing anything.
+    pub async fn done(mut self) {
+        self.say("done\n").await;
+        self.stdin = None;
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.child.wait()).await;
+    }
+}
+
+/// The watchdog itself (`testflinger-agent watchdog`): reads `extend <ms>` and `done`
+/// lines on stdin; kills group `pgid` (SIGTERM, SIGKILL after `grace`) on end of input
+/// or when `within` (then each extension) passes without a line. Blocking; returns
+/// when done.
+pub fn watchdog_main(pgid: u32, within: Duration, grace: Duration) {
+    use std::io::BufRead;
+    use std::sync::mpsc::{RecvTimeoutError, channel};
+    let (tx, rx) = channel::<String>();
+    std::thread::spawn(move || {
+        for line in std::io::stdin().lock().lines() {
+            let Ok(line) = line else { return };
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let mut deadline = std::time::Instant::now() + within;
+    loop {
+        let wait = deadline.saturating_duration_since(std::time::Instant::now());
+        match rx.recv_timeout(wait) {
+            Ok(line) => {
+                let line = line.trim();
+                if line == "done" {
+                    return;
+                }
+                if let Some(ms) = line
+                    .strip_prefix("extend ")
+                    .and_then(|v| v.parse::<u64>().ok())
+                {
+                    deadline = std::time::Instant::now() + Duration::from_millis(ms);
+                }
+            }
+            Err(RecvTimeoutError::Timeout) => {
+                eprintln!(
+                    "testflinger-agent watchdog: no word from the agent in time (frozen, or its lease lapsed); killing phase group {pgid}"
+                );
+                kill_group_blocking(pgid, grace);
+                return;
+            }
+            Err(RecvTimeoutError::Disconnected) => {
+                eprintln!(
+                    "testflinger-agent watchdog: the agent is gone; killing phase group {pgid}"
+                );
+                kill_group_blocking(pgid, grace);
+                return;
+            }
+        }
+    }
+}
+
+fn kill_blocking(pgid: u32, signal: &str) {
+    let _ = std::process::Command::new("kill")
+        .arg("-s")
+        .arg(signal)
+        .arg("--")
+        .arg(format!("-{pgid}"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+}
+
+/// SIGTERM to group `pgid`, SIGKILL after `grace` if any member still lives.
+pub fn kill_group_blocking(pgid: u32, grace: Duration) {
+    kill_blocking(pgid, "TERM");
+    let end = std::time::Instant::now() + grace;
+    while std::time::Instant::now() < end {
+        if group_members(pgid).is_empty() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    kill_blocking(pgid, "KILL");
+}
+
+/// The live (not zombie) processes of group `pgid`, from `/proc`.
+pub fn group_members(pgid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    let want = pgid.to_string();
+    for e in entries.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // "pid (comm) state ppid pgrp ...": comm may hold spaces, so split after ')'.
+        let Some((_, rest)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        if f.len() > 2 && f[0] != "Z" && f[2] == want {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+/// Whether process `pid` has `MARKER_ENV=marker` in its environment.
+fn carries_marker(pid: u32, marker: &str) -> bool {
+    let want = format!("{MARKER_ENV}={marker}");
+    std::fs::read(format!("/proc/{pid}/environ"))
+        .map(|env| env.split(|b| *b == 0).any(|kv| kv == want.as_bytes()))
+        .unwrap_or(false)
+}
+
+/// Where a phase's group id and marker are recorded: `<rundir>/<phase>.pgid`.
+pub fn record_path(rundir: &Path, phase: &str) -> std::path::PathBuf {
+    rundir.join(format!("{phase}.pgid"))
+}
+
+/// Records `pgid marker` for the start-up sweep.
+pub fn write_record(path: &Path, pgid: u32, marker: &str) -> io::Result<()> {
+    std::fs::write(path, format!("{pgid} {marker}\n"))
+}
+
+/// Kills what a previous run of the agent left: every group recorded in
+/// `<execution_basedir>/*/*.pgid` that still has a process carrying the recorded
+/// marker. Removes the records. Blocking; returns the number of groups killed.
+pub fn sweep(execution_basedir: &Path, grace: Duration) -> usize {
+    let mut killed = 0;
+    let Ok(dirs) = std::fs::read_dir(execution_basedir) else {
+        return 0;
+    };
+    for d in dirs.flatten() {
+        let Ok(files) = std::fs::read_dir(d.path()) else {
+            continue;
+        };
+        for f in files.flatten() {
+            let path = f.path();
+            if path.extension().and_then(|e| e.to_str()) != Some("pgid") {
+                continue;
+            }
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            let mut it = text.split_whitespace();
+            if let (Some(Ok(pgid)), Some(marker)) = (it.next().map(str::parse::<u32>), it.next())
+                && pgid > 1
+            {
+                let ours = group_members(pgid)
+                    .into_iter()
+                    .any(|pid| carries_marker(pid, marker));
+                if ours {
+                    tracing::warn!(pgid, record = %path.display(), "killing a phase a previous run of the agent left");
+                    kill_group_blocking(pgid, grace);
+                    killed += 1;
+                }
+            }
+            let _ = std::fs::remove_file(&path);
+        }
+    }
+    killed
 }
 
 /// The phase's exit code as upstream reports it: the code modulo 256, and a death by

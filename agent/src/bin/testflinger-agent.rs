@@ -7,6 +7,7 @@
 use clap::Parser;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 use testflinger_agent::{Config, telemetry};
 
 #[derive(Parser, Debug)]
@@ -19,10 +20,41 @@ struct Args {
     /// The agent configuration file (YAML).
     #[arg(short = 'c', long = "config", default_value = "testflinger-agent.conf")]
     config: PathBuf,
+    #[command(subcommand)]
+    internal: Option<Internal>,
+}
+
+/// Started by the agent itself, not by people.
+#[derive(clap::Subcommand, Debug)]
+enum Internal {
+    /// Kills a phase's process group if the agent dies or stops renewing its lease
+    /// (see `testflinger_agent::process`).
+    #[command(hide = true)]
+    Watchdog {
+        #[arg(long)]
+        pgid: u32,
+        #[arg(long)]
+        within_ms: u64,
+        #[arg(long, default_value_t = 1000)]
+        grace_ms: u64,
+    },
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if let Some(Internal::Watchdog {
+        pgid,
+        within_ms,
+        grace_ms,
+    }) = args.internal
+    {
+        testflinger_agent::process::watchdog_main(
+            pgid,
+            Duration::from_millis(within_ms),
+            Duration::from_millis(grace_ms),
+        );
+        return ExitCode::SUCCESS;
+    }
     let cfg = match Config::load(&args.config) {
         Ok(c) => c,
         Err(e) => {

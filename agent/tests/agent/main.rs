@@ -11,6 +11,7 @@
 
 mod control;
 mod delivery;
+mod faults;
 mod lab;
 mod runs;
 mod startup;
