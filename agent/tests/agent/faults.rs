@@ -75,6 +75,10 @@ async fn a_killed_agent_leaves_no_phase_process_within_a_second() {
         t0.elapsed(),
         group_members(&pgid)
     );
+    eprintln!(
+        "kill -9: the phase group was gone {:?} after the agent died",
+        t0.elapsed()
+    );
     assert!(crate::lab::wait_pid_gone(&child, Duration::from_millis(10)).await);
 }
 
@@ -99,11 +103,16 @@ fn watchdog_of(agent_pid: u32) -> Option<String> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_restarted_agent_sweeps_the_phase_a_previous_run_left() {
+async fn a_restarted_agent_sweeps_the_phase_a_previous_run_left_and_releases_the_job() {
     let mut lab = TestLab::start("sweep").await;
-    let cmd = phase_with_child(&lab, "s");
+    let fast = lab.path("fast");
+    let cmd = format!(
+        "if [ -f {} ]; then echo second-run; exit 0; fi; {}",
+        fast.display(),
+        phase_with_child(&lab, "s")
+    );
     let a = lab.spawn_agent("dev-s", json!({"test_command": cmd.clone()}));
-    let (_, pgid) = start_phase(&lab, "s").await;
+    let (id, pgid) = start_phase(&lab, "s").await;
     // Take the watchdog away first: only the start-up sweep can end the phase now.
     let agent_pid = lab.agent(a).pid();
     let watchdog = watchdog_of(agent_pid).expect("the agent runs a watchdog for its phase");
@@ -114,12 +123,81 @@ async fn a_restarted_agent_sweeps_the_phase_a_previous_run_left() {
         !group_members(&pgid).is_empty(),
         "the orphaned phase survives without its watchdog"
     );
+    std::fs::write(&fast, b"").expect("fast");
+    let t0 = Instant::now();
     lab.spawn_agent("dev-s", json!({"test_command": cmd}));
     assert!(
         wait_group_gone(&pgid, Duration::from_secs(10)).await,
         "the restarted agent left group {pgid}: {:?}",
         group_members(&pgid)
     );
+    eprintln!(
+        "sweep: the orphaned phase group was gone {:?} after the restart",
+        t0.elapsed()
+    );
+    // Its spool ended with a release: the job runs again at once (the 30 s lease has
+    // not run out, so this is not the reaper's doing).
+    let r = lab.wait_complete(&id, Duration::from_secs(20)).await;
+    assert_eq!(r["job_attempt"], 2, "{r}");
+    assert!(t0.elapsed() < Duration::from_secs(25), "{:?}", t0.elapsed());
+    let out = r["test_output"].as_str().unwrap_or_default();
+    assert!(out.contains("second-run"), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_agent_delivers_the_outcome_its_spool_holds() {
+    let mut lab = TestLab::start_with(
+        "respool",
+        ServerOpts {
+            lease_ttl: 60,
+            ..ServerOpts::default()
+        },
+    )
+    .await;
+    let gate = lab.path("gate");
+    let cmd = format!(
+        "echo before; while [ ! -f {} ]; do sleep 0.05; done; i=0; while [ $i -lt 20 ]; do i=$((i+1)); echo after-$i; done",
+        gate.display()
+    );
+    let a = lab.spawn_agent("dev-r", json!({"test_command": cmd.clone()}));
+    let id = lab.submit(json!({"test_data": {"test_cmds": "x"}})).await;
+    lab.wait_result(&id, "test phase started", LONG, |r| {
+        r["test_output"]
+            .as_str()
+            .is_some_and(|o| o.contains("before"))
+    })
+    .await;
+    lab.stop_server();
+    std::fs::write(&gate, b"").expect("gate");
+    // The job ends while the API is down: its outcome waits in the spool.
+    let spool = lab.path("results").join("dev-r").join(&id);
+    lab.wait_for("final outcome spooled", LONG, || async {
+        let entries = std::fs::read_dir(&spool).ok()?;
+        entries
+            .flatten()
+            .any(|e| std::fs::read_to_string(e.path()).is_ok_and(|t| t.contains("\"last\":true")))
+            .then_some(())
+    })
+    .await;
+    lab.kill_agent(a);
+    lab.restart_server().await;
+    lab.spawn_agent("dev-r", json!({"test_command": cmd}));
+    let r = lab.wait_complete(&id, LONG).await;
+    assert_eq!(r["job_attempt"], 1, "nothing re-ran: {r}");
+    assert_eq!(r["test_status"], 0, "{r}");
+    let out = r["test_output"].as_str().unwrap_or_default();
+    for i in 1..=20 {
+        let line = format!("after-{i}");
+        assert_eq!(
+            out.lines().filter(|l| *l == line).count(),
+            1,
+            "{line}: {out}"
+        );
+    }
+    lab.wait_for("spool removed", LONG, || async {
+        (!spool.exists()).then_some(())
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -135,6 +213,7 @@ async fn a_frozen_agents_phase_dies_before_its_lease_ends() {
     // The last renewal came before the freeze: the lease ends within `lease` seconds.
     let gone = wait_group_gone(&pgid, Duration::from_secs(lease)).await;
     let took = t0.elapsed();
+    eprintln!("SIGSTOP: the phase group was gone {took:?} after the freeze (lease {lease} s)");
     signal(&pid, "CONT");
     assert!(
         gone,
@@ -161,6 +240,10 @@ async fn an_agent_cut_off_from_the_api_stops_its_phase_before_its_lease_ends() {
         "phase group {pgid} still ran {:?} after the cut (lease {lease} s); log:\n{}",
         t0.elapsed(),
         lab.agent_log(a)
+    );
+    eprintln!(
+        "cut: the phase group was gone {:?} after the cut (lease {lease} s)",
+        t0.elapsed()
     );
     assert!(
         lab.agent_log(a).contains("lease lost"),
