@@ -712,10 +712,10 @@ pub fn job_id_from(message_id: Option<&str>, body: &[u8]) -> Result<String, Stri
 
 /// Renews the lease every third of its length, first at `next`; each call waits at
 /// most [`heartbeat_timeout`], a failed one is tried again after a tenth of the lease.
-/// A successful renewal moves the lease deadline (`lease_tx`: when it was sent + lease
-/// - margin); when that deadline passes first, `expired` is cancelled and the loop ends
-/// ("lease lost" on the agent's clock). A cancel in the answer reaches the running
-/// phase; a 409 cancels `lost`.
+/// A successful renewal moves the lease deadline (`lease_tx`: when it was sent, plus
+/// the lease, minus the margin); when that deadline passes first, `expired` is
+/// cancelled and the loop ends ("lease lost" on the agent's clock). A cancel in the
+/// answer reaches the running phase; a 409 cancels `lost`.
 async fn heartbeat_loop(
     client: ApiClient,
     job_id: String,

@@ -525,13 +525,13 @@ impl Run {
                     46 => "recovery_fail",
                     _ => "provision_fail",
                 };
-                if let Err(e) = self
-                    .quick
-                    .post_provision_log(&self.job.id, code, detail)
-                    .await
-                {
-                    tracing::warn!(error = %e, "could not post the provision log");
-                }
+                self.push(
+                    "provision log",
+                    &Entry::ProvisionLog {
+                        exit_code: code,
+                        detail: detail.to_string(),
+                    },
+                )?;
             }
             if phase == Phase::Allocate && code == 0 {
                 self.allocated().await?;

@@ -57,6 +57,8 @@ pub enum Entry {
     Artifact { file: String },
     /// `POST /v1/job/<id>/release`: the job goes back to its queue.
     Release { reason: String },
+    /// `POST /v1/agents/provision_logs/<agent>` (not fenced).
+    ProvisionLog { exit_code: i32, detail: String },
 }
 
 impl Entry {
@@ -280,7 +282,7 @@ pub async fn deliver(
                 }
                 Err(ClientError::Unavailable(e)) => {
                     failures += 1;
-                    if failures == 1 || failures % 20 == 0 {
+                    if failures == 1 || failures.is_multiple_of(20) {
                         tracing::warn!(job.id = %meta.job_id, error = %e, failures, "the API is unavailable; keeping the spool and retrying");
                     }
                     tokio::time::sleep(pause).await;
@@ -290,6 +292,11 @@ pub async fn deliver(
         }
         if failures > 0 {
             tracing::info!(job.id = %meta.job_id, failures, "the API answers again; delivering the spool");
+        }
+        if entry.is_terminal() {
+            // The last entry: gone at once, so that a crash now cannot leave a spool
+            // that looks unfinished (a restart would release a finished job).
+            break;
         }
         if let Entry::Artifact { file } = &entry {
             let _ = std::fs::remove_file(dir.join(file));
@@ -320,6 +327,11 @@ async fn send(
             client.post_artifact(&meta.job_id, meta.token, bytes).await
         }
         Entry::Release { reason } => client.release(&meta.job_id, meta.token, reason).await,
+        Entry::ProvisionLog { exit_code, detail } => {
+            client
+                .post_provision_log(&meta.job_id, *exit_code, detail)
+                .await
+        }
     }
 }
 
