@@ -143,7 +143,13 @@ impl Watchdog {
     /// Starts `<this executable> watchdog` for group `pgid`: it kills the group unless
     /// it hears from us within `within`; `grace` between SIGTERM and SIGKILL.
     pub fn spawn(pgid: u32, within: Duration, grace: Duration) -> io::Result<Watchdog> {
-        let exe = std::env::current_exe()?;
+        // /proc/self/exe still runs this binary after an upgrade replaced (deleted) it.
+        let exe = Path::new("/proc/self/exe");
+        let exe = if exe.exists() {
+            exe.to_path_buf()
+        } else {
+            std::env::current_exe()?
+        };
         let mut child = Command::new(exe)
             .arg("watchdog")
             .arg("--pgid")

@@ -1,5 +1,8 @@
 //! `testflinger-agent -c <config.yaml>`: runs one device agent until SIGTERM or SIGINT.
 //!
+//! `testflinger-agent watchdog --pgid N --within-ms T` is started by the agent itself,
+//! one per phase (see `testflinger_agent::process`); it is not for people.
+//!
 //! Exits 2 on a bad command line, 1 on an unreadable or invalid config file (the
 //! message names the file and the key) or a malformed AMQP URI; 0 after a clean
 //! shutdown, in which a running job was finished or released to its queue.

@@ -346,6 +346,12 @@ async fn quorum_queues_run_jobs_end_to_end() {
             );
         }
     }
+    // They really are quorum queues: declaring one as classic is refused.
+    let classic = Broker::new(BrokerConfig::new(amqp_uri())).expect("broker");
+    assert!(
+        classic.ensure_job_queue(&second).await.is_err(),
+        "{second} accepted a classic declaration"
+    );
     for id in &ids {
         let r = lab.wait_complete(id, LONG).await;
         assert_eq!(r["job_attempt"], 1, "{r}");
