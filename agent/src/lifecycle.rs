@@ -103,8 +103,11 @@ impl Agent {
         // First of all, before waiting for anything: no phase of a previous run may go
         // on while this one starts.
         let basedir = self.cfg.execution_basedir.clone();
-        match tokio::task::spawn_blocking(move || process::sweep(&basedir, runner::ORPHAN_GRACE))
-            .await
+        let me = self.cfg.agent_id.clone();
+        match tokio::task::spawn_blocking(move || {
+            process::sweep(&basedir, &me, runner::ORPHAN_GRACE)
+        })
+        .await
         {
             Ok(0) => {}
             Ok(n) => tracing::warn!(groups = n, "killed phases a previous run left"),

@@ -8,10 +8,10 @@
 //!   ended; the watchdog kills the phase's group on end-of-file (the agent died), on
 //!   silence past the last deadline (the agent is frozen, or cannot renew its lease),
 //!   and exits quietly on `done`;
-//! - a start-up [`sweep`]: each phase's group id and a random marker (also in the
-//!   phase's environment as [`MARKER_ENV`]) are recorded in `<rundir>/<phase>.pgid`;
-//!   an agent starting kills the recorded groups whose processes still carry their
-//!   marker.
+//! - a start-up [`sweep`]: each phase's group id, a random marker (also in the phase's
+//!   environment as [`MARKER_ENV`]) and the agent id are recorded in
+//!   `<rundir>/<phase>.pgid`; an agent starting kills the groups it recorded whose
+//!   processes still carry their marker (never another agent's sharing the directory).
 //!
 //! Signals go to the group through `kill(1)`: the workspace forbids `unsafe`, and std
 //! has no safe `killpg`.
@@ -305,15 +305,16 @@ pub fn record_path(rundir: &Path, phase: &str) -> std::path::PathBuf {
     rundir.join(format!("{phase}.pgid"))
 }
 
-/// Records `pgid marker` for the start-up sweep.
-pub fn write_record(path: &Path, pgid: u32, marker: &str) -> io::Result<()> {
-    std::fs::write(path, format!("{pgid} {marker}\n"))
+/// Records `pgid marker agent_id` for the start-up sweep.
+pub fn write_record(path: &Path, pgid: u32, marker: &str, agent_id: &str) -> io::Result<()> {
+    std::fs::write(path, format!("{pgid} {marker} {agent_id}\n"))
 }
 
-/// Kills what a previous run of the agent left: every group recorded in
+/// Kills what a previous run of agent `agent_id` left: every group recorded by it in
 /// `<execution_basedir>/*/*.pgid` that still has a process carrying the recorded
-/// marker. Removes the records. Blocking; returns the number of groups killed.
-pub fn sweep(execution_basedir: &Path, grace: Duration) -> usize {
+/// marker, and removes those records. Records of other agents sharing the directory are
+/// left alone. Blocking; returns the number of groups killed.
+pub fn sweep(execution_basedir: &Path, agent_id: &str, grace: Duration) -> usize {
     let mut killed = 0;
     let Ok(dirs) = std::fs::read_dir(execution_basedir) else {
         return 0;
@@ -329,7 +330,11 @@ pub fn sweep(execution_basedir: &Path, grace: Duration) -> usize {
             }
             let text = std::fs::read_to_string(&path).unwrap_or_default();
             let mut it = text.split_whitespace();
-            if let (Some(Ok(pgid)), Some(marker)) = (it.next().map(str::parse::<u32>), it.next())
+            let (pgid, marker, owner) = (it.next(), it.next(), it.next());
+            if owner != Some(agent_id) {
+                continue;
+            }
+            if let (Some(Ok(pgid)), Some(marker)) = (pgid.map(str::parse::<u32>), marker)
                 && pgid > 1
             {
                 let ours = group_members(pgid)
@@ -385,6 +390,51 @@ mod tests {
         assert_eq!(exit_code(status), 3);
         let text = String::from_utf8_lossy(&all);
         assert!(text.contains("out") && text.contains("err"), "{text}");
+    }
+
+    #[tokio::test]
+    async fn the_sweep_kills_only_marked_groups_of_this_agent() {
+        let base = tempfile::tempdir().expect("tempdir");
+        let run = base.path().join("job");
+        std::fs::create_dir_all(&run).expect("rundir");
+        let spawn = |marker: &str| {
+            let mut env = BTreeMap::new();
+            env.insert(MARKER_ENV.to_string(), marker.to_string());
+            PhaseProcess::spawn("sleep 300", &run, &env).expect("spawn")
+        };
+        let mut ours = spawn("m1");
+        let mut other_agent = spawn("m2");
+        let mut wrong_marker = spawn("m3");
+        write_record(&run.join("a.pgid"), ours.tree.pgid(), "m1", "dev").expect("record");
+        write_record(&run.join("b.pgid"), other_agent.tree.pgid(), "m2", "other").expect("record");
+        write_record(
+            &run.join("c.pgid"),
+            wrong_marker.tree.pgid(),
+            "not-m3",
+            "dev",
+        )
+        .expect("record");
+        let killed = tokio::task::spawn_blocking({
+            let base = base.path().to_path_buf();
+            move || sweep(&base, "dev", Duration::from_secs(1))
+        })
+        .await
+        .expect("sweep");
+        assert_eq!(killed, 1);
+        let status = tokio::time::timeout(Duration::from_secs(5), ours.tree.wait())
+            .await
+            .expect("ours killed")
+            .expect("status");
+        assert!(!status.success());
+        assert!(!group_members(other_agent.tree.pgid()).is_empty());
+        assert!(!group_members(wrong_marker.tree.pgid()).is_empty());
+        assert!(run.join("b.pgid").exists(), "another agent's record stays");
+        for p in [&mut other_agent, &mut wrong_marker] {
+            p.tree
+                .kill_tree(Duration::from_secs(1))
+                .await
+                .expect("kill");
+        }
     }
 
     #[tokio::test]

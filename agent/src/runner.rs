@@ -488,6 +488,9 @@ impl Run {
             }
             // Upstream posts the state of every phase it enters, even one it then skips.
             self.post_result("job_state", json!({"job_state": phase.job_state()}))?;
+            // Let the spool's task put the state on the wire before our own requests:
+            // the phase's start is what users (and the dispatch benchmark) wait for.
+            tokio::task::yield_now().await;
             if skip.is_none() && self.hold.is_none() {
                 self.post_agent(json!({"state": phase.as_str(), "job_id": self.job.id}))
                     .await;
@@ -631,7 +634,7 @@ impl Run {
         // watchdog that outlives a crash or a freeze of the agent.
         let pgid = proc.tree.pgid();
         let record = process::record_path(&self.rundir, phase.as_str());
-        if let Err(e) = process::write_record(&record, pgid, &marker) {
+        if let Err(e) = process::write_record(&record, pgid, &marker, &self.cfg.agent_id) {
             tracing::warn!(error = %e, "cannot record the phase's process group");
         }
         let mut lease = self.signals.lease.clone();
