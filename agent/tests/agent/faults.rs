@@ -333,7 +333,7 @@ async fn quorum_queues_run_jobs_end_to_end() {
     .await;
     let second = lab.extra_queue("b");
     let queues = json!([lab.queue, second]);
-    lab.spawn_agent(
+    let agent = lab.spawn_agent(
         "dev-q",
         json!({"queue_type": "quorum", "job_queues": queues, "test_command": "echo quorum-ran"}),
     );
@@ -363,6 +363,27 @@ async fn quorum_queues_run_jobs_end_to_end() {
             "{r}"
         );
     }
+    // The phases' watchdogs are gone and reaped: no zombie children pile up.
+    let pid = lab.agent(agent).pid();
+    lab.wait_for("watchdogs reaped", LONG, || async {
+        children_of(pid).is_empty().then_some(())
+    })
+    .await;
+}
+
+/// The children of `pid` (zombies included).
+fn children_of(pid: u32) -> Vec<String> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let stat = std::fs::read_to_string(format!("/proc/{name}/stat")).unwrap_or_default();
+        if let Some((_, rest)) = stat.rsplit_once(')')
+            && rest.split_whitespace().nth(1) == Some(pid.to_string().as_str())
+        {
+            out.push(format!("{name}{rest}"));
+        }
+    }
+    out
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
