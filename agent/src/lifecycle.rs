@@ -232,8 +232,13 @@ impl Agent {
                     now,
                 ));
                 let job_id = meta.job_id.clone();
-                let delivery =
-                    spool::deliver(self.client.clone(), meta, dir, pending, signals.lost);
+                let delivery = spool::deliver(
+                    self.client.clone(),
+                    meta,
+                    spool.clone(),
+                    pending,
+                    signals.lost,
+                );
                 let r = tokio::select! {
                     r = delivery => Some(r),
                     _ = self.stop.cancelled() => None,

@@ -44,6 +44,8 @@ const SHUTDOWN_DRAIN: Duration = Duration::from_secs(10);
 /// Look-ups between phases (cancel, agent state): short, so an unreachable API cannot
 /// hold the job longer than the lease clock allows.
 const LOOKUP_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a phase's start waits for the API to have the job's new state.
+const STATE_WAIT: Duration = Duration::from_secs(2);
 /// Between SIGTERM and SIGKILL when the watchdog or the start-up sweep ends a phase.
 pub const ORPHAN_GRACE: Duration = Duration::from_secs(1);
 
@@ -296,8 +298,14 @@ impl Run {
         let (spool, pending) = Spool::create(dir.clone(), &meta)
             .with_context(|| format!("cannot create the spool {}", dir.display()))?;
         let shipper = tokio::spawn(
-            spool::deliver(client.clone(), meta, dir, pending, signals.lost.clone())
-                .in_current_span(),
+            spool::deliver(
+                client.clone(),
+                meta,
+                spool.clone(),
+                pending,
+                signals.lost.clone(),
+            )
+            .in_current_span(),
         );
         Ok(Run {
             quick: client.quick(2, LOOKUP_TIMEOUT),
@@ -325,14 +333,32 @@ impl Run {
     /// Spools a write about the job; `Err` once the lease is lost.
     fn post_result(&self, what: &str, body: Value) -> anyhow::Result<()> {
         self.push(what, &Entry::Result { body, last: false })
+            .map(|_| ())
     }
 
-    fn push(&self, what: &str, entry: &Entry) -> anyhow::Result<()> {
+    fn push(&self, what: &str, entry: &Entry) -> anyhow::Result<Option<u64>> {
         if self.signals.lost.is_cancelled() {
             return Err(LeaseLost.into());
         }
-        if let Err(e) = self.spool.push(entry) {
-            tracing::error!(what, error = %e, "cannot spool a write about the job; it is lost");
+        match self.spool.push(entry) {
+            Ok(seq) => Ok(Some(seq)),
+            Err(e) => {
+                tracing::error!(what, error = %e, "cannot spool a write about the job; it is lost");
+                Ok(None)
+            }
+        }
+    }
+
+    /// Spools the job's new state and waits (at most [`STATE_WAIT`]) until the API has
+    /// it: a phase's start is what users wait for, so it goes before the agent's own
+    /// calls; an unreachable API costs this wait once per phase.
+    async fn post_state(&self, state: &str) -> anyhow::Result<()> {
+        let body = json!({ "job_state": state });
+        if let Some(seq) = self.push("job_state", &Entry::Result { body, last: false })? {
+            tokio::select! {
+                _ = self.spool.wait_delivered(seq, STATE_WAIT) => {}
+                _ = self.signals.lost.cancelled() => return Err(LeaseLost.into()),
+            }
         }
         Ok(())
     }
@@ -487,10 +513,7 @@ impl Run {
                 self.refresh_hold().await;
             }
             // Upstream posts the state of every phase it enters, even one it then skips.
-            self.post_result("job_state", json!({"job_state": phase.job_state()}))?;
-            // Let the spool's task put the state on the wire before our own requests:
-            // the phase's start is what users (and the dispatch benchmark) wait for.
-            tokio::task::yield_now().await;
+            self.post_state(phase.job_state().as_str()).await?;
             if skip.is_none() && self.hold.is_none() {
                 self.post_agent(json!({"state": phase.as_str(), "job_id": self.job.id}))
                     .await;

@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use testflinger_common::LogType;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 /// How long one delivery attempt may take before it counts as failed.
@@ -80,11 +80,14 @@ pub enum Delivered {
     LeaseLost,
 }
 
-/// A handle to write entries into a job's spool; cheap to clone.
+/// A handle to write entries into a job's spool; cheap to clone. Delivery ends only
+/// after [`Spool::close`] (dropping handles does not end it).
 #[derive(Debug, Clone)]
 pub struct Spool {
     dir: PathBuf,
     inner: Arc<Mutex<Inner>>,
+    /// The sequence number below which every entry is delivered (or dropped).
+    delivered: Arc<watch::Sender<u64>>,
 }
 
 #[derive(Debug)]
@@ -132,6 +135,7 @@ impl Spool {
                     tx: Some(tx),
                     terminal: false,
                 })),
+                delivered: Arc::new(watch::Sender::new(0)),
             },
             rx,
         ))
@@ -162,6 +166,7 @@ impl Spool {
             let _ = tx.send(*s);
         }
         let next = seqs.last().map_or(0, |s| s + 1);
+        let first = seqs.first().copied().unwrap_or(next);
         Some((
             meta,
             Spool {
@@ -171,6 +176,7 @@ impl Spool {
                     tx: Some(tx),
                     terminal,
                 })),
+                delivered: Arc::new(watch::Sender::new(first)),
             },
             rx,
         ))
@@ -185,13 +191,24 @@ impl Spool {
         self.inner.lock().map(|i| i.terminal).unwrap_or(false)
     }
 
-    /// Stores `entry` and queues it for delivery. Fails when the disk refuses it.
-    pub fn push(&self, entry: &Entry) -> io::Result<()> {
+    /// Stores `entry` and queues it for delivery; returns its sequence number. Fails
+    /// when the disk refuses it.
+    pub fn push(&self, entry: &Entry) -> io::Result<u64> {
         self.push_with(entry, None)
     }
 
+    /// Waits until entry `seq` was delivered (or dropped), at most `within`; whether it
+    /// was.
+    pub async fn wait_delivered(&self, seq: u64, within: Duration) -> bool {
+        let mut rx = self.delivered.subscribe();
+        matches!(
+            tokio::time::timeout(within, rx.wait_for(|d| *d > seq)).await,
+            Ok(Ok(_))
+        )
+    }
+
     /// Stores an artifact tarball and its entry.
-    pub fn push_artifact(&self, tarball: &[u8]) -> io::Result<()> {
+    pub fn push_artifact(&self, tarball: &[u8]) -> io::Result<u64> {
         self.push_with(
             &Entry::Artifact {
                 file: String::new(),
@@ -200,7 +217,7 @@ impl Spool {
         )
     }
 
-    fn push_with(&self, entry: &Entry, file: Option<&[u8]>) -> io::Result<()> {
+    fn push_with(&self, entry: &Entry, file: Option<&[u8]>) -> io::Result<u64> {
         let mut inner = self
             .inner
             .lock()
@@ -219,7 +236,7 @@ impl Spool {
         if let Some(tx) = &inner.tx {
             let _ = tx.send(seq);
         }
-        Ok(())
+        Ok(seq)
     }
 
     /// No more entries: delivery ends after the last one stored.
@@ -239,7 +256,7 @@ pub fn remove(dir: &Path) {
     }
 }
 
-/// Delivers the entries of `dir` in the order `pending` names them, until the writer
+/// Delivers the entries of `spool` in the order `pending` names them, until the writer
 /// closes the spool and everything is delivered ([`Delivered::All`], the directory is
 /// removed) or the API answers 409 ([`Delivered::LeaseLost`]: `lost` is cancelled, the
 /// directory is removed). While the API is unreachable or failing it keeps trying; the
@@ -247,11 +264,12 @@ pub fn remove(dir: &Path) {
 pub async fn deliver(
     client: ApiClient,
     meta: Meta,
-    dir: PathBuf,
+    spool: Spool,
     mut pending: Pending,
     lost: CancellationToken,
 ) -> Delivered {
     let client = client.once(ATTEMPT_TIMEOUT);
+    let dir = spool.dir.clone();
     while let Some(seq) = pending.recv().await {
         let path = entry_path(&dir, seq);
         let entry = match std::fs::read(&path)
@@ -302,6 +320,7 @@ pub async fn deliver(
             let _ = std::fs::remove_file(dir.join(file));
         }
         let _ = std::fs::remove_file(&path);
+        spool.delivered.send_replace(seq + 1);
     }
     remove(&dir);
     Delivered::All
