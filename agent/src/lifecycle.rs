@@ -12,7 +12,7 @@
 
 use crate::client::{ApiClient, ClientError};
 use crate::config::Config;
-use crate::process;
+use crate::process::{self, Watchdog};
 use crate::runner::{self, ClaimedJob, JobEnd, JobSignals};
 use crate::spool::{self, Delivered, Entry, Spool};
 use serde_json::{Value, json};
@@ -79,6 +79,7 @@ struct Agent {
     stop: CancellationToken,
     current: Current,
     recheck: Arc<Notify>,
+    watchdog: Watchdog,
 }
 
 impl Agent {
@@ -96,6 +97,7 @@ impl Agent {
             stop,
             current: Arc::new(Mutex::new(None)),
             recheck: Arc::new(Notify::new()),
+            watchdog: Watchdog::new(runner::ORPHAN_GRACE),
         })
     }
 
@@ -598,6 +600,7 @@ impl Agent {
         let fut = runner::run_job(
             self.cfg.clone(),
             self.client.clone(),
+            self.watchdog.clone(),
             job.clone(),
             signals.clone(),
         );

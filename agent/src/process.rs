@@ -2,12 +2,12 @@
 //! stderr merged into one pipe, so a timeout or a cancel can kill the whole tree.
 //!
 //! Phases die with the agent, without `unsafe` (no `prctl`/`pre_exec`):
-//! - a [`Watchdog`] per phase: the agent binary re-executed as `testflinger-agent
-//!   watchdog` in its own process group, its stdin a pipe only the agent holds. The
-//!   agent writes `extend <ms>` after each lease renewal and `done` when the phase
-//!   ended; the watchdog kills the phase's group on end-of-file (the agent died), on
-//!   silence past the last deadline (the agent is frozen, or cannot renew its lease),
-//!   and exits quietly on `done`;
+//! - a [`Watchdog`]: the agent binary re-executed as `testflinger-agent watchdog` in
+//!   its own process group (one per agent, started with its first phase), its stdin a
+//!   pipe only the agent holds. The agent writes `watch <pgid> <ms>` when a phase
+//!   starts, `extend <ms>` after each lease renewal and `done` when the phase ended;
+//!   the watchdog kills the watched group on end-of-file (the agent died) and on
+//!   silence past the last deadline (the agent is frozen, or cannot renew its lease);
 //! - a start-up [`sweep`]: each phase's group id, a random marker (also in the phase's
 //!   environment as [`MARKER_ENV`]) and the agent id are recorded in
 //!   `<rundir>/<phase>.pgid`; an agent starting kills the groups it recorded whose
@@ -22,6 +22,7 @@ use std::os::fd::OwnedFd;
 use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 use std::process::{ExitStatus, Stdio};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::unix::pipe;
@@ -132,17 +133,16 @@ pub async fn signal_group(pgid: u32, signal: &str) {
     }
 }
 
-/// The watchdog process of one phase (see the module docs). Dropping it without
-/// [`Watchdog::done`] closes its pipe, and it kills the phase's group.
-pub struct Watchdog {
+/// The agent's watchdog process (see the module docs): one per agent, started on the
+/// first phase, started again if it died. Closing its pipe (the agent's death) kills
+/// the group it watches.
+struct WatchdogProc {
     child: Child,
-    stdin: Option<ChildStdin>,
+    stdin: ChildStdin,
 }
 
-impl Watchdog {
-    /// Starts `<this executable> watchdog` for group `pgid`: it kills the group unless
-    /// it hears from us within `within`; `grace` between SIGTERM and SIGKILL.
-    pub fn spawn(pgid: u32, within: Duration, grace: Duration) -> io::Result<Watchdog> {
+impl WatchdogProc {
+    fn spawn(grace: Duration) -> io::Result<WatchdogProc> {
         // /proc/self/exe still runs this binary after an upgrade replaced (deleted) it.
         let exe = Path::new("/proc/self/exe");
         let exe = if exe.exists() {
@@ -152,10 +152,6 @@ impl Watchdog {
         };
         let mut child = Command::new(exe)
             .arg("watchdog")
-            .arg("--pgid")
-            .arg(pgid.to_string())
-            .arg("--within-ms")
-            .arg(within.as_millis().to_string())
             .arg("--grace-ms")
             .arg(grace.as_millis().to_string())
             .stdin(Stdio::piped())
@@ -165,38 +161,82 @@ impl Watchdog {
             .process_group(0)
             .kill_on_drop(false)
             .spawn()?;
-        let stdin = child.stdin.take();
-        Ok(Watchdog { child, stdin })
+        let stdin = child
+            .stdin
+            .take()
+            .ok_or_else(|| io::Error::other("the watchdog has no stdin"))?;
+        Ok(WatchdogProc { child, stdin })
     }
 
-    /// Moves the deadline to `within` from now.
-    pub async fn extend(&mut self, within: Duration) {
-        self.say(&format!("extend {}\n", within.as_millis())).await;
-    }
-
-    async fn say(&mut self, line: &str) {
-        if let Some(s) = self.stdin.as_mut()
-            && let Err(e) = s.write_all(line.as_bytes()).await
-        {
-            tracing::warn!(error = %e, "the phase's watchdog is gone");
-            self.stdin = None;
-        }
-    }
-
-    /// The phase ended: the watchdog exits without killing anything. Not waited for
-    /// (off the job's path); the runtime reaps it.
-    pub async fn done(mut self) {
-        self.say("done\n").await;
-        self.stdin = None;
-        drop(self.child);
+    async fn say(&mut self, line: &str) -> io::Result<()> {
+        self.stdin.write_all(line.as_bytes()).await
     }
 }
 
-/// The watchdog itself (`testflinger-agent watchdog`): reads `extend <ms>` and `done`
-/// lines on stdin; kills group `pgid` (SIGTERM, SIGKILL after `grace`) on end of input
-/// or when `within` (then each extension) passes without a line. Blocking; returns
-/// when done.
-pub fn watchdog_main(pgid: u32, within: Duration, grace: Duration) {
+/// The agent's handle on its watchdog; cheap to clone, shared by its jobs.
+#[derive(Clone)]
+pub struct Watchdog {
+    grace: Duration,
+    proc: Arc<tokio::sync::Mutex<Option<WatchdogProc>>>,
+}
+
+impl Watchdog {
+    /// A handle; the process starts with the first [`Watchdog::watch`]. `grace` goes
+    /// between SIGTERM and SIGKILL.
+    pub fn new(grace: Duration) -> Watchdog {
+        Watchdog {
+            grace,
+            proc: Arc::new(tokio::sync::Mutex::new(None)),
+        }
+    }
+
+    /// Watches group `pgid`: it is killed unless [`Watchdog::extend`] or
+    /// [`Watchdog::done`] comes within `within`, or when the agent dies. Fails when no
+    /// watchdog can be started (the phase would then outlive an agent crash).
+    pub async fn watch(&self, pgid: u32, within: Duration) -> io::Result<()> {
+        let line = format!("watch {pgid} {}\n", within.as_millis());
+        let mut guard = self.proc.lock().await;
+        if let Some(p) = guard.as_mut() {
+            if let Ok(None) = p.child.try_wait()
+                && p.say(&line).await.is_ok()
+            {
+                return Ok(());
+            }
+            tracing::warn!("the watchdog was gone; starting another");
+        }
+        let mut p = WatchdogProc::spawn(self.grace)?;
+        p.say(&line).await?;
+        *guard = Some(p);
+        Ok(())
+    }
+
+    /// Moves the deadline of the watched group to `within` from now.
+    pub async fn extend(&self, within: Duration) {
+        self.say(&format!("extend {}\n", within.as_millis())).await;
+    }
+
+    /// The watched phase ended: nothing to kill.
+    pub async fn done(&self) {
+        self.say("done\n").await;
+    }
+
+    async fn say(&self, line: &str) {
+        let mut guard = self.proc.lock().await;
+        if let Some(p) = guard.as_mut()
+            && let Err(e) = p.say(line).await
+        {
+            tracing::warn!(error = %e, "the watchdog is gone");
+            *guard = None;
+        }
+    }
+}
+
+/// The watchdog itself (`testflinger-agent watchdog`): reads lines on stdin:
+/// `watch <pgid> <ms>` (watch that group, deadline in `ms`), `extend <ms>`, `done`. It
+/// kills the watched group (SIGTERM, SIGKILL after `grace`) when the deadline passes
+/// without a line, or when its input ends (the agent died); it exits at the end of its
+/// input. Blocking.
+pub fn watchdog_main(grace: Duration) {
     use std::io::BufRead;
     use std::sync::mpsc::{RecvTimeoutError, channel};
     let (tx, rx) = channel::<String>();
@@ -208,34 +248,53 @@ pub fn watchdog_main(pgid: u32, within: Duration, grace: Duration) {
             }
         }
     });
-    let mut deadline = std::time::Instant::now() + within;
+    let ms = |v: Option<&str>| {
+        v.and_then(|v| v.parse::<u64>().ok())
+            .map(Duration::from_millis)
+    };
+    // The watched group and its deadline.
+    let mut watched: Option<(u32, std::time::Instant)> = None;
     loop {
-        let wait = deadline.saturating_duration_since(std::time::Instant::now());
-        match rx.recv_timeout(wait) {
+        let next = match watched {
+            Some((_, deadline)) => {
+                let wait = deadline.saturating_duration_since(std::time::Instant::now());
+                rx.recv_timeout(wait)
+            }
+            None => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
+        };
+        match next {
             Ok(line) => {
-                let line = line.trim();
-                if line == "done" {
-                    return;
-                }
-                if let Some(ms) = line
-                    .strip_prefix("extend ")
-                    .and_then(|v| v.parse::<u64>().ok())
-                {
-                    deadline = std::time::Instant::now() + Duration::from_millis(ms);
+                let mut w = line.split_whitespace();
+                match (w.next(), w.next(), w.next()) {
+                    (Some("watch"), Some(pgid), within) => {
+                        if let (Ok(pgid), Some(within)) = (pgid.parse::<u32>(), ms(within)) {
+                            watched = Some((pgid, std::time::Instant::now() + within));
+                        }
+                    }
+                    (Some("extend"), within, _) => {
+                        if let (Some((pgid, _)), Some(within)) = (watched, ms(within)) {
+                            watched = Some((pgid, std::time::Instant::now() + within));
+                        }
+                    }
+                    (Some("done"), _, _) => watched = None,
+                    _ => {}
                 }
             }
             Err(RecvTimeoutError::Timeout) => {
-                eprintln!(
-                    "testflinger-agent watchdog: no word from the agent in time (frozen, or its lease lapsed); killing phase group {pgid}"
-                );
-                kill_group_blocking(pgid, grace);
-                return;
+                if let Some((pgid, _)) = watched.take() {
+                    eprintln!(
+                        "testflinger-agent watchdog: no word from the agent in time (frozen, or its lease lapsed); killing phase group {pgid}"
+                    );
+                    kill_group_blocking(pgid, grace);
+                }
             }
             Err(RecvTimeoutError::Disconnected) => {
-                eprintln!(
-                    "testflinger-agent watchdog: the agent is gone; killing phase group {pgid}"
-                );
-                kill_group_blocking(pgid, grace);
+                if let Some((pgid, _)) = watched {
+                    eprintln!(
+                        "testflinger-agent watchdog: the agent is gone; killing phase group {pgid}"
+                    );
+                    kill_group_blocking(pgid, grace);
+                }
                 return;
             }
         }

@@ -175,13 +175,14 @@ struct LeaseExpired;
 pub async fn run_job(
     cfg: Arc<Config>,
     client: ApiClient,
+    watchdog: Watchdog,
     job: ClaimedJob,
     signals: JobSignals,
 ) -> anyhow::Result<JobReport> {
     let span =
         tracing::info_span!("job", job.id = %job.id, job.queue = %job.queue, attempt = job.attempt);
     async move {
-        let mut run = Run::prepare(cfg, client, job, signals).await?;
+        let mut run = Run::prepare(cfg, client, watchdog, job, signals).await?;
         let end = match run.execute().await {
             Ok(end) => end,
             Err(e) if e.is::<LeaseLost>() => {
@@ -226,6 +227,7 @@ struct Run {
     serial_counter: u64,
     spool: Spool,
     shipper: Option<tokio::task::JoinHandle<Delivered>>,
+    watchdog: Watchdog,
     /// For look-ups and agent-record updates: few, short tries.
     quick: ApiClient,
     hold: Option<Hold>,
@@ -241,6 +243,7 @@ impl Run {
     async fn prepare(
         cfg: Arc<Config>,
         client: ApiClient,
+        watchdog: Watchdog,
         job: ClaimedJob,
         signals: JobSignals,
     ) -> anyhow::Result<Run> {
@@ -322,6 +325,7 @@ impl Run {
             serial_counter: 0,
             spool,
             shipper: Some(shipper),
+            watchdog,
             hold: None,
             global_timeout,
             output_timeout,
@@ -663,11 +667,11 @@ impl Run {
         let mut lease = self.signals.lease.clone();
         let mut lease_open = true;
         let left = lease_left(*lease.borrow_and_update());
-        let mut watchdog = match Watchdog::spawn(pgid, left, ORPHAN_GRACE) {
-            Ok(w) => Some(w),
+        let watched = match self.watchdog.watch(pgid, left).await {
+            Ok(()) => true,
             Err(e) => {
-                tracing::error!(error = %e, "cannot start the phase's watchdog: the phase would outlive an agent crash");
-                None
+                tracing::error!(error = %e, "cannot start the watchdog: the phase would outlive an agent crash");
+                false
             }
         };
         let expired = self.signals.expired.clone();
@@ -693,12 +697,10 @@ impl Run {
                 _ = lost.cancelled() => { stop = Some(Stop::Lost); break; }
                 _ = expired.cancelled() => { stop = Some(Stop::Expired); break; }
                 _ = abort.cancelled() => { stop = Some(Stop::Abort); break; }
-                r = lease.changed(), if watchdog.is_some() && lease_open => match r {
+                r = lease.changed(), if watched && lease_open => match r {
                     Ok(()) => {
                         let left = lease_left(*lease.borrow_and_update());
-                        if let Some(w) = watchdog.as_mut() {
-                            w.extend(left).await;
-                        }
+                        self.watchdog.extend(left).await;
                     }
                     // The heartbeat is gone: the watchdog's last deadline stands.
                     Err(_) => lease_open = false,
@@ -753,8 +755,8 @@ impl Run {
             (Some(_), Some(s)) => s,
             (None, None) => proc.tree.wait().await.context("waiting for the phase")?,
         };
-        if let Some(w) = watchdog.take() {
-            w.done().await;
+        if watched {
+            self.watchdog.done().await;
         }
         let _ = std::fs::remove_file(&record);
         sink.flush(true);

@@ -1,7 +1,8 @@
 //! `testflinger-agent -c <config.yaml>`: runs one device agent until SIGTERM or SIGINT.
 //!
-//! `testflinger-agent watchdog --pgid N --within-ms T` is started by the agent itself,
-//! one per phase (see `testflinger_agent::process`); it is not for people.
+//! `testflinger-agent watchdog` is started by the agent itself, one per agent, and kills
+//! a phase the agent can no longer look after (see `testflinger_agent::process`); it is
+//! not for people.
 //!
 //! Exits 2 on a bad command line, 1 on an unreadable or invalid config file (the
 //! message names the file and the key) or a malformed AMQP URI; 0 after a clean
@@ -34,10 +35,6 @@ enum Internal {
     /// (see `testflinger_agent::process`).
     #[command(hide = true)]
     Watchdog {
-        #[arg(long)]
-        pgid: u32,
-        #[arg(long)]
-        within_ms: u64,
         #[arg(long, default_value_t = 1000)]
         grace_ms: u64,
     },
@@ -45,17 +42,8 @@ enum Internal {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    if let Some(Internal::Watchdog {
-        pgid,
-        within_ms,
-        grace_ms,
-    }) = args.internal
-    {
-        testflinger_agent::process::watchdog_main(
-            pgid,
-            Duration::from_millis(within_ms),
-            Duration::from_millis(grace_ms),
-        );
+    if let Some(Internal::Watchdog { grace_ms }) = args.internal {
+        testflinger_agent::process::watchdog_main(Duration::from_millis(grace_ms));
         return ExitCode::SUCCESS;
     }
     let cfg = match Config::load(&args.config) {
