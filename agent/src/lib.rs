@@ -15,7 +15,7 @@
 //!   retried while the API is away; only a 409 ends delivery.
 //! - [`phases`]: the per-phase rules in one `match`.
 //! - [`process`]: phase processes in their own process group; killing the tree; the
-//!   per-phase watchdog and the start-up sweep that make phases die with the agent.
+//!   agent's watchdog and the start-up sweep that make phases die with the agent.
 //! - [`archive`]: safe extraction of attachments, packing of artifacts.
 //! - [`telemetry`]: the tracing subscriber.
 

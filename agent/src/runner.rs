@@ -76,7 +76,7 @@ pub struct JobSignals {
     /// margin): kill the phase, run no other phase, deliver the output, release.
     pub expired: CancellationToken,
     /// When the lease, as the agent last renewed it, runs out (minus the margin). The
-    /// heartbeat moves it; each phase's watchdog is told.
+    /// heartbeat moves it; the watchdog is told.
     pub lease: watch::Receiver<Instant>,
 }
 
