@@ -2,11 +2,13 @@
 //!
 //! Writes about a job carry the fencing token in [`TOKEN_HEADER`]; a 409 answer means
 //! the lease was lost and becomes [`ClientError::LeaseLost`], never retried. Server
-//! errors (5xx) and connection failures are retried with exponential back-off; other
+//! errors (5xx) and connection failures are retried with exponential back-off (5 tries,
+//! 60 s per request by default; [`ApiClient::once`] makes a client that tries once with
+//! its own timeout, for heartbeats and the spool, which keep their own pace); other
 //! 4xx answers are the caller's to handle ([`ClientError::Rejected`]).
 
 use reqwest::{Method, RequestBuilder, Response, StatusCode};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use std::time::Duration;
 use testflinger_common::LogType;
@@ -32,7 +34,7 @@ pub enum ClientError {
 }
 
 /// One log fragment as `POST /v1/result/<id>/log/<type>` takes it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Fragment {
     pub fragment_number: u64,
     pub timestamp: String,
@@ -47,6 +49,8 @@ pub struct ApiClient {
     base: String,
     agent_id: String,
     attempts: u32,
+    /// Per-request timeout overriding the client's 60 s.
+    timeout: Option<Duration>,
 }
 
 impl ApiClient {
@@ -64,7 +68,27 @@ impl ApiClient {
             base: base.trim_end_matches('/').to_string(),
             agent_id: agent_id.to_string(),
             attempts: 5,
+            timeout: None,
         })
+    }
+
+    /// The same client, but each call is tried once and waits at most `timeout` for
+    /// the answer (connecting included); a timeout is [`ClientError::Unavailable`].
+    pub fn once(&self, timeout: Duration) -> ApiClient {
+        ApiClient {
+            attempts: 1,
+            timeout: Some(timeout),
+            ..self.clone()
+        }
+    }
+
+    /// The same client with at most `attempts` tries of `timeout` each.
+    pub fn quick(&self, attempts: u32, timeout: Duration) -> ApiClient {
+        ApiClient {
+            attempts: attempts.max(1),
+            timeout: Some(timeout),
+            ..self.clone()
+        }
     }
 
     pub fn agent_id(&self) -> &str {
@@ -84,7 +108,11 @@ impl ApiClient {
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(5));
             }
-            match build().send().await {
+            let mut req = build();
+            if let Some(t) = self.timeout {
+                req = req.timeout(t);
+            }
+            match req.send().await {
                 Ok(r) if r.status().is_server_error() => {
                     last = format!("{} {}", r.status(), message_of(r).await);
                 }

@@ -5,8 +5,9 @@
 //! - [`Broker`]: a connection pool (deadpool-lapin) plus our own pool of long-lived
 //!   confirm-mode channels, with reconnect and back-off; publishing that waits for the
 //!   broker's confirm; `basic.get`; a readiness probe.
-//! - [`consume`]: consumers with manual ack and a prefetch shared by all their queues,
-//!   yielding [`Incoming`] messages.
+//! - [`consume`]: consumers with manual ack and a prefetch per consumer (one consumer
+//!   per queue; quorum queues refuse a channel-wide prefetch), yielding [`Incoming`]
+//!   messages.
 
 mod client;
 pub mod consume;

@@ -12,6 +12,7 @@
 mod control;
 mod delivery;
 mod docs_reference;
+mod faults;
 mod lab;
 mod runs;
 mod startup;
