@@ -4,7 +4,8 @@
 //! The test command (a bash script, [`script`]) appends one line per event to the ledger
 //! file, each a single `write(2)` with `O_APPEND` (atomic for lines this short):
 //!
-//! - `S <job> <run> <agent> <t>`: the test started (run = a fresh id per execution);
+//! - `S <job> <run> <agent> <t> <ms>`: the test started (run = a fresh id per
+//!   execution) and will take about `ms` milliseconds;
 //! - `L <job> <run> <n> <t>`: it printed output line `n` (`TFL <run> <n>`) to stdout;
 //! - `E <job> <run> <n> <t>`: it finished after printing lines 1..=n.
 //!
@@ -38,10 +39,10 @@ L='{ledger}'
 job=${{PWD##*/}}
 run=$$x$RANDOM$RANDOM
 agent=${{agent_id:-unknown}}
-read -r up _ < /proc/uptime
-echo "S $job $run $agent $up" >> "$L"
 if (( RANDOM % 100 < {long_pct} )); then lo={llo}; hi={lhi}; else lo={slo}; hi={shi}; fi
 ms=$(( lo + (RANDOM * 32768 + RANDOM) % (hi - lo + 1) ))
+read -r up _ < /proc/uptime
+echo "S $job $run $agent $up $ms" >> "$L"
 n=$(( ms / {line_ms} ))
 (( n < 2 )) && n=2
 step=$(( ms / n ))
@@ -79,6 +80,8 @@ pub struct Run {
     pub job: String,
     pub agent: String,
     pub start: f64,
+    /// Planned length in seconds.
+    pub planned: f64,
     /// Time of the last record (line or end).
     pub last: f64,
     /// Output lines printed (highest `n` of an `L` record).
@@ -143,8 +146,8 @@ impl Ledger {
         let f: Vec<&str> = line.split_whitespace().collect();
         let t = |s: &str| s.parse::<f64>().ok();
         match f.as_slice() {
-            ["S", job, run, agent, ts] => {
-                let Some(ts) = t(ts) else {
+            ["S", job, run, agent, ts, ms] => {
+                let (Some(ts), Some(ms)) = (t(ts), t(ms)) else {
                     self.bad_lines += 1;
                     return;
                 };
@@ -154,6 +157,7 @@ impl Ledger {
                         job: job.to_string(),
                         agent: agent.to_string(),
                         start: ts,
+                        planned: ms / 1000.0,
                         last: ts,
                         lines: 0,
                         ended: None,
@@ -215,11 +219,21 @@ impl Ledger {
         (jobs, max)
     }
 
-    /// Runs of `agent` that started and have not ended: (job, run).
-    pub fn open_runs_of(&self, agent: &str) -> Vec<(String, String)> {
+    /// Seconds the open runs of `agent` still have to go (0 when none).
+    pub fn remaining_of(&self, agent: &str, now: f64) -> f64 {
+        self.open_runs_of(agent, now - 1.0)
+            .iter()
+            .filter_map(|(_, r)| self.runs.get(r))
+            .map(|r| r.start + r.planned - now)
+            .fold(0.0, f64::max)
+    }
+
+    /// Runs of `agent` that started, have not ended, and wrote a record at or after
+    /// `since` (a test killed mid-run never ends): (job, run).
+    pub fn open_runs_of(&self, agent: &str, since: f64) -> Vec<(String, String)> {
         self.runs
             .iter()
-            .filter(|(_, r)| r.agent == agent && r.ended.is_none())
+            .filter(|(_, r)| r.agent == agent && r.ended.is_none() && r.last >= since)
             .map(|(id, r)| (r.job.clone(), id.clone()))
             .collect()
     }
@@ -276,7 +290,7 @@ mod tests {
         let p = dir.path().join("ledger");
         std::fs::write(
             &p,
-            "S j1 r1 a1 10.00\nL j1 r1 1 10.50\nL j1 r1 2 14.00\nS j1 r2 a2 12.00\nL j1 r2 1 12.10\nE j1 r2 1 12.20\nS j2 r3 a1 20.00\nE j2 r3 0 2",
+            "S j1 r1 a1 10.00 5000\nL j1 r1 1 10.50\nL j1 r1 2 14.00\nS j1 r2 a2 12.00 100\nL j1 r2 1 12.10\nE j1 r2 1 12.20\nS j2 r3 a1 20.00 1500\nE j2 r3 0 2",
         )
         .expect("write");
         let mut l = Ledger::new(p.clone());
@@ -286,7 +300,7 @@ mod tests {
         assert!(l.runs["r3"].ended.is_none());
         std::fs::write(
             &p,
-            "S j1 r1 a1 10.00\nL j1 r1 1 10.50\nL j1 r1 2 14.00\nS j1 r2 a2 12.00\nL j1 r2 1 12.10\nE j1 r2 1 12.20\nS j2 r3 a1 20.00\nE j2 r3 0 21.5\n",
+            "S j1 r1 a1 10.00 5000\nL j1 r1 1 10.50\nL j1 r1 2 14.00\nS j1 r2 a2 12.00 100\nL j1 r2 1 12.10\nE j1 r2 1 12.20\nS j2 r3 a1 20.00 1500\nE j2 r3 0 21.5\n",
         )
         .expect("write");
         l.refresh();
@@ -294,9 +308,11 @@ mod tests {
         let (jobs, max) = l.overlaps();
         assert_eq!(jobs, 1);
         assert!((max - 0.2).abs() < 1e-9, "{max}");
-        assert_eq!(l.open_runs_of("a1"), vec![("j1".into(), "r1".into())]);
+        assert_eq!(l.open_runs_of("a1", 0.0), vec![("j1".into(), "r1".into())]);
+        assert!(l.open_runs_of("a1", 15.0).is_empty());
         assert_eq!(l.restart_of("j1", "r1", 11.0), Some(12.0));
         assert_eq!(l.finished_runs("j1"), vec![("r2".into(), 1)]);
+        assert!((l.remaining_of("a1", 14.5) - 0.5).abs() < 1e-9);
     }
 
     #[test]

@@ -129,7 +129,6 @@ impl<'a> World<'a> {
             ("TESTFLINGER_LEASE_TTL".into(), LEASE_S.to_string()),
             ("TESTFLINGER_REAPER_INTERVAL_MS".into(), REAPER_MS.to_string()),
             ("TESTFLINGER_MAX_ATTEMPTS".into(), MAX_ATTEMPTS.to_string()),
-            ("TESTFLINGER_EVENTS".into(), "false".into()),
         ];
         server_extra.extend(setup.server_env.iter().cloned());
         let seed = uuid::Uuid::new_v4().as_u128() as u64 | 1;
@@ -276,7 +275,7 @@ impl<'a> World<'a> {
         self.refresh();
         self.ledger
             .lock()
-            .map(|l| l.open_runs_of(&self.agents[i].id))
+            .map(|l| l.open_runs_of(&self.agents[i].id, ledger::uptime() - 1.0))
             .unwrap_or_default()
     }
 
@@ -300,6 +299,31 @@ impl<'a> World<'a> {
         (self.rng % n.max(1) as u64) as usize
     }
 
+    /// The running agent whose current test has the longest still to go, if it has
+    /// at least `min_s` to go; waits up to `within` for one.
+    pub async fn longest_busy(&self, min_s: f64, within: Duration) -> Option<usize> {
+        let end = Instant::now() + within;
+        loop {
+            self.refresh();
+            let now = ledger::uptime();
+            let best = self.ledger.lock().ok().and_then(|l| {
+                (0..self.agents.len())
+                    .filter(|i| self.agents[*i].proc.is_some())
+                    .map(|i| (i, l.remaining_of(&self.agents[i].id, now)))
+                    .max_by(|a, b| a.1.total_cmp(&b.1))
+            });
+            if let Some((i, r)) = best
+                && (r >= min_s || Instant::now() >= end)
+            {
+                return Some(i);
+            }
+            if Instant::now() >= end {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// An agent that is running a test now, if any (else a random one).
     pub fn busy_agent(&mut self) -> usize {
         let busy: Vec<usize> = (0..self.agents.len())
@@ -314,23 +338,19 @@ impl<'a> World<'a> {
         }
     }
 
-    /// Waits (up to `within`) until agent `i` runs a test that started at least
-    /// `min_age` seconds ago... or any test at all when none gets that old.
-    pub async fn wait_busy(&self, i: usize, within: Duration) -> bool {
-        let end = Instant::now() + within;
-        while Instant::now() < end {
-            if !self.open_runs(i).is_empty() {
-                return true;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        false
-    }
-
-    async fn wait_consumers(&self, n: u32, within: Duration) -> anyhow::Result<()> {
+    async fn wait_consumers(&mut self, n: u32, within: Duration) -> anyhow::Result<()> {
         let conn = crate::harness::amqp_connect(&self.amqp_uri).await?;
         let end = Instant::now() + within;
         let r = loop {
+            if let Some(i) = self
+                .agents
+                .iter_mut()
+                .position(|a| a.proc.as_mut().is_some_and(|p| !p.alive()))
+            {
+                let a = &self.agents[i];
+                let tail = a.proc.as_ref().map(Proc::tail).unwrap_or_default();
+                break Err(anyhow!("agent {} exited during start-up:\n{tail}", a.id));
+            }
             if let Some((_, c)) = crate::harness::queue_counts(&conn, &self.queue).await?
                 && c >= n
             {
@@ -559,6 +579,13 @@ impl<'a> World<'a> {
             }
         }
         // Agents and servers go, then whatever tests they left behind.
+        let logs: Vec<(&str, String)> = [
+            ("server", self.servers.iter().flatten().next().map(|s| s.proc.tail())),
+            ("agent", self.agents.iter().find_map(|a| a.proc.as_ref().map(Proc::tail))),
+        ]
+        .into_iter()
+        .filter_map(|(w, t)| Some((w, t?)))
+        .collect();
         let mut procs = Vec::new();
         for a in &mut self.agents {
             if let Some(p) = a.proc.take() {
@@ -609,6 +636,14 @@ impl<'a> World<'a> {
         if let Ok(Some(e)) = self.stats.first_error.lock().map(|e| e.clone()) {
             self.notes.push(format!("first submit error: {e}"));
         }
+        if completed == 0 || self.stats.s5xx.load(Ordering::Relaxed) > 0 {
+            for (what, log) in &logs {
+                let t = last_lines(log, 3);
+                if !t.is_empty() {
+                    self.notes.push(format!("{what}, last lines: {t}"));
+                }
+            }
+        }
         let r3 = |x: f64| (x * 1000.0).round() / 1000.0;
         let mut m = Map::new();
         m.insert("scenario".into(), json!(self.setup.name));
@@ -637,6 +672,7 @@ impl<'a> World<'a> {
         );
         m.insert("completed_without_test".into(), json!(without_run));
         m.insert("test_runs".into(), json!(l.runs.len()));
+        m.insert("reruns".into(), json!(l.runs.len() - l.by_job.len()));
         m.insert("orphans_at_end".into(), json!(orphans));
         m.insert(
             "faults".into(),
@@ -867,8 +903,9 @@ impl Prober {
 
 }
 
+/// The job's state (`GET /v1/result/<id>`: `GET /v1/job/<id>` answers the definition).
 async fn job_state(http: &reqwest::Client, api: &str, id: &str) -> Option<String> {
-    let r = http.get(format!("{api}/v1/job/{id}")).send().await.ok()?;
+    let r = http.get(format!("{api}/v1/result/{id}")).send().await.ok()?;
     if !r.status().is_success() {
         return None;
     }
@@ -878,6 +915,22 @@ async fn job_state(http: &reqwest::Client, api: &str, id: &str) -> Option<String
 
 /// The fencing token header (`testflinger_common::protocol::TOKEN_HEADER`).
 const TOKEN_HEADER: &str = "X-Testflinger-Token";
+
+/// The last `n` non-empty lines of `text`, joined with " | ", each cut to 300 bytes.
+fn last_lines(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    lines[lines.len().saturating_sub(n)..]
+        .iter()
+        .map(|l| {
+            let mut end = l.len().min(300);
+            while !l.is_char_boundary(end) {
+                end -= 1;
+            }
+            &l[..end]
+        })
+        .collect::<Vec<_>>()
+        .join(" | ")
+}
 
 /// Every string in a JSON value, one after the other (the result's output fields,
 /// however they are laid out).
