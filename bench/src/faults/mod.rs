@@ -206,7 +206,10 @@ async fn run(args: FaultArgs, list: Vec<&'static str>) -> ExitCode {
         if let Some(path) = &args.json
             && let Err(e) = append_json(path, &row)
         {
-            eprintln!("testflinger-bench faults: cannot write {}: {e:#}", path.display());
+            eprintln!(
+                "testflinger-bench faults: cannot write {}: {e:#}",
+                path.display()
+            );
             failed.push(*s);
         }
         print_row(&row, rows.is_empty());

@@ -41,11 +41,7 @@ impl Proxy {
                 }
             }
         });
-        Ok(Proxy {
-            port,
-            paused,
-            task,
-        })
+        Ok(Proxy { port, paused, task })
     }
 
     pub fn url(&self) -> String {

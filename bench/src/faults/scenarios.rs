@@ -1,11 +1,11 @@
 //! The fault scenarios: each builds a [`World`], runs its fault schedule under load,
 //! and returns the world's figures.
 
+use super::Stack;
 use super::ledger::{TestShape, uptime};
 use super::proxy::Proxy;
 use super::stack::{Rabbit, StackDir};
 use super::world::{LEASE_S, Setup, World};
-use super::Stack;
 use crate::harness::Ctx;
 use anyhow::Context;
 use serde_json::{Map, Value};
@@ -88,7 +88,7 @@ async fn victim(w: &mut World<'_>) -> usize {
     }
 }
 
-/// 1. Agents SIGKILLed every 2 s and restarted at once (every fourth under a new id).
+/// Scenario 1: Agents SIGKILLed every 2 s and restarted at once (every fourth under a new id).
 async fn agent_kill(ctx: &Ctx, quick: bool) -> anyhow::Result<Map<String, Value>> {
     let agents = ctx.opts.agents.unwrap_or(if quick { 4 } else { 20 });
     let jobs = ctx.opts.jobs.unwrap_or(if quick { 300 } else { 10_000 });
@@ -101,13 +101,13 @@ async fn agent_kill(ctx: &Ctx, quick: bool) -> anyhow::Result<Map<String, Value>
     while w.ended_jobs() + agents < jobs && Instant::now() < limit {
         tokio::time::sleep(Duration::from_secs(2)).await;
         let i = w.busy_agent();
-        if kills % 10 == 0 {
+        if kills.is_multiple_of(10) {
             w.spawn_probe();
         }
         let t0 = uptime();
         let victims = w.kill_agent(i).await;
         kills += 1;
-        if kills % 4 == 0 {
+        if kills.is_multiple_of(4) {
             w.rename_agent(i);
         }
         w.launch_agent(i)?;
@@ -121,7 +121,7 @@ async fn agent_kill(ctx: &Ctx, quick: bool) -> anyhow::Result<Map<String, Value>
     Ok(m)
 }
 
-/// 2. An agent SIGSTOPped (mid-test) for longer than its lease, then SIGCONT.
+/// Scenario 2: An agent SIGSTOPped (mid-test) for longer than its lease, then SIGCONT.
 async fn agent_freeze(ctx: &Ctx, quick: bool) -> anyhow::Result<Map<String, Value>> {
     let agents = ctx.opts.agents.unwrap_or(if quick { 3 } else { 6 });
     let rounds = if quick { 2 } else { 4 };
@@ -150,7 +150,7 @@ async fn agent_freeze(ctx: &Ctx, quick: bool) -> anyhow::Result<Map<String, Valu
     w.finish(drain(quick)).await
 }
 
-/// 3a. The private RabbitMQ stopped and started, then SIGKILLed and started, under load.
+/// Scenario 3a: The private RabbitMQ stopped and started, then SIGKILLed and started, under load.
 async fn broker_restart(
     ctx: &Ctx,
     quick: bool,
@@ -178,7 +178,11 @@ async fn broker_restart(
                 .await
                 .context("the private RabbitMQ did not come back")?;
             w.fault(
-                if graceful { "RabbitMQ stop/start" } else { "RabbitMQ SIGKILL/start" },
+                if graceful {
+                    "RabbitMQ stop/start"
+                } else {
+                    "RabbitMQ SIGKILL/start"
+                },
                 t0,
                 Vec::new(),
             );
@@ -188,7 +192,7 @@ async fn broker_restart(
     w.finish(drain(quick)).await
 }
 
-/// 3b. Three private RabbitMQ nodes clustered, quorum job queues, one node SIGKILLed
+/// Scenario 3b: Three private RabbitMQ nodes clustered, quorum job queues, one node SIGKILLed
 /// under load and started again. Clients reach the cluster through a proxy that
 /// connects to the first live node.
 async fn broker_cluster(
@@ -249,7 +253,8 @@ async fn cluster_inner(
     };
     w.notes.extend(notes);
     if !status.contains(&nodes[2].node) {
-        w.notes.push(format!("cluster status lacks a node:\n{status}"));
+        w.notes
+            .push(format!("cluster status lacks a node:\n{status}"));
     }
     w.start_submitting();
     let rounds = if quick { 1 } else { 2 };
@@ -271,7 +276,7 @@ async fn cluster_inner(
     m
 }
 
-/// 4. The private Redis restarted: SIGTERM, SIGKILL, and down for longer than a lease.
+/// Scenario 4: The private Redis restarted: SIGTERM, SIGKILL, and down for longer than a lease.
 async fn redis_restart(
     ctx: &Ctx,
     quick: bool,
@@ -310,7 +315,7 @@ async fn redis_restart(
     w.finish(drain(quick)).await
 }
 
-/// 5. Two API replicas behind a proxy: each SIGKILLed and restarted in turn, then both
+/// Scenario 5: Two API replicas behind a proxy: each SIGKILLed and restarted in turn, then both
 /// down at once for longer than a lease (a single-replica API restart).
 async fn api_restart(ctx: &Ctx, quick: bool) -> anyhow::Result<Map<String, Value>> {
     let agents = ctx.opts.agents.unwrap_or(if quick { 3 } else { 6 });
@@ -349,7 +354,7 @@ async fn api_restart(ctx: &Ctx, quick: bool) -> anyhow::Result<Map<String, Value
     w.finish(drain(quick)).await
 }
 
-/// 6. One agent cut from the API (its proxy holds every byte) for longer than its
+/// Scenario 6: One agent cut from the API (its proxy holds every byte) for longer than its
 /// lease, while it runs a test; its RabbitMQ connection stays up.
 async fn partition(ctx: &Ctx, quick: bool) -> anyhow::Result<Map<String, Value>> {
     let agents = ctx.opts.agents.unwrap_or(if quick { 3 } else { 6 });

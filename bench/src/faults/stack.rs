@@ -146,7 +146,9 @@ impl Rabbit {
             bail!("node {} is already running", self.node);
         }
         let _ = std::fs::remove_file(self.dir.join("pid"));
-        let log = self.dir.join(format!("server-{}.out", crate::events::now_ms() as u64));
+        let log = self
+            .dir
+            .join(format!("server-{}.out", crate::events::now_ms() as u64));
         let env = self.env();
         let env: Vec<(&str, String)> = env.iter().map(|(k, v)| (*k, v.clone())).collect();
         let p = Proc::spawn(
@@ -248,7 +250,12 @@ impl Rabbit {
             String::from_utf8_lossy(&out.stderr)
         );
         if !out.status.success() {
-            bail!("rabbitmqctl -n {} {}: {}", self.node, args.join(" "), text.trim());
+            bail!(
+                "rabbitmqctl -n {} {}: {}",
+                self.node,
+                args.join(" "),
+                text.trim()
+            );
         }
         Ok(text)
     }
@@ -302,7 +309,9 @@ impl Redis {
         }
         let port = self.port.to_string();
         let dir = self.dir.display().to_string();
-        let log = self.dir.join(format!("redis-{}.out", crate::events::now_ms() as u64));
+        let log = self
+            .dir
+            .join(format!("redis-{}.out", crate::events::now_ms() as u64));
         let p = Proc::spawn(
             "redis-server",
             Path::new("redis-server"),

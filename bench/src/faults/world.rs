@@ -127,7 +127,10 @@ impl<'a> World<'a> {
         let mut server_extra: Vec<(String, String)> = vec![
             ("AMQP_URI".into(), amqp_uri.clone()),
             ("TESTFLINGER_LEASE_TTL".into(), LEASE_S.to_string()),
-            ("TESTFLINGER_REAPER_INTERVAL_MS".into(), REAPER_MS.to_string()),
+            (
+                "TESTFLINGER_REAPER_INTERVAL_MS".into(),
+                REAPER_MS.to_string(),
+            ),
             ("TESTFLINGER_MAX_ATTEMPTS".into(), MAX_ATTEMPTS.to_string()),
         ];
         server_extra.extend(setup.server_env.iter().cloned());
@@ -210,9 +213,11 @@ impl<'a> World<'a> {
     async fn new_agent(&mut self, i: usize, id: String) -> anyhow::Result<Agent> {
         let dir = self.ctx.dir(&format!("{}-agent-{i}", self.setup.name))?;
         let proxy = if self.setup.proxied_agents.contains(&i) {
-            let up = self.api.trim_start_matches("http://").parse().map_err(|e| {
-                anyhow!("cannot parse the API address {}: {e}", self.api)
-            })?;
+            let up = self
+                .api
+                .trim_start_matches("http://")
+                .parse()
+                .map_err(|e| anyhow!("cannot parse the API address {}: {e}", self.api))?;
             Some(Proxy::start(vec![up]).await?)
         } else {
             None
@@ -501,7 +506,12 @@ impl<'a> World<'a> {
                 _ => self.notes.push("a stale-write probe did not finish".into()),
             }
         }
-        let ids: Vec<String> = self.stats.accepted.lock().map(|a| a.clone()).unwrap_or_default();
+        let ids: Vec<String> = self
+            .stats
+            .accepted
+            .lock()
+            .map(|a| a.clone())
+            .unwrap_or_default();
         let mut open: HashSet<String> = ids.iter().cloned().collect();
         let mut finals: BTreeMap<String, String> = BTreeMap::new();
         let end = Instant::now() + within;
@@ -547,7 +557,9 @@ impl<'a> World<'a> {
         let mut ended_other: BTreeMap<String, usize> = BTreeMap::new();
         let mut lines_lost = 0u64;
         let mut without_run = 0usize;
-        let results = self.results(&finals.keys().cloned().collect::<Vec<_>>()).await;
+        let results = self
+            .results(&finals.keys().cloned().collect::<Vec<_>>())
+            .await;
         self.refresh();
         {
             let l = self
@@ -580,8 +592,16 @@ impl<'a> World<'a> {
         }
         // Agents and servers go, then whatever tests they left behind.
         let logs: Vec<(&str, String)> = [
-            ("server", self.servers.iter().flatten().next().map(|s| s.proc.tail())),
-            ("agent", self.agents.iter().find_map(|a| a.proc.as_ref().map(Proc::tail))),
+            (
+                "server",
+                self.servers.iter().flatten().next().map(|s| s.proc.tail()),
+            ),
+            (
+                "agent",
+                self.agents
+                    .iter()
+                    .find_map(|a| a.proc.as_ref().map(Proc::tail)),
+            ),
         ]
         .into_iter()
         .filter_map(|(w, t)| Some((w, t?)))
@@ -626,7 +646,8 @@ impl<'a> World<'a> {
             ));
         }
         if l.bad_lines > 0 {
-            self.notes.push(format!("{} unreadable ledger lines", l.bad_lines));
+            self.notes
+                .push(format!("{} unreadable ledger lines", l.bad_lines));
         }
         if orphans > 0 {
             self.notes.push(format!(
@@ -828,7 +849,12 @@ impl Prober {
         let claim = |agent: &str| json!({"agent_id": format!("{}-{agent}", self.prefix)});
         let token = |v: &Value| v.get("token").and_then(Value::as_u64);
         let (_, c1) = self
-            .post_retry(&format!("/v1/job/{id}/claim"), &claim("zombie"), None, within)
+            .post_retry(
+                &format!("/v1/job/{id}/claim"),
+                &claim("zombie"),
+                None,
+                within,
+            )
             .await
             .ok_or_else(|| anyhow!("probe: no claim answer"))?;
         let Some(t1) = token(&c1) else {
@@ -841,8 +867,10 @@ impl Prober {
                 break;
             }
             if Instant::now() > end {
-                r.notes
-                    .push(format!("probe {id}: not requeued within {} s", within.as_secs()));
+                r.notes.push(format!(
+                    "probe {id}: not requeued within {} s",
+                    within.as_secs()
+                ));
                 return Ok(());
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
@@ -900,17 +928,22 @@ impl Prober {
             }
         }
     }
-
 }
 
 /// The job's state (`GET /v1/result/<id>`: `GET /v1/job/<id>` answers the definition).
 async fn job_state(http: &reqwest::Client, api: &str, id: &str) -> Option<String> {
-    let r = http.get(format!("{api}/v1/result/{id}")).send().await.ok()?;
+    let r = http
+        .get(format!("{api}/v1/result/{id}"))
+        .send()
+        .await
+        .ok()?;
     if !r.status().is_success() {
         return None;
     }
     let v: Value = r.json().await.ok()?;
-    v.get("job_state").and_then(Value::as_str).map(str::to_string)
+    v.get("job_state")
+        .and_then(Value::as_str)
+        .map(str::to_string)
 }
 
 /// The fencing token header (`testflinger_common::protocol::TOKEN_HEADER`).
