@@ -33,6 +33,7 @@ use std::process::ExitCode;
 #[derive(Parser, Debug)]
 #[command(
     name = "testflinger-bench faults",
+    bin_name = "testflinger-bench faults",
     about = "Fault scenarios on private RabbitMQ and Redis instances: lost jobs, concurrent runs, stale writes, lost output"
 )]
 pub struct FaultArgs {

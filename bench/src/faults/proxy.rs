@@ -119,3 +119,56 @@ async fn pipe(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An upstream that echoes what it reads.
+    async fn echo() -> SocketAddr {
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let a = l.local_addr().expect("addr");
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                tokio::spawn(async move {
+                    let mut b = [0u8; 1024];
+                    while let Ok(n) = s.read(&mut b).await {
+                        if n == 0 || s.write_all(&b[..n]).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        a
+    }
+
+    #[tokio::test]
+    async fn fails_over_holds_bytes_while_paused_and_resumes() {
+        // The first upstream refuses connections: the proxy takes the second.
+        let dead = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let dead_addr = dead.local_addr().expect("addr");
+        drop(dead);
+        let p = Proxy::start(vec![dead_addr, echo().await])
+            .await
+            .expect("proxy");
+        let mut c = TcpStream::connect(("127.0.0.1", p.port))
+            .await
+            .expect("connect");
+        let mut b = [0u8; 5];
+        c.write_all(b"hello").await.expect("write");
+        c.read_exact(&mut b).await.expect("echo");
+        assert_eq!(&b, b"hello");
+
+        p.pause(true);
+        c.write_all(b"again").await.expect("write");
+        let held = tokio::time::timeout(Duration::from_millis(400), c.read_exact(&mut b)).await;
+        assert!(held.is_err(), "bytes went through a paused proxy");
+        p.pause(false);
+        tokio::time::timeout(Duration::from_secs(5), c.read_exact(&mut b))
+            .await
+            .expect("bytes flow again after the pause")
+            .expect("read");
+        assert_eq!(&b, b"again");
+    }
+}
