@@ -492,12 +492,26 @@ impl Agent {
                     return;
                 }
                 ClaimOutcome::Excluded => {
-                    tracing::info!(job.id = %job_id, "this agent is excluded; giving the job back");
-                    settle(msg.requeue().await);
+                    // Dropped, not requeued: a requeue puts the message back at the head,
+                    // where this agent would take it again and again. The API publishes
+                    // the job again from its outbox, behind the others.
+                    tracing::info!(job.id = %job_id, "this agent is excluded; the API hands the job to another agent");
+                    settle(msg.ack().await);
                     // Step away so another agent's consumer gets it.
                     self.close(consumer).await;
                     self.pause(self.cfg.polling_interval().max(Duration::from_secs(1)))
                         .await;
+                    return;
+                }
+                ClaimOutcome::Unknown
+                    if msg
+                        .headers
+                        .contains_key(testflinger_broker::topology::PUBLISHED_BY_HEADER) =>
+                {
+                    // The API published it and no longer knows the job (it expired, or
+                    // was removed): a stale wake-up, not a raw-published job to register.
+                    tracing::info!(job.id = %job_id, "stale message of a job the API no longer knows; dropping it");
+                    settle(msg.ack().await);
                     return;
                 }
                 ClaimOutcome::Unknown if !registered => {

@@ -431,3 +431,93 @@ async fn a_raw_job_with_a_bad_job_id_is_dead_lettered_and_the_next_job_runs() {
         .await;
     }
 }
+
+/// Issue 17: a message the API published (marked) whose job the API no longer knows is
+/// dropped, never registered again as a raw-published job and run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_marked_message_is_dropped_not_run() {
+    let mut lab = TestLab::start("stale").await;
+    let ran = lab.path("ran.txt");
+    lab.spawn_agent(
+        "dev-stale",
+        json!({"test_command": format!("echo $(cat testflinger.json | head -c 0)ran >> {}", ran.display())}),
+    );
+    let broker = Broker::new(BrokerConfig::new(amqp_uri())).expect("broker");
+    broker.ensure_job_queue(&lab.queue).await.expect("declare");
+    let ghost = uuid::Uuid::new_v4().to_string();
+    let body = serde_json::to_vec(
+        &json!({"job_id": ghost, "job_queue": lab.queue, "test_data": {"test_cmds": "x"}}),
+    )
+    .expect("body");
+    broker
+        .publish(OutgoingMessage {
+            exchange: "",
+            routing_key: &lab.queue,
+            body: &body,
+            message_id: Some(&ghost),
+            persistent: true,
+            headers: vec![(
+                testflinger_broker::topology::PUBLISHED_BY_HEADER,
+                "api".to_string(),
+            )],
+            ..OutgoingMessage::default()
+        })
+        .await
+        .expect("publish");
+    // A real job behind it runs; the ghost never becomes a job.
+    let id = lab.submit(json!({"test_data": {"test_cmds": "x"}})).await;
+    lab.wait_complete(&id, LONG).await;
+    let r = lab
+        .http
+        .get(format!("{}/v1/job/{ghost}", lab.base))
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(r.status(), 204, "the stale message was registered as a job");
+    let runs = std::fs::read_to_string(&ran).unwrap_or_default();
+    assert_eq!(runs.lines().count(), 1, "{runs}");
+}
+
+/// Issue 17: an agent excluded from a job does not starve: it takes the next job while
+/// the excluded one waits for another agent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_excluded_agent_takes_the_next_job_instead_of_starving() {
+    let mut lab = TestLab::start("excluded").await;
+    let busy = lab.path("busy");
+    lab.spawn_agent(
+        "dev-excl-b",
+        json!({"test_command": format!("touch {}; sleep 12", busy.display())}),
+    );
+    lab.spawn_agent("dev-excl-a", json!({"test_command": "echo a-ran"}));
+    lab.wait_agent_idle("dev-excl-a", LONG).await;
+    lab.wait_agent_idle("dev-excl-b", LONG).await;
+    // B is busy with a long job (A may not take it).
+    let long = lab
+        .submit(json!({"exclude_agents": ["dev-excl-a"], "test_data": {"test_cmds": "x"}}))
+        .await;
+    lab.wait_for("B to start the long job", LONG, || async {
+        busy.exists().then_some(())
+    })
+    .await;
+    // Next in line: a job A may not run, then one it may.
+    let excluded = lab
+        .submit(json!({"exclude_agents": ["dev-excl-a"], "test_data": {"test_cmds": "x"}}))
+        .await;
+    let free = lab.submit(json!({"test_data": {"test_cmds": "x"}})).await;
+    let r = lab.wait_complete(&free, Duration::from_secs(10)).await;
+    assert!(
+        r["test_output"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("a-ran"),
+        "{r}"
+    );
+    assert_ne!(
+        lab.state(&long).await,
+        "complete",
+        "the free job had to wait for the busy agent: A starved"
+    );
+    // The excluded job still runs, on B, afterwards.
+    lab.wait_complete(&excluded, Duration::from_secs(60)).await;
+    lab.wait_complete(&long, Duration::from_secs(60)).await;
+}

@@ -357,4 +357,14 @@ async fn serial_logs_keep_characters_across_fragment_boundaries() {
     assert!(!serial.contains('\u{FFFD}'), "U+FFFD in the serial log");
     assert_eq!(serial.len(), data.len());
     assert_eq!(serial.as_bytes(), &data[..]);
+    // Issue 14.8: logs redirected to a file carry no colour escape codes (agent, server).
+    let agent_log = lab.agent_log(0);
+    assert!(agent_log.contains("registered"), "{agent_log}");
+    assert!(!agent_log.contains('\x1b'), "escape codes in the agent log");
+    let server_log = std::fs::read_to_string(lab.dir.path().join("server.log")).unwrap_or_default();
+    assert!(!server_log.is_empty());
+    assert!(
+        !server_log.contains('\x1b'),
+        "escape codes in the server log"
+    );
 }
