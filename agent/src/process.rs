@@ -100,19 +100,41 @@ impl ProcessTree {
 
     /// Ends the whole process group: SIGTERM, then SIGKILL after `grace`. Returns the
     /// shell's exit status.
+    ///
+    /// The grace is for the whole group, not only the shell: `/bin/sh` (dash) dies at
+    /// once on SIGTERM, while the command it ran may be cleaning up (a reservation
+    /// removing the keys it added), so the group gets the rest of the grace to finish.
     pub async fn kill_tree(&mut self, grace: Duration) -> io::Result<ExitStatus> {
+        let deadline = tokio::time::Instant::now() + grace;
         signal_group(self.pgid, "TERM").await;
-        let status = match tokio::time::timeout(grace, self.child.wait()).await {
+        let status = match tokio::time::timeout_at(deadline, self.child.wait()).await {
             Ok(s) => s?,
             Err(_) => {
                 signal_group(self.pgid, "KILL").await;
                 self.child.wait().await?
             }
         };
-        // Children that ignored SIGTERM while the shell died go too.
+        while tokio::time::Instant::now() < deadline && group_alive(self.pgid).await {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // What ignored SIGTERM (or outlived the grace) goes now.
         signal_group(self.pgid, "KILL").await;
         Ok(status)
     }
+}
+
+/// Whether any process of group `pgid` is still there (`kill -0 -- -PGID`).
+pub async fn group_alive(pgid: u32) -> bool {
+    Command::new("kill")
+        .arg("-0")
+        .arg("--")
+        .arg(format!("-{pgid}"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .await
+        .is_ok_and(|s| s.success())
 }
 
 /// Sends `signal` (a name such as `TERM`) to every process of group `pgid`.

@@ -36,6 +36,8 @@ const DEFAULT_OUTPUT_TIMEOUT: u64 = 900;
 const FLUSH_EVERY: Duration = Duration::from_millis(500);
 /// How long a killed phase gets between SIGTERM and SIGKILL.
 const KILL_GRACE: Duration = Duration::from_secs(3);
+/// How long a stopped reserve or cleanup phase has to undo its changes on the device.
+const UNDO_GRACE: Duration = Duration::from_secs(30);
 /// Serial logs are sent in chunks of this size.
 const SERIAL_CHUNK: usize = 1024 * 1024;
 /// How long a shutting-down agent keeps delivering the spool before it leaves the rest
@@ -737,9 +739,16 @@ impl Run {
             (Some(why), None) => {
                 tracing::warn!(?why, "stopping the phase");
                 sink.push(why.message().as_bytes());
+                // Reserve and cleanup undo what they did to the device (keys, a VM):
+                // they get longer to finish than a test does.
+                let grace = if matches!(phase, Phase::Reserve | Phase::Cleanup) {
+                    UNDO_GRACE
+                } else {
+                    KILL_GRACE
+                };
                 let s = proc
                     .tree
-                    .kill_tree(KILL_GRACE)
+                    .kill_tree(grace)
                     .await
                     .context("killing the phase")?;
                 // What the dying tree still wrote.

@@ -85,8 +85,11 @@ impl ApiServer {
             .enable_all()
             .build()
             .expect("runtime");
+        // No idle connection reuse: a connection the server closed after its keep-alive
+        // timeout, reused at that moment, fails with "IncompleteMessage".
         let client = reqwest::Client::builder()
             .timeout(Duration::from_secs(10))
+            .pool_max_idle_per_host(0)
             .build()
             .expect("client");
         let mut server = ApiServer {
