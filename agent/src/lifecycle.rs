@@ -106,15 +106,24 @@ impl Agent {
         // on while this one starts.
         let basedir = self.cfg.execution_basedir.clone();
         let me = self.cfg.agent_id.clone();
-        match tokio::task::spawn_blocking(move || {
-            process::sweep(&basedir, &me, runner::ORPHAN_GRACE)
+        let left = match tokio::task::spawn_blocking(move || {
+            let dirs = process::run_dirs_of(&basedir, &me);
+            (process::sweep(&basedir, &me, runner::ORPHAN_GRACE), dirs)
         })
         .await
         {
-            Ok(0) => {}
-            Ok(n) => tracing::warn!(groups = n, "killed phases a previous run left"),
-            Err(e) => tracing::error!(error = %e, "the start-up sweep failed"),
-        }
+            Ok((n, dirs)) => {
+                if n > 0 {
+                    tracing::warn!(groups = n, "killed phases a previous run left");
+                }
+                dirs
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "the start-up sweep failed");
+                Vec::new()
+            }
+        };
+        self.undo_reservations(&left).await;
         if !self.register().await {
             return Ok(());
         }
@@ -132,6 +141,47 @@ impl Agent {
         let r = self.consume_loop().await;
         control.abort();
         r
+    }
+
+    /// A reservation that a crash cut short may have left its keys on the device (the
+    /// connector records them in `reservation-keys.json` in the run directory): for each
+    /// run directory of a previous run that still holds such a record, runs the agent's
+    /// `cleanup_command` there, whose connector removes the recorded keys. Bounded to
+    /// two minutes each.
+    async fn undo_reservations(&self, dirs: &[std::path::PathBuf]) {
+        let cmd = self.cfg.cleanup_command.trim();
+        if cmd.is_empty() {
+            return;
+        }
+        for dir in dirs {
+            if !dir.join("reservation-keys.json").exists() {
+                continue;
+            }
+            tracing::warn!(dir = %dir.display(), "a reservation a previous run left: running cleanup_command to remove its keys");
+            let run = tokio::process::Command::new("/bin/sh")
+                .arg("-c")
+                .arg(cmd)
+                .current_dir(dir)
+                .stdin(std::process::Stdio::null())
+                .kill_on_drop(true)
+                .output();
+            match tokio::time::timeout(Duration::from_secs(120), run).await {
+                Ok(Ok(out)) if out.status.success() => {
+                    tracing::info!(dir = %dir.display(), "reservation keys of a previous run removed");
+                }
+                Ok(Ok(out)) => tracing::error!(
+                    dir = %dir.display(),
+                    code = ?out.status.code(),
+                    output = %String::from_utf8_lossy(&out.stdout),
+                    error = %String::from_utf8_lossy(&out.stderr),
+                    "cleanup_command failed: the reservation's keys may remain on the device"
+                ),
+                Ok(Err(e)) => tracing::error!(error = %e, "cannot run cleanup_command"),
+                Err(_) => {
+                    tracing::error!(dir = %dir.display(), "cleanup_command did not finish within 120 s")
+                }
+            }
+        }
     }
 
     /// Waits for the API, then registers. Keeps an operator's offline or maintenance

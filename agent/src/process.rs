@@ -392,6 +392,32 @@ pub fn write_record(path: &Path, pgid: u32, marker: &str, agent_id: &str) -> io:
     std::fs::write(path, format!("{pgid} {marker} {agent_id}\n"))
 }
 
+/// The run directories under `execution_basedir` in which agent `agent_id` recorded a
+/// phase (`*.pgid`): the ones a previous run of this agent left. Blocking.
+pub fn run_dirs_of(execution_basedir: &Path, agent_id: &str) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let Ok(dirs) = std::fs::read_dir(execution_basedir) else {
+        return out;
+    };
+    for d in dirs.flatten() {
+        let Ok(files) = std::fs::read_dir(d.path()) else {
+            continue;
+        };
+        let mine = files.flatten().any(|f| {
+            f.path().extension().and_then(|e| e.to_str()) == Some("pgid")
+                && std::fs::read_to_string(f.path())
+                    .unwrap_or_default()
+                    .split_whitespace()
+                    .nth(2)
+                    == Some(agent_id)
+        });
+        if mine {
+            out.push(d.path());
+        }
+    }
+    out
+}
+
 /// Kills what a previous run of agent `agent_id` left: every group recorded by it in
 /// `<execution_basedir>/*/*.pgid` that still has a process carrying the recorded
 /// marker, and removes those records. Records of other agents sharing the directory are

@@ -222,26 +222,36 @@ fn reserve_agent(
     let path = home.join("agent.yaml");
     std::fs::write(&path, config).expect("agent config");
     let log = home.join("agent.log");
+    (start_agent_with(&path, &log), log)
+}
+
+fn start_agent_with(config: &std::path::Path, log: &std::path::Path) -> crate::multi_agents::Agent {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .expect("log");
     let child = std::process::Command::new(crate::multi_agents::agent_bin())
         .arg("-c")
-        .arg(&path)
+        .arg(config)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).expect("log"))
+        .stderr(file)
         .spawn()
         .expect("start testflinger-agent");
-    (crate::multi_agents::Agent { child }, log)
+    crate::multi_agents::Agent { child }
 }
 
 /// Issue 14.1: whatever ends a reservation run by a real agent (a cancel, its timeout,
-/// the agent stopping with SIGTERM), the device's `authorized_keys` is as it was.
+/// the agent stopping with SIGTERM, the agent crashing and starting again), the device's
+/// `authorized_keys` is as it was.
 #[test]
 fn every_end_of_a_reservation_leaves_authorized_keys_as_it_was() {
     let sshd = Sshd::start();
     let mut api = crate::api::ApiServer::start();
     let before = sshd.authorized_keys();
     let (user_key, user_pub) = keygen(sshd.dir.path(), "user_key", "user@laptop");
-    for how in ["cancel", "timeout", "sigterm"] {
+    for how in ["cancel", "timeout", "sigterm", "crash"] {
         eprintln!("reservation ended by: {how}");
         let queue = api.queue(&format!("keys-{how}"));
         let (mut agent, log) = reserve_agent(&sshd, &api, &queue);
@@ -258,6 +268,17 @@ fn every_end_of_a_reservation_leaves_authorized_keys_as_it_was() {
         match how {
             "cancel" => api.cancel(&id),
             "timeout" => {}
+            "crash" => {
+                let _ = std::process::Command::new("kill")
+                    .args(["-KILL", &agent.child.id().to_string()])
+                    .status();
+                wait_child(&mut agent.child, Duration::from_secs(10));
+                // The user gives up on it meanwhile (so it is not reserved again).
+                api.cancel(&id);
+                // The same agent starts again (same id, same run directories).
+                let config = log.with_file_name("agent.yaml");
+                agent = start_agent_with(&config, &log);
+            }
             _ => {
                 let _ = std::process::Command::new("kill")
                     .args(["-TERM", &agent.child.id().to_string()])
