@@ -16,6 +16,7 @@
 //! | `TESTFLINGER_QUEUE_TYPE` | `classic` | `classic` or `quorum` job queues |
 //! | `TESTFLINGER_REAPER_INTERVAL_MS` | `1000` | how often expired leases are looked for |
 //! | `TESTFLINGER_RECONCILE_INTERVAL_MS` | `10000` | how often waiting jobs are compared with the broker's queues |
+//! | `TESTFLINGER_CONFIRM_TIMEOUT_MS` | `10000` | how long a publish waits for the broker's confirm; past it the outcome is unclear and the job stays in the outbox |
 //! | `TESTFLINGER_ATTACHMENTS_TIMEOUT` | `3600` | seconds a job waits for its attachments before it is cancelled |
 //! | `TESTFLINGER_EVENTS` | `true` | publish job events to `testflinger.events` |
 //! | `TESTFLINGER_SUBMIT_CONSUMER` | `true` | admit jobs published to the submit queue |
@@ -52,6 +53,7 @@ pub struct Settings {
     pub reaper_interval_ms: u64,
     pub reconcile_interval_ms: u64,
     pub attachments_timeout: u64,
+    pub confirm_timeout_ms: u64,
     pub events: bool,
     pub submit_consumer: bool,
     pub submit_queue: String,
@@ -77,6 +79,7 @@ const KNOWN: &[&str] = &[
     "reaper_interval_ms",
     "reconcile_interval_ms",
     "attachments_timeout",
+    "confirm_timeout_ms",
     "events",
     "submit_consumer",
     "submit_queue",
@@ -108,6 +111,7 @@ impl Settings {
             .set_default("reaper_interval_ms", 1000)?
             .set_default("reconcile_interval_ms", 10_000)?
             .set_default("attachments_timeout", 3600)?
+            .set_default("confirm_timeout_ms", 10_000)?
             .set_default("events", true)?
             .set_default("submit_consumer", true)?
             .set_default("submit_queue", testflinger_broker::topology::SUBMIT_QUEUE)?
@@ -196,6 +200,7 @@ impl Settings {
             reaper_interval_ms: 200,
             reconcile_interval_ms: 1000,
             attachments_timeout: 3600,
+            confirm_timeout_ms: 10_000,
             events: true,
             submit_consumer: false,
             submit_queue: format!("testflinger.submit.{prefix}"),

@@ -39,6 +39,7 @@ impl Application {
         .with_context(|| format!("cannot reach Redis at {}", redact(&settings.redis_url)))?;
         let mut bcfg = BrokerConfig::new(settings.amqp_uri.clone());
         bcfg.queue_type = settings.queue_type.parse().map_err(anyhow::Error::msg)?;
+        bcfg.confirm_timeout = std::time::Duration::from_millis(settings.confirm_timeout_ms);
         let broker = Broker::new(bcfg).context("bad AMQP settings")?;
         let files = FileStore::open(&settings.data_path, settings.max_upload_bytes)
             .with_context(|| format!("cannot create DATA_PATH {}", settings.data_path.display()))?;
