@@ -1354,6 +1354,25 @@ impl Store {
         Ok(u64::try_from(old).ok())
     }
 
+    /// Every registered agent's record (`agent:<name>` hash), oldest registration first:
+    /// `(name, fields)`; a record that expired comes back empty.
+    pub async fn agent_records(
+        &self,
+    ) -> ApiResult<Vec<(String, std::collections::HashMap<String, String>)>> {
+        let k = &self.keys;
+        let mut c = self.con();
+        let names: Vec<String> = c.zrange(k.agents(), 0, -1).await?;
+        if names.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut p = redis::pipe();
+        for n in &names {
+            p.hgetall(k.agent(n));
+        }
+        let rows: Vec<std::collections::HashMap<String, String>> = p.query_async(&mut c).await?;
+        Ok(names.into_iter().zip(rows).collect())
+    }
+
     /// Takes or renews a named lock held by `me` for `ttl_ms`; true when held.
     pub async fn hold_lock(&self, name: &str, me: &str, ttl_ms: u64) -> ApiResult<bool> {
         let mut c = self.con();

@@ -153,18 +153,9 @@ fn agent_json(h: HashMap<String, String>) -> Value {
 pub async fn all_agents(app: &AppState) -> ApiResult<Vec<Value>> {
     let k = &app.store.keys;
     let mut c = app.store.con();
-    let names: Vec<String> = c.zrange(k.agents(), 0, -1).await?;
-    if names.is_empty() {
-        return Ok(Vec::new());
-    }
-    let mut p = redis::pipe();
-    for n in &names {
-        p.hgetall(k.agent(n));
-    }
-    let rows: Vec<HashMap<String, String>> = p.query_async(&mut c).await?;
     let mut out = Vec::new();
     let mut gone = Vec::new();
-    for (n, h) in names.iter().zip(rows) {
+    for (n, h) in app.store.agent_records().await? {
         if h.is_empty() {
             gone.push(n.clone());
         } else {

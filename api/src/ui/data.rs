@@ -377,20 +377,11 @@ impl AgentRow {
 
 /// Every registered agent, by name. Read-only (unlike the API's list, it does not prune).
 pub async fn agents(app: &AppState) -> ApiResult<Vec<AgentRow>> {
-    let k = &app.store.keys;
-    let mut c = app.store.con();
-    let names: Vec<String> = c.zrange(k.agents(), 0, -1).await?;
-    if names.is_empty() {
-        return Ok(Vec::new());
-    }
-    let mut p = redis::pipe();
-    for n in &names {
-        p.hgetall(k.agent(n));
-    }
-    let rows: Vec<HashMap<String, String>> = p.query_async(&mut c).await?;
-    let mut out: Vec<AgentRow> = names
-        .iter()
-        .zip(rows)
+    let mut out: Vec<AgentRow> = app
+        .store
+        .agent_records()
+        .await?
+        .into_iter()
         .filter(|(_, h)| !h.is_empty())
         .map(|(n, h)| {
             let mut a = AgentRow::from_hash(h);
