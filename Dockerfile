@@ -9,6 +9,7 @@
 # Build:  docker build -t testflinger:dev .
 # Agents whose devices are reached over SSH (noprovision, multi, reserve) need an ssh
 # client in the image:  docker build --build-arg EXTRA_PACKAGES="openssh-client" ...
+# qemu devices also need qemu: EXTRA_PACKAGES="openssh-client qemu-system-x86 qemu-utils".
 
 # The toolchain the project is built and tested with (workspace MSRV: 1.89).
 ARG RUST_VERSION=1.95

@@ -7,11 +7,13 @@
 //!
 //! Writes about a job carry the fencing token in [`TOKEN_HEADER`]; a 409 answer means
 //! the lease was lost and becomes [`ClientError::LeaseLost`], never retried. Server
-//! errors (5xx) and connection failures are retried with exponential back-off; other
+//! errors (5xx) and connection failures are retried with exponential back-off (5 tries,
+//! 60 s per request by default; [`ApiClient::once`] makes a client that tries once with
+//! its own timeout, for heartbeats and the spool, which keep their own pace); other
 //! 4xx answers are the caller's to handle ([`ClientError::Rejected`]).
 
 use reqwest::{Method, RequestBuilder, Response, StatusCode};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use std::time::Duration;
 use testflinger_common::LogType;
@@ -37,7 +39,7 @@ pub enum ClientError {
 }
 
 /// One log fragment as `POST /v1/result/<id>/log/<type>` takes it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Fragment {
     pub fragment_number: u64,
     pub timestamp: String,
@@ -53,6 +55,8 @@ pub struct ApiClient {
     agent_id: String,
     attempts: u32,
     auth: Option<std::sync::Arc<Credentials>>,
+    /// Per-request timeout overriding the client's 60 s.
+    timeout: Option<Duration>,
 }
 
 /// The agent's refresh token and the access token it was last exchanged for.
@@ -101,7 +105,27 @@ impl ApiClient {
             agent_id: agent_id.to_string(),
             attempts: 5,
             auth: None,
+            timeout: None,
         })
+    }
+
+    /// The same client, but each call is tried once and waits at most `timeout` for
+    /// the answer (connecting included); a timeout is [`ClientError::Unavailable`].
+    pub fn once(&self, timeout: Duration) -> ApiClient {
+        ApiClient {
+            attempts: 1,
+            timeout: Some(timeout),
+            ..self.clone()
+        }
+    }
+
+    /// The same client with at most `attempts` tries of `timeout` each.
+    pub fn quick(&self, attempts: u32, timeout: Duration) -> ApiClient {
+        ApiClient {
+            attempts: attempts.max(1),
+            timeout: Some(timeout),
+            ..self.clone()
+        }
     }
 
     /// Authenticates every request with an access token obtained from this refresh
@@ -190,6 +214,9 @@ impl ApiClient {
                 delay = (delay * 2).min(Duration::from_secs(5));
             }
             let mut req = build();
+            if let Some(t) = self.timeout {
+                req = req.timeout(t);
+            }
             match self.access_token(false).await {
                 Ok(Some(t)) => req = req.bearer_auth(t),
                 Ok(None) => {}
@@ -206,7 +233,13 @@ impl ApiClient {
                 && self.auth.is_some()
             {
                 match self.access_token(true).await {
-                    Ok(Some(t)) => res = build().bearer_auth(t).send().await,
+                    Ok(Some(t)) => {
+                        let mut again = build().bearer_auth(t);
+                        if let Some(to) = self.timeout {
+                            again = again.timeout(to);
+                        }
+                        res = again.send().await
+                    }
                     Ok(None) => {}
                     Err(ClientError::Unavailable(e)) => {
                         last = e;

@@ -1,5 +1,5 @@
 //! The agent's settings: the Testflinger agent YAML (same keys as upstream), plus
-//! `amqp_uri` and `shutdown_grace`. Unknown keys and missing required keys are errors
+//! `amqp_uri`, `shutdown_grace` and `queue_type`. Unknown keys and missing required keys are errors
 //! that name the key and the file.
 //!
 //! Environment variables read:
@@ -53,8 +53,10 @@ pub struct Config {
     pub execution_basedir: PathBuf,
     #[serde(default = "default_logging_basedir")]
     pub logging_basedir: PathBuf,
-    #[serde(default = "default_results_basedir")]
-    pub results_basedir: PathBuf,
+    /// Where each job's writes are spooled until the API has them (see
+    /// [`crate::spool`]); default `<execution_basedir>/.results`. Use [`Config::results_dir`].
+    #[serde(default)]
+    pub results_basedir: Option<PathBuf>,
     #[serde(default = "default_logging_level")]
     pub logging_level: String,
     #[serde(default)]
@@ -97,6 +99,11 @@ pub struct Config {
     /// `/v1/oauth2/refresh` for the agent's access token. Set from the command line.
     #[serde(skip)]
     pub token_file: Option<PathBuf>,
+    /// Kind of the job queues this agent declares: `classic` (default) or `quorum`.
+    /// Must match the server's `TESTFLINGER_QUEUE_TYPE` (RabbitMQ refuses a queue
+    /// declared again with other arguments).
+    #[serde(default = "default_queue_type")]
+    pub queue_type: String,
     /// Every top-level string value of the file, exported to phases as lowercase
     /// variables (upstream behaviour the charm's wrapper scripts rely on).
     #[serde(skip)]
@@ -112,14 +119,14 @@ fn default_execution_basedir() -> PathBuf {
 fn default_logging_basedir() -> PathBuf {
     PathBuf::from("/tmp/testflinger/logs")
 }
-fn default_results_basedir() -> PathBuf {
-    PathBuf::from("/tmp/testflinger/results")
-}
 fn default_logging_level() -> String {
     "INFO".into()
 }
 fn default_shutdown_grace() -> f64 {
     30.0
+}
+fn default_queue_type() -> String {
+    "classic".into()
 }
 
 impl Config {
@@ -201,7 +208,22 @@ impl Config {
         if !(self.shutdown_grace >= 0.0 && self.shutdown_grace.is_finite()) {
             return Err(("shutdown_grace", "must be zero or a positive number".into()));
         }
+        self.queue_type
+            .parse::<testflinger_broker::QueueType>()
+            .map_err(|e| ("queue_type", e))?;
         Ok(())
+    }
+
+    /// The kind of job queue to declare (validated on load).
+    pub fn queue_type(&self) -> testflinger_broker::QueueType {
+        self.queue_type.parse().unwrap_or_default()
+    }
+
+    /// The spool directory: `results_basedir`, or `<execution_basedir>/.results`.
+    pub fn results_dir(&self) -> PathBuf {
+        self.results_basedir
+            .clone()
+            .unwrap_or_else(|| self.execution_basedir.join(".results"))
     }
 
     pub fn polling_interval(&self) -> Duration {
@@ -263,6 +285,11 @@ mod tests {
         assert_eq!(c.polling_interval, 10.0);
         assert_eq!(c.execution_basedir, PathBuf::from("/tmp/testflinger/run"));
         assert_eq!(
+            c.results_dir(),
+            PathBuf::from("/tmp/testflinger/run/.results")
+        );
+        assert_eq!(c.queue_type(), testflinger_broker::QueueType::Classic);
+        assert_eq!(
             c.string_values.get("agent_id").map(String::as_str),
             Some("dev1")
         );
@@ -274,6 +301,17 @@ mod tests {
             .expect_err("unknown key");
         let m = e.to_string();
         assert!(m.contains("bogus_key") && m.contains("agent.yaml"), "{m}");
+    }
+
+    #[test]
+    fn queue_type_is_checked() {
+        let c = parse("agent_id: a\nserver_address: s\njob_queues: [q]\nqueue_type: quorum\n")
+            .expect("quorum");
+        assert_eq!(c.queue_type(), testflinger_broker::QueueType::Quorum);
+        let e = parse("agent_id: a\nserver_address: s\njob_queues: [q]\nqueue_type: stream\n")
+            .expect_err("stream");
+        let m = e.to_string();
+        assert!(m.contains("queue_type") && m.contains("stream"), "{m}");
     }
 
     #[test]

@@ -1,11 +1,20 @@
-//! The agent's life: register, consume the job queues (one channel, prefetch 1 shared),
-//! claim each delivery through the API, run what is granted with a heartbeat, honour
-//! the operator's offline/maintenance, listen for cancels on the control queue, and
-//! shut down without dropping a job.
+//! The agent's life: kill what a previous run left (the sweep) and deliver what its
+//! spools hold, register, consume the job queues (one channel, prefetch 1 per
+//! consumer), claim each delivery through the API, run what is granted with a
+//! heartbeat and the agent's own lease clock, honour the operator's offline/maintenance,
+//! listen for cancels on the control queue, and shut down without dropping a job
+//! (marking the agent offline in its record).
+//!
+//! Lease clock: each heartbeat call waits at most [`heartbeat_timeout`] (a fifth of the
+//! lease); the lease counts from when the last successful renewal was *sent*; once
+//! now > that + lease - [`lease_margin`], the agent stops the phase itself ("lease
+//! lost"), runs no other phase of the job, delivers its output and releases it.
 
 use crate::client::{ApiClient, ClientError};
 use crate::config::Config;
+use crate::process::{self, Watchdog};
 use crate::runner::{self, ClaimedJob, JobEnd, JobSignals};
+use crate::spool::{self, Delivered, Entry, Spool};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use std::future::Future;
@@ -14,12 +23,28 @@ use std::time::Duration;
 use testflinger_broker::{Broker, BrokerConfig, Consumer, Incoming, OutgoingMessage};
 use testflinger_common::AgentState;
 use testflinger_common::protocol::{ClaimOutcome, ControlCommand};
-use tokio::sync::Notify;
+use tokio::sync::{Notify, watch};
+use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 /// How often an idle agent refreshes its records on the server.
 const REFRESH_EVERY: Duration = Duration::from_secs(6 * 3600);
+/// The comment of the agent record while the agent is stopped (SIGTERM/SIGINT); unlike
+/// an operator's offline, the next start clears it.
+pub const STOPPED_COMMENT: &str = "testflinger-agent stopped; it is back when it starts again";
+
+/// The agent stops its phase this long before the lease would end on the server: a
+/// fifth of the lease, between 0.5 s and 30 s.
+pub fn lease_margin(lease: Duration) -> Duration {
+    (lease / 5).clamp(Duration::from_millis(500), Duration::from_secs(30))
+}
+
+/// How long one heartbeat call may take: a fifth of the lease, between 0.3 s and 10 s,
+/// so several tries fit in one lease.
+pub fn heartbeat_timeout(lease: Duration) -> Duration {
+    (lease / 5).clamp(Duration::from_millis(300), Duration::from_secs(10))
+}
 
 /// The job being run, so the control queue can cancel it.
 type Current = Arc<Mutex<Option<(String, CancellationToken)>>>;
@@ -42,7 +67,9 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
             stopper.cancel();
         }
     }
-    main.await
+    let r = main.await;
+    agent.mark_offline().await;
+    r
 }
 
 struct Agent {
@@ -52,6 +79,7 @@ struct Agent {
     stop: CancellationToken,
     current: Current,
     recheck: Arc<Notify>,
+    watchdog: Watchdog,
 }
 
 impl Agent {
@@ -61,6 +89,7 @@ impl Agent {
         // One connection is plenty for one device, and keeps the agent small.
         let mut bcfg = BrokerConfig::new(cfg.amqp_uri());
         bcfg.connections = 1;
+        bcfg.queue_type = cfg.queue_type();
         let broker = Broker::new(bcfg)?;
         Ok(Agent {
             cfg,
@@ -69,11 +98,38 @@ impl Agent {
             stop,
             current: Arc::new(Mutex::new(None)),
             recheck: Arc::new(Notify::new()),
+            watchdog: Watchdog::new(runner::ORPHAN_GRACE),
         })
     }
 
     async fn main_loop(&self) -> anyhow::Result<()> {
+        // First of all, before waiting for anything: no phase of a previous run may go
+        // on while this one starts.
+        let basedir = self.cfg.execution_basedir.clone();
+        let me = self.cfg.agent_id.clone();
+        let left = match tokio::task::spawn_blocking(move || {
+            let dirs = process::run_dirs_of(&basedir, &me);
+            (process::sweep(&basedir, &me, runner::ORPHAN_GRACE), dirs)
+        })
+        .await
+        {
+            Ok((n, dirs)) => {
+                if n > 0 {
+                    tracing::warn!(groups = n, "killed phases a previous run left");
+                }
+                dirs
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "the start-up sweep failed");
+                Vec::new()
+            }
+        };
+        self.undo_reservations(&left).await;
         if !self.register().await {
+            return Ok(());
+        }
+        self.recover().await;
+        if self.stop.is_cancelled() {
             return Ok(());
         }
         let control = tokio::spawn(control_loop(
@@ -86,6 +142,47 @@ impl Agent {
         let r = self.consume_loop().await;
         control.abort();
         r
+    }
+
+    /// A reservation that a crash cut short may have left its keys on the device (the
+    /// connector records them in `reservation-keys.json` in the run directory): for each
+    /// run directory of a previous run that still holds such a record, runs the agent's
+    /// `cleanup_command` there, whose connector removes the recorded keys. Bounded to
+    /// two minutes each.
+    async fn undo_reservations(&self, dirs: &[std::path::PathBuf]) {
+        let cmd = self.cfg.cleanup_command.trim();
+        if cmd.is_empty() {
+            return;
+        }
+        for dir in dirs {
+            if !dir.join("reservation-keys.json").exists() {
+                continue;
+            }
+            tracing::warn!(dir = %dir.display(), "a reservation a previous run left: running cleanup_command to remove its keys");
+            let run = tokio::process::Command::new("/bin/sh")
+                .arg("-c")
+                .arg(cmd)
+                .current_dir(dir)
+                .stdin(std::process::Stdio::null())
+                .kill_on_drop(true)
+                .output();
+            match tokio::time::timeout(Duration::from_secs(120), run).await {
+                Ok(Ok(out)) if out.status.success() => {
+                    tracing::info!(dir = %dir.display(), "reservation keys of a previous run removed");
+                }
+                Ok(Ok(out)) => tracing::error!(
+                    dir = %dir.display(),
+                    code = ?out.status.code(),
+                    output = %String::from_utf8_lossy(&out.stdout),
+                    error = %String::from_utf8_lossy(&out.stderr),
+                    "cleanup_command failed: the reservation's keys may remain on the device"
+                ),
+                Ok(Err(e)) => tracing::error!(error = %e, "cannot run cleanup_command"),
+                Err(_) => {
+                    tracing::error!(dir = %dir.display(), "cleanup_command did not finish within 120 s")
+                }
+            }
+        }
     }
 
     /// Waits for the API, then registers. Keeps an operator's offline or maintenance
@@ -106,10 +203,12 @@ impl Agent {
 
     async fn try_register(&self) -> Result<(), ClientError> {
         let c = &self.cfg;
+        // An operator's offline or maintenance stays; our own "stopped" mark goes.
         let held = self
             .client
             .get_agent()
             .await?
+            .filter(|a| a.get("comment").and_then(Value::as_str) != Some(STOPPED_COMMENT))
             .and_then(|a| a.get("state").and_then(Value::as_str).map(str::to_string))
             .filter(|s| s.parse::<AgentState>().is_ok_and(|s| s.blocks_jobs()));
         let mut body = json!({
@@ -146,6 +245,94 @@ impl Agent {
                 .await?;
         }
         Ok(())
+    }
+
+    /// Delivers what the spools of a previous run hold (its phases were swept): output,
+    /// then the final outcome if it was spooled, else a release so the job runs again
+    /// at once. Heartbeats keep the lease meanwhile; a 409 drops a spool (the job is
+    /// someone else's). Returns early on shutdown, leaving the rest on disk.
+    async fn recover(&self) {
+        for dir in spool::leftovers(&self.cfg.results_dir(), &self.cfg.agent_id) {
+            if self.stop.is_cancelled() {
+                return;
+            }
+            let Some((meta, spool, pending)) = Spool::reopen(dir.clone()) else {
+                continue;
+            };
+            let span = tracing::info_span!("recovery", job.id = %meta.job_id);
+            let done = async {
+                if !spool.has_terminal() {
+                    let reason = format!(
+                        "agent {} restarted; the job's phase did not survive it",
+                        self.cfg.agent_id
+                    );
+                    if let Err(e) = spool.push(&Entry::Release { reason }) {
+                        tracing::warn!(error = %e, "cannot spool the release; the reaper requeues the job");
+                    }
+                }
+                spool.close();
+                tracing::info!("delivering what a previous run left");
+                let lease = Duration::from_secs(meta.lease_ttl.max(1));
+                let now = Instant::now();
+                let (signals, lease_tx) = JobSignals::new(now + lease - lease_margin(lease));
+                let heartbeat = tokio::spawn(heartbeat_loop(
+                    self.client.clone(),
+                    meta.job_id.clone(),
+                    meta.token,
+                    meta.lease_ttl,
+                    signals.clone(),
+                    lease_tx,
+                    now,
+                ));
+                let job_id = meta.job_id.clone();
+                let delivery = spool::deliver(
+                    self.client.clone(),
+                    meta,
+                    spool.clone(),
+                    pending,
+                    signals.lost,
+                );
+                let r = tokio::select! {
+                    r = delivery => Some(r),
+                    _ = self.stop.cancelled() => None,
+                };
+                heartbeat.abort();
+                match r {
+                    Some(Delivered::All) => tracing::info!("delivered"),
+                    Some(Delivered::LeaseLost) => {
+                        tracing::info!("lease lost; the job is someone else's now")
+                    }
+                    None => return false,
+                }
+                let _ = tokio::fs::remove_dir_all(self.cfg.execution_basedir.join(&job_id)).await;
+                true
+            }
+            .instrument(span)
+            .await;
+            if !done {
+                return;
+            }
+        }
+    }
+
+    /// On shutdown: the record says `offline` (with [`STOPPED_COMMENT`]) until the
+    /// agent starts again, unless an operator holds it already. Best effort, bounded.
+    async fn mark_offline(&self) {
+        let quick = self.client.quick(2, Duration::from_secs(3));
+        if let Ok(Some(a)) = quick.get_agent().await
+            && a.get("comment").and_then(Value::as_str) != Some(STOPPED_COMMENT)
+            && a.get("state")
+                .and_then(Value::as_str)
+                .and_then(|s| s.parse::<AgentState>().ok())
+                .is_some_and(|s| s.blocks_jobs())
+        {
+            return;
+        }
+        let body = json!({"state": "offline", "comment": STOPPED_COMMENT, "job_id": ""});
+        match quick.post_agent(&body).await {
+            Ok(()) => tracing::info!("agent marked offline"),
+            Err(e) => tracing::warn!(error = %e, "could not mark the agent offline"),
+        }
     }
 
     /// Re-posts the agent's queues and location (not its state) and the advertised
@@ -280,7 +467,15 @@ impl Agent {
 
     /// One delivery: claim it, ack after the answer, run it when granted.
     async fn handle(&self, msg: Incoming, consumer: &mut Option<Consumer>) {
-        let job_id = job_id_of(&msg);
+        let job_id = match job_id_of(&msg) {
+            Ok(id) => id,
+            Err(why) => {
+                // Never left to block its queue: the queue dead-letters it.
+                tracing::warn!(queue = %msg.routing_key, message_id = ?msg.message_id, %why, "not a valid job message; dead-lettering it");
+                settle(msg.reject().await);
+                return;
+            }
+        };
         let span = tracing::info_span!("delivery", job.id = %job_id, job.queue = %msg.routing_key);
         self.handle_in_span(msg, job_id, consumer)
             .instrument(span)
@@ -303,8 +498,17 @@ impl Agent {
         }
         let mut registered = false;
         loop {
+            let claimed_at = Instant::now();
             let claim = match self.client.claim(&job_id).await {
                 Ok(c) => c,
+                Err(ClientError::Rejected {
+                    status: status @ (400 | 404 | 422),
+                    message,
+                }) => {
+                    tracing::warn!(job.id = %job_id, status, %message, "the API refuses this job id; dead-lettering the message");
+                    settle(msg.reject().await);
+                    return;
+                }
                 Err(e) => {
                     tracing::warn!(job.id = %job_id, error = %e, "claim failed; giving the delivery back");
                     settle(msg.requeue().await);
@@ -327,6 +531,7 @@ impl Agent {
                         token: claim.token.unwrap_or_default(),
                         attempt: claim.attempt.unwrap_or(1),
                         lease_ttl: claim.lease_ttl.unwrap_or(30),
+                        claimed_at,
                         def: claim.job.unwrap_or_else(|| json!({})),
                     };
                     self.run_claimed(job).await;
@@ -338,12 +543,26 @@ impl Agent {
                     return;
                 }
                 ClaimOutcome::Excluded => {
-                    tracing::info!(job.id = %job_id, "this agent is excluded; giving the job back");
-                    settle(msg.requeue().await);
+                    // Dropped, not requeued: a requeue puts the message back at the head,
+                    // where this agent would take it again and again. The API publishes
+                    // the job again from its outbox, behind the others.
+                    tracing::info!(job.id = %job_id, "this agent is excluded; the API hands the job to another agent");
+                    settle(msg.ack().await);
                     // Step away so another agent's consumer gets it.
                     self.close(consumer).await;
                     self.pause(self.cfg.polling_interval().max(Duration::from_secs(1)))
                         .await;
+                    return;
+                }
+                ClaimOutcome::Unknown
+                    if msg
+                        .headers
+                        .contains_key(testflinger_broker::topology::PUBLISHED_BY_HEADER) =>
+                {
+                    // The API published it and no longer knows the job (it expired, or
+                    // was removed): a stale wake-up, not a raw-published job to register.
+                    tracing::info!(job.id = %job_id, "stale message of a job the API no longer knows; dropping it");
+                    settle(msg.ack().await);
                     return;
                 }
                 ClaimOutcome::Unknown if !registered => {
@@ -436,7 +655,8 @@ impl Agent {
     /// Runs a granted job with its heartbeat; on shutdown, lets it finish within the
     /// grace and then releases it.
     async fn run_claimed(&self, job: ClaimedJob) {
-        let signals = JobSignals::default();
+        let lease = Duration::from_secs(job.lease_ttl.max(1));
+        let (signals, lease_tx) = JobSignals::new(job.claimed_at + lease - lease_margin(lease));
         if let Ok(mut c) = self.current.lock() {
             *c = Some((job.id.clone(), signals.cancel.clone()));
         }
@@ -446,10 +666,13 @@ impl Agent {
             job.token,
             job.lease_ttl,
             signals.clone(),
+            lease_tx,
+            job.claimed_at + lease / 3,
         ));
         let fut = runner::run_job(
             self.cfg.clone(),
             self.client.clone(),
+            self.watchdog.clone(),
             job.clone(),
             signals.clone(),
         );
@@ -478,11 +701,18 @@ impl Agent {
                 match r.end {
                     JobEnd::Finished => tracing::info!(job.id = %job.id, "job finished"),
                     JobEnd::Released => tracing::info!(job.id = %job.id, "job released"),
+                    JobEnd::GaveUp => {
+                        tracing::warn!(job.id = %job.id, "lease lost: the job was stopped, its output delivered and the job released")
+                    }
+                    JobEnd::Undelivered => {
+                        tracing::warn!(job.id = %job.id, "shut down before the API had everything; the next start delivers the rest")
+                    }
                     JobEnd::LeaseLost => {
                         tracing::warn!(job.id = %job.id, "lease lost; the job belongs to someone else now");
                         if r.hold.is_none() {
                             let idle = json!({"job_id": "", "state": "waiting", "comment": ""});
-                            if let Err(e) = self.client.post_agent(&idle).await {
+                            let quick = self.client.quick(2, Duration::from_secs(5));
+                            if let Err(e) = quick.post_agent(&idle).await {
                                 tracing::warn!(error = %e, "could not update the agent record");
                             }
                         }
@@ -490,6 +720,11 @@ impl Agent {
                 }
                 if r.hold.is_some() {
                     self.recheck.notify_one();
+                }
+                if r.failed {
+                    // Whatever broke here may break the next job too: let others have a go.
+                    self.pause(self.cfg.polling_interval().max(Duration::from_secs(5)))
+                        .await;
                 }
             }
             Err(e) => {
@@ -524,57 +759,95 @@ fn settle(r: Result<(), testflinger_broker::BrokerError>) {
 }
 
 /// The job id of a delivery: the AMQP `message_id` when it is a UUID, else the body's
-/// `job_id`, else a UUID derived from the body bytes (a redelivery maps to the same).
-pub fn job_id_of(msg: &Incoming) -> String {
+/// `job_id` (which must be a UUID), else a UUID derived from the body bytes (a
+/// redelivery maps to the same). `Err` (why) for a message that cannot be a job: a
+/// body that is not a JSON object, or a `job_id` that is not a UUID.
+pub fn job_id_of(msg: &Incoming) -> Result<String, String> {
     job_id_from(msg.message_id.as_deref(), &msg.body)
 }
 
 /// See [`job_id_of`].
-pub fn job_id_from(message_id: Option<&str>, body: &[u8]) -> String {
+pub fn job_id_from(message_id: Option<&str>, body: &[u8]) -> Result<String, String> {
     if let Some(id) = message_id
         && let Ok(u) = uuid::Uuid::parse_str(id.trim())
     {
-        return u.to_string();
+        return Ok(u.to_string());
     }
-    if let Ok(Value::Object(o)) = serde_json::from_slice::<Value>(body)
-        && let Some(Value::String(id)) = o.get("job_id")
-    {
-        return id.clone();
+    let o = match serde_json::from_slice::<Value>(body) {
+        Ok(Value::Object(o)) => o,
+        Ok(_) => return Err("the body is JSON but not an object".into()),
+        Err(e) => return Err(format!("the body is not JSON: {e}")),
+    };
+    match o.get("job_id") {
+        None | Some(Value::Null) => {}
+        Some(Value::String(id)) => {
+            return uuid::Uuid::parse_str(id.trim())
+                .map(|u| u.to_string())
+                .map_err(|_| format!("job_id '{id}' is not a UUID"));
+        }
+        Some(other) => return Err(format!("job_id {other} is not a UUID string")),
     }
     let digest = Sha256::digest(body);
     let mut bytes = [0u8; 16];
     bytes.copy_from_slice(&digest[..16]);
-    uuid::Builder::from_random_bytes(bytes)
+    Ok(uuid::Builder::from_random_bytes(bytes)
         .into_uuid()
-        .to_string()
+        .to_string())
 }
 
-/// Renews the lease every third of its length; a cancel in the answer reaches the
-/// running phase, a 409 marks the lease lost.
+/// Renews the lease every third of its length, first at `next`; each call waits at
+/// most [`heartbeat_timeout`], a failed one is tried again after a tenth of the lease.
+/// A successful renewal moves the lease deadline (`lease_tx`: when it was sent, plus
+/// the lease, minus the margin); when that deadline passes first, `expired` is
+/// cancelled and the loop ends ("lease lost" on the agent's clock). A cancel in the
+/// answer reaches the running phase; a 409 cancels `lost`.
 async fn heartbeat_loop(
     client: ApiClient,
     job_id: String,
     token: testflinger_common::protocol::FenceToken,
-    lease_ttl: u64,
+    mut lease_ttl: u64,
     signals: JobSignals,
+    lease_tx: watch::Sender<Instant>,
+    mut next: Instant,
 ) {
-    let mut every = Duration::from_millis(lease_ttl.max(1) * 1000 / 3);
     loop {
-        tokio::time::sleep(every).await;
-        match client.heartbeat(&job_id, token).await {
+        let deadline = *lease_tx.borrow();
+        tokio::select! {
+            _ = sleep_until(deadline) => {
+                tracing::warn!(job.id = %job_id, "lease lost: no successful renewal in time; stopping the job");
+                signals.expired.cancel();
+                return;
+            }
+            _ = sleep_until(next) => {}
+        }
+        let lease = Duration::from_secs(lease_ttl.max(1));
+        let once = client.once(heartbeat_timeout(lease));
+        let sent = Instant::now();
+        let r = tokio::select! {
+            r = once.heartbeat(&job_id, token) => r,
+            // The top of the loop says it.
+            _ = sleep_until(deadline) => continue,
+        };
+        match r {
             Ok(r) => {
                 if r.cancel_requested && !signals.cancel.is_cancelled() {
                     tracing::info!(job.id = %job_id, "heartbeat: the job was cancelled");
                     signals.cancel.cancel();
                 }
-                every = Duration::from_millis(r.lease_ttl.max(1) * 1000 / 3);
+                lease_ttl = r.lease_ttl.max(1);
+                let lease = Duration::from_secs(lease_ttl);
+                lease_tx.send_replace(sent + lease - lease_margin(lease));
+                next = sent + lease / 3;
             }
             Err(ClientError::LeaseLost(m)) => {
                 tracing::warn!(job.id = %job_id, message = %m, "heartbeat: lease lost");
                 signals.lost.cancel();
                 return;
             }
-            Err(e) => tracing::warn!(job.id = %job_id, error = %e, "heartbeat failed"),
+            Err(e) => {
+                tracing::warn!(job.id = %job_id, error = %e, "heartbeat failed");
+                next = Instant::now() + (lease / 10).max(Duration::from_millis(200));
+            }
         }
     }
 }
@@ -643,14 +916,23 @@ mod tests {
     #[test]
     fn job_id_rules() {
         let id = "0b6a4f5e-8a53-4b4e-9d59-0a1b2c3d4e5f";
-        assert_eq!(job_id_from(Some(id), b"{}"), id);
+        assert_eq!(job_id_from(Some(id), b"{}").as_deref(), Ok(id));
         assert_eq!(
-            job_id_from(Some("not-a-uuid"), br#"{"job_id": "abc"}"#),
-            "abc"
+            job_id_from(
+                Some("not-a-uuid"),
+                format!(r#"{{"job_id": "{id}"}}"#).as_bytes()
+            )
+            .as_deref(),
+            Ok(id)
         );
-        let a = job_id_from(None, br#"{"job_queue": "q"}"#);
-        let b = job_id_from(None, br#"{"job_queue": "q"}"#);
-        let c = job_id_from(None, br#"{"job_queue": "r"}"#);
+        let e = job_id_from(Some("not-a-uuid"), br#"{"job_id": "abc"}"#).expect_err("abc");
+        assert!(e.contains("abc"), "{e}");
+        assert!(job_id_from(None, br#"{"job_id": 5}"#).is_err());
+        assert!(job_id_from(None, b"{not json").is_err());
+        assert!(job_id_from(None, b"[1]").is_err());
+        let a = job_id_from(None, br#"{"job_queue": "q"}"#).expect("a");
+        let b = job_id_from(None, br#"{"job_queue": "q"}"#).expect("b");
+        let c = job_id_from(None, br#"{"job_queue": "r"}"#).expect("c");
         assert_eq!(a, b);
         assert_ne!(a, c);
         assert!(uuid::Uuid::parse_str(&a).is_ok());

@@ -1,14 +1,19 @@
 //! Runs one claimed job: the run directory, the phases in order with cleanup always,
 //! output streamed to the API as fragments, results, artifacts, the final outcome.
 //!
-//! Every write carries the job's fencing token; the first 409 (lease lost) stops the
-//! job at once and nothing more is written about it.
+//! Every write about the job goes through its [`Spool`] (disk first, then the API, in
+//! order, retried while the API is away) and carries the job's fencing token; the first
+//! 409 (lease lost) stops the job at once and nothing more is written about it. When the
+//! agent's own lease clock runs out ([`JobSignals::expired`]) the phase is killed, no
+//! other phase of the job runs, and the job is released after its output is delivered.
+//! The run directory is removed only once the final outcome was delivered.
 
 use crate::archive;
-use crate::client::{ApiClient, ClientError, Fragment};
+use crate::client::{ApiClient, Fragment};
 use crate::config::Config;
 use crate::phases::{self, ORDER};
-use crate::process::{self, PhaseProcess};
+use crate::process::{self, PhaseProcess, Watchdog};
+use crate::spool::{self, Delivered, Entry, Meta, Spool};
 use anyhow::Context;
 use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
@@ -19,7 +24,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use testflinger_common::{LogType, Phase};
-use tokio::sync::mpsc;
+use tokio::sync::watch;
 use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -31,8 +36,20 @@ const DEFAULT_OUTPUT_TIMEOUT: u64 = 900;
 const FLUSH_EVERY: Duration = Duration::from_millis(500);
 /// How long a killed phase gets between SIGTERM and SIGKILL.
 const KILL_GRACE: Duration = Duration::from_secs(3);
+/// How long a stopped reserve or cleanup phase has to undo its changes on the device.
+const UNDO_GRACE: Duration = Duration::from_secs(30);
 /// Serial logs are sent in chunks of this size.
 const SERIAL_CHUNK: usize = 1024 * 1024;
+/// How long a shutting-down agent keeps delivering the spool before it leaves the rest
+/// on disk for its next start.
+const SHUTDOWN_DRAIN: Duration = Duration::from_secs(10);
+/// Look-ups between phases (cancel, agent state): short, so an unreachable API cannot
+/// hold the job longer than the lease clock allows.
+const LOOKUP_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a phase's start waits for the API to have the job's new state.
+const STATE_WAIT: Duration = Duration::from_secs(2);
+/// Between SIGTERM and SIGKILL when the watchdog or the start-up sweep ends a phase.
+pub const ORPHAN_GRACE: Duration = Duration::from_secs(1);
 
 /// A job this agent holds a lease on.
 #[derive(Debug, Clone)]
@@ -42,12 +59,14 @@ pub struct ClaimedJob {
     pub token: testflinger_common::protocol::FenceToken,
     pub attempt: u64,
     pub lease_ttl: u64,
+    /// When the claim that granted the lease was sent: the lease counts from here.
+    pub claimed_at: Instant,
     /// The job as the claim handed it out (with `job_id`, secrets resolved).
     pub def: Value,
 }
 
 /// What stops a job from the outside.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct JobSignals {
     /// The job was cancelled (control queue or heartbeat answer).
     pub cancel: CancellationToken,
@@ -55,6 +74,30 @@ pub struct JobSignals {
     pub lost: CancellationToken,
     /// The agent is shutting down and the grace is over: kill and release the job.
     pub abort: CancellationToken,
+    /// The agent's own lease clock ran out (no successful renewal for the lease minus a
+    /// margin): kill the phase, run no other phase, deliver the output, release.
+    pub expired: CancellationToken,
+    /// When the lease, as the agent last renewed it, runs out (minus the margin). The
+    /// heartbeat moves it; the watchdog is told.
+    pub lease: watch::Receiver<Instant>,
+}
+
+impl JobSignals {
+    /// Signals for a job whose lease (minus the margin) runs out at `deadline`; the
+    /// sender moves that deadline.
+    pub fn new(deadline: Instant) -> (JobSignals, watch::Sender<Instant>) {
+        let (tx, rx) = watch::channel(deadline);
+        (
+            JobSignals {
+                cancel: CancellationToken::new(),
+                lost: CancellationToken::new(),
+                abort: CancellationToken::new(),
+                expired: CancellationToken::new(),
+                lease: rx,
+            },
+            tx,
+        )
+    }
 }
 
 /// How a job ended for this agent.
@@ -66,6 +109,12 @@ pub enum JobEnd {
     Released,
     /// Someone else owns it now; nothing more was written.
     LeaseLost,
+    /// The agent gave the lease up (its clock ran out): the phase was killed, the
+    /// output delivered and the job released.
+    GaveUp,
+    /// The agent shut down before the spool was delivered: it stays on disk and the
+    /// next start delivers it.
+    Undelivered,
 }
 
 /// An agent state that blocks new jobs, set by an operator or by a recovery failure.
@@ -81,6 +130,9 @@ pub struct JobReport {
     pub end: JobEnd,
     /// When set, the agent must take no more jobs.
     pub hold: Option<Hold>,
+    /// The job could not run for a local reason (it was released): let other agents
+    /// have a go before taking the next one.
+    pub failed: bool,
 }
 
 /// Why a phase was stopped before it ended by itself.
@@ -91,6 +143,7 @@ enum Stop {
     Cancelled,
     Abort,
     Lost,
+    Expired,
 }
 
 impl Stop {
@@ -103,6 +156,9 @@ impl Stop {
                 "\nERROR: the agent is shutting down; the job goes back to its queue.\n".into()
             }
             Stop::Lost => "\nERROR: the lease on this job was lost; stopping.\n".into(),
+            Stop::Expired => {
+                "\nERROR: the lease on this job was lost (the API could not be reached to renew it); stopping.\n".into()
+            }
         }
     }
 }
@@ -111,27 +167,48 @@ impl Stop {
 #[error("the lease on the job was lost")]
 struct LeaseLost;
 
-/// Runs a claimed job to its end. `Err` only for local failures that prevent running
-/// it at all (the run directory cannot be created); the caller releases the job then.
+#[derive(Debug, thiserror::Error)]
+#[error("the lease on the job ran out on the agent's clock")]
+struct LeaseExpired;
+
+/// Runs a claimed job to its end, delivery of its spool included. `Err` only for local
+/// failures that prevent running it at all (the run directory or the spool cannot be
+/// created); the caller releases the job then.
 pub async fn run_job(
     cfg: Arc<Config>,
     client: ApiClient,
+    watchdog: Watchdog,
     job: ClaimedJob,
     signals: JobSignals,
 ) -> anyhow::Result<JobReport> {
     let span =
         tracing::info_span!("job", job.id = %job.id, job.queue = %job.queue, attempt = job.attempt);
     async move {
-        let mut run = Run::prepare(cfg, client, job, signals).await?;
+        let mut run = Run::prepare(cfg, client, watchdog, job, signals).await?;
         let end = match run.execute().await {
             Ok(end) => end,
-            Err(e) if e.is::<LeaseLost>() => JobEnd::LeaseLost,
-            Err(e) => return Err(e),
+            Err(e) if e.is::<LeaseLost>() => {
+                run.forget();
+                JobEnd::LeaseLost
+            }
+            Err(e) if e.is::<LeaseExpired>() => run.give_up().await,
+            Err(e) => {
+                // Whatever was spooled still goes out, then the release.
+                tracing::error!(error = ?e, "cannot run the job; releasing it");
+                let end = run
+                    .release_for(format!("agent error: {e}"), JobEnd::Released)
+                    .await;
+                return Ok(JobReport {
+                    end,
+                    hold: run.hold.clone(),
+                    failed: true,
+                });
+            }
         };
-        run.close_logs().await;
         Ok(JobReport {
             end,
             hold: run.hold.clone(),
+            failed: false,
         })
     }
     .instrument(span)
@@ -150,8 +227,11 @@ struct Run {
     status: BTreeMap<String, i32>,
     output_counter: Arc<AtomicU64>,
     serial_counter: u64,
-    shipper_tx: Option<mpsc::UnboundedSender<(LogType, Fragment)>>,
-    shipper: Option<tokio::task::JoinHandle<()>>,
+    spool: Spool,
+    shipper: Option<tokio::task::JoinHandle<Delivered>>,
+    watchdog: Watchdog,
+    /// For look-ups and agent-record updates: few, short tries.
+    quick: ApiClient,
     hold: Option<Hold>,
     global_timeout: u64,
     output_timeout: u64,
@@ -165,6 +245,7 @@ impl Run {
     async fn prepare(
         cfg: Arc<Config>,
         client: ApiClient,
+        watchdog: Watchdog,
         job: ClaimedJob,
         signals: JobSignals,
     ) -> anyhow::Result<Run> {
@@ -212,18 +293,27 @@ impl Run {
         let global_timeout = pick("global_timeout", cfg.global_timeout, DEFAULT_GLOBAL_TIMEOUT);
         let output_timeout = pick("output_timeout", cfg.output_timeout, DEFAULT_OUTPUT_TIMEOUT);
 
-        let (tx, rx) = mpsc::unbounded_channel();
+        let meta = Meta {
+            job_id: job.id.clone(),
+            token: job.token,
+            attempt: job.attempt,
+            lease_ttl: job.lease_ttl,
+        };
+        let dir = Spool::dir_for(&cfg.results_dir(), &cfg.agent_id, &job.id);
+        let (spool, pending) = Spool::create(dir.clone(), &meta)
+            .with_context(|| format!("cannot create the spool {}", dir.display()))?;
         let shipper = tokio::spawn(
-            ship_logs(
+            spool::deliver(
                 client.clone(),
-                job.id.clone(),
-                job.token,
-                rx,
+                meta,
+                spool.clone(),
+                pending,
                 signals.lost.clone(),
             )
             .in_current_span(),
         );
         Ok(Run {
+            quick: client.quick(2, LOOKUP_TIMEOUT),
             env: cfg.string_values.clone(),
             cfg,
             client,
@@ -235,8 +325,9 @@ impl Run {
             status: BTreeMap::new(),
             output_counter: Arc::new(AtomicU64::new(0)),
             serial_counter: 0,
-            shipper_tx: Some(tx),
+            spool,
             shipper: Some(shipper),
+            watchdog,
             hold: None,
             global_timeout,
             output_timeout,
@@ -245,33 +336,41 @@ impl Run {
         })
     }
 
-    /// Turns a write's failure into what the job does next: a lost lease stops it,
-    /// anything else is logged and the job goes on.
-    fn check<T>(&self, what: &str, r: Result<T, ClientError>) -> anyhow::Result<Option<T>> {
-        match r {
-            Ok(v) => Ok(Some(v)),
-            Err(ClientError::LeaseLost(m)) => {
-                tracing::warn!(what, message = %m, "lease lost; stopping the job");
-                self.signals.lost.cancel();
-                Err(LeaseLost.into())
-            }
+    /// Spools a write about the job; `Err` once the lease is lost.
+    fn post_result(&self, what: &str, body: Value) -> anyhow::Result<()> {
+        self.push(what, &Entry::Result { body, last: false })
+            .map(|_| ())
+    }
+
+    fn push(&self, what: &str, entry: &Entry) -> anyhow::Result<Option<u64>> {
+        if self.signals.lost.is_cancelled() {
+            return Err(LeaseLost.into());
+        }
+        match self.spool.push(entry) {
+            Ok(seq) => Ok(Some(seq)),
             Err(e) => {
-                tracing::warn!(what, error = %e, "API call failed");
+                tracing::error!(what, error = %e, "cannot spool a write about the job; it is lost");
                 Ok(None)
             }
         }
     }
 
-    async fn post_result(&self, what: &str, body: Value) -> anyhow::Result<()> {
-        let r = self
-            .client
-            .post_result(&self.job.id, self.job.token, &body)
-            .await;
-        self.check(what, r).map(|_| ())
+    /// Spools the job's new state and waits (at most [`STATE_WAIT`]) until the API has
+    /// it: a phase's start is what users wait for, so it goes before the agent's own
+    /// calls; an unreachable API costs this wait once per phase.
+    async fn post_state(&self, state: &str) -> anyhow::Result<()> {
+        let body = json!({ "job_state": state });
+        if let Some(seq) = self.push("job_state", &Entry::Result { body, last: false })? {
+            tokio::select! {
+                _ = self.spool.wait_delivered(seq, STATE_WAIT) => {}
+                _ = self.signals.lost.cancelled() => return Err(LeaseLost.into()),
+            }
+        }
+        Ok(())
     }
 
     async fn post_agent(&self, body: Value) {
-        if let Err(e) = self.client.post_agent(&body).await {
+        if let Err(e) = self.quick.post_agent(&body).await {
             tracing::warn!(error = %e, "could not update the agent record");
         }
     }
@@ -304,6 +403,9 @@ impl Run {
         if self.signals.lost.is_cancelled() {
             return Err(LeaseLost.into());
         }
+        if self.signals.expired.is_cancelled() {
+            return Err(LeaseExpired.into());
+        }
         if self.signals.abort.is_cancelled() {
             return self.release().await;
         }
@@ -311,20 +413,20 @@ impl Run {
         if self.signals.abort.is_cancelled() {
             return self.release().await;
         }
-        self.finish().await?;
-        Ok(JobEnd::Finished)
+        self.finish().await
     }
 
     fn stopping(&self) -> bool {
         self.signals.cancel.is_cancelled()
             || self.signals.lost.is_cancelled()
             || self.signals.abort.is_cancelled()
+            || self.signals.expired.is_cancelled()
     }
 
     /// Upstream checks `job_state` before each phase; the control queue and the
     /// heartbeat usually tell us first.
     async fn cancelled_on_server(&self) -> bool {
-        match self.client.job_state(&self.job.id).await {
+        match self.quick.job_state(&self.job.id).await {
             Ok(Some(s)) if s == "cancelled" => {
                 self.signals.cancel.cancel();
                 true
@@ -339,7 +441,7 @@ impl Run {
         if self.hold.is_some() {
             return;
         }
-        if let Ok(Some(a)) = self.client.get_agent().await {
+        if let Ok(Some(a)) = self.quick.get_agent().await {
             let state = a.get("state").and_then(Value::as_str).unwrap_or_default();
             if state
                 .parse::<testflinger_common::AgentState>()
@@ -417,8 +519,7 @@ impl Run {
                 self.refresh_hold().await;
             }
             // Upstream posts the state of every phase it enters, even one it then skips.
-            self.post_result("job_state", json!({"job_state": phase.job_state()}))
-                .await?;
+            self.post_state(phase.job_state().as_str()).await?;
             if skip.is_none() && self.hold.is_none() {
                 self.post_agent(json!({"state": phase.as_str(), "job_id": self.job.id}))
                     .await;
@@ -428,8 +529,7 @@ impl Run {
             if let Some(di) = self.device_info()
                 && self.device_info_sent.as_ref() != Some(&di)
             {
-                self.post_result("device_info", json!({"device_info": di.clone()}))
-                    .await?;
+                self.post_result("device_info", json!({"device_info": di.clone()}))?;
                 self.device_info_sent = Some(di);
             }
             if let Some(reason) = skip {
@@ -447,7 +547,7 @@ impl Run {
                 serde_json::to_vec(&outcome).unwrap_or_default(),
             )
             .await;
-            self.post_result("status", outcome).await?;
+            self.post_result("status", outcome)?;
             if code == 46 {
                 self.recovery_failed().await;
             }
@@ -457,13 +557,13 @@ impl Run {
                     46 => "recovery_fail",
                     _ => "provision_fail",
                 };
-                if let Err(e) = self
-                    .client
-                    .post_provision_log(&self.job.id, code, detail)
-                    .await
-                {
-                    tracing::warn!(error = %e, "could not post the provision log");
-                }
+                self.push(
+                    "provision log",
+                    &Entry::ProvisionLog {
+                        exit_code: code,
+                        detail: detail.to_string(),
+                    },
+                )?;
             }
             if phase == Phase::Allocate && code == 0 {
                 self.allocated().await?;
@@ -492,11 +592,9 @@ impl Run {
     /// job or its parent ends.
     async fn allocated(&mut self) -> anyhow::Result<()> {
         if let Some(di) = self.device_info() {
-            self.post_result("device_info", json!({"device_info": di}))
-                .await?;
+            self.post_result("device_info", json!({"device_info": di}))?;
         }
-        self.post_result("job_state", json!({"job_state": "allocated"}))
-            .await?;
+        self.post_result("job_state", json!({"job_state": "allocated"}))?;
         let parent = self
             .job
             .def
@@ -507,7 +605,7 @@ impl Run {
         watch.extend(parent);
         loop {
             for id in &watch {
-                if let Ok(Some(s)) = self.client.job_state(id).await
+                if let Ok(Some(s)) = self.quick.job_state(id).await
                     && matches!(s.as_str(), "complete" | "completed" | "cancelled")
                 {
                     return Ok(());
@@ -517,6 +615,7 @@ impl Run {
                 _ = self.signals.cancel.cancelled() => return Ok(()),
                 _ = self.signals.abort.cancelled() => return Ok(()),
                 _ = self.signals.lost.cancelled() => return Err(LeaseLost.into()),
+                _ = self.signals.expired.cancelled() => return Err(LeaseExpired.into()),
                 _ = tokio::time::sleep(self.cfg.polling_interval()) => {}
             }
         }
@@ -539,7 +638,7 @@ impl Run {
             pending: Vec::new(),
             masks: self.masks.clone(),
             counter: self.output_counter.clone(),
-            tx: self.shipper_tx.clone(),
+            spool: Some(self.spool.clone()),
         };
         let line = "*".repeat(50);
         sink.push(
@@ -549,7 +648,9 @@ impl Run {
             )
             .as_bytes(),
         );
-        let env = self.phase_env(phase);
+        let mut env = self.phase_env(phase);
+        let marker = uuid::Uuid::new_v4().simple().to_string();
+        env.insert(process::MARKER_ENV.to_string(), marker.clone());
         let mut proc = match PhaseProcess::spawn(self.cfg.command(phase), &self.rundir, &env) {
             Ok(p) => p,
             Err(e) => {
@@ -558,6 +659,24 @@ impl Run {
                 return Ok(100);
             }
         };
+        // The phase dies with the agent: a record for the next start's sweep, and a
+        // watchdog that outlives a crash or a freeze of the agent.
+        let pgid = proc.tree.pgid();
+        let record = process::record_path(&self.rundir, phase.as_str());
+        if let Err(e) = process::write_record(&record, pgid, &marker, &self.cfg.agent_id) {
+            tracing::warn!(error = %e, "cannot record the phase's process group");
+        }
+        let mut lease = self.signals.lease.clone();
+        let mut lease_open = true;
+        let left = lease_left(*lease.borrow_and_update());
+        let watched = match self.watchdog.watch(pgid, left).await {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start the watchdog: the phase would outlive an agent crash");
+                false
+            }
+        };
+        let expired = self.signals.expired.clone();
         let now = Instant::now();
         let global = rules.global_timeout.then_some(self.global_timeout);
         let output = rules.output_timeout.then_some(self.output_timeout);
@@ -578,7 +697,16 @@ impl Run {
             let running = exited.is_none();
             tokio::select! {
                 _ = lost.cancelled() => { stop = Some(Stop::Lost); break; }
+                _ = expired.cancelled() => { stop = Some(Stop::Expired); break; }
                 _ = abort.cancelled() => { stop = Some(Stop::Abort); break; }
+                r = lease.changed(), if watched && lease_open => match r {
+                    Ok(()) => {
+                        let left = lease_left(*lease.borrow_and_update());
+                        self.watchdog.extend(left).await;
+                    }
+                    // The heartbeat is gone: the watchdog's last deadline stands.
+                    Err(_) => lease_open = false,
+                },
                 _ = cancel.cancelled(), if rules.cancellable && running => {
                     stop = Some(Stop::Cancelled); break;
                 }
@@ -611,9 +739,16 @@ impl Run {
             (Some(why), None) => {
                 tracing::warn!(?why, "stopping the phase");
                 sink.push(why.message().as_bytes());
+                // Reserve and cleanup undo what they did to the device (keys, a VM):
+                // they get longer to finish than a test does.
+                let grace = if matches!(phase, Phase::Reserve | Phase::Cleanup) {
+                    UNDO_GRACE
+                } else {
+                    KILL_GRACE
+                };
                 let s = proc
                     .tree
-                    .kill_tree(KILL_GRACE)
+                    .kill_tree(grace)
                     .await
                     .context("killing the phase")?;
                 // What the dying tree still wrote.
@@ -629,9 +764,15 @@ impl Run {
             (Some(_), Some(s)) => s,
             (None, None) => proc.tree.wait().await.context("waiting for the phase")?,
         };
+        if watched {
+            self.watchdog.done().await;
+        }
+        let _ = std::fs::remove_file(&record);
         sink.flush(true);
-        if stop == Some(Stop::Lost) {
-            return Err(LeaseLost.into());
+        match stop {
+            Some(Stop::Lost) => return Err(LeaseLost.into()),
+            Some(Stop::Expired) => return Err(LeaseExpired.into()),
+            _ => {}
         }
         Ok(process::exit_code(status))
     }
@@ -642,26 +783,30 @@ impl Run {
         let Ok(data) = tokio::fs::read(&path).await else {
             return Ok(());
         };
-        for chunk in data.chunks(SERIAL_CHUNK) {
+        // Cut at character boundaries: a character across a 1 MiB cut must not turn into
+        // U+FFFD on both sides.
+        for chunk in testflinger_common::text::utf8_chunks(&data, SERIAL_CHUNK) {
             let fragment = Fragment {
                 fragment_number: self.serial_counter,
                 timestamp: now_iso(),
                 phase,
-                log_data: String::from_utf8_lossy(chunk).into_owned(),
+                log_data: chunk,
             };
             self.serial_counter += 1;
-            let r = self
-                .client
-                .post_log(&self.job.id, self.job.token, LogType::Serial, &fragment)
-                .await;
-            self.check("serial log", r)?;
+            self.push(
+                "serial log",
+                &Entry::Log {
+                    log_type: LogType::Serial,
+                    fragment,
+                },
+            )?;
         }
         Ok(())
     }
 
-    /// Artifacts first, then the final outcome.
-    async fn finish(&mut self) -> anyhow::Result<()> {
-        self.close_logs().await;
+    /// Artifacts first, then the final outcome; the run directory goes once the API
+    /// has them.
+    async fn finish(&mut self) -> anyhow::Result<JobEnd> {
         if self.signals.lost.is_cancelled() {
             return Err(LeaseLost.into());
         }
@@ -670,12 +815,8 @@ impl Run {
             let d = dir.clone();
             match tokio::task::spawn_blocking(move || archive::pack_artifacts(&d)).await {
                 Ok(Ok(tarball)) => {
-                    let r = self
-                        .client
-                        .post_artifact(&self.job.id, self.job.token, tarball)
-                        .await;
-                    if self.check("artifacts", r)?.is_some() {
-                        let _ = tokio::fs::remove_dir_all(&dir).await;
+                    if let Err(e) = self.spool.push_artifact(&tarball) {
+                        tracing::error!(error = %e, "cannot spool the artifacts; they are not sent");
                     }
                 }
                 Ok(Err(e)) => tracing::warn!(error = %e, "could not pack the artifacts"),
@@ -688,11 +829,22 @@ impl Run {
         if let Some(di) = self.device_info() {
             body.insert("device_info".into(), di);
         }
-        self.post_result("final outcome", Value::Object(body))
-            .await?;
-        let _ = tokio::fs::remove_dir_all(&self.rundir).await;
-        self.end_agent_record().await;
-        Ok(())
+        self.push(
+            "final outcome",
+            &Entry::Result {
+                body: Value::Object(body),
+                last: true,
+            },
+        )?;
+        match self.drain().await {
+            Some(Delivered::All) => {
+                self.remove_rundir().await;
+                self.end_agent_record().await;
+                Ok(JobEnd::Finished)
+            }
+            Some(Delivered::LeaseLost) => Err(LeaseLost.into()),
+            None => Ok(JobEnd::Undelivered),
+        }
     }
 
     /// After the job: back to `waiting`, unless the agent must stay offline.
@@ -710,42 +862,86 @@ impl Run {
         }
     }
 
-    /// Gives the job back to its queue (shutdown after the grace).
+    /// Gives the job back to its queue (shutdown after the grace), after its output.
     async fn release(&mut self) -> anyhow::Result<JobEnd> {
-        self.close_logs().await;
-        let r = self
-            .client
-            .release(
-                &self.job.id,
-                self.job.token,
-                &format!("agent {} shut down", self.cfg.agent_id),
-            )
-            .await;
-        match r {
-            Ok(()) => {
+        let reason = format!("agent {} shut down", self.cfg.agent_id);
+        Ok(self.release_for(reason, JobEnd::Released).await)
+    }
+
+    /// The agent's lease clock ran out: the phase was killed; deliver what it wrote,
+    /// then release the job (when the API still knows this lease, it requeues it at
+    /// once; otherwise it answers 409 and the job is someone else's already).
+    async fn give_up(&mut self) -> JobEnd {
+        tracing::warn!(
+            "lease lost on the agent's clock; the phase was stopped; delivering its output, then releasing the job"
+        );
+        let reason = format!(
+            "agent {}: lease lost (no renewal in time); the phase was stopped",
+            self.cfg.agent_id
+        );
+        self.release_for(reason, JobEnd::GaveUp).await
+    }
+
+    async fn release_for(&mut self, reason: String, end: JobEnd) -> JobEnd {
+        if self.push("release", &Entry::Release { reason }).is_err() {
+            self.forget();
+            return JobEnd::LeaseLost;
+        }
+        match self.drain().await {
+            Some(Delivered::All) => {
                 tracing::info!("job released to its queue");
+                self.remove_rundir().await;
                 self.end_agent_record().await;
-                Ok(JobEnd::Released)
+                end
             }
-            Err(ClientError::LeaseLost(_)) => Ok(JobEnd::LeaseLost),
-            Err(e) => {
-                // The lease runs out and the reaper requeues it: still not lost.
-                tracing::error!(error = %e, "could not release the job; the reaper will requeue it");
-                Ok(JobEnd::Released)
+            Some(Delivered::LeaseLost) => {
+                self.forget();
+                JobEnd::LeaseLost
+            }
+            None => JobEnd::Undelivered,
+        }
+    }
+
+    /// Closes the spool and waits until it is delivered: `None` when the agent shut
+    /// down first (after [`SHUTDOWN_DRAIN`] more; what is left stays on disk for the
+    /// next start).
+    async fn drain(&mut self) -> Option<Delivered> {
+        self.spool.close();
+        let mut h = self.shipper.take()?;
+        if !self.signals.abort.is_cancelled() {
+            tokio::select! {
+                r = &mut h => return r.ok(),
+                _ = self.signals.abort.cancelled() => {}
+            }
+        }
+        match tokio::time::timeout(SHUTDOWN_DRAIN, &mut h).await {
+            Ok(r) => r.ok(),
+            Err(_) => {
+                h.abort();
+                tracing::warn!(
+                    spool = %self.spool.dir().display(),
+                    "shutting down with writes the API does not have yet; the next start delivers them"
+                );
+                None
             }
         }
     }
 
-    /// Waits for every queued log fragment to be sent.
-    async fn close_logs(&mut self) {
-        self.shipper_tx.take();
+    /// The job is someone else's: stop delivering, drop the spool and run directory.
+    fn forget(&mut self) {
         if let Some(h) = self.shipper.take() {
-            let _ = h.await;
+            h.abort();
         }
+        spool::remove(self.spool.dir());
+        let _ = std::fs::remove_dir_all(&self.rundir);
+    }
+
+    async fn remove_rundir(&self) {
+        let _ = tokio::fs::remove_dir_all(&self.rundir).await;
     }
 }
 
-/// Buffers a phase's output; each flush appends to `<phase>.log` and queues one
+/// Buffers a phase's output; each flush appends to `<phase>.log` and spools one
 /// fragment for the API. Secrets are masked in both.
 struct OutputSink {
     phase: Phase,
@@ -753,7 +949,7 @@ struct OutputSink {
     pending: Vec<u8>,
     masks: Arc<Vec<(String, String)>>,
     counter: Arc<AtomicU64>,
-    tx: Option<mpsc::UnboundedSender<(LogType, Fragment)>>,
+    spool: Option<Spool>,
 }
 
 /// Largest output fragment sent in one request: the API refuses bodies over 16 MiB, and
@@ -815,14 +1011,20 @@ impl OutputSink {
             return;
         }
         append(&self.log_path, &text);
-        if let Some(tx) = &self.tx {
+        if let Some(spool) = &self.spool {
             let fragment = Fragment {
                 fragment_number: self.counter.fetch_add(1, Ordering::SeqCst),
                 timestamp: now_iso(),
                 phase: self.phase,
                 log_data: text,
             };
-            let _ = tx.send((LogType::Output, fragment));
+            let entry = Entry::Log {
+                log_type: LogType::Output,
+                fragment,
+            };
+            if let Err(e) = spool.push(&entry) {
+                tracing::error!(error = %e, "cannot spool an output fragment; it is lost");
+            }
         }
     }
 }
@@ -838,27 +1040,9 @@ fn append(path: &Path, text: &str) {
     }
 }
 
-/// Posts fragments in order; a 409 marks the lease lost and drops the rest.
-async fn ship_logs(
-    client: ApiClient,
-    job_id: String,
-    token: testflinger_common::protocol::FenceToken,
-    mut rx: mpsc::UnboundedReceiver<(LogType, Fragment)>,
-    lost: CancellationToken,
-) {
-    while let Some((lt, fragment)) = rx.recv().await {
-        if lost.is_cancelled() {
-            continue;
-        }
-        match client.post_log(&job_id, token, lt, &fragment).await {
-            Ok(()) => {}
-            Err(ClientError::LeaseLost(m)) => {
-                tracing::warn!(message = %m, "lease lost while sending output");
-                lost.cancel();
-            }
-            Err(e) => tracing::warn!(error = %e, "an output fragment was not delivered"),
-        }
-    }
+/// Time left until `deadline` (zero when past).
+fn lease_left(deadline: Instant) -> Duration {
+    deadline.saturating_duration_since(Instant::now())
 }
 
 fn now_iso() -> String {
@@ -869,10 +1053,34 @@ fn now_iso() -> String {
 mod tests {
     use super::*;
 
+    /// A spool in `dir` and a way to read back what was spooled, in order.
+    fn test_spool(dir: &Path) -> (Spool, impl FnMut() -> Vec<(LogType, Fragment)>) {
+        let sdir = dir.join("spool");
+        let meta = Meta {
+            job_id: "j".into(),
+            token: testflinger_common::protocol::FenceToken::from_bytes([1; 16]),
+            attempt: 1,
+            lease_ttl: 30,
+        };
+        let (spool, mut rx) = Spool::create(sdir.clone(), &meta).expect("spool");
+        let read = move || {
+            let mut out = Vec::new();
+            while let Ok(seq) = rx.try_recv() {
+                let path = sdir.join(format!("{seq:012}.json"));
+                let bytes = std::fs::read(&path).expect("entry");
+                if let Ok(Entry::Log { log_type, fragment }) = serde_json::from_slice(&bytes) {
+                    out.push((log_type, fragment));
+                }
+            }
+            out
+        };
+        (spool, read)
+    }
+
     #[test]
     fn output_is_masked_and_split_on_utf8_boundaries() {
         let dir = tempfile::tempdir().expect("tmp");
-        let (tx, mut rx) = mpsc::unbounded_channel();
+        let (spool, mut read) = test_spool(dir.path());
         let digest = hex::encode(Sha256::digest(b"hunter2"));
         let mask = format!("**{}**", &digest[..6]);
         let mut sink = OutputSink {
@@ -881,7 +1089,7 @@ mod tests {
             pending: Vec::new(),
             masks: Arc::new(vec![("hunter2".into(), mask.clone())]),
             counter: Arc::new(AtomicU64::new(5)),
-            tx: Some(tx),
+            spool: Some(spool),
         };
         let text = "password hunter2 \u{e9}";
         let bytes = text.as_bytes();
@@ -892,7 +1100,7 @@ mod tests {
         sink.flush(false);
         let mut got = String::new();
         let mut numbers = Vec::new();
-        while let Ok((lt, f)) = rx.try_recv() {
+        for (lt, f) in read() {
             assert_eq!(lt, LogType::Output);
             numbers.push(f.fragment_number);
             got.push_str(&f.log_data);
@@ -907,30 +1115,30 @@ mod tests {
     fn sink(
         dir: &Path,
         masks: Vec<(String, String)>,
-    ) -> (OutputSink, mpsc::UnboundedReceiver<(LogType, Fragment)>) {
-        let (tx, rx) = mpsc::unbounded_channel();
+    ) -> (OutputSink, impl FnMut() -> Vec<(LogType, Fragment)>) {
+        let (spool, read) = test_spool(dir);
         let sink = OutputSink {
             phase: Phase::Test,
             log_path: dir.join("test.log"),
             pending: Vec::new(),
             masks: Arc::new(masks),
             counter: Arc::new(AtomicU64::new(0)),
-            tx: Some(tx),
+            spool: Some(spool),
         };
-        (sink, rx)
+        (sink, read)
     }
 
     #[test]
     fn a_secret_split_across_reads_is_still_masked() {
         let dir = tempfile::tempdir().expect("tmp");
-        let (mut sink, mut rx) = sink(dir.path(), vec![("hunter2".into(), "**m**".into())]);
+        let (mut sink, mut read) = sink(dir.path(), vec![("hunter2".into(), "**m**".into())]);
         sink.push(b"the password is hun");
         sink.flush(false);
         sink.push(b"ter2, done");
         sink.flush(false);
         sink.flush(true);
         let mut got = String::new();
-        while let Ok((_, f)) = rx.try_recv() {
+        for (_, f) in read() {
             assert!(!f.log_data.contains("hun") || !f.log_data.contains("hunter2"));
             got.push_str(&f.log_data);
         }
@@ -940,7 +1148,7 @@ mod tests {
     #[test]
     fn a_fast_writer_is_sent_in_bounded_fragments() {
         let dir = tempfile::tempdir().expect("tmp");
-        let (mut sink, mut rx) = sink(dir.path(), Vec::new());
+        let (mut sink, mut read) = sink(dir.path(), Vec::new());
         let block = vec![b'y'; 64 * 1024];
         for _ in 0..(5 * 16) {
             sink.push(&block); // 5 MiB without a tick
@@ -948,7 +1156,7 @@ mod tests {
         sink.flush(true);
         let mut total = 0;
         let mut count = 0;
-        while let Ok((_, f)) = rx.try_recv() {
+        for (_, f) in read() {
             assert!(
                 f.log_data.len() <= FRAGMENT_MAX + 64 * 1024,
                 "{}",

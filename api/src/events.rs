@@ -21,9 +21,15 @@ const BACKLOG: usize = 100_000;
 /// Publisher slot used for events, so they share one channel and keep their order.
 const EVENTS_SLOT: usize = 0;
 
+/// One message for the events exchange, and what (if anything) goes to the job's webhook.
 struct Queued {
-    event: JobEvent,
-    webhook: Option<String>,
+    job_id: String,
+    routing_key: String,
+    body: Vec<u8>,
+    /// `(url, body)` PUT to the job's webhook after the message.
+    webhook: Option<(String, Vec<u8>)>,
+    /// The job's last message: its webhook task may end after it.
+    terminal: bool,
 }
 
 /// Where state changes are reported. Cheap to clone.
@@ -71,8 +77,62 @@ pub fn emit(
         timestamp: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
         reason: reason.filter(|r| !r.is_empty()).map(str::to_string),
     };
-    if let Err(e) = app.events.tx.try_send(Queued { event, webhook }) {
+    let body = serde_json::to_vec(&event).unwrap_or_default();
+    let queued = Queued {
+        job_id: event.job_id.clone(),
+        routing_key: event_routing_key(&event.job_queue, &event.job_state),
+        webhook: webhook.map(|url| (url, body.clone())),
+        body,
+        terminal: matches!(event.job_state.as_str(), "complete" | "cancelled"),
+    };
+    if let Err(e) = app.events.tx.try_send(queued) {
         tracing::warn!(job.id = %job_id, error = %e, "job event dropped");
+    }
+}
+
+/// One phase event as upstream's agent reports it (`POST /v1/job/<id>/events`).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentEvent {
+    pub event_name: String,
+    pub timestamp: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
+/// Relays upstream agents' phase events: each new one is published to
+/// `testflinger.events` with routing key `job.<queue>.event.<event_name>` (body: the
+/// event plus `job_id`, `job_queue`, `agent_id`), and `webhook_body` (upstream's shape:
+/// the agent's post without `job_status_webhook`) is PUT once to the job's webhook when
+/// it is given and its host is allowed. Never blocks.
+pub fn relay_agent_events(
+    app: &crate::state::AppState,
+    job_id: &str,
+    queue: &str,
+    agent: Option<&str>,
+    new_events: &[AgentEvent],
+    webhook: Option<(String, Vec<u8>)>,
+) {
+    let n = new_events.len();
+    for (i, e) in new_events.iter().enumerate() {
+        let body = serde_json::json!({
+            "job_id": job_id,
+            "job_queue": queue,
+            "agent_id": agent,
+            "event_name": e.event_name,
+            "timestamp": e.timestamp,
+            "detail": e.detail,
+        });
+        let queued = Queued {
+            job_id: job_id.to_string(),
+            routing_key: event_routing_key(queue, &format!("event.{}", e.event_name)),
+            body: serde_json::to_vec(&body).unwrap_or_default(),
+            webhook: if i + 1 == n { webhook.clone() } else { None },
+            terminal: false,
+        };
+        if let Err(err) = app.events.tx.try_send(queued) {
+            tracing::warn!(job.id = %job_id, error = %err, "agent event dropped");
+        }
     }
 }
 
@@ -86,22 +146,13 @@ async fn run(
     let mut hooks: HashMap<String, mpsc::UnboundedSender<(String, Vec<u8>)>> = HashMap::new();
     let mut batch: Vec<Queued> = Vec::with_capacity(256);
     while rx.recv_many(&mut batch, 256).await > 0 {
-        let bodies: Vec<(String, Vec<u8>)> = batch
-            .iter()
-            .map(|q| {
-                (
-                    event_routing_key(&q.event.job_queue, &q.event.job_state),
-                    serde_json::to_vec(&q.event).unwrap_or_default(),
-                )
-            })
-            .collect();
         if settings.events {
-            let msgs: Vec<OutgoingMessage<'_>> = bodies
+            let msgs: Vec<OutgoingMessage<'_>> = batch
                 .iter()
-                .map(|(key, body)| OutgoingMessage {
+                .map(|q| OutgoingMessage {
                     exchange: EVENTS_EXCHANGE,
-                    routing_key: key,
-                    body,
+                    routing_key: &q.routing_key,
+                    body: &q.body,
                     content_type: Some("application/json"),
                     persistent: true,
                     ..OutgoingMessage::default()
@@ -111,14 +162,15 @@ async fn run(
                 tracing::warn!(error = %e, count = msgs.len(), "job events not published");
             }
         }
-        for (q, (_, body)) in batch.drain(..).zip(bodies) {
-            let Some(url) = q.webhook else { continue };
+        for q in batch.drain(..) {
+            let Some((url, body)) = q.webhook else {
+                continue;
+            };
             if !webhook_allowed(&allowed, &url) {
-                tracing::warn!(job.id = %q.event.job_id, "webhook host not in TESTFLINGER_WEBHOOK_ALLOWED_HOSTS; event not sent");
+                tracing::warn!(job.id = %q.job_id, "webhook host not in TESTFLINGER_WEBHOOK_ALLOWED_HOSTS; event not sent");
                 continue;
             }
-            let terminal = matches!(q.event.job_state.as_str(), "complete" | "cancelled");
-            let job = q.event.job_id.clone();
+            let job = q.job_id.clone();
             let tx = hooks.entry(job.clone()).or_insert_with(|| {
                 let (tx, rx) = mpsc::unbounded_channel();
                 tokio::spawn(deliver_in_order(http.clone(), job.clone(), rx));
@@ -126,7 +178,7 @@ async fn run(
             });
             if tx.send((url, body)).is_err() {
                 hooks.remove(&job);
-            } else if terminal {
+            } else if q.terminal {
                 // Dropping the sender lets the job's task finish after its last event.
                 hooks.remove(&job);
             }

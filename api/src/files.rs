@@ -76,8 +76,10 @@ impl FileStore {
                     })?;
             if let Err(msg) = verdict {
                 let _ = tokio::fs::remove_file(&tmp).await;
+                // 400: upstream's CLI cancels the job on 400 (and only then); a 422 left
+                // the job waiting for attachments that would never come.
                 return Err(ApiError::Text(
-                    actix_web::http::StatusCode::UNPROCESSABLE_ENTITY,
+                    actix_web::http::StatusCode::BAD_REQUEST,
                     format!("Invalid attachments archive: {msg}\n"),
                 ));
             }

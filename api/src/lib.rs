@@ -12,9 +12,11 @@
 //! - [`events`]: job events to `testflinger.events` and webhooks.
 //! - [`metrics`]: Prometheus metrics at `/metrics`.
 //! - [`error`]: errors at the HTTP edge.
+//! - [`ui`]: the server-rendered web UI (HTML pages, live job log).
 
 pub mod admission;
 pub mod auth;
+pub mod docs_site;
 pub mod error;
 pub mod events;
 pub mod files;
@@ -27,3 +29,4 @@ pub mod state;
 pub mod store;
 pub mod submit;
 pub mod telemetry;
+pub mod ui;

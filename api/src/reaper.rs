@@ -70,7 +70,35 @@ pub async fn tick(app: &AppState, me: &str, interval: Duration) -> ApiResult<usi
         }
     }
     reconcile_outbox(app, now).await;
+    expire_attachment_waits(app, now).await;
     Ok(n)
+}
+
+/// Cancels jobs whose attachments never came within `attachments_timeout`: no job waits
+/// for an upload forever (a client that died between submit and upload leaves one).
+async fn expire_attachment_waits(app: &AppState, now: i64) {
+    let secs = app.settings.attachments_timeout;
+    let reason = format!("attachments were not uploaded within {secs} s");
+    let cutoff = now - (secs as i64) * 1000;
+    match app.store.expire_attachment_waits(cutoff, &reason).await {
+        Ok(jobs) => {
+            for (id, queue) in jobs {
+                tracing::warn!(job.id = %id, "{reason}: job cancelled");
+                events::emit(
+                    app,
+                    &id,
+                    &queue,
+                    "cancelled",
+                    Some("waiting"),
+                    0,
+                    None,
+                    Some(&reason),
+                    None,
+                );
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "could not expire attachment waits"),
+    }
 }
 
 async fn reap_one(app: &AppState, id: &str) -> ApiResult<bool> {

@@ -16,6 +16,8 @@
 //! | `TESTFLINGER_QUEUE_TYPE` | `classic` | `classic` or `quorum` job queues |
 //! | `TESTFLINGER_REAPER_INTERVAL_MS` | `1000` | how often expired leases are looked for |
 //! | `TESTFLINGER_RECONCILE_INTERVAL_MS` | `10000` | how often waiting jobs are compared with the broker's queues |
+//! | `TESTFLINGER_CONFIRM_TIMEOUT_MS` | `10000` | how long a publish waits for the broker's confirm; past it the outcome is unclear and the job stays in the outbox |
+//! | `TESTFLINGER_ATTACHMENTS_TIMEOUT` | `3600` | seconds a job waits for its attachments before it is cancelled |
 //! | `TESTFLINGER_EVENTS` | `true` | publish job events to `testflinger.events` |
 //! | `TESTFLINGER_SUBMIT_CONSUMER` | `true` | admit jobs published to the submit queue |
 //! | `TESTFLINGER_SUBMIT_QUEUE` | `testflinger.submit` | the broker-native submission queue |
@@ -26,6 +28,7 @@
 //! | `JWT_LEEWAY` | `5` | seconds of clock skew tolerated on token expiry (upstream's name) |
 //! | `TESTFLINGER_ADMIN_ID` | `testflinger-admin` | the bootstrap administrator's client id |
 //! | `TESTFLINGER_ADMIN_SECRET` | unset | its secret; with auth on, the client is created (or its secret reset) at start-up |
+//! | `TESTFLINGER_DOCS_DIR` | `docs/book` | built documentation site, served under `/docs` if present |
 
 use serde::Deserialize;
 use std::path::PathBuf;
@@ -54,6 +57,8 @@ pub struct Settings {
     pub queue_type: String,
     pub reaper_interval_ms: u64,
     pub reconcile_interval_ms: u64,
+    pub attachments_timeout: u64,
+    pub confirm_timeout_ms: u64,
     pub events: bool,
     pub submit_consumer: bool,
     pub submit_queue: String,
@@ -66,6 +71,9 @@ pub struct Settings {
     pub admin_id: String,
     #[serde(default)]
     pub admin_secret: Option<Redacted>,
+    /// The built documentation site (`scripts/docs build`), served under `/docs` when
+    /// it holds an `index.html`.
+    pub docs_dir: PathBuf,
 }
 
 /// A setting that must not appear in logs or `Debug` output (keys, secrets).
@@ -93,6 +101,8 @@ const KNOWN: &[&str] = &[
     "queue_type",
     "reaper_interval_ms",
     "reconcile_interval_ms",
+    "attachments_timeout",
+    "confirm_timeout_ms",
     "events",
     "submit_consumer",
     "submit_queue",
@@ -103,6 +113,7 @@ const KNOWN: &[&str] = &[
     "access_ttl",
     "admin_id",
     "admin_secret",
+    "docs_dir",
 ];
 
 impl Settings {
@@ -127,6 +138,8 @@ impl Settings {
             .set_default("queue_type", "classic")?
             .set_default("reaper_interval_ms", 1000)?
             .set_default("reconcile_interval_ms", 10_000)?
+            .set_default("attachments_timeout", 3600)?
+            .set_default("confirm_timeout_ms", 10_000)?
             .set_default("events", true)?
             .set_default("submit_consumer", true)?
             .set_default("submit_queue", testflinger_broker::topology::SUBMIT_QUEUE)?
@@ -134,7 +147,8 @@ impl Settings {
             .set_default("log_format", "text")?
             .set_default("jwt_leeway", 5)?
             .set_default("access_ttl", crate::auth::ACCESS_TTL)?
-            .set_default("admin_id", crate::auth::DEFAULT_ADMIN_ID)?;
+            .set_default("admin_id", crate::auth::DEFAULT_ADMIN_ID)?
+            .set_default("docs_dir", "docs/book")?;
         if let Ok(path) = std::env::var("TESTFLINGER_CONFIG") {
             b = b.add_source(config::File::with_name(&path));
         }
@@ -218,6 +232,8 @@ impl Settings {
             queue_type: "classic".into(),
             reaper_interval_ms: 200,
             reconcile_interval_ms: 1000,
+            attachments_timeout: 3600,
+            confirm_timeout_ms: 10_000,
             events: true,
             submit_consumer: false,
             submit_queue: format!("testflinger.submit.{prefix}"),
@@ -228,6 +244,7 @@ impl Settings {
             access_ttl: crate::auth::ACCESS_TTL,
             admin_id: crate::auth::DEFAULT_ADMIN_ID.into(),
             admin_secret: None,
+            docs_dir: PathBuf::from("docs/book"),
         }
     }
 

@@ -39,6 +39,7 @@ impl Application {
         .with_context(|| format!("cannot reach Redis at {}", redact(&settings.redis_url)))?;
         let mut bcfg = BrokerConfig::new(settings.amqp_uri.clone());
         bcfg.queue_type = settings.queue_type.parse().map_err(anyhow::Error::msg)?;
+        bcfg.confirm_timeout = std::time::Duration::from_millis(settings.confirm_timeout_ms);
         let broker = Broker::new(bcfg).context("bad AMQP settings")?;
         let files = FileStore::open(&settings.data_path, settings.max_upload_bytes)
             .with_context(|| format!("cannot create DATA_PATH {}", settings.data_path.display()))?;
@@ -82,6 +83,7 @@ impl Application {
             auth,
         };
         let data = web::Data::new(state.clone());
+        let docs_dir = state.settings.docs_dir.clone();
         let server = HttpServer::new(move || {
             App::new()
                 .app_data(data.clone())
@@ -91,6 +93,8 @@ impl Application {
                 ))
                 .route("/metrics", web::get().to(crate::metrics::metrics))
                 .configure(crate::routes::configure)
+                .configure(crate::ui::configure)
+                .configure(|cfg| crate::docs_site::configure(cfg, &docs_dir))
                 .default_service(web::to(crate::routes::not_found))
         })
         .workers(workers)

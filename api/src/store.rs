@@ -6,7 +6,9 @@
 //! position index `qpos:<q>` (waiting jobs, scored by priority then submit order), the
 //! job list `qjobs:<q>`, wait-time samples `wait:<q>`. Global: `jobs` (all jobs by
 //! creation), `leases` (running jobs by lease expiry, Redis time), `outbox` (jobs whose
-//! wake-up message is not yet confirmed by the broker), agents, queues, images.
+//! wake-up message is not yet confirmed by the broker), agents, queues, images. For the
+//! web UI: `agentjobs:<agent>` (an agent's recent jobs by claim time), `jobqueues` (queues
+//! ever submitted to), and `at_<state>` fields of `job:<id>` (when each state began, ms).
 
 mod auth;
 pub use auth::{ClientRecord, ClientUpdate};
@@ -61,6 +63,11 @@ impl Keys {
     pub fn outbox(&self) -> String {
         format!("{}:outbox", self.p)
     }
+    /// Jobs waiting for their attachments, by submit time (ms): the reaper cancels those
+    /// whose upload never came.
+    pub fn attach_wait(&self) -> String {
+        format!("{}:attachwait", self.p)
+    }
     /// The reaper's last pass, in Redis milliseconds.
     pub fn reaper_last(&self) -> String {
         format!("{}:reaper:last", self.p)
@@ -79,6 +86,16 @@ impl Keys {
     }
     pub fn agent_log(&self, name: &str) -> String {
         format!("{}:agentlog:{name}", self.p)
+    }
+    /// An agent's recent jobs: sorted set of job ids scored by claim time (ms), for the
+    /// web UI. Written at claim; the newest [`AGENT_JOBS_KEPT`] are kept.
+    pub fn agent_jobs(&self, name: &str) -> String {
+        format!("{}:agentjobs:{name}", self.p)
+    }
+    /// Every queue that was ever submitted to: sorted set scored by the last submission
+    /// (ms), for the web UI's queue list. Written at submit.
+    pub fn job_queues(&self) -> String {
+        format!("{}:jobqueues", self.p)
     }
     pub fn provision_log(&self, name: &str) -> String {
         format!("{}:provlog:{name}", self.p)
@@ -108,7 +125,7 @@ macro_rules! redis_now {
 static SUBMIT: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
--- KEYS: job qpos qjobs jobs seq outbox ; ARGV: id def queue prio created_ms created_iso attach ttl tags_json owner
+-- KEYS: job qpos qjobs jobs seq outbox attachwait ; ARGV: id def queue prio created_ms created_iso attach ttl tags_json owner
 if redis.call('EXISTS', KEYS[1]) == 1 then
   return {0, redis.call('HGET', KEYS[1], 'state') or '', redis.call('HGET', KEYS[1], 'def') or ''}
 end
@@ -121,7 +138,11 @@ redis.call('EXPIRE', KEYS[1], ARGV[8])
 redis.call('ZADD', KEYS[2], score, ARGV[1])
 redis.call('ZADD', KEYS[3], ARGV[5], ARGV[1])
 redis.call('ZADD', KEYS[4], ARGV[5], ARGV[1])
-if ARGV[7] == '' then redis.call('ZADD', KEYS[6], ARGV[5], ARGV[1]) end
+if ARGV[7] == '' then
+  redis.call('ZADD', KEYS[6], ARGV[5], ARGV[1])
+else
+  redis.call('ZADD', KEYS[7], ARGV[5], ARGV[1])
+end
 return {1, 'waiting'}
 "#,
     )
@@ -389,6 +410,9 @@ return {'cancelled', st, redis.call('HGET', KEYS[1], 'agent') or ''}
     )
 });
 
+/// How many recent jobs the index [`Keys::agent_jobs`] keeps per agent.
+pub const AGENT_JOBS_KEPT: isize = 100;
+
 /// A job's record as stored.
 #[derive(Debug, Clone, Default)]
 pub struct JobRecord {
@@ -464,6 +488,61 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
 end
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
 return 0
+"#,
+    )
+});
+
+/// Reads a secret for a claim. A single-use (`ephemeral`) secret is handed to one claim
+/// only: the first read moves it under the claim (`<job>:<attempt>`), so the same claim
+/// retried gets it again and any other claim gets nothing.
+static TAKE_SECRET: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+-- KEYS: secret used ; ARGV: claim ttl_s
+local raw = redis.call('GET', KEYS[1])
+if raw then
+  local ok, rec = pcall(cjson.decode, raw)
+  if ok and type(rec) == 'table' and rec['ephemeral'] == true then
+    redis.call('DEL', KEYS[1])
+    redis.call('SET', KEYS[2], ARGV[1] .. '\n' .. raw, 'EX', ARGV[2])
+  end
+  return raw
+end
+local used = redis.call('GET', KEYS[2])
+if used then
+  local nl = string.find(used, '\n', 1, true)
+  if nl and string.sub(used, 1, nl - 1) == ARGV[1] then return string.sub(used, nl + 1) end
+end
+return false
+"#,
+    )
+});
+
+/// Raises a job's counter field to ARGV[1] if it is lower; returns the old value (0
+/// when unset), or -1 for an unknown job.
+static ADVANCE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+local old = tonumber(redis.call('HGET', KEYS[1], ARGV[2]) or '0') or 0
+if tonumber(ARGV[1]) > old then redis.call('HSET', KEYS[1], ARGV[2], ARGV[1]) end
+return old
+"#,
+    )
+});
+
+/// Cancels a job whose attachments were never uploaded (still `attach` = waiting).
+static EXPIRE_ATTACH: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+-- KEYS: job qpos attachwait ; ARGV: id reason
+redis.call('ZREM', KEYS[3], ARGV[1])
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+if redis.call('HGET', KEYS[1], 'attach') ~= 'waiting' then return 0 end
+if redis.call('HGET', KEYS[1], 'state') ~= 'waiting' then return 0 end
+redis.call('HSET', KEYS[1], 'state', 'cancelled', 'reason', ARGV[2])
+redis.call('ZREM', KEYS[2], ARGV[1])
+return 1
 "#,
     )
 });
@@ -623,6 +702,7 @@ impl Store {
             .key(k.jobs())
             .key(k.seq())
             .key(k.outbox())
+            .key(k.attach_wait())
             .arg(id)
             .arg(def.to_string())
             .arg(queue)
@@ -639,8 +719,10 @@ impl Store {
         let created = r.first().map(n).unwrap_or(0) == 1;
         let state = r.get(1).map(s).unwrap_or_default();
         let existing_def = r.get(2).map(s).unwrap_or_default();
-        if created && !tags.is_empty() {
+        if created {
             let mut p = redis::pipe();
+            p.zadd(k.job_queues(), queue, now_ms()).ignore();
+            p.expire(k.job_queues(), self.retention as i64).ignore();
             for t in tags {
                 p.sadd(k.tag(t), id).ignore();
                 p.expire(k.tag(t), self.retention as i64).ignore();
@@ -1236,6 +1318,97 @@ impl Store {
         Ok(removed)
     }
 
+    /// A secret's stored record (JSON) for the claim `claim` (`<job>:<attempt>`), see
+    /// `TAKE_SECRET`; `None` when there is none for this claim.
+    pub async fn take_secret(
+        &self,
+        client: &str,
+        path: &str,
+        claim: &str,
+    ) -> ApiResult<Option<String>> {
+        let mut c = self.con();
+        let r: Option<String> = TAKE_SECRET
+            .key(self.keys.secret(client, path))
+            .key(format!("{}:secretused:{client}/{path}", self.keys.p))
+            .arg(claim)
+            .arg(3600)
+            .invoke_async(&mut c)
+            .await?;
+        Ok(r)
+    }
+
+    /// Cancels the jobs that have waited for their attachments since before `cutoff_ms`
+    /// (at most 100 a call); returns `(id, queue)` of each job cancelled.
+    pub async fn expire_attachment_waits(
+        &self,
+        cutoff_ms: i64,
+        reason: &str,
+    ) -> ApiResult<Vec<(String, String)>> {
+        let mut c = self.con();
+        let ids: Vec<String> = redis::cmd("ZRANGEBYSCORE")
+            .arg(self.keys.attach_wait())
+            .arg("-inf")
+            .arg(cutoff_ms)
+            .arg("LIMIT")
+            .arg(0)
+            .arg(100)
+            .query_async(&mut c)
+            .await?;
+        let mut out = Vec::new();
+        for id in ids {
+            let queue = self
+                .job_fields(&id, &["queue"])
+                .await?
+                .pop()
+                .flatten()
+                .unwrap_or_default();
+            let done: i64 = EXPIRE_ATTACH
+                .key(self.keys.job(&id))
+                .key(self.keys.qpos(&queue))
+                .key(self.keys.attach_wait())
+                .arg(&id)
+                .arg(reason)
+                .invoke_async(&mut c)
+                .await?;
+            if done == 1 {
+                out.push((id, queue));
+            }
+        }
+        Ok(out)
+    }
+
+    /// How many of an agent's cumulative event list were relayed before; records that
+    /// `seen` are relayed now. `None` for an unknown job.
+    pub async fn advance_agent_events(&self, id: &str, seen: u64) -> ApiResult<Option<u64>> {
+        let mut c = self.con();
+        let old: i64 = ADVANCE
+            .key(self.keys.job(id))
+            .arg(seen)
+            .arg("agent_events")
+            .invoke_async(&mut c)
+            .await?;
+        Ok(u64::try_from(old).ok())
+    }
+
+    /// Every registered agent's record (`agent:<name>` hash), oldest registration first:
+    /// `(name, fields)`; a record that expired comes back empty.
+    pub async fn agent_records(
+        &self,
+    ) -> ApiResult<Vec<(String, std::collections::HashMap<String, String>)>> {
+        let k = &self.keys;
+        let mut c = self.con();
+        let names: Vec<String> = c.zrange(k.agents(), 0, -1).await?;
+        if names.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut p = redis::pipe();
+        for n in &names {
+            p.hgetall(k.agent(n));
+        }
+        let rows: Vec<std::collections::HashMap<String, String>> = p.query_async(&mut c).await?;
+        Ok(names.into_iter().zip(rows).collect())
+    }
+
     /// Takes or renews a named lock held by `me` for `ttl_ms`; true when held.
     pub async fn hold_lock(&self, name: &str, me: &str, ttl_ms: u64) -> ApiResult<bool> {
         let mut c = self.con();
@@ -1264,6 +1437,23 @@ impl Store {
         let mut c = self.con();
         let r: i64 = inv.invoke_async(&mut c).await?;
         Ok(r == 1)
+    }
+
+    /// Adds a granted claim to the agent's recent-jobs index ([`Keys::agent_jobs`]),
+    /// keeping the newest [`AGENT_JOBS_KEPT`]; the index expires with the retention.
+    pub async fn note_agent_job(&self, agent: &str, id: &str) -> ApiResult<()> {
+        let key = self.keys.agent_jobs(agent);
+        let mut c = self.con();
+        let _: () = redis::pipe()
+            .zadd(&key, id, now_ms())
+            .ignore()
+            .zremrangebyrank(&key, 0, -(AGENT_JOBS_KEPT + 1))
+            .ignore()
+            .expire(&key, self.retention as i64)
+            .ignore()
+            .query_async(&mut c)
+            .await?;
+        Ok(())
     }
 
     pub fn retention_secs(&self) -> i64 {

@@ -36,7 +36,7 @@ pub async fn admit(
     let owner = caller.client_id().unwrap_or_default().to_string();
     check_secrets(app, &job, caller).await?;
     check_exclusions(app, &job).await?;
-    let mut id = forced_id.or(job.job_id).unwrap_or_default();
+    let id = forced_id.or(job.job_id).unwrap_or_default();
     let tags = job.tags.clone().unwrap_or_default();
     let attach = job.has_attachments();
     let with_id = |id: &JobId| {
@@ -46,19 +46,28 @@ pub async fn admit(
         }
         def
     };
-    let mut def = with_id(&id);
-    let mut created = app
-        .store
-        .create_job(
-            &id.to_string(),
-            &def,
-            &job.job_queue,
-            job.priority(),
-            attach,
-            &tags,
-            &owner,
-        )
-        .await?;
+    let create = |id: JobId| {
+        let def = with_id(&id);
+        let tags = &tags;
+        let job = &job;
+        let owner = &owner;
+        async move {
+            let created = app
+                .store
+                .create_job(
+                    &id.to_string(),
+                    &def,
+                    &job.job_queue,
+                    job.priority(),
+                    attach,
+                    tags,
+                    owner,
+                )
+                .await?;
+            Ok::<_, ApiError>((id, def, created))
+        }
+    };
+    let (mut id, mut def, created) = create(id).await?;
     if !created.created {
         let same = serde_json::from_str::<Value>(&created.existing_def).ok() == Some(def.clone());
         let ended = created.state == "complete" || created.state == "cancelled";
@@ -67,25 +76,13 @@ pub async fn admit(
             // it if its first publish never completed.
             return Ok(id);
         }
-        id = JobId::default();
-        def = with_id(&id);
-        created = app
-            .store
-            .create_job(
-                &id.to_string(),
-                &def,
-                &job.job_queue,
-                job.priority(),
-                attach,
-                &tags,
-                &owner,
-            )
-            .await?;
-        if !created.created {
+        let (new_id, new_def, again) = create(JobId::default()).await?;
+        if !again.created {
             return Err(ApiError::Internal(anyhow::anyhow!(
-                "new job id {id} already taken"
+                "new job id {new_id} already taken"
             )));
         }
+        (id, def) = (new_id, new_def);
     }
     let id_str = id.to_string();
     if !attach {

@@ -243,7 +243,9 @@ pub struct Proc {
 }
 
 impl Proc {
-    fn spawn(
+    /// Starts `program` with a clean environment (PATH, HOME, TMPDIR, LANG kept) plus
+    /// `env` (a later entry wins over an earlier one), output to `log`.
+    pub fn spawn(
         name: &str,
         program: &Path,
         args: &[&str],
@@ -285,6 +287,27 @@ impl Proc {
 
     pub fn alive(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Sends `signal` (a name such as `STOP`) to this process only, through `kill(1)`.
+    pub fn signal(&self, signal: &str) -> anyhow::Result<()> {
+        let st = std::process::Command::new("kill")
+            .arg("-s")
+            .arg(signal)
+            .arg(self.pid.to_string())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .context("cannot run kill(1)")?;
+        if !st.success() {
+            bail!("kill -s {signal} {} failed", self.pid);
+        }
+        Ok(())
+    }
+
+    /// SIGKILL and reap.
+    pub async fn kill(mut self) {
+        let _ = self.child.kill().await;
     }
 
     /// Resident set size now and at peak, in bytes.
@@ -345,16 +368,27 @@ impl Server {
     /// Starts the server (no broker submission consumer: the shared `testflinger.submit`
     /// queue is not ours) and waits until `/readyz` answers.
     pub async fn start(ctx: &Ctx, tag: &str, extra: &[(&str, &str)]) -> anyhow::Result<Server> {
-        let bin = ctx.binary("testflinger-server")?;
-        let port = free_port()?;
         let prefix = format!("{}-{tag}", ctx.prefix);
+        Server::start_at(ctx, tag, &prefix, free_port()?, extra).await
+    }
+
+    /// [`Server::start`] with a given Redis prefix and port (replicas share a prefix; a
+    /// restarted replica keeps its port). `extra` may override `AMQP_URI`/`REDIS_URL`.
+    pub async fn start_at(
+        ctx: &Ctx,
+        tag: &str,
+        prefix: &str,
+        port: u16,
+        extra: &[(&str, &str)],
+    ) -> anyhow::Result<Server> {
+        let bin = ctx.binary("testflinger-server")?;
         let data = ctx.dir(&format!("{tag}-data"))?;
         let mut env: Vec<(&str, String)> = vec![
             ("AMQP_URI", ctx.opts.amqp_uri.clone()),
             ("REDIS_URL", ctx.opts.redis_url.clone()),
             ("DATA_PATH", data.display().to_string()),
             ("TESTFLINGER_BIND", format!("127.0.0.1:{port}")),
-            ("TESTFLINGER_REDIS_PREFIX", prefix.clone()),
+            ("TESTFLINGER_REDIS_PREFIX", prefix.to_string()),
             ("TESTFLINGER_SUBMIT_CONSUMER", "false".into()),
             ("TESTFLINGER_RETENTION", "3600".into()),
         ];
@@ -364,7 +398,7 @@ impl Server {
         for (k, v) in &ctx.opts.server_env {
             env.push((k.as_str(), v.clone()));
         }
-        let log = ctx.tmp.path().join(format!("{tag}-server.log"));
+        let log = ctx.tmp.path().join(format!("{tag}-{port}-server.log"));
         let mut proc = Proc::spawn("testflinger-server", &bin, &[], &env, log)?;
         let base = format!("http://127.0.0.1:{port}");
         let end = Instant::now() + Duration::from_secs(20);
@@ -445,11 +479,13 @@ pub async fn start_agent(
     Proc::spawn(&agent_id, &bin, &["-c", &cfg_s], &env, log)
 }
 
-fn yaml_str(s: &str) -> String {
+/// `s` as a YAML (JSON) double-quoted string.
+pub fn yaml_str(s: &str) -> String {
     serde_json::Value::String(s.to_string()).to_string()
 }
 
-fn free_port() -> anyhow::Result<u16> {
+/// A loopback TCP port free at the time of asking.
+pub fn free_port() -> anyhow::Result<u16> {
     let l = std::net::TcpListener::bind("127.0.0.1:0").context("cannot bind a loopback port")?;
     Ok(l.local_addr()?.port())
 }

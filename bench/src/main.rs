@@ -1,5 +1,7 @@
 //! `testflinger-bench [--quick] [--json FILE] SCENARIO...`: measures the Testflinger
 //! server and agent against the machine's RabbitMQ and Redis (`AMQP_URI`, `REDIS_URL`).
+//! `testflinger-bench faults [--quick] [--json FILE] [SCENARIO...]`: the fault suite on
+//! private RabbitMQ and Redis instances ([`faults`], `RELIABILITY.md`).
 //!
 //! Each scenario starts the `testflinger-server` and `testflinger-agent` binaries it needs
 //! (found next to this executable, or in `--bin-dir`) with a private Redis prefix and
@@ -12,6 +14,7 @@
 //! [`scenarios`] (one module per scenario, one `match` dispatching them).
 
 mod events;
+mod faults;
 mod harness;
 mod load;
 mod report;
@@ -30,7 +33,8 @@ use std::process::ExitCode;
 )]
 struct Args {
     /// Scenarios to run, in the order given: raw-publish, submit, dispatch, e2e, stream,
-    /// artifact, memory, scale, or all.
+    /// artifact, memory, scale, or all. (`testflinger-bench faults --help`: the fault
+    /// suite.)
     #[arg(required = true)]
     scenarios: Vec<String>,
     /// Small sizes and short durations, for smoke runs (each scenario well under a minute).
@@ -68,6 +72,10 @@ struct Args {
 }
 
 fn main() -> ExitCode {
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if argv.get(1).is_some_and(|a| a == "faults") {
+        return faults::main(argv[1..].to_vec());
+    }
     let args = Args::parse();
     let list = match scenarios::parse_list(&args.scenarios) {
         Ok(l) => l,

@@ -405,7 +405,7 @@ impl Broker {
         }
     }
 
-    /// Starts consuming `queues` on one channel with `prefetch` shared by all of them.
+    /// Starts consuming `queues` on one channel, `prefetch` per queue (per consumer).
     pub async fn consume(
         &self,
         queues: &[String],

@@ -1,4 +1,4 @@
-//! Consumers with manual ack, and the messages they yield.
+//! Consumers with manual ack (prefetch per consumer), and the messages they yield.
 
 use crate::BrokerError;
 use futures_util::stream::{SelectAll, StreamExt};
@@ -117,9 +117,12 @@ impl Consumer {
         prefetch: u16,
         tag: &str,
     ) -> Result<Consumer, BrokerError> {
-        // global = true: one prefetch window for the whole channel, shared by all queues.
+        // global = false: `prefetch` per consumer, i.e. per queue. Quorum queues refuse a
+        // channel-wide (global) prefetch. A consumer of N queues may thus hold N
+        // deliveries at once; the agent handles them one at a time and closes the
+        // channel when it takes a job, which gives the others back (see the agent).
         channel
-            .basic_qos(prefetch, BasicQosOptions { global: true })
+            .basic_qos(prefetch, BasicQosOptions { global: false })
             .await?;
         let mut streams = SelectAll::new();
         for (i, q) in queues.iter().enumerate() {

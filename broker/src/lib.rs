@@ -6,8 +6,9 @@
 //!   confirm-mode channels, with reconnect and back-off; publishing that waits for the
 //!   broker's confirm; `basic.get`; a readiness probe.
 //! - [`permissions`]: the RabbitMQ permissions of each component's user (least privilege).
-//! - [`consume`]: consumers with manual ack and a prefetch shared by all their queues,
-//!   yielding [`Incoming`] messages.
+//! - [`consume`]: consumers with manual ack and a prefetch per consumer (one consumer
+//!   per queue; quorum queues refuse a channel-wide prefetch), yielding [`Incoming`]
+//!   messages.
 
 mod client;
 pub mod consume;

@@ -18,8 +18,10 @@ pub struct Cli {
     #[arg(short = 'c', long = "configfile", global = true)]
     pub configfile: Option<PathBuf>,
 
-    /// Print every HTTP request on stderr.
-    #[arg(short = 'd', long, global = true)]
+    /// Print every HTTP request on stderr. Before the command, as upstream
+    /// (`testflinger -d status ID`): after it, `-d` is the command's own (`reserve -d` is
+    /// `--dry-run`); `--debug` works anywhere.
+    #[arg(short = 'd', long)]
     pub debug: bool,
 
     /// Client id for authentication (default: config `client_id`, then
@@ -36,14 +38,24 @@ pub struct Cli {
     pub command: Command,
 }
 
+/// The exit statuses of `poll`, `poll-serial` and `submit --poll`.
+pub const POLL_EXIT_CODES: &str = "Exit status: 0 the job completed and every phase exited 0; \
+1 the CLI failed (one `error:` line); 2 bad command line; 3 the job was cancelled; \
+4 a phase exited non-zero (a failed test, provision or reservation; 241 and 247 mean the \
+phase was killed by SIGTERM or SIGKILL: a timeout, a cancel or the agent stopping it); \
+5 the server ended the job without a result (its agent was lost too often); \
+130 interrupted.";
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Submit a job (YAML or JSON; `-` reads stdin).
+    #[command(after_help = POLL_EXIT_CODES)]
     Submit(SubmitArgs),
     /// Follow a job's output until it completes or is cancelled.
+    #[command(after_help = POLL_EXIT_CODES)]
     Poll(PollArgs),
     /// Follow a job's serial output until it completes or is cancelled.
-    #[command(name = "poll-serial")]
+    #[command(name = "poll-serial", after_help = POLL_EXIT_CODES)]
     PollSerial(PollArgs),
     /// Print a job's state.
     Status(JobArg),
@@ -60,7 +72,7 @@ pub enum Command {
     ListQueues(JsonFlag),
     /// List the agents known to the server.
     #[command(name = "list-agents")]
-    ListAgents(JsonFlag),
+    ListAgents(ListAgentsArgs),
     /// Show one agent.
     #[command(name = "agent-status")]
     AgentStatus(AgentStatusArgs),
@@ -171,27 +183,64 @@ pub struct QueueStatusArgs {
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
+    /// Also list the queue's agents and its waiting jobs in order.
+    #[arg(short = 'v', long)]
+    pub verbose: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ListAgentsArgs {
+    /// Print JSON.
+    #[arg(long, conflicts_with_all = ["one_per_line", "summary"])]
+    pub json: bool,
+    /// Print only the names, one per line.
+    #[arg(short = '1', long = "one-per-line", conflicts_with = "summary")]
+    pub one_per_line: bool,
+    /// Print how many agents are in each state.
+    #[arg(long)]
+    pub summary: bool,
+    /// Columns to show, comma-separated (name, state, location, provision_type,
+    /// comment, job_id, queues).
+    #[arg(long, value_delimiter = ',')]
+    pub fields: Vec<String>,
+    /// Only agents in these states (repeatable or comma-separated).
+    #[arg(long = "filter-status", value_delimiter = ',')]
+    pub filter_status: Vec<String>,
+    /// Only agents whose name matches this regular expression.
+    #[arg(long = "filter-name")]
+    pub filter_name: Option<String>,
+    /// Only agents that serve this queue.
+    #[arg(long = "filter-queue")]
+    pub filter_queue: Option<String>,
+    /// Only agents at this location.
+    #[arg(long = "filter-location")]
+    pub filter_location: Option<String>,
 }
 
 #[derive(Debug, Args)]
 pub struct ReserveArgs {
-    /// Queue to reserve a device on.
+    /// Queue to reserve a device on (asked for when omitted and the terminal is
+    /// interactive).
     #[arg(short = 'q', long)]
-    pub queue: String,
+    pub queue: Option<String>,
     /// Image to provision, from the queue's advertised images.
     #[arg(short = 'i', long, conflicts_with = "distro")]
     pub image: Option<String>,
     /// Distro to provision (MAAS).
     #[arg(long)]
     pub distro: Option<String>,
-    /// SSH keys to import, `lp:<user>` or `gh:<user>` (repeatable).
+    /// With --distro: provision an ephemeral (in-memory) system.
+    #[arg(long, requires = "distro")]
+    pub ephemeral: bool,
+    /// SSH key for the reservation (repeatable): `lp:<user>`, `gh:<user>`, an OpenSSH
+    /// public key line, or the path of a public key file.
     #[arg(short = 'k', long = "key")]
     pub keys: Vec<String>,
     /// Reservation length: seconds or a duration such as `2h30m`.
     #[arg(long, default_value = "3600")]
     pub timeout: String,
     /// Print the job and do not submit it.
-    #[arg(long)]
+    #[arg(short = 'd', long)]
     pub dry_run: bool,
     /// Submit without asking.
     #[arg(short = 'y', long)]

@@ -218,7 +218,11 @@ pub fn server_message(body: &[u8]) -> String {
                 Some(other) => parts.push(flatten_detail(other)),
             }
             if let Some(detail) = map.get("detail").filter(|d| !is_empty(d)) {
-                parts.push(flatten_detail(detail));
+                // Our server (and upstream's) repeats the detail in the message: say it once.
+                let detail = flatten_detail(detail);
+                if !parts.iter().any(|p| p.contains(&detail)) {
+                    parts.push(detail);
+                }
             }
             if parts.is_empty() {
                 for key in ["error", "detail"] {

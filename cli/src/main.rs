@@ -12,6 +12,7 @@
 //! - [`config`]: the INI config file and server resolution.
 //! - [`client`]: the HTTP client and the mapping of server answers to one-line errors.
 //! - [`history`]: the local job history.
+//! - [`help_markdown`]: the generated CLI reference (hidden `help-markdown`).
 //! - [`jobfile`]: reading YAML/JSON job files and packing attachments.
 //! - [`commands`]: one module per subcommand (or small group).
 
@@ -20,6 +21,7 @@ mod auth;
 mod client;
 mod commands;
 mod config;
+mod help_markdown;
 mod history;
 mod jobfile;
 mod output;
@@ -41,6 +43,11 @@ fn main() -> ExitCode {
         }
         std::process::exit(1);
     }));
+    // Hidden: the CLI reference page of the documentation (scripts/docs gen).
+    if std::env::args().nth(1).as_deref() == Some("help-markdown") {
+        print!("{}", help_markdown::render());
+        return ExitCode::SUCCESS;
+    }
     let cli = args::Cli::parse();
     // reqwest is built without a default crypto provider, so pick ring once.
     let _ = rustls::crypto::ring::default_provider().install_default();

@@ -55,7 +55,12 @@ impl Serialize for JobId {
 impl<'de> Deserialize<'de> for JobId {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
-        s.parse().map_err(serde::de::Error::custom)
+        s.parse().map_err(|_| {
+            serde::de::Error::custom(format!(
+                "got {}; accepted: a job id (a UUID such as 00000000-0000-0000-0000-000000000000)",
+                describe_value(&Value::String(s.clone()))
+            ))
+        })
     }
 }
 
@@ -111,7 +116,7 @@ pub fn deserialize<T: serde::de::DeserializeOwned>(value: Value) -> Result<T, Va
     serde_path_to_error::deserialize(value).map_err(|e| {
         let path = e.path().to_string();
         let field = if path == "." { String::new() } else { path };
-        let message = e.into_inner().to_string();
+        let message = plain_message(&e.into_inner().to_string());
         // serde names a missing field only in its message: put it in the path too.
         let field = match message
             .strip_prefix("missing field `")
@@ -126,11 +131,104 @@ pub fn deserialize<T: serde::de::DeserializeOwned>(value: Value) -> Result<T, Va
 }
 
 /// `test_cmds`: one shell script, or a list of commands run one after another.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(untagged)]
 pub enum TestCmds {
     Script(String),
     List(Vec<String>),
+}
+
+impl<'de> Deserialize<'de> for TestCmds {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = TestCmds;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a string or a list of strings")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<TestCmds, E> {
+                Ok(TestCmds::Script(v.to_string()))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<TestCmds, A::Error> {
+                let mut out = Vec::new();
+                while let Some(item) = seq.next_element::<Value>()? {
+                    match item {
+                        Value::String(s) => out.push(s),
+                        other => {
+                            return Err(serde::de::Error::custom(format!(
+                                "got {} in the list; accepted: a string or a list of strings",
+                                describe_value(&other)
+                            )));
+                        }
+                    }
+                }
+                Ok(TestCmds::List(out))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// How a JSON value is named in an error message: its kind and, when short, itself.
+pub fn describe_value(v: &Value) -> String {
+    let shown = v.to_string();
+    let shown = if shown.chars().count() > 40 {
+        format!("{}...", shown.chars().take(40).collect::<String>())
+    } else {
+        shown
+    };
+    match v {
+        Value::Null => "null".into(),
+        Value::Bool(_) => format!("the boolean {shown}"),
+        Value::Number(_) => format!("the number {shown}"),
+        Value::String(_) => format!("the string {shown}"),
+        Value::Array(_) => format!("a list {shown}"),
+        Value::Object(_) => format!("an object {shown}"),
+    }
+}
+
+/// Rewrites serde's wording (`invalid type: string "2h", expected u64`) into what a user
+/// reads: what was given and what is accepted (`got the string "2h"; accepted: a whole
+/// number (0 or more)`). Other messages pass through.
+fn plain_message(message: &str) -> String {
+    let rest = message
+        .strip_prefix("invalid type: ")
+        .or_else(|| message.strip_prefix("invalid value: "))
+        .or_else(|| message.strip_prefix("invalid length "));
+    let Some(rest) = rest else {
+        return message.to_string();
+    };
+    let Some((given, expected)) = rest.rsplit_once(", expected ") else {
+        return message.to_string();
+    };
+    let given = match given.split_once(' ') {
+        Some(("string", v)) => format!("the string {v}"),
+        Some(("integer", v)) => format!("the number {}", v.trim_matches('`')),
+        Some(("floating", v)) => format!(
+            "the number {}",
+            v.trim_start_matches("point ").trim_matches('`')
+        ),
+        Some(("boolean", v)) => format!("the boolean {}", v.trim_matches('`')),
+        _ => match given {
+            "sequence" => "a list".to_string(),
+            "map" => "an object".to_string(),
+            "null" | "unit value" => "null".to_string(),
+            other => other.to_string(),
+        },
+    };
+    let expected = match expected {
+        "u64" | "u32" | "u16" | "u8" | "usize" => "a whole number (0 or more)".to_string(),
+        "i64" | "i32" | "i16" | "i8" | "isize" => "a whole number".to_string(),
+        "f64" | "f32" => "a number".to_string(),
+        "a sequence" => "a list".to_string(),
+        "a map" | "struct" => "an object".to_string(),
+        other if other.starts_with("struct ") => "an object".to_string(),
+        other => other.to_string(),
+    };
+    format!("got {given}; accepted: {expected}")
 }
 
 /// A file the agent fetches into `attachments/<phase>/` before the job runs.
@@ -259,11 +357,15 @@ impl<'de> Deserialize<'de> for Seconds {
         }
         match Raw::deserialize(d)? {
             Raw::Int(n) => Ok(Seconds(n)),
-            Raw::Str(s) => parse_duration(&s)
-                .map(Seconds)
-                .map_err(serde::de::Error::custom),
+            Raw::Str(s) => parse_duration(&s).map(Seconds).map_err(|e| {
+                serde::de::Error::custom(format!(
+                    "got {} ({e}); accepted: a whole number of seconds or a duration such as '2h30m'",
+                    describe_value(&Value::String(s.clone()))
+                ))
+            }),
             Raw::Other(v) => Err(serde::de::Error::custom(format!(
-                "expected a number of seconds or a duration such as '2h30m', got {v}"
+                "got {}; accepted: a whole number of seconds or a duration such as '2h30m'",
+                describe_value(&v)
             ))),
         }
     }
@@ -329,6 +431,165 @@ pub struct Job {
     pub debug: Option<bool>,
 }
 
+/// What a `provision_data` variant accepts: its keys (any other key rules the variant
+/// out), the ones it requires, and a check of the values.
+struct ProvisionVariant {
+    name: &'static str,
+    keys: &'static [&'static str],
+    required: &'static [&'static str],
+    check: fn(&Map<String, Value>) -> bool,
+}
+
+fn is_str(m: &Map<String, Value>, k: &str) -> bool {
+    m.get(k).is_none_or(Value::is_string)
+}
+
+fn is_bool(m: &Map<String, Value>, k: &str) -> bool {
+    m.get(k).is_none_or(Value::is_boolean)
+}
+
+fn objects(m: &Map<String, Value>, k: &str, min: usize) -> bool {
+    m.get(k).is_none_or(|v| {
+        v.as_array()
+            .is_some_and(|a| a.len() >= min && a.iter().all(Value::is_object))
+    })
+}
+
+/// The `provision_data` shapes of the device types, as upstream's server validates them
+/// (reference section 2: "must fully validate against at least one variant"), with ours:
+/// `qemu` takes `{url}` (cm3's shape) and `fake` prints whatever variant it gets.
+const PROVISION_VARIANTS: &[ProvisionVariant] = &[
+    ProvisionVariant {
+        name: "cm3, qemu",
+        keys: &["url"],
+        required: &["url"],
+        check: |m| is_str(m, "url"),
+    },
+    ProvisionVariant {
+        name: "maas",
+        keys: &["distro", "kernel", "user_data", "disks", "ephemeral"],
+        required: &[],
+        check: |m| {
+            is_str(m, "distro")
+                && is_str(m, "kernel")
+                && is_str(m, "user_data")
+                && objects(m, "disks", 0)
+                && is_bool(m, "ephemeral")
+        },
+    },
+    ProvisionVariant {
+        name: "multi",
+        keys: &["jobs"],
+        required: &["jobs"],
+        check: |m| objects(m, "jobs", 1),
+    },
+    ProvisionVariant {
+        name: "muxpi",
+        keys: &[
+            "url",
+            "use_attachment",
+            "attachments",
+            "create_user",
+            "boot_check_url",
+            "media",
+        ],
+        required: &[],
+        check: |m| {
+            (m.contains_key("url") || m.contains_key("use_attachment"))
+                && is_str(m, "url")
+                && objects(m, "attachments", 0)
+                && m.get("media")
+                    .is_none_or(|v| v.as_str().is_some_and(|s| s == "sd" || s == "usb"))
+        },
+    },
+    ProvisionVariant {
+        name: "noprovision",
+        keys: &["skip"],
+        required: &[],
+        check: |m| is_bool(m, "skip"),
+    },
+    ProvisionVariant {
+        name: "oem_autoinstall",
+        keys: &[
+            "url",
+            "attachments",
+            "token_file",
+            "user_data",
+            "redeploy_cfg",
+            "authorized_keys",
+            "control_host_iso_url",
+            "control_host_iso_type",
+            "update_user_data",
+        ],
+        required: &[],
+        check: |m| is_str(m, "url") && objects(m, "attachments", 0),
+    },
+    ProvisionVariant {
+        name: "oem_script",
+        keys: &["url"],
+        required: &["url"],
+        check: |m| is_str(m, "url"),
+    },
+    ProvisionVariant {
+        name: "control_host",
+        keys: &[
+            "provisioning_timeout",
+            "url",
+            "urls",
+            "attachments",
+            "use_attachment",
+            "robot_tasks",
+            "preset",
+        ],
+        required: &[],
+        check: |m| {
+            is_str(m, "url")
+                && objects(m, "attachments", 0)
+                && m.get("urls")
+                    .is_none_or(|v| v.as_array().is_some_and(|a| a.iter().all(Value::is_string)))
+        },
+    },
+];
+
+/// `provision_data`: `null` (no provisioning) or an object that fully matches one of the
+/// device types' shapes ([`PROVISION_VARIANTS`]); otherwise a 422 naming the field, what
+/// was given and the accepted shapes.
+pub fn validate_provision_data(p: &Value) -> Result<(), ValidationError> {
+    let m = match p {
+        Value::Null => return Ok(()),
+        Value::Object(m) => m,
+        other => {
+            return Err(ValidationError::new(
+                "provision_data",
+                format!(
+                    "got {}; accepted: null or an object of a device type's provision data",
+                    describe_value(other)
+                ),
+            ));
+        }
+    };
+    let fits = PROVISION_VARIANTS.iter().any(|v| {
+        m.keys().all(|k| v.keys.contains(&k.as_str()))
+            && v.required.iter().all(|r| m.contains_key(*r))
+            && (v.check)(m)
+    });
+    if fits {
+        return Ok(());
+    }
+    let shapes: Vec<String> = PROVISION_VARIANTS
+        .iter()
+        .map(|v| format!("{} {{{}}}", v.name, v.keys.join(", ")))
+        .collect();
+    Err(ValidationError::new(
+        "provision_data",
+        format!(
+            "got {}, which matches no device type's provision data; accepted (all keys of one of): {}",
+            describe_value(p),
+            shapes.join("; ")
+        ),
+    ))
+}
+
 /// Highest and lowest accepted `job_priority`.
 pub const MAX_JOB_PRIORITY: i64 = 1 << 20;
 
@@ -355,13 +616,8 @@ impl Job {
 
     fn validate(&self) -> Result<(), ValidationError> {
         validate_queue_name(&self.job_queue).map_err(|m| ValidationError::new("job_queue", m))?;
-        if let Some(p) = &self.provision_data
-            && !(p.is_null() || p.is_object())
-        {
-            return Err(ValidationError::new(
-                "provision_data",
-                format!("must be an object or null, got {}", kind_of(p)),
-            ));
+        if let Some(p) = &self.provision_data {
+            validate_provision_data(p)?;
         }
         if let Some(p) = self.job_priority
             && !(0..=MAX_JOB_PRIORITY).contains(&p)
@@ -462,6 +718,123 @@ mod tests {
         let job = job.expect("valid");
         assert_eq!(job.job_queue, "q");
         assert_eq!(job.to_value()["exclude_agents"], json!([]));
+    }
+
+    #[test]
+    fn every_field_names_what_was_given_and_what_is_accepted() {
+        // (field path, a wrong value, what the message must say is accepted)
+        let cases: &[(&str, Value, &str)] = &[
+            ("job_queue", json!(5), "accepted: a string"),
+            ("job_id", json!("nope"), "accepted: a job id"),
+            ("job_id", json!(7), "accepted: a string"),
+            ("parent_job_id", json!(true), "accepted: a string"),
+            ("name", json!([1]), "accepted: a string"),
+            ("tags", json!("x"), "accepted: a list"),
+            ("tags", json!([1]), "accepted: a string"),
+            (
+                "global_timeout",
+                json!("2h"),
+                "accepted: a whole number (0 or more)",
+            ),
+            (
+                "global_timeout",
+                json!(-1),
+                "accepted: a whole number (0 or more)",
+            ),
+            (
+                "output_timeout",
+                json!(1.5),
+                "accepted: a whole number (0 or more)",
+            ),
+            (
+                "allocation_timeout",
+                json!({}),
+                "accepted: a whole number (0 or more)",
+            ),
+            ("firmware_update_data", json!(5), "accepted: an object"),
+            ("test_data", json!("x"), "accepted: an object"),
+            (
+                "test_data.test_cmds",
+                json!(5),
+                "accepted: a string or a list of strings",
+            ),
+            (
+                "test_data.test_cmds",
+                json!([1, 2]),
+                "accepted: a string or a list of strings",
+            ),
+            ("test_data.attachments", json!({}), "accepted: a list"),
+            ("test_data.test_username", json!(1), "accepted: a string"),
+            ("test_data.test_password", json!(1), "accepted: a string"),
+            ("test_data.secrets", json!([]), "accepted: an object"),
+            ("test_data.skip", json!("yes"), "accepted: a boolean"),
+            ("allocate_data", json!(1), "accepted: an object"),
+            ("reserve_data", json!(1), "accepted: an object"),
+            ("reserve_data.ssh_keys", json!("lp:x"), "accepted: a list"),
+            (
+                "reserve_data.timeout",
+                json!(true),
+                "accepted: a whole number of seconds",
+            ),
+            (
+                "reserve_data.timeout",
+                json!("soon"),
+                "accepted: a whole number of seconds",
+            ),
+            ("reserve_data.skip", json!(1), "accepted: a boolean"),
+            ("job_status_webhook", json!(1), "accepted: a string"),
+            ("job_priority", json!("high"), "accepted: a whole number"),
+            ("exclude_agents", json!("a"), "accepted: a list"),
+            ("debug", json!("on"), "accepted: a boolean"),
+        ];
+        for (path, bad, accepted) in cases {
+            let mut job = json!({"job_queue": "q"});
+            let parts: Vec<&str> = path.split('.').collect();
+            let mut at = &mut job;
+            for p in &parts[..parts.len() - 1] {
+                at = &mut at[*p];
+                if at.is_null() {
+                    *at = json!({});
+                }
+            }
+            at[parts[parts.len() - 1]] = bad.clone();
+            let err = Job::from_value(job).expect_err(path);
+            assert!(err.field.starts_with(path), "{path}: field {err}");
+            assert!(err.message.contains(accepted), "{path} = {bad}: {err}");
+            assert!(err.message.contains("got "), "{path} = {bad}: {err}");
+            assert!(!err.message.contains("untagged"), "{path}: {err}");
+        }
+    }
+
+    #[test]
+    fn provision_data_matches_a_device_types_shape() {
+        for ok in [
+            json!(null),
+            json!({}),
+            json!({"url": "http://x/img.qcow2"}),
+            json!({"distro": "noble"}),
+            json!({"distro": "noble", "ephemeral": true}),
+            json!({"skip": true}),
+            json!({"jobs": [{"job_queue": "a"}]}),
+            json!({"use_attachment": "image.img", "media": "usb"}),
+        ] {
+            let job = json!({"job_queue": "q", "provision_data": ok});
+            assert!(Job::from_value(job.clone()).is_ok(), "{job}");
+        }
+        for bad in [
+            json!({"skip": true, "foo": 1}),
+            json!({"jobs": []}),
+            json!({"url": 5}),
+            json!({"media": "floppy", "url": "x"}),
+            json!("http://x"),
+            json!({"distro": "noble", "ephemeral": "yes"}),
+        ] {
+            let job = json!({"job_queue": "q", "provision_data": bad});
+            let e = Job::from_value(job.clone()).expect_err("refused");
+            assert_eq!(e.field, "provision_data", "{job}");
+            assert!(e.message.contains("accepted"), "{e}");
+            assert!(e.message.contains("got "), "{e}");
+        }
     }
 
     #[test]

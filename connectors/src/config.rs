@@ -78,6 +78,33 @@ pub struct DeviceConfig {
     pub reboot_command_timeout: Option<u64>,
     /// Seconds between server polls in `multi` and `reserve` (default 10 and 5).
     pub poll_interval: Option<f64>,
+    /// `qemu`: the default image (local path or http(s) URL, qcow2 or raw) when the job's
+    /// `provision_data.url` gives none.
+    pub qemu_image: Option<String>,
+    /// `qemu`: guest memory in MiB (default 256).
+    pub qemu_memory: Option<u32>,
+    /// `qemu`: guest CPUs (default 1).
+    pub qemu_cpus: Option<u32>,
+    /// `qemu`: `auto` (default: KVM when `/dev/kvm` works, else TCG), `kvm` or `tcg`.
+    pub qemu_accel: Option<String>,
+    /// `qemu`: seconds to wait for the VM to answer SSH after it starts (default 300).
+    pub qemu_boot_timeout: Option<u64>,
+    /// `qemu`: seconds a KVM guest has to write its first console byte before `auto`
+    /// falls back to TCG (default 30).
+    pub qemu_kvm_probe_timeout: Option<u64>,
+    /// `qemu`: this device's directory (overlay, pid file, console log). Default
+    /// `<tmp>/testflinger-qemu/<device_ip>-<ssh_port>`.
+    pub qemu_state_dir: Option<String>,
+    /// `qemu`: downloaded base images, shared by devices. Default
+    /// `<tmp>/testflinger-qemu/cache`.
+    pub qemu_cache_dir: Option<String>,
+    /// `qemu`: the host address the SSH forward listens on (default `device_ip`); e.g.
+    /// `0.0.0.0` in a container whose port is published.
+    pub qemu_ssh_bind: Option<String>,
+    /// `qemu`: the emulator (default `qemu-system-x86_64`).
+    pub qemu_binary: Option<String>,
+    /// `qemu`: extra emulator arguments, appended as given (e.g. `["-cpu", "host"]`).
+    pub qemu_extra_args: Vec<String>,
     /// Keys for other device types.
     #[serde(flatten)]
     pub extra: BTreeMap<String, serde_json::Value>,
@@ -121,6 +148,45 @@ impl DeviceConfig {
             && !(p.is_finite() && p > 0.0)
         {
             return Err("poll_interval must be a positive number of seconds".into());
+        }
+        if let Some(a) = &self.qemu_accel
+            && !["auto", "kvm", "tcg"].contains(&a.as_str())
+        {
+            return Err(format!(
+                "qemu_accel: '{a}' is not an accelerator; expected auto, kvm or tcg"
+            ));
+        }
+        if let Some(m) = self.qemu_memory
+            && !(64..=1_048_576).contains(&m)
+        {
+            return Err(format!(
+                "qemu_memory: {m} MiB is out of range; expected 64 to 1048576"
+            ));
+        }
+        for (key, dir) in [
+            ("qemu_state_dir", &self.qemu_state_dir),
+            ("qemu_cache_dir", &self.qemu_cache_dir),
+        ] {
+            if let Some(d) = dir
+                && !Path::new(d).is_absolute()
+            {
+                return Err(format!(
+                    "{key}: '{d}' is not an absolute path (the VM outlives the stage's \
+                     working directory)"
+                ));
+            }
+        }
+        if let Some(b) = &self.qemu_ssh_bind
+            && b.parse::<std::net::Ipv4Addr>().is_err()
+        {
+            return Err(format!(
+                "qemu_ssh_bind: '{b}' is not an IPv4 address (e.g. 127.0.1.1 or 0.0.0.0)"
+            ));
+        }
+        if let Some(c) = self.qemu_cpus
+            && !(1..=256).contains(&c)
+        {
+            return Err(format!("qemu_cpus: {c} is out of range; expected 1 to 256"));
         }
         Ok(())
     }

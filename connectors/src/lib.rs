@@ -10,7 +10,8 @@
 //! Layout:
 //! - [`run`]: the command line's behaviour, shared by the binary and the tests.
 //! - [`devices`]: the [`devices::Device`] trait and one module per device type
-//!   (`fake`/`fake_connector`, `noprovision`, `multi`), registered in one macro line each.
+//!   (`fake`/`fake_connector`, `noprovision`, `multi`, `qemu`), registered in one macro
+//!   line each.
 //! - [`stages`]: default stage behaviour (`runtest` and friends); [`reserve`]: the SSH
 //!   reservation every type shares.
 //! - [`config`]: the device config (YAML); [`jobfile`]: the job file (JSON).
@@ -24,7 +25,9 @@
 //! `testflinger_server`, `ssh_port`, `ssh_identity_file`, `ssh_options` (list of `-o`
 //! values), `ssh_connect_timeout`, `ssh_authorized_keys`, `ssh_key_service`
 //! (`{provider}`/`{user}` template), `reboot_timeout`, `reboot_command_timeout`,
-//! `poll_interval`. Other keys are accepted and ignored.
+//! `poll_interval`, and for `qemu`: `qemu_image`, `qemu_memory`, `qemu_cpus`, `qemu_accel`,
+//! `qemu_boot_timeout`, `qemu_kvm_probe_timeout`, `qemu_state_dir`, `qemu_cache_dir`,
+//! `qemu_ssh_bind`, `qemu_binary`, `qemu_extra_args`. Other keys are accepted and ignored.
 //!
 //! Job data never reaches a shell as code, except `test_data.test_cmds`, which is meant
 //! to run. SSH keys travel on ssh's stdin; user and host names are validated.

@@ -2,6 +2,11 @@
 //! device, say how to connect and until when, wait for the timeout, a SIGTERM/SIGINT
 //! (the agent cancelling the phase) or the job turning `cancelled` on the server, then
 //! remove exactly the keys this reservation added.
+//!
+//! The keys added are recorded in the run directory ([`KEYS_RECORD`]) as soon as they
+//! are installed; the `cleanup` stage of every device type removes whatever a record
+//! still lists, so a reservation cut short (the agent killing the phase, a crash) leaves
+//! no key behind once cleanup has run.
 
 use crate::api::Api;
 use crate::context::Ctx;
@@ -12,6 +17,71 @@ use std::time::Duration;
 use tokio::signal::unix::{SignalKind, signal};
 
 const DEFAULT_AUTHORIZED_KEYS: &str = "~/.ssh/authorized_keys";
+
+/// The run directory's record of the keys a reservation added:
+/// `{"destination": "user@host", "file": "<authorized_keys>", "keys": ["ssh-ed25519 ..."]}`.
+pub const KEYS_RECORD: &str = "reservation-keys.json";
+
+fn write_record(ctx: &Ctx, destination: &str, file: &str, keys: &[String]) -> Result<()> {
+    let body = serde_json::json!({"destination": destination, "file": file, "keys": keys});
+    let path = ctx.dir.join(KEYS_RECORD);
+    std::fs::write(&path, body.to_string())
+        .map_err(|e| ConnectorError::io(format!("writing {}", path.display()), e))
+}
+
+/// Removes `keys` from `file` on the device over SSH.
+async fn remove_keys(ssh: &Ssh, file: &str, keys: &[String]) -> Result<()> {
+    let input = keys.join("\n") + "\n";
+    let out = ssh.run(&remove_script(file), input.as_bytes()).await?;
+    if out.code != 0 {
+        return Err(ConnectorError::Provisioning(format!(
+            "removing reservation SSH keys for {} failed (exit {}): {}",
+            ssh.destination(),
+            out.code,
+            out.stderr.trim()
+        )));
+    }
+    Ok(())
+}
+
+/// The cleanup part of every device type: removes the keys a reservation recorded and
+/// did not remove itself (it was cut short), then drops the record. Nothing to do
+/// without a record.
+pub async fn remove_recorded_keys(ctx: &Ctx) -> Result<()> {
+    let path = ctx.dir.join(KEYS_RECORD);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(ConnectorError::io(format!("reading {}", path.display()), e)),
+    };
+    let rec: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
+        ConnectorError::Provisioning(format!("{} is not valid JSON: {e}", path.display()))
+    })?;
+    let keys: Vec<String> = rec["keys"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|k| k.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default();
+    let file = rec["file"]
+        .as_str()
+        .unwrap_or(DEFAULT_AUTHORIZED_KEYS)
+        .to_string();
+    if !keys.is_empty() {
+        let user = ctx.test_username()?;
+        let ssh = Ssh::new(&ctx.cfg, &user)?;
+        remove_keys(&ssh, &file, &keys).await?;
+        println!(
+            "Removed {} SSH key(s) a reservation left on {}.",
+            keys.len(),
+            ssh.destination()
+        );
+    }
+    let _ = std::fs::remove_file(&path);
+    Ok(())
+}
 
 /// Appends each stdin line missing from the file and echoes the ones it added.
 fn install_script(file: &str) -> String {
@@ -79,6 +149,8 @@ pub async fn reserve(ctx: &Ctx) -> Result<i32> {
             .filter(|l| wanted.iter().any(|w| w == l))
             .map(str::to_string)
             .collect();
+        // Recorded at once: whatever ends this reservation, cleanup removes them.
+        write_record(ctx, &ssh.destination(), &file, &added)?;
         println!(
             "Installed {} SSH key(s) for {} ({} already present).",
             added.len(),
@@ -113,18 +185,10 @@ pub async fn reserve(ctx: &Ctx) -> Result<i32> {
     }
 
     if !added.is_empty() {
-        let input = added.join("\n") + "\n";
-        let out = ssh.run(&remove_script(&file), input.as_bytes()).await?;
-        if out.code != 0 {
-            return Err(ConnectorError::Provisioning(format!(
-                "removing reservation SSH keys for {} failed (exit {}): {}",
-                ssh.destination(),
-                out.code,
-                out.stderr.trim()
-            )));
-        }
+        remove_keys(&ssh, &file, &added).await?;
         println!("Removed {} reservation SSH key(s).", added.len());
     }
+    let _ = std::fs::remove_file(ctx.dir.join(KEYS_RECORD));
     Ok(0)
 }
 

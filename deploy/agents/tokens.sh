@@ -2,7 +2,7 @@
 # Creates an `agent` client for each agent id in AGENT_IDS (as the bootstrap admin) and
 # writes its upstream-style token file, TOKEN_DIR/<id>.token = {"refresh_token": ...}.
 # Idempotent (an existing client gets the secret again). Uses the `testflinger` CLI of the
-# image; docker-compose runs it once the API is healthy. See docs/auth.md.
+# image; docker-compose runs it once the API is healthy. See docs/src/how-to/auth.md.
 #
 #   SERVER (http://api:8000), ADMIN_ID, ADMIN_SECRET, AGENT_IDS, AGENT_CLIENT_SECRET
 #   (at least 15 characters), TOKEN_DIR (/var/lib/testflinger/tokens)

@@ -12,7 +12,7 @@
 #
 # The regular expressions are those of broker/src/permissions.rs (the source of truth;
 # `testflinger-server broker-permissions ROLE ...` prints them); broker/tests/
-# permissions.rs runs this script and compares. See docs/auth.md.
+# permissions.rs runs this script and compares. See docs/src/how-to/auth.md.
 set -euo pipefail
 
 vhost=${RABBITMQ_VHOST:-testflinger}

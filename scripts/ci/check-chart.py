@@ -182,6 +182,19 @@ VARIANTS = {
              "amqpSecret": "lp-1-amqp"},
         ],
     },
+    "a qemu agent with its own image, a key Secret and /dev/kvm": {
+        "agents": [
+            {"name": "qemu-1", "queues": ["qemu"], "deviceType": "qemu",
+             "image": "registry.example.com/testflinger-qemu:1.0",
+             "device": {"device_ip": "127.0.1.1", "ssh_port": 2201, "test_username": "ubuntu",
+                        "ssh_identity_file": "/etc/testflinger-ssh/id_ed25519",
+                        "qemu_image": "http://images.example.com/testflinger-test.qcow2"},
+             "extraVolumes": [{"name": "ssh", "secret": {"secretName": "tf-qemu-ssh"}},
+                              {"name": "kvm", "hostPath": {"path": "/dev/kvm", "type": "CharDevice"}}],
+             "extraVolumeMounts": [{"name": "ssh", "mountPath": "/etc/testflinger-ssh", "readOnly": True},
+                                   {"name": "kvm", "mountPath": "/dev/kvm"}]},
+        ],
+    },
     "existing claim, no service account": {
         "api": {"persistence": {"existingClaim": "tf-artifacts"}},
         "serviceAccount": {"create": False},

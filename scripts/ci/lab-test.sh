@@ -18,6 +18,9 @@ export LAB_PREFIX=tflabtest$$
 export LAB_VHOST=tflabtest$$
 export LAB_QUEUE=labtest
 export LAB_AGENTS=2
+# qemu devices where qemu works (the lab's default), on addresses apart from a
+# developer's lab.
+export LAB_DEVICE_NET=${LAB_TEST_DEVICE_NET:-127.0.3}
 export LAB_PROFILE=${LAB_PROFILE:-debug}
 URL=http://127.0.0.1:$LAB_PORT
 
@@ -89,6 +92,7 @@ test_data:
   test_cmds: |
     echo "$marker from \$AGENT_NAME"
     echo "device kind: \$DEVICE_KIND"
+    if [ "\$DEVICE_KIND" = qemu ]; then ssh \$DEVICE_IP uname -a; fi
 EOF
 
 job_id=$("$CLI" --server "$URL" submit -q "$LAB_DIR/job.yaml" | tail -n 1)
@@ -99,7 +103,7 @@ else
 fi
 
 # Follow it: `poll` returns once the job has completed (bounded by timeout).
-if timeout 180 "$CLI" --server "$URL" poll "$job_id" >"$LAB_DIR/poll.txt" 2>&1; then
+if timeout 400 "$CLI" --server "$URL" poll "$job_id" >"$LAB_DIR/poll.txt" 2>&1; then
     ok "poll followed the job to its end"
 else
     not_ok "poll failed or timed out (rc $?)"
@@ -109,6 +113,18 @@ if grep -qF "$marker" "$LAB_DIR/poll.txt"; then
 else
     not_ok "the job's output is not in poll's output"
     cat "$LAB_DIR/poll.txt" || true
+fi
+
+lab_device=$(sed -n 's/^LAB_DEVICE=//p' "$LAB_DIR/lab.env")
+if [ "$lab_device" = qemu ]; then
+    release=$(cat "${CARGO_TARGET_DIR:-$repo/target}/test-image/kernel-release")
+    if grep -q "^Linux lab-.* $release " "$LAB_DIR/poll.txt"; then
+        ok "ssh \$DEVICE_IP reached the qemu device: its kernel $release answered"
+    else
+        not_ok "the job's ssh \$DEVICE_IP uname -a did not show the VM's kernel $release"
+    fi
+else
+    echo "lab-test: the lab runs $lab_device devices (qemu unavailable here)"
 fi
 
 state=""

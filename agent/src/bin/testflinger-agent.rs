@@ -1,5 +1,9 @@
 //! `testflinger-agent -c <config.yaml>`: runs one device agent until SIGTERM or SIGINT.
 //!
+//! `testflinger-agent watchdog` is started by the agent itself, one per agent, and kills
+//! a phase the agent can no longer look after (see `testflinger_agent::process`); it is
+//! not for people.
+//!
 //! Exits 2 on a bad command line, 1 on an unreadable or invalid config file (the
 //! message names the file and the key) or a malformed AMQP URI; 0 after a clean
 //! shutdown, in which a running job was finished or released to its queue.
@@ -7,6 +11,7 @@
 use clap::Parser;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 use testflinger_agent::{Config, telemetry};
 
 #[derive(Parser, Debug)]
@@ -26,10 +31,28 @@ struct Args {
         default_value = "/var/lib/testflinger-agent/refresh_token"
     )]
     token_file: PathBuf,
+    #[command(subcommand)]
+    internal: Option<Internal>,
+}
+
+/// Started by the agent itself, not by people.
+#[derive(clap::Subcommand, Debug)]
+enum Internal {
+    /// Kills a phase's process group if the agent dies or stops renewing its lease
+    /// (see `testflinger_agent::process`).
+    #[command(hide = true)]
+    Watchdog {
+        #[arg(long, default_value_t = 1000)]
+        grace_ms: u64,
+    },
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if let Some(Internal::Watchdog { grace_ms }) = args.internal {
+        testflinger_agent::process::watchdog_main(Duration::from_millis(grace_ms));
+        return ExitCode::SUCCESS;
+    }
     let mut cfg = match Config::load(&args.config) {
         Ok(c) => c,
         Err(e) => {

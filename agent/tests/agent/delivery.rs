@@ -161,7 +161,7 @@ async fn a_raw_published_job_is_registered_and_run() {
         })
         .await
         .expect("publish");
-    let id = testflinger_agent::lifecycle::job_id_from(None, &body);
+    let id = testflinger_agent::lifecycle::job_id_from(None, &body).expect("a raw job id");
     let r = lab.wait_complete(&id, LONG).await;
     assert!(
         r["test_output"]
@@ -199,7 +199,7 @@ async fn a_raw_published_job_is_registered_and_run() {
 
 /// Finds our message in the shared dead queue by `message_id`, acks it and gives every
 /// other message back untouched. Returns its rejection reason.
-async fn take_dead(broker: &Broker, message_id: &str) -> Option<String> {
+pub(crate) async fn take_dead(broker: &Broker, message_id: &str) -> Option<String> {
     let mut c = broker
         .consume_shared(
             testflinger_broker::topology::DEAD_QUEUE,

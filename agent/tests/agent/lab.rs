@@ -47,6 +47,8 @@ pub struct ServerOpts {
     pub reaper_ms: u64,
     /// Extra environment of the server (e.g. `JWT_SIGNING_KEY` to turn auth on).
     pub env: Vec<(String, String)>,
+    /// `TESTFLINGER_QUEUE_TYPE`: `classic` or `quorum`.
+    pub queue_type: &'static str,
 }
 
 impl Default for ServerOpts {
@@ -55,6 +57,7 @@ impl Default for ServerOpts {
             lease_ttl: 30,
             reaper_ms: 1000,
             env: Vec::new(),
+            queue_type: "classic",
         }
     }
 }
@@ -66,6 +69,8 @@ pub struct TestLab {
     pub base: String,
     pub http: reqwest::Client,
     server: Child,
+    port: u16,
+    opts: ServerOpts,
     agents: Vec<AgentProc>,
     queues: Vec<String>,
 }
@@ -103,24 +108,7 @@ impl TestLab {
         let mut last_err = String::new();
         for _ in 0..3 {
             let port = free_port();
-            let log = std::fs::File::create(dir.path().join("server.log")).expect("server log");
-            let mut server = Command::new(server_binary())
-                .env("AMQP_URI", amqp_uri())
-                .env("REDIS_URL", redis_url())
-                .env("DATA_PATH", &data)
-                .env("TESTFLINGER_BIND", format!("127.0.0.1:{port}"))
-                .env("TESTFLINGER_REDIS_PREFIX", &prefix)
-                .env("TESTFLINGER_LEASE_TTL", opts.lease_ttl.to_string())
-                .env("TESTFLINGER_REAPER_INTERVAL_MS", opts.reaper_ms.to_string())
-                .env("TESTFLINGER_RETENTION", "1800")
-                .env("TESTFLINGER_SUBMIT_CONSUMER", "false")
-                .env("TESTFLINGER_WORKERS", "2")
-                .env("RUST_LOG", "info")
-                .envs(opts.env.clone())
-                .stdout(Stdio::null())
-                .stderr(log)
-                .spawn()
-                .expect("spawn testflinger-server");
+            let mut server = spawn_server(dir.path(), &prefix, port, &opts, false);
             let base = format!("http://127.0.0.1:{port}");
             match wait_ready(&http, &base, &mut server, dir.path()).await {
                 Ok(()) => {
@@ -131,6 +119,8 @@ impl TestLab {
                         base,
                         http,
                         server,
+                        port,
+                        opts,
                         agents: Vec::new(),
                         queues: vec![queue],
                     };
@@ -143,6 +133,34 @@ impl TestLab {
             }
         }
         panic!("testflinger-server did not start: {last_err}");
+    }
+
+    /// SIGKILLs the server (the API is down until [`TestLab::restart_server`]).
+    pub fn stop_server(&mut self) {
+        let _ = self.server.kill();
+        let _ = self.server.wait();
+    }
+
+    /// Starts the server again on the same port, prefix and data dir; waits until it
+    /// answers.
+    pub async fn restart_server(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let mut server =
+                spawn_server(self.dir.path(), &self.prefix, self.port, &self.opts, true);
+            match wait_ready(&self.http, &self.base, &mut server, self.dir.path()).await {
+                Ok(()) => {
+                    self.server = server;
+                    return;
+                }
+                Err(e) => {
+                    let _ = server.kill();
+                    let _ = server.wait();
+                    assert!(Instant::now() < deadline, "server did not restart: {e}");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        }
     }
 
     pub fn path(&self, name: &str) -> PathBuf {
@@ -212,6 +230,13 @@ impl TestLab {
             log,
         });
         self.agents.len() - 1
+    }
+
+    /// Another queue of this test, deleted with the lab.
+    pub fn extra_queue(&mut self, suffix: &str) -> String {
+        let q = format!("{}-{suffix}", self.queue);
+        self.queues.push(q.clone());
+        q
     }
 
     pub fn agent(&mut self, i: usize) -> &mut AgentProc {
@@ -418,6 +443,34 @@ impl TestLab {
     }
 }
 
+fn spawn_server(dir: &Path, prefix: &str, port: u16, opts: &ServerOpts, append: bool) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(append)
+        .write(true)
+        .truncate(!append)
+        .open(dir.join("server.log"))
+        .expect("server log");
+    Command::new(server_binary())
+        .env("AMQP_URI", amqp_uri())
+        .env("REDIS_URL", redis_url())
+        .env("DATA_PATH", dir.join("data"))
+        .env("TESTFLINGER_BIND", format!("127.0.0.1:{port}"))
+        .env("TESTFLINGER_REDIS_PREFIX", prefix)
+        .env("TESTFLINGER_LEASE_TTL", opts.lease_ttl.to_string())
+        .env("TESTFLINGER_REAPER_INTERVAL_MS", opts.reaper_ms.to_string())
+        .env("TESTFLINGER_QUEUE_TYPE", opts.queue_type)
+        .env("TESTFLINGER_RETENTION", "1800")
+        .env("TESTFLINGER_SUBMIT_CONSUMER", "false")
+        .env("TESTFLINGER_WORKERS", "2")
+        .env("RUST_LOG", "info")
+        .envs(opts.env.clone())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("spawn testflinger-server")
+}
+
 async fn wait_ready(
     http: &reqwest::Client,
     base: &str,
@@ -514,4 +567,110 @@ impl Drop for TestLab {
         })
         .join();
     }
+}
+
+/// A loopback TCP proxy in front of the API that can stop forwarding: after
+/// [`Proxy::cut`], connections (open and new) are held open and never answered, as a
+/// network partition looks to the agent.
+pub struct Proxy {
+    pub port: u16,
+    cut: std::sync::Arc<tokio::sync::watch::Sender<bool>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Proxy {
+    pub async fn start(target: &str) -> Proxy {
+        let target = target
+            .trim_start_matches("http://")
+            .trim_end_matches('/')
+            .to_string();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("proxy bind");
+        let port = listener.local_addr().expect("proxy addr").port();
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn(async move {
+            let held = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+            loop {
+                let Ok((mut inbound, _)) = listener.accept().await else {
+                    return;
+                };
+                let mut rx = rx.clone();
+                let held = held.clone();
+                let target = target.clone();
+                tokio::spawn(async move {
+                    if *rx.borrow() {
+                        held.lock().expect("held").push(inbound);
+                        return;
+                    }
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = rx.wait_for(|cut| *cut) => {
+                            held.lock().expect("held").push(inbound);
+                            held.lock().expect("held").push(outbound);
+                        }
+                    }
+                });
+            }
+        });
+        Proxy {
+            port,
+            cut: std::sync::Arc::new(tx),
+            task,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Stops forwarding: every byte sent from now on goes nowhere.
+    pub fn cut(&self) {
+        let _ = self.cut.send(true);
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The live (not zombie) processes whose process group is `pgid`.
+pub fn group_members(pgid: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !name.bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        let stat = std::fs::read_to_string(format!("/proc/{name}/stat")).unwrap_or_default();
+        // pid (comm) state ppid pgrp ...: split after the last ')'.
+        let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+            continue;
+        };
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        if f.len() > 2 && f[0] != "Z" && f[2] == pgid {
+            out.push(name);
+        }
+    }
+    out
+}
+
+/// Waits until no live process is left in group `pgid`.
+pub async fn wait_group_gone(pgid: &str, within: Duration) -> bool {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if group_members(pgid).is_empty() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    group_members(pgid).is_empty()
 }

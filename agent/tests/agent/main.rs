@@ -12,6 +12,8 @@
 mod auth;
 mod control;
 mod delivery;
+mod docs_reference;
+mod faults;
 mod lab;
 mod runs;
 mod startup;

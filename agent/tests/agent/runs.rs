@@ -332,3 +332,39 @@ async fn test_secrets_reach_the_test_phase_and_are_masked_in_its_output() {
         "{log}"
     );
 }
+
+/// Issue 14.2: a 2 MiB serial log with `é` and `😀` across the 1 MiB and 2 MiB byte
+/// boundaries comes back whole (fragments are cut at character boundaries).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serial_logs_keep_characters_across_fragment_boundaries() {
+    let mut lab = TestLab::start("serialutf8").await;
+    let mut data = vec![b'a'; (1 << 20) - 1];
+    data.extend_from_slice("é".as_bytes());
+    data.extend(std::iter::repeat_n(b'b', (1 << 20) - 4));
+    data.extend_from_slice("😀".as_bytes());
+    data.extend_from_slice(b"end\n");
+    let source = lab.path("serial-source.log");
+    std::fs::write(&source, &data).expect("write");
+    lab.spawn_agent(
+        "dev-serialutf8",
+        json!({
+            "test_command": format!("cp {} test-serial.log; echo copied", source.display()),
+        }),
+    );
+    let id = lab.submit(json!({"test_data": {"test_cmds": "run"}})).await;
+    let r = lab.wait_complete(&id, LONG).await;
+    let serial = r["test_serial"].as_str().unwrap_or_default();
+    assert!(!serial.contains('\u{FFFD}'), "U+FFFD in the serial log");
+    assert_eq!(serial.len(), data.len());
+    assert_eq!(serial.as_bytes(), &data[..]);
+    // Issue 14.8: logs redirected to a file carry no colour escape codes (agent, server).
+    let agent_log = lab.agent_log(0);
+    assert!(agent_log.contains("registered"), "{agent_log}");
+    assert!(!agent_log.contains('\x1b'), "escape codes in the agent log");
+    let server_log = std::fs::read_to_string(lab.dir.path().join("server.log")).unwrap_or_default();
+    assert!(!server_log.is_empty());
+    assert!(
+        !server_log.contains('\x1b'),
+        "escape codes in the server log"
+    );
+}

@@ -168,18 +168,9 @@ fn agent_json(h: HashMap<String, String>) -> Value {
 pub async fn all_agents(app: &AppState) -> ApiResult<Vec<Value>> {
     let k = &app.store.keys;
     let mut c = app.store.con();
-    let names: Vec<String> = c.zrange(k.agents(), 0, -1).await?;
-    if names.is_empty() {
-        return Ok(Vec::new());
-    }
-    let mut p = redis::pipe();
-    for n in &names {
-        p.hgetall(k.agent(n));
-    }
-    let rows: Vec<HashMap<String, String>> = p.query_async(&mut c).await?;
     let mut out = Vec::new();
     let mut gone = Vec::new();
-    for (n, h) in names.iter().zip(rows) {
+    for (n, h) in app.store.agent_records().await? {
         if h.is_empty() {
             gone.push(n.clone());
         } else {
@@ -249,20 +240,9 @@ async fn post_queues(
 
 async fn get_queues(app: web::Data<AppState>) -> ApiResult<HttpResponse> {
     let mut c = app.store.con();
-    let mut m: BTreeMap<String, String> = c.hgetall(app.store.keys.queues()).await?;
-    // Queues only seen on agents appear too, without a description.
-    for a in all_agents(&app).await? {
-        for q in a
-            .get("queues")
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-        {
-            if let Some(q) = q.as_str() {
-                m.entry(q.to_string()).or_default();
-            }
-        }
-    }
+    // Advertised queues only (`advertised_queues` of agents, as upstream): a queue an
+    // agent merely consumes is not listed.
+    let m: BTreeMap<String, String> = c.hgetall(app.store.keys.queues()).await?;
     Ok(HttpResponse::Ok().json(m))
 }
 

@@ -22,7 +22,8 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .route("/v1/job/{id}/position", web::get().to(position))
         .route("/v1/job/{id}/action", web::post().to(action))
         .route("/v1/job/{id}/attachments", web::post().to(post_attachments))
-        .route("/v1/job/{id}/attachments", web::get().to(get_attachments));
+        .route("/v1/job/{id}/attachments", web::get().to(get_attachments))
+        .route("/v1/job/{id}/events", web::post().to(post_events));
 }
 
 #[tracing::instrument(skip_all, fields(job.id))]
@@ -98,31 +99,40 @@ async fn action(
             ),
         ));
     }
-    let already = || {
-        ApiError::Text(
+    if cancel_job(&app, &caller, &id).await? {
+        Ok(ok_text())
+    } else {
+        Err(ApiError::Text(
             StatusCode::BAD_REQUEST,
             "The job is already completed or cancelled".into(),
-        )
-    };
+        ))
+    }
+}
+
+/// Cancels a job as `POST /v1/job/<id>/action {"action":"cancel"}` does: marks it
+/// cancelled, tells its agent, emits the event. `Ok(false)` when the job is unknown or
+/// already ended (nothing changed); only the job's owner, a manager or an admin may
+/// cancel it (see [`check_owner`]: 401/403 otherwise).
+pub async fn cancel_job(app: &AppState, caller: &crate::auth::Caller, id: &str) -> ApiResult<bool> {
     let f = app
         .store
-        .job_fields(&id, &["queue", "attempt", "def", "owner"])
+        .job_fields(id, &["queue", "attempt", "def", "owner"])
         .await?;
     let Some(queue) = f[0].clone() else {
-        return Err(already());
+        return Ok(false);
     };
-    check_owner(&caller, f[3].as_deref(), "cancel")?;
-    match app.store.cancel(&id, &queue).await? {
-        None | Some(Err(_)) => Err(already()),
+    check_owner(caller, f[3].as_deref(), "cancel")?;
+    match app.store.cancel(id, &queue).await? {
+        None | Some(Err(_)) => Ok(false),
         Some(Ok((previous, agent))) => {
             let attempt = f[1].as_deref().and_then(|a| a.parse().ok()).unwrap_or(0);
             if !agent.is_empty() && previous != "waiting" {
-                lease_notify_cancel(&app, &agent, &id).await;
+                lease_notify_cancel(app, &agent, id).await;
             }
             let webhook = webhook_of(f[2].as_deref());
             events::emit(
-                &app,
-                &id,
+                app,
+                id,
                 &queue,
                 "cancelled",
                 Some(&previous),
@@ -131,7 +141,7 @@ async fn action(
                 None,
                 webhook,
             );
-            Ok(ok_text())
+            Ok(true)
         }
     }
 }
@@ -242,6 +252,85 @@ async fn post_attachments(
         None,
         Some("attachments received"),
         webhook_of(f[4].as_deref()),
+    );
+    Ok(ok_text())
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EventsIn {
+    #[serde(default)]
+    agent_id: Option<String>,
+    #[serde(default)]
+    job_queue: Option<String>,
+    job_status_webhook: String,
+    #[serde(default)]
+    events: Vec<events::AgentEvent>,
+}
+
+/// `POST /v1/job/<id>/events`: upstream agents post the cumulative list of a job's phase
+/// events after each one. New events go to `testflinger.events`; the post (without
+/// `job_status_webhook`) goes to the job's webhook, as upstream relays it. The webhook
+/// must be the job's own `job_status_webhook` (403 otherwise: the route relays to no
+/// other address); its host must be in `TESTFLINGER_WEBHOOK_ALLOWED_HOSTS` to be called.
+/// With auth on, only agents may post (401 anonymous, 403 another role).
+#[tracing::instrument(skip_all, fields(job.id = %id))]
+async fn post_events(
+    app: web::Data<AppState>,
+    caller: crate::auth::Caller,
+    id: web::Path<String>,
+    body: web::Bytes,
+) -> ApiResult<HttpResponse> {
+    caller.require(crate::auth::AGENT)?;
+    let id = parse_id(&id, true)?.to_string();
+    let value = json_body(&body)?;
+    let e: EventsIn =
+        testflinger_common::job::deserialize(value.clone()).map_err(ApiError::Validation)?;
+    let f = app
+        .store
+        .job_fields(&id, &["queue", "def", "agent"])
+        .await?;
+    let Some(queue) = f[0].clone() else {
+        return Err(ApiError::Text(
+            StatusCode::NOT_FOUND,
+            format!("Job {id} not found\n"),
+        ));
+    };
+    if webhook_of(f[1].as_deref()).as_deref() != Some(e.job_status_webhook.as_str()) {
+        return Err(ApiError::Json(
+            StatusCode::FORBIDDEN,
+            "job_status_webhook: not this job's job_status_webhook; events are relayed to the job's own webhook only".into(),
+        ));
+    }
+    let Some(seen) = app
+        .store
+        .advance_agent_events(&id, e.events.len() as u64)
+        .await?
+    else {
+        return Err(ApiError::Text(
+            StatusCode::NOT_FOUND,
+            format!("Job {id} not found\n"),
+        ));
+    };
+    let new = e.events.get(seen as usize..).unwrap_or_default();
+    let mut forward = value;
+    if let Some(o) = forward.as_object_mut() {
+        o.remove("job_status_webhook");
+    }
+    let agent = e.agent_id.clone().or_else(|| f[2].clone());
+    let queue = e.job_queue.clone().filter(|q| *q == queue).unwrap_or(queue);
+    events::relay_agent_events(
+        &app,
+        &id,
+        &queue,
+        agent.as_deref(),
+        new,
+        (!new.is_empty()).then(|| {
+            (
+                e.job_status_webhook.clone(),
+                serde_json::to_vec(&forward).unwrap_or_default(),
+            )
+        }),
     );
     Ok(ok_text())
 }
@@ -462,7 +551,7 @@ async fn legacy_next_job(
             let lease_ms = legacy_lease_ms(&app, &id).await?;
             let mut claim = app.store.claim(&id, &agent, lease_ms, true).await?;
             if let Some(job) = claim.job.as_mut() {
-                super::secrets::resolve(&app, job, &id).await?;
+                super::secrets::resolve(&app, job, &id, &format!("{id}:{}", claim.attempt)).await?;
             }
             if let Ok(v) = serde_json::to_value(claim.outcome)
                 && let Some(o) = v.as_str()
@@ -472,6 +561,11 @@ async fn legacy_next_job(
             match claim.outcome {
                 ClaimOutcome::Granted => {
                     msg.ack().await?;
+                    // As for a push claim: the agent's record names the job it runs.
+                    app.store
+                        .update_agent_if_known(&agent, &[("job_id", &id)])
+                        .await?;
+                    app.store.note_agent_job(&agent, &id).await?;
                     if let Some(queue_name) = claim
                         .job
                         .as_ref()

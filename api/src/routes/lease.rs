@@ -36,7 +36,12 @@ async fn claim(
         .claim(&id, &r.agent_id, app.lease_ms(), false)
         .await?;
     if let Some(job) = c.job.as_mut() {
-        super::secrets::resolve(&app, job, &id).await?;
+        super::secrets::resolve(&app, job, &id, &format!("{id}:{}", c.attempt)).await?;
+    }
+    if c.outcome == ClaimOutcome::Excluded {
+        // The agent drops its delivery; the outbox publishes the job again shortly, at
+        // the back, so the excluded agent does not get it straight back.
+        app.store.outbox_add(&id).await?;
     }
     if c.outcome == ClaimOutcome::Granted {
         let f = app.store.job_fields(&id, &["queue", "def"]).await?;
@@ -45,6 +50,7 @@ async fn claim(
         app.store
             .update_agent_if_known(&r.agent_id, &[("job_id", &id)])
             .await?;
+        app.store.note_agent_job(&r.agent_id, &id).await?;
         events::emit(
             &app,
             &id,

@@ -92,6 +92,13 @@ async fn post_result(
         match app.store.set_state(&id, &queue, tok, state).await? {
             Some(StateChange::Set(previous)) => {
                 let attempt = f[1].as_deref().and_then(|a| a.parse().ok()).unwrap_or(0);
+                // When each state began, for the phase durations of the web UI.
+                app.store
+                    .set_job_fields(
+                        &id,
+                        &[(&format!("at_{state}"), crate::store::now_ms().to_string())],
+                    )
+                    .await?;
                 events::emit(
                     &app,
                     &id,
@@ -104,9 +111,10 @@ async fn post_result(
                     super::jobs::webhook_of(f[3].as_deref()),
                 );
             }
+            // 422, never 409: an agent takes 409 to mean "lease lost" and stops the job.
             Some(StateChange::Refused(previous)) => {
                 return Err(ApiError::Json(
-                    StatusCode::CONFLICT,
+                    StatusCode::UNPROCESSABLE_ENTITY,
                     format!(
                         "job_state: job {id} cannot move from '{previous}' to '{state}'; states only move forward (waiting, running, setup, provision, firmware_update, test, allocate, allocated, reserve, cleanup, complete)"
                     ),

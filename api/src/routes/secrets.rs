@@ -140,9 +140,10 @@ fn check_namespace(caller: &crate::auth::Caller, client: &str) -> ApiResult<()> 
 }
 
 /// Replaces the secret paths of claimed job `id` by their values from its owner's
-/// namespace (no owner: the `anonymous` one); single-use secrets are consumed.
-/// Unknown paths become empty strings.
-pub async fn resolve(app: &AppState, job: &mut Value, id: &str) -> ApiResult<()> {
+/// namespace (no owner: the `anonymous` one). `claim` names the claim (`<id>:<attempt>`):
+/// a single-use secret is consumed by the first claim that reads it and still answers
+/// a retried claim of the same attempt. Unknown paths become empty strings.
+pub async fn resolve(app: &AppState, job: &mut Value, id: &str, claim: &str) -> ApiResult<()> {
     let Some(secrets) = job
         .pointer_mut("/test_data/secrets")
         .and_then(Value::as_object_mut)
@@ -163,13 +164,10 @@ pub async fn resolve(app: &AppState, job: &mut Value, id: &str) -> ApiResult<()>
     };
     for (_, v) in secrets.iter_mut() {
         let path = v.as_str().unwrap_or_default().to_string();
-        let raw = app.store.get_secret(namespace, &path).await?;
+        let raw = app.store.take_secret(namespace, &path, claim).await?;
         let rec: Value = raw
             .and_then(|r| serde_json::from_str(&r).ok())
             .unwrap_or(Value::Null);
-        if rec["ephemeral"] == true {
-            app.store.delete_secret(namespace, &path).await?;
-        }
         *v = Value::String(rec["value"].as_str().unwrap_or_default().to_string());
     }
     Ok(())

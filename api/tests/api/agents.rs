@@ -56,6 +56,15 @@ async fn agents_queues_images_and_wait_times() {
             .unwrap_or_default()
             .contains("does not exist")
     );
+    // Issue 14.7: a queue an agent only consumes is not listed (upstream lists
+    // advertised queues only).
+    let before: Value = app
+        .get("/v1/agents/queues")
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert!(before.get(&q).is_none(), "{before}");
     // Advertised queues and images.
     assert_eq!(
         app.post_json("/v1/agents/queues", &json!({q.clone(): "a demo queue"}))

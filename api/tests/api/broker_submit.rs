@@ -263,3 +263,98 @@ async fn webhook_gets_events_only_for_allowed_hosts() {
     assert!(got.is_err(), "an unlisted webhook host must not be called");
     app.cleanup().await;
 }
+
+/// Issue 14.7: upstream agents post their cumulative phase events to
+/// `POST /v1/job/<id>/events`; new ones reach the events exchange, and the post (without
+/// `job_status_webhook`) reaches the job's own webhook once per post.
+#[tokio::test(flavor = "multi_thread")]
+async fn upstream_agent_events_feed_our_events_and_the_webhook() {
+    let (port, rx) = webhook_server();
+    let app = TestApp::spawn_with(|s| s.webhook_allowed_hosts = format!("127.0.0.1:{port}")).await;
+    let q = app.queue("agentevents");
+    let hook = format!("http://127.0.0.1:{port}/hook");
+    let mut events = app
+        .broker()
+        .subscribe(
+            testflinger_broker::topology::EVENTS_EXCHANGE,
+            &format!("job.{q}.event.#"),
+        )
+        .await
+        .expect("subscribe");
+    let id = app
+        .submit(json!({"job_queue": q, "job_status_webhook": hook}))
+        .await;
+    // The submit's own state event reaches the webhook first.
+    let rx = std::sync::Arc::new(std::sync::Mutex::new(rx));
+    let next_call = |secs: u64| {
+        let rx = rx.clone();
+        async move {
+            tokio::task::spawn_blocking(move || {
+                rx.lock()
+                    .expect("lock")
+                    .recv_timeout(Duration::from_secs(secs))
+            })
+            .await
+            .expect("join")
+        }
+    };
+    let (_, first) = next_call(10).await.expect("waiting event");
+    assert!(first.contains("\"waiting\""), "{first}");
+    let e1 =
+        json!({"event_name": "job_start", "timestamp": "2026-01-01T00:00:00", "detail": "url"});
+    let e2 = json!({"event_name": "provision_start", "timestamp": "2026-01-01T00:00:01"});
+    for list in [vec![e1.clone()], vec![e1.clone(), e2.clone()]] {
+        let r = app
+            .post_json(
+                &format!("/v1/job/{id}/events"),
+                &json!({"agent_id": "up-1", "job_queue": q, "job_status_webhook": hook, "events": list}),
+            )
+            .await;
+        assert_eq!(r.status(), 200, "{:?}", r.text().await);
+        let (line, body) = next_call(10).await.expect("relayed post");
+        assert!(line.starts_with("PUT /hook"), "{line}");
+        let v: Value = serde_json::from_str(&body).expect("json");
+        assert!(v.get("job_status_webhook").is_none(), "{v}");
+        assert_eq!(v["events"].as_array().map(Vec::len), Some(list.len()));
+    }
+    // Each event once on the exchange, in order.
+    let mut names = Vec::new();
+    while names.len() < 2 {
+        let (ev, m) = next_json(&mut events).await;
+        assert!(
+            m.routing_key.starts_with(&format!("job.{q}.event.")),
+            "{}",
+            m.routing_key
+        );
+        assert_eq!(ev["job_id"], json!(id));
+        names.push(ev["event_name"].as_str().unwrap_or_default().to_string());
+    }
+    assert_eq!(names, ["job_start", "provision_start"]);
+    // Another address, an unknown job, a bad id, a missing webhook.
+    let r = app
+        .post_json(
+            &format!("/v1/job/{id}/events"),
+            &json!({"job_status_webhook": "http://127.0.0.1:1/elsewhere", "events": []}),
+        )
+        .await;
+    assert_eq!(r.status(), 403);
+    let unknown = uuid::Uuid::new_v4();
+    let r = app
+        .post_json(
+            &format!("/v1/job/{unknown}/events"),
+            &json!({"job_status_webhook": hook, "events": []}),
+        )
+        .await;
+    assert_eq!(r.status(), 404);
+    assert_eq!(
+        app.post_json("/v1/job/nope/events", &json!({"job_status_webhook": hook}))
+            .await
+            .status(),
+        400
+    );
+    let r = app
+        .post_json(&format!("/v1/job/{id}/events"), &json!({"events": []}))
+        .await;
+    assert_eq!(r.status(), 422);
+    app.cleanup().await;
+}

@@ -270,7 +270,8 @@ async fn job_states_only_move_forward() {
     assert_eq!(post("setup").await.status(), 200);
     assert_eq!(post("test").await.status(), 200);
     let back = post("setup").await;
-    assert_eq!(back.status(), 409);
+    // 422 (not 409, which agents read as "lease lost").
+    assert_eq!(back.status(), 422);
     let body: Value = back.json().await.expect("json");
     assert!(
         body["message"]
@@ -574,5 +575,178 @@ async fn resubmitting_a_known_job_id() {
         job_field(&app, &again, "state").await.as_deref(),
         Some("waiting")
     );
+    app.cleanup().await;
+}
+
+/// Quorum job queues (`TESTFLINGER_QUEUE_TYPE=quorum`, for clustered RabbitMQ): the API
+/// declares, publishes to and hands out jobs from them.
+#[tokio::test(flavor = "multi_thread")]
+async fn quorum_job_queues_take_and_hand_out_jobs() {
+    let app = TestApp::spawn_with(|s| s.queue_type = "quorum".into()).await;
+    let q = app.queue("quorum");
+    let low = app.submit(json!({"job_queue": q})).await;
+    let high = app.submit(json!({"job_queue": q, "job_priority": 8})).await;
+    assert_eq!(app.broker().message_count(&q).await.expect("count"), 2);
+    let pulled = app
+        .http
+        .get(app.url(&format!("/v1/job?queue={q}")))
+        .header("Cookie", "agent_name=quorum-legacy")
+        .send()
+        .await
+        .expect("pull");
+    assert_eq!(pulled.status(), 200);
+    let job: Value = pulled.json().await.expect("json");
+    assert!(
+        job["job_id"] == json!(high) || job["job_id"] == json!(low),
+        "{job}"
+    );
+    app.cleanup().await;
+}
+
+/// A loopback TCP proxy to RabbitMQ whose broker-to-client direction can be held (the
+/// broker gets every frame, the client hears nothing back: confirms never arrive).
+struct ReplyHoldingProxy {
+    port: u16,
+    hold: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl ReplyHoldingProxy {
+    async fn start(target: &str) -> ReplyHoldingProxy {
+        use std::sync::atomic::Ordering;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let hold = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let target = target.to_string();
+        let h = hold.clone();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = tokio::net::TcpStream::connect(&target).await else {
+                    continue;
+                };
+                let (mut cr, mut cw) = client.into_split();
+                let (mut sr, mut sw) = server.into_split();
+                tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut cr, &mut sw).await;
+                });
+                let h = h.clone();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 64 * 1024];
+                    loop {
+                        while h.load(Ordering::SeqCst) {
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                        }
+                        match sr.read(&mut buf).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => {
+                                // Read before the hold began: deliver once released.
+                                while h.load(Ordering::SeqCst) {
+                                    tokio::time::sleep(Duration::from_millis(20)).await;
+                                }
+                                if cw.write_all(&buf[..n]).await.is_err() {
+                                    break;
+                                }
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        ReplyHoldingProxy { port, hold }
+    }
+
+    fn set_hold(&self, on: bool) {
+        self.hold.store(on, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// Issue 17: a publish whose outcome is unclear (sent, no confirm in time) keeps the job:
+/// the submit answers 200, the record stays in the outbox and is published again; the
+/// duplicate wake-up is harmless (the claim grants once).
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unconfirmed_publish_keeps_the_job_and_publishes_it_again() {
+    let direct = std::env::var("AMQP_URI")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
+    let hostport = direct
+        .split('@')
+        .nth(1)
+        .and_then(|r| r.split('/').next())
+        .unwrap_or("127.0.0.1:5672")
+        .to_string();
+    let proxy = ReplyHoldingProxy::start(&hostport).await;
+    let proxied = direct.replacen(&hostport, &format!("127.0.0.1:{}", proxy.port), 1);
+    let app = TestApp::spawn_with(|s| {
+        s.amqp_uri = proxied;
+        s.confirm_timeout_ms = 1500;
+    })
+    .await;
+    let q = app.queue("unconfirmed");
+    // Connected, every publishing channel open (one per slot, round robin), the queue
+    // declared: then the broker's replies stop.
+    for _ in 0..12 {
+        app.submit(json!({"job_queue": q})).await;
+    }
+    let checker = testflinger_broker::Broker::new(testflinger_broker::BrokerConfig::new(direct))
+        .expect("broker");
+    let before = checker.message_count(&q).await.expect("count");
+    proxy.set_hold(true);
+    let r = app.post_json("/v1/job", &json!({"job_queue": q})).await;
+    assert_eq!(r.status(), 200, "{:?}", r.text().await);
+    let id = r.json::<Value>().await.expect("json")["job_id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    assert_eq!(
+        job_field(&app, &id, "state").await.as_deref(),
+        Some("waiting")
+    );
+    let outbox = app.state.store.outbox(i64::MAX, 100).await.expect("outbox");
+    assert!(outbox.contains(&id), "the unconfirmed job left the outbox");
+    // The broker did get it.
+    assert_eq!(checker.message_count(&q).await.expect("count"), before + 1);
+    proxy.set_hold(false);
+    // Published again from the outbox; then it leaves the outbox.
+    app.wait_for(20, "the outbox to be drained", || async {
+        let o = app.state.store.outbox(i64::MAX, 100).await.ok()?;
+        (!o.contains(&id)).then_some(())
+    })
+    .await;
+    assert!(checker.message_count(&q).await.expect("count") >= before + 2);
+    assert_eq!(app.claim(&id, "one").await["outcome"], "granted");
+    assert_eq!(app.claim(&id, "two").await["outcome"], "owned");
+    app.cleanup().await;
+}
+
+/// Issue 17: a requeued job keeps its place: it is published ahead of the jobs that
+/// queued behind it, not at the back of its queue.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_requeued_job_keeps_its_place_in_line() {
+    let app = TestApp::spawn_with(|s| s.lease_ttl = 3).await;
+    let q = app.queue("place");
+    let first = app.submit(json!({"job_queue": q})).await;
+    // Its message is taken (an agent got it), then two more jobs queue behind.
+    let m = app.broker().get(&q).await.expect("get").expect("message");
+    m.ack().await.expect("ack");
+    assert_eq!(app.claim(&first, "doomed").await["outcome"], "granted");
+    let second = app.submit(json!({"job_queue": q})).await;
+    let third = app.submit(json!({"job_queue": q})).await;
+    // The holder dies; the reaper requeues the first job.
+    app.wait_for(15, "the first job to be requeued", || async {
+        (job_field(&app, &first, "state").await.as_deref() == Some("waiting")).then_some(())
+    })
+    .await;
+    app.wait_for(10, "its new message", || async {
+        (app.broker().message_count(&q).await.unwrap_or(0) >= 3).then_some(())
+    })
+    .await;
+    let head = app.broker().get(&q).await.expect("get").expect("message");
+    assert_eq!(
+        head.message_id.as_deref(),
+        Some(first.as_str()),
+        "the requeued job went to the back (behind {second} and {third})"
+    );
+    head.ack().await.expect("ack");
     app.cleanup().await;
 }

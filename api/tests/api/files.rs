@@ -134,7 +134,8 @@ async fn attachments_hold_the_job_until_uploaded_and_unsafe_archives_are_refused
             .send()
             .await
             .expect("post");
-        assert_eq!(r.status(), 422, "{:?}", bad[0].0);
+        // 400: upstream's CLI cancels the job on 400 (only).
+        assert_eq!(r.status(), 400, "{:?}", bad[0].0);
         assert!(
             r.text()
                 .await
@@ -149,7 +150,7 @@ async fn attachments_hold_the_job_until_uploaded_and_unsafe_archives_are_refused
         .send()
         .await
         .expect("post");
-    assert_eq!(r.status(), 422);
+    assert_eq!(r.status(), 400);
     assert!(
         app.broker().get(&q).await.expect("get").is_none(),
         "still not dispatched"
@@ -190,5 +191,31 @@ async fn attachments_hold_the_job_until_uploaded_and_unsafe_archives_are_refused
         .await
         .expect("post");
     assert_eq!(r.status(), 422);
+    app.cleanup().await;
+}
+
+/// Issue 14.7: no job waits for its attachments forever: past
+/// `TESTFLINGER_ATTACHMENTS_TIMEOUT` it is cancelled with the reason.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_job_whose_attachments_never_come_is_cancelled_with_a_reason() {
+    let app = TestApp::spawn_with(|s| s.attachments_timeout = 1).await;
+    let q = app.queue("attachwait");
+    let id = app.submit(json!({"job_queue": q, "test_data": {"test_cmds": "ls", "attachments": [{"agent": "data.txt"}]}})).await;
+    let res = app
+        .wait_for(10, "the job to be cancelled", || async {
+            let r = app.result(&id).await;
+            (r["job_state"] == "cancelled").then_some(r)
+        })
+        .await;
+    assert!(
+        res["job_reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("attachments were not uploaded within 1 s")),
+        "{res}"
+    );
+    assert_eq!(
+        app.get(&format!("/v1/job/{id}/position")).await.status(),
+        410
+    );
     app.cleanup().await;
 }

@@ -366,6 +366,9 @@ async fn secrets_are_resolved_only_for_the_claiming_agent() {
         claimed["job"]["test_data"]["secrets"],
         json!({"TOKEN": "s3cr3t-value", "ONCE": "one-time", "MISSING": ""})
     );
+    // The same claim retried (its first answer lost) gets the single-use value again.
+    let retried = app.claim(&a, "agent-s").await;
+    assert_eq!(retried["job"]["test_data"]["secrets"]["ONCE"], "one-time");
     // Single-use: gone for the next job.
     let claimed = app.claim(&b, "agent-s").await;
     assert_eq!(claimed["job"]["test_data"]["secrets"]["ONCE"], "");
@@ -514,5 +517,40 @@ async fn expired_jobs_leave_the_indexes_at_the_sweep() {
             .expect("text"),
         "0"
     );
+    app.cleanup().await;
+}
+
+/// Issue 14.7: `provision_data` must fit a device type's shape (422 otherwise, as
+/// upstream); the CLI and broker submissions share the check.
+#[tokio::test(flavor = "multi_thread")]
+async fn provision_data_is_validated_per_device_type() {
+    let app = TestApp::spawn().await;
+    let q = app.queue("provdata");
+    let r = app
+        .post_json(
+            "/v1/job",
+            &json!({"job_queue": q, "provision_data": {"skip": true, "foo": 1}}),
+        )
+        .await;
+    assert_eq!(r.status(), 422);
+    let body: Value = r.json().await.expect("json");
+    assert!(
+        body["detail"]["json"]["provision_data"].is_array(),
+        "{body}"
+    );
+    assert!(
+        body["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("noprovision {skip}")),
+        "{body}"
+    );
+    for ok in [
+        json!({"url": "http://images.example/img.qcow2"}),
+        json!({"distro": "noble"}),
+        json!({"skip": true}),
+    ] {
+        app.submit(json!({"job_queue": q, "provision_data": ok}))
+            .await;
+    }
     app.cleanup().await;
 }

@@ -13,3 +13,8 @@ mod jobs;
 mod lease;
 mod logs;
 mod openapi;
+mod ui;
+
+// Documentation: the settings reference and the /docs site.
+mod docs_reference;
+mod docs_site;

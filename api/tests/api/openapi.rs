@@ -8,6 +8,7 @@ use std::collections::BTreeSet;
 
 /// The routes registered by the `configure` functions of `api/src/routes/*.rs`, spelled
 /// as there (read from the code; update this list with the routes).
+/// The web UI's HTML pages (`api/src/ui`) are not API routes and are not documented.
 const SERVED: &[(&str, &str)] = &[
     // mod.rs
     ("GET", "/v1"),
@@ -24,6 +25,7 @@ const SERVED: &[(&str, &str)] = &[
     ("POST", "/v1/job/{id}/action"),
     ("POST", "/v1/job/{id}/attachments"),
     ("GET", "/v1/job/{id}/attachments"),
+    ("POST", "/v1/job/{id}/events"),
     // lease.rs
     ("POST", "/v1/job/{id}/claim"),
     ("POST", "/v1/job/{id}/heartbeat"),

@@ -1,7 +1,7 @@
 //! `list-agents` and `agent-status`.
 
 use super::{Ctx, sorted_json};
-use crate::args::AgentStatusArgs;
+use crate::args::{AgentStatusArgs, ListAgentsArgs};
 use crate::client::seg;
 use anyhow::bail;
 use reqwest::StatusCode;
@@ -25,36 +25,97 @@ fn field(agent: &Value, key: &str) -> String {
     }
 }
 
-pub async fn list(ctx: &Ctx, as_json: bool) -> anyhow::Result<ExitCode> {
+/// The columns `list-agents --fields` may name.
+const FIELDS: &[&str] = &[
+    "name",
+    "state",
+    "location",
+    "provision_type",
+    "comment",
+    "job_id",
+    "queues",
+];
+
+pub async fn list(ctx: &Ctx, args: &ListAgentsArgs) -> anyhow::Result<ExitCode> {
+    for f in &args.fields {
+        if !FIELDS.contains(&f.as_str()) {
+            bail!(
+                "--fields: '{f}' is not a field; accepted: {}",
+                FIELDS.join(", ")
+            );
+        }
+    }
+    let name_re = match &args.filter_name {
+        Some(re) => Some(regex_lite::Regex::new(re).map_err(|e| {
+            anyhow::anyhow!("--filter-name: '{re}' is not a regular expression: {e}")
+        })?),
+        None => None,
+    };
     let reply = ctx.client.get("/v1/agents/data").await?;
     let agents = match reply.status {
         StatusCode::OK => reply.json()?,
         StatusCode::NO_CONTENT => Value::Array(Vec::new()),
         _ => return Err(reply.error()),
     };
-    if as_json {
-        println!("{}", sorted_json(&agents));
+    let mut agents: Vec<Value> = agents
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|a| {
+            (args.filter_status.is_empty()
+                || args.filter_status.iter().any(|s| *s == field(a, "state")))
+                && name_re
+                    .as_ref()
+                    .is_none_or(|re| re.is_match(&field(a, "name")))
+                && args
+                    .filter_location
+                    .as_ref()
+                    .is_none_or(|l| *l == field(a, "location"))
+                && args.filter_queue.as_ref().is_none_or(|q| {
+                    a.get("queues")
+                        .and_then(Value::as_array)
+                        .is_some_and(|qs| qs.iter().any(|x| x.as_str() == Some(q.as_str())))
+                })
+        })
+        .collect();
+    agents.sort_by_key(|a| field(a, "name"));
+    if args.json {
+        println!("{}", sorted_json(&Value::Array(agents)));
         return Ok(ExitCode::SUCCESS);
     }
-    let mut agents = agents.as_array().cloned().unwrap_or_default();
+    if args.one_per_line {
+        for a in &agents {
+            println!("{}", field(a, "name"));
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    if args.summary {
+        let mut by_state: std::collections::BTreeMap<String, usize> = Default::default();
+        for a in &agents {
+            *by_state.entry(field(a, "state")).or_default() += 1;
+        }
+        println!("Agents: {}", agents.len());
+        for (state, n) in by_state {
+            println!("  {state}: {n}");
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
     if agents.is_empty() {
         println!("No agents found");
         return Ok(ExitCode::SUCCESS);
     }
-    agents.sort_by_key(|a| field(a, "name"));
-    let rows: Vec<[String; 4]> = agents
+    let columns: Vec<&str> = if args.fields.is_empty() {
+        vec!["name", "state", "job_id", "queues"]
+    } else {
+        args.fields.iter().map(String::as_str).collect()
+    };
+    let header: Vec<String> = columns.iter().map(|c| heading(c)).collect();
+    let rows: Vec<Vec<String>> = agents
         .iter()
-        .map(|a| {
-            [
-                field(a, "name"),
-                field(a, "state"),
-                field(a, "job_id"),
-                field(a, "queues"),
-            ]
-        })
+        .map(|a| columns.iter().map(|c| field(a, c)).collect())
         .collect();
-    let header = ["Name", "State", "Job", "Queues"];
-    let widths: Vec<usize> = (0..3)
+    let widths: Vec<usize> = (0..columns.len())
         .map(|i| {
             rows.iter()
                 .map(|r| r[i].len())
@@ -63,25 +124,33 @@ pub async fn list(ctx: &Ctx, as_json: bool) -> anyhow::Result<ExitCode> {
                 .unwrap_or(0)
         })
         .collect();
-    let line = |r: [&str; 4]| {
-        format!(
-            "{:<w0$}  {:<w1$}  {:<w2$}  {}",
-            r[0],
-            r[1],
-            r[2],
-            r[3],
-            w0 = widths[0],
-            w1 = widths[1],
-            w2 = widths[2]
-        )
-        .trim_end()
-        .to_string()
+    let line = |r: &[String]| {
+        r.iter()
+            .zip(&widths)
+            .map(|(v, w)| format!("{v:<w$}"))
+            .collect::<Vec<_>>()
+            .join("  ")
+            .trim_end()
+            .to_string()
     };
-    println!("{}", line(header));
+    println!("{}", line(&header));
     for r in &rows {
-        println!("{}", line([&r[0], &r[1], &r[2], &r[3]]));
+        println!("{}", line(r));
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn heading(field: &str) -> String {
+    match field {
+        "job_id" => "Job".to_string(),
+        "provision_type" => "Provision type".to_string(),
+        other => {
+            let mut c = other.chars();
+            c.next()
+                .map(|f| f.to_uppercase().collect::<String>() + c.as_str())
+                .unwrap_or_default()
+        }
+    }
 }
 
 pub async fn status(ctx: &Ctx, args: &AgentStatusArgs) -> anyhow::Result<ExitCode> {

@@ -12,7 +12,26 @@ use std::process::ExitCode;
 
 pub fn config(mut cfg: ConfigFile, args: &ConfigArgs) -> anyhow::Result<ExitCode> {
     let Some(setting) = &args.setting else {
-        for (k, v) in cfg.entries() {
+        let entries: Vec<(&str, &str)> = cfg.entries().collect();
+        if entries.is_empty() {
+            // Say where settings would come from instead of printing nothing.
+            let exists = cfg.path.exists();
+            println!(
+                "# {} {}",
+                cfg.path.display(),
+                if exists {
+                    "has no settings"
+                } else {
+                    "does not exist"
+                }
+            );
+            let (server, from) = match std::env::var("TESTFLINGER_SERVER") {
+                Ok(s) if !s.trim().is_empty() => (s, "from $TESTFLINGER_SERVER"),
+                _ => (crate::config::DEFAULT_SERVER.to_string(), "the default"),
+            };
+            println!("# server = {server} ({from}); set one with: testflinger config server=URL");
+        }
+        for (k, v) in entries {
             println!("{k} = {v}");
         }
         return Ok(ExitCode::SUCCESS);

@@ -53,7 +53,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Cancel(args) => job::cancel(&ctx, &args.job_id).await,
         Command::ListQueues(args) => queues::list(&ctx, args.json).await,
         Command::QueueStatus(args) => queues::status(&ctx, &args).await,
-        Command::ListAgents(args) => agents::list(&ctx, args.json).await,
+        Command::ListAgents(args) => agents::list(&ctx, &args).await,
         Command::AgentStatus(args) => agents::status(&ctx, &args).await,
         Command::Reserve(args) => reserve::run(&ctx, &args).await,
         Command::Jobs(args) => local::jobs(&ctx, &args).await,

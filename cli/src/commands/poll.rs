@@ -7,6 +7,7 @@
 //! instead. While the job waits, a status line shows its place in the queue and an
 //! estimate from the queue's wait-time statistics.
 
+use super::queues::AgentCounts;
 use super::{Ctx, job, sorted_json};
 use crate::args::PollArgs;
 use crate::client::seg;
@@ -251,7 +252,7 @@ impl Follower<'_> {
                     Ok(Some(Event::End)) => {
                         self.status.clear();
                         self.catch_up().await?;
-                        return Ok(ExitCode::SUCCESS);
+                        return self.outcome().await;
                     }
                     Ok(Some(Event::Other)) => {}
                     // Closed or broken: reopened from the next fragment on a later tick.
@@ -287,7 +288,7 @@ impl Follower<'_> {
                         self.poll_fragments().await?;
                         if check.done {
                             self.status.clear();
-                            return Ok(ExitCode::SUCCESS);
+                            return self.outcome().await;
                         }
                         if self.stream_supported == Some(true) {
                             sse = self.open_stream().await?;
@@ -297,7 +298,7 @@ impl Follower<'_> {
                         if self.phase.is_some() || since.elapsed() >= END_GRACE {
                             self.status.clear();
                             self.catch_up().await?;
-                            return Ok(ExitCode::SUCCESS);
+                            return self.outcome().await;
                         }
                     }
                 }
@@ -483,19 +484,33 @@ impl Follower<'_> {
             return;
         };
         let median = self.median_wait().await;
+        let agents = self.queue_agents().await;
         let queue = self.queue.as_deref().unwrap_or("?");
-        let estimate = match median {
-            Some(m) => format!(
-                "estimated start in ~{}",
-                human_duration(m * (ahead as f64 + 1.0))
-            ),
-            None => "no wait-time data for an estimate yet".to_string(),
-        };
         self.status.set(&format!(
-            "Waiting in queue '{queue}': position {} ({ahead} job{} ahead), {estimate}",
+            "Waiting in queue '{queue}': position {} ({ahead} job{} ahead), {}",
             ahead + 1,
-            if ahead == 1 { "" } else { "s" }
+            if ahead == 1 { "" } else { "s" },
+            start_estimate(ahead, agents, median)
         ));
+    }
+
+    /// How the agents serving the job's queue stand now (`None` when unknown).
+    async fn queue_agents(&mut self) -> Option<AgentCounts> {
+        let queue = self.queue.clone()?;
+        let reply = self
+            .ctx
+            .client
+            .get(&format!("/v1/queues/{}/agents", seg(&queue)))
+            .await
+            .ok()?;
+        if reply.status == StatusCode::NOT_FOUND || reply.status == StatusCode::NO_CONTENT {
+            return Some(AgentCounts::default());
+        }
+        if !reply.ok() {
+            return None;
+        }
+        let agents = reply.json().ok()?;
+        Some(AgentCounts::of(agents.as_array()?))
     }
 
     /// The queue's median wait in seconds, from `GET /v1/queues/wait_times`.
@@ -528,6 +543,18 @@ impl Follower<'_> {
         median
     }
 
+    /// How the job ended, on stderr, and the exit status that says it (see
+    /// [`JobOutcome`]): each phase's exit code as upstream prints it, what a
+    /// signal-style code means, the reason a job ended without finishing.
+    async fn outcome(&mut self) -> anyhow::Result<ExitCode> {
+        let results = job::fetch_results(self.ctx, &self.job_id).await?;
+        let outcome = JobOutcome::of(&results, self.phase);
+        for line in outcome.lines() {
+            eprintln!("{line}");
+        }
+        Ok(ExitCode::from(outcome.exit_code()))
+    }
+
     /// Ctrl-C: offer to cancel the job, then stop.
     async fn interrupted(&mut self) -> anyhow::Result<ExitCode> {
         self.status.clear();
@@ -549,6 +576,148 @@ impl Follower<'_> {
     }
 }
 
+/// The start estimate of a waiting job with `ahead` jobs before it. It promises only
+/// what the agents can keep: "starting shortly" when an idle agent is there for it;
+/// otherwise it says why it waits and gives no time (job lengths are not known ahead),
+/// only the queue's recent median wait as history.
+pub fn start_estimate(ahead: u64, agents: Option<AgentCounts>, median: Option<f64>) -> String {
+    let history = match median {
+        Some(m) => format!("recent jobs waited ~{} (median)", human_duration(m)),
+        None => "no wait-time data yet".to_string(),
+    };
+    let Some(a) = agents else {
+        return format!("agents unknown; {history}");
+    };
+    let plural = |n: usize| if n == 1 { "" } else { "s" };
+    if a.idle + a.busy == 0 {
+        return if a.unavailable == 0 {
+            "no agent serves this queue: it will wait until one registers".to_string()
+        } else {
+            format!(
+                "no agent is available to run it ({} offline or in maintenance)",
+                a.unavailable
+            )
+        };
+    }
+    if (a.idle as u64) > ahead {
+        return format!("starting shortly ({} idle agent{})", a.idle, plural(a.idle));
+    }
+    format!(
+        "no estimate: {} of {} agent{} busy; {history}",
+        a.busy,
+        a.idle + a.busy,
+        plural(a.idle + a.busy)
+    )
+}
+
+/// How a followed job ended, and the CLI's exit status for it (`poll`, `submit --poll`):
+///
+/// | exit | meaning |
+/// |---|---|
+/// | 0 | the job completed and every phase that ran exited 0 |
+/// | 1 | the CLI failed (server unreachable, bad input): one `error:` line |
+/// | 2 | bad command line (clap) |
+/// | 3 | the job was cancelled |
+/// | 4 | a phase exited non-zero (a failed test, provision or reservation, a timeout) |
+/// | 5 | the server ended the job without a result (e.g. its agent was lost too often) |
+/// | 130 | interrupted (Ctrl-C) |
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobOutcome {
+    pub state: String,
+    /// `(phase, exit code)` in phase order.
+    pub phases: Vec<(Phase, i64)>,
+    pub reason: Option<String>,
+    /// Only this phase counts (`--phase`).
+    pub only: Option<Phase>,
+}
+
+impl JobOutcome {
+    pub fn of(results: &Value, only: Option<Phase>) -> JobOutcome {
+        JobOutcome {
+            state: results
+                .get("job_state")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_string(),
+            phases: Phase::ALL
+                .iter()
+                .filter(|p| only.is_none_or(|o| o == **p))
+                .filter_map(|p| {
+                    let code = results.get(format!("{p}_status"))?.as_i64()?;
+                    Some((*p, code))
+                })
+                .collect(),
+            reason: results
+                .get("job_reason")
+                .and_then(Value::as_str)
+                .filter(|r| !r.is_empty())
+                .map(str::to_string),
+            only,
+        }
+    }
+
+    pub fn exit_code(&self) -> u8 {
+        if self.only.is_none() && self.state == "cancelled" {
+            3
+        } else if self.phases.iter().any(|(_, c)| *c != 0) {
+            4
+        } else if self.only.is_none() && self.phases.is_empty() && self.reason.is_some() {
+            5
+        } else {
+            0
+        }
+    }
+
+    /// What to print: one line per phase, an explanation of signal-style codes, the
+    /// reason, and the state when it is not a plain completion.
+    pub fn lines(&self) -> Vec<String> {
+        let mut out: Vec<String> = self
+            .phases
+            .iter()
+            .map(|(p, c)| {
+                let mut line = format!("Phase '{p}' completed with exit code: {c}");
+                if let Some(why) = explain_code(*c) {
+                    line.push_str(&format!(" ({why})"));
+                }
+                line
+            })
+            .collect();
+        if self.only.is_none() && self.state == "cancelled" {
+            out.push("Job cancelled".to_string());
+        }
+        if let Some(r) = &self.reason {
+            out.push(format!("Job ended: {r}"));
+        }
+        out
+    }
+}
+
+/// What a phase exit code means beyond "the command failed": 46 (device recovery
+/// failed) and codes of a death by signal (upstream reports -N modulo 256, so SIGTERM ->
+/// 241 and SIGKILL -> 247: the agent stopped the phase for a timeout or a cancel).
+pub fn explain_code(code: i64) -> Option<String> {
+    let signal = |n: i64| match n {
+        1 => "SIGHUP",
+        2 => "SIGINT",
+        6 => "SIGABRT",
+        9 => "SIGKILL",
+        15 => "SIGTERM",
+        _ => "a signal",
+    };
+    match code {
+        46 => Some(
+            "device recovery failed: the agent is offline until an operator brings it back".into(),
+        ),
+        100 => Some("the agent could not run the phase command".into()),
+        c @ 193..=255 => Some(format!(
+            "killed by {} ({}): a timeout, a cancel or the agent stopping it",
+            signal(256 - c),
+            256 - c
+        )),
+        _ => None,
+    }
+}
+
 /// `95` -> `1m 35s`.
 fn human_duration(secs: f64) -> String {
     let total = secs.max(0.0).round() as u64;
@@ -563,6 +732,73 @@ fn human_duration(secs: f64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn outcomes_and_exit_codes() {
+        use serde_json::json;
+        let ok = JobOutcome::of(
+            &json!({"job_state": "complete", "setup_status": 0, "test_status": 0}),
+            None,
+        );
+        assert_eq!(ok.exit_code(), 0);
+        assert_eq!(ok.lines()[1], "Phase 'test' completed with exit code: 0");
+        let failed = JobOutcome::of(&json!({"job_state": "complete", "test_status": 7}), None);
+        assert_eq!(failed.exit_code(), 4);
+        let timed_out = JobOutcome::of(&json!({"job_state": "complete", "test_status": 241}), None);
+        assert_eq!(timed_out.exit_code(), 4);
+        assert!(
+            timed_out.lines()[0].contains("SIGTERM (15)"),
+            "{:?}",
+            timed_out.lines()
+        );
+        assert!(explain_code(247).is_some_and(|e| e.contains("SIGKILL")));
+        let reserve = JobOutcome::of(&json!({"job_state": "complete", "reserve_status": 1}), None);
+        assert_eq!(reserve.exit_code(), 4);
+        let cancelled = JobOutcome::of(&json!({"job_state": "cancelled", "setup_status": 0}), None);
+        assert_eq!(cancelled.exit_code(), 3);
+        assert!(cancelled.lines().contains(&"Job cancelled".to_string()));
+        let lost = JobOutcome::of(
+            &json!({"job_state": "complete", "job_reason": "agent lost; giving up after 3 attempts"}),
+            None,
+        );
+        assert_eq!(lost.exit_code(), 5);
+        // --phase: only that phase counts.
+        let phase = JobOutcome::of(
+            &json!({"job_state": "test", "setup_status": 0, "provision_status": 2}),
+            Some(Phase::Setup),
+        );
+        assert_eq!(phase.exit_code(), 0);
+    }
+
+    #[test]
+    fn estimates_promise_only_what_agents_can_keep() {
+        let busy = AgentCounts {
+            idle: 0,
+            busy: 1,
+            unavailable: 0,
+        };
+        // The reported case: the only agent busy, position 1, past waits of 0 s.
+        let e = start_estimate(0, Some(busy), Some(0.0));
+        assert!(e.starts_with("no estimate: 1 of 1 agent busy"), "{e}");
+        assert!(!e.contains("estimated start"), "{e}");
+        let idle = AgentCounts {
+            idle: 1,
+            busy: 0,
+            unavailable: 1,
+        };
+        assert_eq!(
+            start_estimate(0, Some(idle), None),
+            "starting shortly (1 idle agent)"
+        );
+        assert!(start_estimate(1, Some(idle), None).starts_with("no estimate"));
+        let stopped = AgentCounts {
+            idle: 0,
+            busy: 0,
+            unavailable: 2,
+        };
+        assert!(start_estimate(0, Some(stopped), Some(5.0)).contains("no agent is available"));
+        assert!(start_estimate(0, Some(AgentCounts::default()), None).contains("no agent serves"));
+    }
 
     #[test]
     fn durations() {

@@ -41,12 +41,65 @@ pub async fn list(ctx: &Ctx, as_json: bool) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// How the agents of a queue and its jobs split up.
+/// The agents that serve a queue, by what they can do for a waiting job now.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct AgentCounts {
+    /// Online and not running a job (`waiting`).
+    pub idle: usize,
+    /// Running a job (a phase state).
+    pub busy: usize,
+    /// `offline`, `maintenance`, `restart`, `lost`, `unknown`: take no job.
+    pub unavailable: usize,
+}
+
+/// What an agent in `state` can do for a waiting job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Availability {
+    Idle,
+    Busy,
+    Unavailable,
+}
+
+/// An agent's availability from its record: `waiting` with no `job_id` is idle (the
+/// server records the job an agent claims; agents clear it when idle); `offline`,
+/// `maintenance`, `restart`, `lost` and `unknown` (or no state) take no job (an agent
+/// stopped cleanly records `offline`); a phase state means it runs a job.
+pub fn availability(agent: &Value) -> Availability {
+    let holds_job = agent
+        .get("job_id")
+        .and_then(Value::as_str)
+        .is_some_and(|j| !j.is_empty());
+    match agent
+        .get("state")
+        .and_then(Value::as_str)
+        .unwrap_or("unknown")
+    {
+        "waiting" if holds_job => Availability::Busy,
+        "waiting" => Availability::Idle,
+        "offline" | "maintenance" | "restart" | "lost" | "unknown" | "" => {
+            Availability::Unavailable
+        }
+        _ => Availability::Busy,
+    }
+}
+
+impl AgentCounts {
+    pub fn of(agents: &[Value]) -> AgentCounts {
+        let mut c = AgentCounts::default();
+        for a in agents {
+            match availability(a) {
+                Availability::Idle => c.idle += 1,
+                Availability::Busy => c.busy += 1,
+                Availability::Unavailable => c.unavailable += 1,
+            }
+        }
+        c
+    }
+}
+
+/// How the jobs of a queue split up.
 #[derive(Default)]
-struct Counts {
-    available: u64,
-    busy: u64,
-    offline: u64,
+struct JobCounts {
     waiting: u64,
     running: u64,
     completed: u64,
@@ -84,15 +137,15 @@ pub async fn status(ctx: &Ctx, args: &QueueStatusArgs) -> anyhow::Result<ExitCod
         bail!("{msg}");
     }
 
-    let mut c = Counts::default();
-    for agent in &agents {
-        match agent.get("state").and_then(Value::as_str).unwrap_or("") {
-            "waiting" => c.available += 1,
-            "offline" | "maintenance" | "lost" => c.offline += 1,
-            _ => c.busy += 1,
-        }
-    }
+    let a = AgentCounts::of(&agents);
+    let mut c = JobCounts::default();
+    let mut waiting_ids = Vec::new();
     for job in &jobs {
+        if job.get("job_state").and_then(Value::as_str) == Some("waiting")
+            && let Some(id) = job.get("job_id").and_then(Value::as_str)
+        {
+            waiting_ids.push(id.to_string());
+        }
         match job.get("job_state").and_then(Value::as_str).unwrap_or("") {
             "waiting" => c.waiting += 1,
             "complete" | "completed" => c.completed += 1,
@@ -106,10 +159,11 @@ pub async fn status(ctx: &Ctx, args: &QueueStatusArgs) -> anyhow::Result<ExitCod
             "queue": q,
             "agents": {
                 "total": agents.len(),
-                "available": c.available,
-                "busy": c.busy,
-                "offline": c.offline,
+                "available": a.idle,
+                "busy": a.busy,
+                "offline": a.unavailable,
             },
+            "jobs_waiting": waiting_ids,
             "jobs": {
                 "waiting": c.waiting,
                 "running": c.running,
@@ -122,13 +176,36 @@ pub async fn status(ctx: &Ctx, args: &QueueStatusArgs) -> anyhow::Result<ExitCod
     }
     println!("Queue: {q}");
     println!("Agents in queue: {}", agents.len());
-    println!("  Available: {}", c.available);
-    println!("  Busy:      {}", c.busy);
-    println!("  Offline:   {}", c.offline);
+    println!("  Available: {}", a.idle);
+    println!("  Busy:      {}", a.busy);
+    println!("  Offline:   {}", a.unavailable);
     println!("Jobs in queue:");
     println!("  Waiting:   {}", c.waiting);
     println!("  Running:   {}", c.running);
     println!("  Completed: {}", c.completed);
     println!("  Cancelled: {}", c.cancelled);
+    if args.verbose {
+        println!("Agents:");
+        for agent in &agents {
+            println!(
+                "  {}  {}{}",
+                agent.get("name").and_then(Value::as_str).unwrap_or("?"),
+                agent
+                    .get("state")
+                    .and_then(Value::as_str)
+                    .unwrap_or("unknown"),
+                agent
+                    .get("job_id")
+                    .and_then(Value::as_str)
+                    .filter(|j| !j.is_empty())
+                    .map(|j| format!("  job {j}"))
+                    .unwrap_or_default()
+            );
+        }
+        println!("Waiting jobs (in order):");
+        for id in &waiting_ids {
+            println!("  {id}");
+        }
+    }
     Ok(ExitCode::SUCCESS)
 }

@@ -155,10 +155,12 @@ async fn check_agents(
         .and_then(Value::as_array)
         .map(|a| a.iter().filter_map(Value::as_str).collect())
         .unwrap_or_default();
+    // Busy agents count (the job waits for them); offline, maintenance, lost or
+    // stopped ones do not.
     let available = agents.iter().any(|a| {
-        let state = a.get("state").and_then(Value::as_str).unwrap_or("");
         let name = a.get("name").and_then(Value::as_str).unwrap_or("");
-        state != "offline" && !excluded.contains(&name)
+        super::queues::availability(a) != super::queues::Availability::Unavailable
+            && !excluded.contains(&name)
     });
     if !available {
         if wait_for_agents {

@@ -84,7 +84,51 @@ fn cancel_stops_a_running_job_and_poll_ends() {
     poll.wait_line(std::time::Duration::from_secs(30), |l| l == "started");
     env.run(&["cancel", &id]).assert_ok();
     let (status, lines, stderr) = poll.finish(std::time::Duration::from_secs(30));
-    assert_eq!(status.code(), Some(0), "{stderr}");
+    assert_eq!(status.code(), Some(3), "cancelled: {stderr}");
     assert!(!lines.iter().any(|l| l == "not reached"), "{lines:?}");
     assert_eq!(env.run(&["status", &id]).stdout, "cancelled\n");
+}
+
+/// Issue 14.5: `submit --poll` and `poll` exit non-zero when the job did not succeed,
+/// print each phase's exit code as upstream does, and explain signal-style codes.
+#[test]
+fn poll_exit_status_says_how_the_job_ended() {
+    let env = TestEnv::start();
+    let q = env.queue("exitcodes");
+    env.spawn_agent(&q, "echo failing on purpose; exit 7");
+    env.write_work_file(
+        "job.yaml",
+        &format!("job_queue: {q}\ntest_data:\n  test_cmds: echo unused\n"),
+    );
+    let out = env.run(&["submit", "--poll", "job.yaml"]);
+    assert_eq!(out.code(), Some(4), "{out:#?}");
+    assert!(
+        out.stderr
+            .contains("Phase 'test' completed with exit code: 7"),
+        "{out:#?}"
+    );
+    assert!(out.stdout.contains("failing on purpose"), "{out:#?}");
+    let id = out
+        .stdout
+        .lines()
+        .next()
+        .and_then(|l| l.strip_prefix("job_id: "))
+        .unwrap_or_else(|| panic!("{out:#?}"))
+        .to_string();
+    // `poll` of the finished job says the same.
+    let again = env.run(&["poll", &id]);
+    assert_eq!(again.code(), Some(4), "{again:#?}");
+
+    // A cancelled job: exit 3.
+    let idle = env.queue("exitcodes-idle");
+    let (status, body) = env.post_json("/v1/job", &serde_json::json!({"job_queue": idle}));
+    assert_eq!(status, 200, "{body}");
+    let cancelled = serde_json::from_str::<Value>(&body).expect("json")["job_id"]
+        .as_str()
+        .expect("job_id")
+        .to_string();
+    env.run(&["cancel", &cancelled]).assert_ok();
+    let out = env.run(&["poll", &cancelled]);
+    assert_eq!(out.code(), Some(3), "{out:#?}");
+    assert!(out.stderr.contains("Job cancelled"), "{out:#?}");
 }

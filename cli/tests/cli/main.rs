@@ -9,8 +9,10 @@
 
 mod agent;
 mod auth;
+mod docs_reference;
 mod helpers;
 mod jobs;
+mod parity;
 mod poll;
 mod queues;
 mod submit;

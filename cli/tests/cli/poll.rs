@@ -20,6 +20,8 @@ fn poll_shows_queue_position_with_estimate_and_stops_on_cancel() {
         env.legacy_take(&agent, &q).map(|j| j["job_id"].clone()),
         Some(json!(first))
     );
+    // The agent runs that job, as an upstream agent reports it.
+    env.register_agent(&agent, &[&q], "test");
     let ahead = env.submit(&format!("job_queue: {q}\n"));
     let mine = env.submit(&format!("job_queue: {q}\n"));
 
@@ -29,31 +31,59 @@ fn poll_shows_queue_position_with_estimate_and_stops_on_cancel() {
         line.contains(&format!("Waiting in queue '{q}': position 2 (1 job ahead)")),
         "{line}"
     );
-    assert!(line.contains("estimated start in ~"), "{line}");
+    // The only agent is busy: no promise of a start time, the history only.
+    assert!(line.contains("no estimate: 1 of 1 agent busy"), "{line}");
+    assert!(line.contains("recent jobs waited ~"), "{line}");
 
     env.run(&["cancel", &ahead]).assert_ok();
-    let line = poll.wait_line(WAIT, |l| l.contains("position"));
-    assert!(line.contains("position 1 (0 jobs ahead)"), "{line}");
+    // Issue 14.4's case: next in line, the only agent busy.
+    let line = poll.wait_line(WAIT, |l| l.contains("position 1"));
+    assert!(
+        line.contains("position 1 (0 jobs ahead), no estimate"),
+        "{line}"
+    );
+    assert!(!line.contains("estimated start"), "{line}");
+
+    // The agent finishes its job and is idle: the next job starts shortly.
+    let (status, body) = env.post_json(
+        &format!("/v1/agents/data/{agent}"),
+        &json!({"state": "waiting", "job_id": ""}),
+    );
+    assert_eq!(status, 200, "{body}");
+    let line = poll.wait_line(WAIT, |l| l.contains("starting shortly"));
+    assert!(line.contains("(1 idle agent)"), "{line}");
 
     env.run(&["cancel", &mine]).assert_ok();
     let (status, _, stderr) = poll.finish(WAIT);
-    assert_eq!(status.code(), Some(0), "{stderr}");
+    assert_eq!(status.code(), Some(3), "cancelled: {stderr}");
 }
 
 #[test]
-fn poll_without_wait_time_data_says_so() {
+fn poll_estimates_follow_the_agents_and_say_when_there_is_no_data() {
     let env = TestEnv::start();
     let q = env.queue("noeta");
-    env.register_agent(&format!("agent-{}", short_id()), &[&q], "waiting");
+    let agent = format!("agent-{}", short_id());
+    env.register_agent(&agent, &[&q], "waiting");
     let id = env.submit(&format!("job_queue: {q}\n"));
     let mut poll = env.spawn(&["poll", &id]);
     let line = poll.wait_line(WAIT, |l| l.contains("position"));
     assert!(
-        line.contains("position 1 (0 jobs ahead), no wait-time data"),
+        line.contains("position 1 (0 jobs ahead), starting shortly (1 idle agent)"),
         "{line}"
     );
+    // The agent turns busy and there is no history: it says so instead of guessing.
+    env.register_agent(&agent, &[&q], "provision");
+    let line = poll.wait_line(WAIT, |l| l.contains("no estimate"));
+    assert!(
+        line.contains("no estimate: 1 of 1 agent busy; no wait-time data yet"),
+        "{line}"
+    );
+    // Stopped cleanly (offline): nobody can run it.
+    env.register_agent(&agent, &[&q], "offline");
+    let line = poll.wait_line(WAIT, |l| l.contains("no agent is available"));
+    assert!(line.contains("(1 offline or in maintenance)"), "{line}");
     env.run(&["cancel", &id]).assert_ok();
-    assert_eq!(poll.finish(WAIT).0.code(), Some(0));
+    assert_eq!(poll.finish(WAIT).0.code(), Some(3));
 }
 
 #[test]

@@ -39,9 +39,19 @@ fn queue_status_counts_agents_and_jobs() {
     let _b = env.submit(&format!("job_queue: {q}\n"));
     let _c = env.submit(&format!("job_queue: {q}\n"));
     env.run(&["cancel", &a]).assert_ok();
-    // One job taken by an agent: running.
-    assert!(env.legacy_take(&idle, &q).is_some());
+    let third = env.submit(&format!("job_queue: {q}\n"));
+    let out = env.run(&["queue-status", &q, "--json"]);
+    out.assert_ok();
+    let v: Value = serde_json::from_str(&out.stdout).expect("json");
+    assert_eq!(
+        v["agents"],
+        json!({"total": 3, "available": 1, "busy": 1, "offline": 1})
+    );
+    assert_eq!(v["jobs_waiting"], json!([_b, _c, third]), "{v}");
 
+    // One job taken by the idle agent: the agent is busy now (its record names the job),
+    // and the job runs.
+    assert!(env.legacy_take(&idle, &q).is_some());
     let out = env.run(&["queue-status", &q, "--json"]);
     out.assert_ok();
     let v: Value = serde_json::from_str(&out.stdout).expect("json");
@@ -49,24 +59,34 @@ fn queue_status_counts_agents_and_jobs() {
         v,
         json!({
             "queue": q,
-            "agents": {"total": 3, "available": 1, "busy": 1, "offline": 1},
-            "jobs": {"waiting": 1, "running": 1, "completed": 0, "cancelled": 1},
+            "agents": {"total": 3, "available": 0, "busy": 2, "offline": 1},
+            "jobs": {"waiting": 2, "running": 1, "completed": 0, "cancelled": 1},
+            "jobs_waiting": [_c, third],
         })
     );
 
-    let out = env.run(&["queue-status", &q]);
+    let out = env.run(&["queue-status", &q, "--verbose"]);
     out.assert_ok();
     for expected in [
         "Agents in queue: 3",
-        "Available: 1",
-        "Busy:      1",
+        "Available: 0",
+        "Busy:      2",
         "Offline:   1",
-        "Waiting:   1",
+        "Waiting:   2",
         "Running:   1",
         "Cancelled: 1",
+        "Waiting jobs (in order):",
+        &format!("  {_c}"),
+        &format!("  {third}"),
+        &format!("{idle}  waiting  job {_b}"),
     ] {
         assert!(out.stdout.contains(expected), "{expected}: {out:#?}");
     }
+    assert!(
+        out.stdout.find(_c.as_str()) < out.stdout.rfind(third.as_str()),
+        "waiting jobs in order: {out:#?}"
+    );
+    env.run(&["queue-status", "-v", &q]).assert_ok();
 
     let out = env.run(&["queue-status", &env.queue("nothing")]);
     out.assert_one_line_failure();

@@ -155,3 +155,42 @@ fn unreachable_server_is_one_line() {
     out.assert_one_line_failure();
     assert!(out.stderr.contains("cannot reach the server"), "{out:#?}");
 }
+
+/// Issue 14.3: a wrong type says the field, what was given and what is accepted, once.
+#[test]
+fn wrong_types_name_the_field_the_value_and_what_is_accepted_once() {
+    let env = TestEnv::start();
+    let q = env.queue("types");
+    env.register_agent(&format!("agent-{}", short_id()), &[&q], "waiting");
+    let cases = [
+        (
+            format!("job_queue: {q}\ntest_data:\n  test_cmds: 5\n"),
+            "test_data.test_cmds",
+            "accepted: a string or a list of strings",
+        ),
+        (
+            format!("job_queue: {q}\nglobal_timeout: \"2h\"\n"),
+            "global_timeout",
+            "accepted: a whole number (0 or more)",
+        ),
+        (
+            format!("job_queue: {q}\nreserve_data:\n  timeout: soon\n"),
+            "reserve_data.timeout",
+            "accepted: a whole number of seconds",
+        ),
+    ];
+    for (job, field, accepted) in cases {
+        env.write_work_file("job.yaml", &job);
+        let out = env.run(&["submit", "job.yaml"]);
+        out.assert_one_line_failure();
+        assert!(out.stderr.contains(field), "{out:#?}");
+        assert!(out.stderr.contains(accepted), "{out:#?}");
+        assert!(out.stderr.contains("got "), "{out:#?}");
+        assert_eq!(
+            out.stderr.matches(accepted).count(),
+            1,
+            "said more than once: {out:#?}"
+        );
+        assert!(!out.stderr.contains("untagged"), "{out:#?}");
+    }
+}

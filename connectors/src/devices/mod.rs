@@ -41,7 +41,14 @@ async fn run_stage<D: Device>(device: &D, stage: Stage, ctx: &Ctx) -> Result<i32
         Stage::RunTest => device.runtest(ctx).await,
         Stage::Allocate => device.allocate(ctx).await,
         Stage::Reserve => device.reserve(ctx).await,
-        Stage::Cleanup => device.cleanup(ctx).await,
+        Stage::Cleanup => {
+            // Keys a reservation recorded and could not remove (cut short) go first,
+            // while the device is still there; the type's own cleanup runs regardless.
+            let keys = crate::reserve::remove_recorded_keys(ctx).await;
+            let code = device.cleanup(ctx).await?;
+            keys?;
+            Ok(code)
+        }
     }
 }
 
@@ -87,4 +94,5 @@ device_types! {
     Fake => fake::Fake ["fake", "fake_connector"];
     NoProvision => noprovision::NoProvision ["noprovision"];
     Multi => multi::Multi ["multi"];
+    Qemu => qemu::Qemu ["qemu"];
 }

@@ -47,6 +47,8 @@ pub struct ApiServer {
     _data: tempfile::TempDir,
     rt: tokio::runtime::Runtime,
     client: reqwest::Client,
+    /// Fencing tokens of the jobs this test holds as their agent.
+    tokens: std::sync::Mutex<std::collections::HashMap<String, String>>,
 }
 
 impl ApiServer {
@@ -83,14 +85,18 @@ impl ApiServer {
             .enable_all()
             .build()
             .expect("runtime");
+        // No idle connection reuse: a connection the server closed after its keep-alive
+        // timeout, reused at that moment, fails with "IncompleteMessage".
         let client = reqwest::Client::builder()
             .timeout(Duration::from_secs(10))
+            .pool_max_idle_per_host(0)
             .build()
             .expect("client");
         let mut server = ApiServer {
             url: format!("http://127.0.0.1:{port}"),
             redis_prefix,
             queues: Vec::new(),
+            tokens: Default::default(),
             child,
             _data: data,
             rt,
@@ -158,6 +164,21 @@ impl ApiServer {
     /// What an agent posts when its job reaches a state, as the job's holder (a claim
     /// by a test agent, idempotent; the server takes writes from the holder only).
     pub fn post_result(&self, id: &str, result: &Value) {
+        let token = self.hold(id);
+        let (status, body) = self.call(
+            self.client
+                .post(format!("{}/v1/result/{id}", self.url))
+                .header("X-Testflinger-Token", token)
+                .json(result),
+        );
+        assert_eq!(status, 200, "POST result {id}: {body}");
+    }
+
+    /// Claims `id` as a test agent once and keeps its fencing token.
+    fn hold(&self, id: &str) -> String {
+        if let Some(t) = self.tokens.lock().expect("lock").get(id) {
+            return t.clone();
+        }
         let (status, claim) = self.call(
             self.client
                 .post(format!("{}/v1/job/{id}/claim", self.url))
@@ -166,13 +187,11 @@ impl ApiServer {
         assert_eq!(status, 200, "claim {id}: {claim}");
         assert_eq!(claim["outcome"], "granted", "claim {id}: {claim}");
         let token = claim["token"].as_str().expect("token").to_string();
-        let (status, body) = self.call(
-            self.client
-                .post(format!("{}/v1/result/{id}", self.url))
-                .header("X-Testflinger-Token", token)
-                .json(result),
-        );
-        assert_eq!(status, 200, "POST result {id}: {body}");
+        self.tokens
+            .lock()
+            .expect("lock")
+            .insert(id.to_string(), token.clone());
+        token
     }
 
     pub fn result(&self, id: &str) -> Value {

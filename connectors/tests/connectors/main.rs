@@ -4,9 +4,11 @@
 
 mod api;
 mod cli;
+mod docs_reference;
 mod multi;
 mod multi_agents;
 mod noprovision;
+mod qemu;
 mod reserve;
 mod serial;
 mod support;

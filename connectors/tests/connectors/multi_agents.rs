@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-fn agent_bin() -> PathBuf {
+pub fn agent_bin() -> PathBuf {
     let p = Path::new(BIN).with_file_name("testflinger-agent");
     assert!(
         p.exists(),
@@ -18,8 +18,8 @@ fn agent_bin() -> PathBuf {
     p
 }
 
-struct Agent {
-    child: Child,
+pub struct Agent {
+    pub child: Child,
 }
 
 impl Drop for Agent {

@@ -183,3 +183,119 @@ fn cancelling_the_job_on_the_server_ends_the_reservation() {
     assert_eq!(sshd.authorized_keys(), before);
     assert!(!sshd.can_login(&user_key));
 }
+
+/// A real agent whose device is a real sshd (`noprovision`), for issue 14.1.
+fn reserve_agent(
+    sshd: &Sshd,
+    api: &crate::api::ApiServer,
+    queue: &str,
+) -> (crate::multi_agents::Agent, std::path::PathBuf) {
+    use crate::support::BIN;
+    let home = sshd.dir.path().join("agent");
+    std::fs::create_dir_all(&home).expect("agent dir");
+    let device = home.join("device.yaml");
+    std::fs::write(
+        &device,
+        sshd.device_config(&format!(
+            "testflinger_server: {}\npoll_interval: 0.2\n",
+            api.url
+        )),
+    )
+    .expect("device config");
+    let cmd = |stage: &str| {
+        format!(
+            "{BIN} noprovision {stage} -c {} testflinger.json",
+            device.display()
+        )
+    };
+    let name = crate::api::unique("keys");
+    let config = format!(
+        "agent_id: {name}\nserver_address: {}\njob_queues: [{queue}]\npolling_interval: 0.2\n\
+         shutdown_grace: 1\n\
+         execution_basedir: {d}/run\nlogging_basedir: {d}/logs\nresults_basedir: {d}/results\n\
+         reserve_command: {r}\ncleanup_command: {c}\n",
+        api.url,
+        d = home.display(),
+        r = cmd("reserve"),
+        c = cmd("cleanup"),
+    );
+    let path = home.join("agent.yaml");
+    std::fs::write(&path, config).expect("agent config");
+    let log = home.join("agent.log");
+    (start_agent_with(&path, &log), log)
+}
+
+fn start_agent_with(config: &std::path::Path, log: &std::path::Path) -> crate::multi_agents::Agent {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .expect("log");
+    let child = std::process::Command::new(crate::multi_agents::agent_bin())
+        .arg("-c")
+        .arg(config)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(file)
+        .spawn()
+        .expect("start testflinger-agent");
+    crate::multi_agents::Agent { child }
+}
+
+/// Issue 14.1: whatever ends a reservation run by a real agent (a cancel, its timeout,
+/// the agent stopping with SIGTERM, the agent crashing and starting again), the device's
+/// `authorized_keys` is as it was.
+#[test]
+fn every_end_of_a_reservation_leaves_authorized_keys_as_it_was() {
+    let sshd = Sshd::start();
+    let mut api = crate::api::ApiServer::start();
+    let before = sshd.authorized_keys();
+    let (user_key, user_pub) = keygen(sshd.dir.path(), "user_key", "user@laptop");
+    for how in ["cancel", "timeout", "sigterm", "crash"] {
+        eprintln!("reservation ended by: {how}");
+        let queue = api.queue(&format!("keys-{how}"));
+        let (mut agent, log) = reserve_agent(&sshd, &api, &queue);
+        let timeout = if how == "timeout" { 3 } else { 3600 };
+        let id = api.submit(
+            &json!({"job_queue": queue, "reserve_data": {"ssh_keys": [user_pub], "timeout": timeout}}),
+        );
+        wait_until(
+            &format!("{how}: the key installed"),
+            Duration::from_secs(60),
+            || sshd.authorized_keys().contains(&user_pub),
+        );
+        assert!(sshd.can_login(&user_key), "{how}: the user cannot log in");
+        match how {
+            "cancel" => api.cancel(&id),
+            "timeout" => {}
+            "crash" => {
+                let _ = std::process::Command::new("kill")
+                    .args(["-KILL", &agent.child.id().to_string()])
+                    .status();
+                wait_child(&mut agent.child, Duration::from_secs(10));
+                // The user gives up on it meanwhile (so it is not reserved again).
+                api.cancel(&id);
+                // The same agent starts again (same id, same run directories).
+                let config = log.with_file_name("agent.yaml");
+                agent = start_agent_with(&config, &log);
+            }
+            _ => {
+                let _ = std::process::Command::new("kill")
+                    .args(["-TERM", &agent.child.id().to_string()])
+                    .status();
+                wait_child(&mut agent.child, Duration::from_secs(60));
+            }
+        }
+        wait_until(
+            &format!("{how}: the key removed"),
+            Duration::from_secs(60),
+            || sshd.authorized_keys() == before,
+        );
+        assert!(
+            !sshd.can_login(&user_key),
+            "{how}: the key still logs in; agent log: {}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        drop(agent);
+    }
+}

@@ -1,0 +1,423 @@
+//! The job's outbox on disk: nothing the device produced is lost while the API is away.
+//!
+//! Every write about a job (output and serial fragments, results, artifacts, the final
+//! outcome, a release) is first stored in `<results_dir>/<agent_id>/<job_id>/` as a
+//! numbered file (`000000000042.json`, an artifact's tarball next to it), then
+//! delivered in order by one task ([`deliver`]), which removes each file once the API
+//! accepted it. While the API cannot be reached the task keeps the files and keeps
+//! trying; only a 409 (lease lost) ends delivery (the spool is then dropped: the job
+//! belongs to someone else). Another refusal (4xx) drops that one entry with a warning:
+//! retrying cannot help.
+//!
+//! `meta.json` holds what a restarted agent needs to finish delivery: the job id, its
+//! fencing token and lease length ([`recover`]).
+
+use crate::client::{ApiClient, ClientError, Fragment};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use testflinger_common::LogType;
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+/// How long one delivery attempt may take before it counts as failed.
+const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest pause between two attempts while the API is away.
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
+
+/// What a restarted agent needs to deliver a job's spool.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Meta {
+    pub job_id: String,
+    pub token: testflinger_common::protocol::FenceToken,
+    pub attempt: u64,
+    /// Seconds.
+    pub lease_ttl: u64,
+}
+
+/// One write about a job, in the order the agent made them.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Entry {
+    /// `POST /v1/result/<id>/log/<type>`
+    Log {
+        log_type: LogType,
+        fragment: Fragment,
+    },
+    /// `POST /v1/result/<id>`; `last` marks the final outcome.
+    Result {
+        body: Value,
+        #[serde(default)]
+        last: bool,
+    },
+    /// `POST /v1/result/<id>/artifact` with the tarball stored as `file` in the spool.
+    Artifact { file: String },
+    /// `POST /v1/job/<id>/release`: the job goes back to its queue.
+    Release { reason: String },
+    /// `POST /v1/agents/provision_logs/<agent>` (not fenced).
+    ProvisionLog { exit_code: i32, detail: String },
+}
+
+impl Entry {
+    /// Whether this entry ends the job for this agent (final outcome or release).
+    pub fn is_terminal(&self) -> bool {
+        matches!(
+            self,
+            Entry::Result { last: true, .. } | Entry::Release { .. }
+        )
+    }
+}
+
+/// How delivery ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivered {
+    /// Every entry reached the API (or was refused for good); the spool is removed.
+    All,
+    /// 409: the lease is gone; the spool is removed, nothing more is sent.
+    LeaseLost,
+}
+
+/// A handle to write entries into a job's spool; cheap to clone. Delivery ends only
+/// after [`Spool::close`] (dropping handles does not end it).
+#[derive(Debug, Clone)]
+pub struct Spool {
+    dir: PathBuf,
+    inner: Arc<Mutex<Inner>>,
+    /// The sequence number below which every entry is delivered (or dropped).
+    delivered: Arc<watch::Sender<u64>>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    next: u64,
+    tx: Option<mpsc::UnboundedSender<u64>>,
+    terminal: bool,
+}
+
+/// The sequence numbers waiting for delivery, in order.
+pub type Pending = mpsc::UnboundedReceiver<u64>;
+
+fn entry_path(dir: &Path, seq: u64) -> PathBuf {
+    dir.join(format!("{seq:012}.json"))
+}
+
+/// Writes `bytes` to `path` atomically (a temporary file, then a rename).
+fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, path)
+}
+
+impl Spool {
+    /// The spool directory of `job_id`: `<results_dir>/<agent_id>/<job_id>`.
+    pub fn dir_for(results_dir: &Path, agent_id: &str, job_id: &str) -> PathBuf {
+        results_dir.join(agent_id).join(job_id)
+    }
+
+    /// Starts a new spool in `dir` (an old one there is removed). Fails when the
+    /// directory cannot be written.
+    pub fn create(dir: PathBuf, meta: &Meta) -> io::Result<(Spool, Pending)> {
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir)?;
+        }
+        std::fs::create_dir_all(&dir)?;
+        let meta = serde_json::to_vec_pretty(meta).map_err(io::Error::other)?;
+        write_atomic(&dir.join("meta.json"), &meta)?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        Ok((
+            Spool {
+                dir,
+                inner: Arc::new(Mutex::new(Inner {
+                    next: 0,
+                    tx: Some(tx),
+                    terminal: false,
+                })),
+                delivered: Arc::new(watch::Sender::new(0)),
+            },
+            rx,
+        ))
+    }
+
+    /// Opens a spool a previous run left: its meta, a handle to add entries, and every
+    /// stored entry queued for delivery. `None` when `dir` holds no readable meta.
+    pub fn reopen(dir: PathBuf) -> Option<(Meta, Spool, Pending)> {
+        let meta: Meta =
+            serde_json::from_slice(&std::fs::read(dir.join("meta.json")).ok()?).ok()?;
+        let mut seqs: Vec<u64> = std::fs::read_dir(&dir)
+            .ok()?
+            .flatten()
+            .filter_map(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                name.strip_suffix(".json")?.parse::<u64>().ok()
+            })
+            .collect();
+        seqs.sort_unstable();
+        let terminal = seqs.last().is_some_and(|s| {
+            std::fs::read(entry_path(&dir, *s))
+                .ok()
+                .and_then(|b| serde_json::from_slice::<Entry>(&b).ok())
+                .is_some_and(|e| e.is_terminal())
+        });
+        let (tx, rx) = mpsc::unbounded_channel();
+        for s in &seqs {
+            let _ = tx.send(*s);
+        }
+        let next = seqs.last().map_or(0, |s| s + 1);
+        let first = seqs.first().copied().unwrap_or(next);
+        Some((
+            meta,
+            Spool {
+                dir,
+                inner: Arc::new(Mutex::new(Inner {
+                    next,
+                    tx: Some(tx),
+                    terminal,
+                })),
+                delivered: Arc::new(watch::Sender::new(first)),
+            },
+            rx,
+        ))
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Whether a final outcome or a release is stored.
+    pub fn has_terminal(&self) -> bool {
+        self.inner.lock().map(|i| i.terminal).unwrap_or(false)
+    }
+
+    /// Stores `entry` and queues it for delivery; returns its sequence number. Fails
+    /// when the disk refuses it.
+    pub fn push(&self, entry: &Entry) -> io::Result<u64> {
+        self.push_with(entry, None)
+    }
+
+    /// Waits until entry `seq` was delivered (or dropped), at most `within`; whether it
+    /// was.
+    pub async fn wait_delivered(&self, seq: u64, within: Duration) -> bool {
+        let mut rx = self.delivered.subscribe();
+        matches!(
+            tokio::time::timeout(within, rx.wait_for(|d| *d > seq)).await,
+            Ok(Ok(_))
+        )
+    }
+
+    /// Stores an artifact tarball and its entry.
+    pub fn push_artifact(&self, tarball: &[u8]) -> io::Result<u64> {
+        self.push_with(
+            &Entry::Artifact {
+                file: String::new(),
+            },
+            Some(tarball),
+        )
+    }
+
+    fn push_with(&self, entry: &Entry, file: Option<&[u8]>) -> io::Result<u64> {
+        let mut inner = self
+            .inner
+            .lock()
+            .map_err(|_| io::Error::other("spool lock poisoned"))?;
+        let seq = inner.next;
+        let mut entry = entry.clone();
+        if let Some(bytes) = file {
+            let name = format!("{seq:012}.tar.gz");
+            write_atomic(&self.dir.join(&name), bytes)?;
+            entry = Entry::Artifact { file: name };
+        }
+        let bytes = serde_json::to_vec(&entry).map_err(io::Error::other)?;
+        write_atomic(&entry_path(&self.dir, seq), &bytes)?;
+        inner.next = seq + 1;
+        inner.terminal |= entry.is_terminal();
+        if let Some(tx) = &inner.tx {
+            let _ = tx.send(seq);
+        }
+        Ok(seq)
+    }
+
+    /// No more entries: delivery ends after the last one stored.
+    pub fn close(&self) {
+        if let Ok(mut i) = self.inner.lock() {
+            i.tx = None;
+        }
+    }
+}
+
+/// Removes a spool directory (after full delivery or a lost lease).
+pub fn remove(dir: &Path) {
+    if let Err(e) = std::fs::remove_dir_all(dir)
+        && e.kind() != io::ErrorKind::NotFound
+    {
+        tracing::warn!(dir = %dir.display(), error = %e, "cannot remove the spool");
+    }
+}
+
+/// Delivers the entries of `spool` in the order `pending` names them, until the writer
+/// closes the spool and everything is delivered ([`Delivered::All`], the directory is
+/// removed) or the API answers 409 ([`Delivered::LeaseLost`]: `lost` is cancelled, the
+/// directory is removed). While the API is unreachable or failing it keeps trying; the
+/// caller bounds that by dropping the task.
+pub async fn deliver(
+    client: ApiClient,
+    meta: Meta,
+    spool: Spool,
+    mut pending: Pending,
+    lost: CancellationToken,
+) -> Delivered {
+    let client = client.once(ATTEMPT_TIMEOUT);
+    let dir = spool.dir.clone();
+    while let Some(seq) = pending.recv().await {
+        let path = entry_path(&dir, seq);
+        let entry = match std::fs::read(&path)
+            .map_err(|e| e.to_string())
+            .and_then(|b| serde_json::from_slice::<Entry>(&b).map_err(|e| e.to_string()))
+        {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::error!(entry = %path.display(), error = %e, "unreadable spool entry; skipping it");
+                let _ = std::fs::remove_file(&path);
+                continue;
+            }
+        };
+        let mut pause = Duration::from_millis(100);
+        let mut failures = 0u32;
+        loop {
+            match send(&client, &meta, &dir, &entry).await {
+                Ok(()) => break,
+                Err(ClientError::LeaseLost(m)) => {
+                    tracing::warn!(job.id = %meta.job_id, message = %m, "lease lost; dropping the spool");
+                    lost.cancel();
+                    remove(&dir);
+                    return Delivered::LeaseLost;
+                }
+                Err(e @ (ClientError::Rejected { .. } | ClientError::Protocol(_))) => {
+                    tracing::warn!(job.id = %meta.job_id, error = %e, entry = %path.display(), "the API refused a spooled write; dropping it");
+                    break;
+                }
+                Err(ClientError::Unavailable(e)) => {
+                    failures += 1;
+                    if failures == 1 || failures.is_multiple_of(20) {
+                        tracing::warn!(job.id = %meta.job_id, error = %e, failures, "the API is unavailable; keeping the spool and retrying");
+                    }
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(MAX_BACKOFF);
+                }
+            }
+        }
+        if failures > 0 {
+            tracing::info!(job.id = %meta.job_id, failures, "the API answers again; delivering the spool");
+        }
+        if entry.is_terminal() {
+            // The last entry: gone at once, so that a crash now cannot leave a spool
+            // that looks unfinished (a restart would release a finished job).
+            break;
+        }
+        if let Entry::Artifact { file } = &entry {
+            let _ = std::fs::remove_file(dir.join(file));
+        }
+        let _ = std::fs::remove_file(&path);
+        spool.delivered.send_replace(seq + 1);
+    }
+    remove(&dir);
+    Delivered::All
+}
+
+async fn send(
+    client: &ApiClient,
+    meta: &Meta,
+    dir: &Path,
+    entry: &Entry,
+) -> Result<(), ClientError> {
+    match entry {
+        Entry::Log { log_type, fragment } => {
+            client
+                .post_log(&meta.job_id, meta.token, *log_type, fragment)
+                .await
+        }
+        Entry::Result { body, .. } => client.post_result(&meta.job_id, meta.token, body).await,
+        Entry::Artifact { file } => {
+            let bytes = tokio::fs::read(dir.join(file)).await.map_err(|e| {
+                ClientError::Protocol(format!("cannot read the spooled artifact {file}: {e}"))
+            })?;
+            client.post_artifact(&meta.job_id, meta.token, bytes).await
+        }
+        Entry::Release { reason } => client.release(&meta.job_id, meta.token, reason).await,
+        Entry::ProvisionLog { exit_code, detail } => {
+            client
+                .post_provision_log(&meta.job_id, *exit_code, detail)
+                .await
+        }
+    }
+}
+
+/// The spools a previous run of this agent left, oldest first by name.
+pub fn leftovers(results_dir: &Path, agent_id: &str) -> Vec<PathBuf> {
+    let mut out: Vec<PathBuf> = std::fs::read_dir(results_dir.join(agent_id))
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.path())
+                .filter(|p| p.join("meta.json").exists())
+                .collect()
+        })
+        .unwrap_or_default();
+    out.sort();
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use testflinger_common::Phase;
+
+    fn meta() -> Meta {
+        Meta {
+            job_id: "j".into(),
+            token: testflinger_common::protocol::FenceToken::from_bytes([7; 16]),
+            attempt: 1,
+            lease_ttl: 30,
+        }
+    }
+
+    fn fragment(n: u64) -> Entry {
+        Entry::Log {
+            log_type: LogType::Output,
+            fragment: Fragment {
+                fragment_number: n,
+                timestamp: "t".into(),
+                phase: Phase::Test,
+                log_data: format!("line {n}\n"),
+            },
+        }
+    }
+
+    #[test]
+    fn entries_survive_a_restart_in_order() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let dir = tmp.path().join("a").join("j");
+        let (spool, mut rx) = Spool::create(dir.clone(), &meta()).expect("create");
+        for n in 0..3 {
+            spool.push(&fragment(n)).expect("push");
+        }
+        spool.push_artifact(b"tarball").expect("artifact");
+        assert_eq!(rx.try_recv().ok(), Some(0));
+        assert!(!spool.has_terminal());
+        drop(spool);
+
+        let (m, spool, mut rx) = Spool::reopen(dir.clone()).expect("reopen");
+        assert_eq!(m, meta());
+        assert!(!spool.has_terminal());
+        let seqs: Vec<u64> = std::iter::from_fn(|| rx.try_recv().ok()).collect();
+        assert_eq!(seqs, [0, 1, 2, 3]);
+        spool
+            .push(&Entry::Release { reason: "r".into() })
+            .expect("release");
+        assert!(spool.has_terminal());
+        assert_eq!(rx.try_recv().ok(), Some(4));
+        assert!(dir.join("000000000003.tar.gz").exists());
+        assert_eq!(leftovers(tmp.path(), "a"), [dir]);
+    }
+}
