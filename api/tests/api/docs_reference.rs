@@ -14,7 +14,10 @@ fn every_server_setting_is_in_the_reference() {
     let vars: Vec<String> = fields
         .iter()
         .map(|f| match *f {
-            "amqp_uri" | "redis_url" | "data_path" => f.to_ascii_uppercase(),
+            // Read under their own (upstream's) names, without the prefix.
+            "amqp_uri" | "redis_url" | "data_path" | "jwt_signing_key" | "jwt_leeway" => {
+                f.to_ascii_uppercase()
+            }
             _ => format!("TESTFLINGER_{}", f.to_ascii_uppercase()),
         })
         .collect();
