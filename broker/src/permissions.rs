@@ -8,7 +8,7 @@
 //! queue (write) and the exchange (read), a declare against the declared name
 //! (configure). Passive declares need nothing.
 
-use crate::topology::{CONTROL_QUEUE_PREFIX, SUBMIT_EXCHANGE, control_queue};
+use crate::topology::{CONTROL_QUEUE_PREFIX, DEAD_LETTER_EXCHANGE, SUBMIT_EXCHANGE, control_queue};
 
 /// One user's permissions in a vhost.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -54,13 +54,18 @@ pub fn api() -> Permissions {
 /// One agent: it may declare and consume its own job queues and read its control queue
 /// (declared and bound by the API), and publish nothing. It cannot publish to a job
 /// queue, read another agent's control queue, or bind anything to the control exchange.
+///
+/// Declaring a job queue names its dead-letter exchange (`x-dead-letter-exchange`), for
+/// which RabbitMQ wants write on that exchange: the agent's only write permission is
+/// `testflinger.dlx` (whose one binding leads to `testflinger.dead`, which no agent may
+/// read), so an agent can put messages in the dead-letter queue and nowhere else.
 pub fn agent(agent_id: &str, job_queues: &[String]) -> Permissions {
     let mut own: Vec<String> = job_queues.to_vec();
     let control = control_queue(agent_id);
     own.push(control.clone());
     Permissions {
         configure: exactly(&own),
-        write: NOTHING.into(),
+        write: exactly(&[DEAD_LETTER_EXCHANGE.to_string()]),
         read: exactly(&own),
     }
 }
@@ -100,7 +105,7 @@ mod tests {
     fn agent_regexes_name_only_its_queues() {
         let p = agent("dev.1", &["rpi4".into(), "lab-a".into()]);
         assert_eq!(p.read, r"^(rpi4|lab-a|testflinger\.control\.dev\.1)$");
-        assert_eq!(p.write, NOTHING);
+        assert_eq!(p.write, r"^(testflinger\.dlx)$");
         assert_eq!(agent("x", &[]).read, r"^(testflinger\.control\.x)$");
     }
 

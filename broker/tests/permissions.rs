@@ -94,9 +94,11 @@ async fn each_role_gets_only_what_it_needs() {
     let api_uri = sb.user("api", &permissions::api());
     let queue_a = "lab-a".to_string();
     let queue_b = "lab-b".to_string();
+    // A queue of agent A that nobody declared before the agent consumes it.
+    let queue_a_new = "lab-a-new".to_string();
     let agent_a = sb.user(
         "agent-a",
-        &permissions::agent("agent-a", std::slice::from_ref(&queue_a)),
+        &permissions::agent("agent-a", &[queue_a.clone(), queue_a_new.clone()]),
     );
     let agent_b_perm = permissions::agent("agent-b", std::slice::from_ref(&queue_b));
     let _agent_b = sb.user("agent-b", &agent_b_perm);
@@ -125,6 +127,12 @@ async fn each_role_gets_only_what_it_needs() {
         .consume(std::slice::from_ref(&queue_a), 1, "agent-a")
         .await
         .expect("agent consumes its job queue");
+    // It declares a job queue of its own the API has not declared yet (with the
+    // dead-letter exchange its declaration names).
+    let _fresh = a
+        .consume(std::slice::from_ref(&queue_a_new), 1, "agent-a-new")
+        .await
+        .expect("agent declares and consumes its own new job queue");
     let mut control = a
         .consume_control("agent-a")
         .await

@@ -63,5 +63,7 @@ for spec in ${AGENTS:-}; do
         alts="$alts$(esc "$q")|"
     done
     own="^(${alts}$(esc "testflinger.control.$id"))\$"
-    user "agent-$id" "${AGENT_PASSWORD:?AGENT_PASSWORD is required with AGENTS}" "$own" '^$' "$own"
+    # Declaring a job queue with its dead-letter exchange needs write on testflinger.dlx.
+    user "agent-$id" "${AGENT_PASSWORD:?AGENT_PASSWORD is required with AGENTS}" "$own" \
+        "^($(esc testflinger.dlx))\$" "$own"
 done
