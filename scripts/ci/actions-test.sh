@@ -77,10 +77,31 @@ provision_command: $conn provision -c $LAB_DIR/multi/device.yaml testflinger.jso
 test_command: $conn runtest -c $LAB_DIR/multi/device.yaml testflinger.json
 cleanup_command: $conn cleanup -c $LAB_DIR/multi/device.yaml testflinger.json
 EOF
+# With the lab's authentication on, the multi agent gets its own agent client and token
+# file, as the lab's agents do (created by the lab's admin).
+token_args=()
+if [ -s "$LAB_DIR/auth.env" ]; then
+    # shellcheck disable=SC1091
+    . "$LAB_DIR/auth.env"
+    field() { python3 -c "import json,sys; print(json.load(sys.stdin)['$1'])"; }
+    admin_token=$(curl -fsS --max-time 10 -u "$LAB_ADMIN_ID:$LAB_ADMIN_SECRET" -X POST \
+        "$URL/v1/oauth2/token" | field access_token)
+    multi_id=actions-multi-$$
+    multi_secret=$(od -An -tx1 -N16 /dev/urandom | tr -d ' \n')
+    curl -fsS --max-time 10 -X PUT -H "Authorization: Bearer $admin_token" \
+        -H 'content-type: application/json' \
+        -d "{\"client_secret\": \"$multi_secret\", \"role\": \"agent\"}" \
+        "$URL/v1/client-permissions/$multi_id" >/dev/null
+    (umask 077 && printf '{"refresh_token": "%s"}\n' "$(curl -fsS --max-time 10 \
+        -u "$multi_id:$multi_secret" -X POST "$URL/v1/oauth2/token" | field refresh_token)" \
+        >"$LAB_DIR/multi/token")
+    token_args=(--token-file "$LAB_DIR/multi/token")
+fi
 vhost=$LAB_VHOST
 [ "$vhost" = / ] && vhost=%2f
 setsid env AMQP_URI="amqp://guest:guest@127.0.0.1:5672/$vhost" NO_COLOR=1 \
-    "$BIN/testflinger-agent" -c "$LAB_DIR/multi/agent.yaml" </dev/null >"$LAB_DIR/multi/agent.log" 2>&1 &
+    "$BIN/testflinger-agent" -c "$LAB_DIR/multi/agent.yaml" "${token_args[@]}" \
+    </dev/null >"$LAB_DIR/multi/agent.log" 2>&1 &
 multi_pid=$!
 for _ in $(seq 1 60); do
     curl -fsS "$URL/v1/queues/$MULTI_QUEUE/agents" 2>/dev/null | grep -q actions-multi && break
