@@ -174,8 +174,21 @@ impl Broker {
         }
         let ch = result?;
         if !inner.shared_declared.load(Ordering::Acquire) {
-            topology::declare_shared(&ch).await?;
-            inner.shared_declared.store(true, Ordering::Release);
+            match topology::declare_shared(&ch).await {
+                Ok(()) => inner.shared_declared.store(true, Ordering::Release),
+                Err(e) => {
+                    // A shared queue whose cluster node is down must not stop job
+                    // traffic: say so, try again with the next channel, and give the
+                    // caller a fresh channel (the broker closed this one).
+                    tracing::warn!(error = %e, "shared topology not declared; retrying later");
+                    let _ = ch.close(200, "declare failed".into()).await;
+                    let conn = tokio::time::timeout(inner.cfg.connect_timeout, inner.pool.get())
+                        .await
+                        .map_err(|_| BrokerError::Unavailable("no connection in time".into()))?
+                        .map_err(|e| BrokerError::Unavailable(e.to_string()))?;
+                    return Ok(conn.create_channel().await?);
+                }
+            }
         }
         Ok(ch)
     }
