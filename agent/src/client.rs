@@ -33,6 +33,11 @@ pub enum ClientError {
     /// The API could not be reached or kept failing (5xx) after the retries. Retry later.
     #[error("the API is unavailable: {0}")]
     Unavailable(String),
+    /// The API answered 503 last: it is up but its state store (Redis) is not. No lease
+    /// can be taken from its holder meanwhile (the reaper needs Redis too, and grants a
+    /// lease of grace when Redis returns). Retry later.
+    #[error("the API's state store is unavailable: {0}")]
+    StoreDown(String),
     /// The API answered something we cannot read.
     #[error("unexpected answer from the API: {0}")]
     Protocol(String),
@@ -208,6 +213,7 @@ impl ApiClient {
     async fn send(&self, build: impl Fn() -> RequestBuilder) -> Result<Response, ClientError> {
         let mut delay = Duration::from_millis(200);
         let mut last = String::new();
+        let mut last_503 = false;
         for attempt in 0..self.attempts {
             if attempt > 0 {
                 tokio::time::sleep(delay).await;
@@ -250,6 +256,7 @@ impl ApiClient {
             }
             match res {
                 Ok(r) if r.status().is_server_error() => {
+                    last_503 = r.status() == StatusCode::SERVICE_UNAVAILABLE;
                     last = format!("{} {}", r.status(), message_of(r).await);
                 }
                 Ok(r) if r.status() == StatusCode::CONFLICT => {
@@ -257,9 +264,15 @@ impl ApiClient {
                 }
                 Ok(r) => return Ok(r),
                 Err(e) if e.is_builder() => return Err(ClientError::Protocol(e.to_string())),
-                Err(e) => last = e.to_string(),
+                Err(e) => {
+                    last_503 = false;
+                    last = e.to_string();
+                }
             }
             tracing::debug!(attempt, error = %last, "API call failed; retrying");
+        }
+        if last_503 {
+            return Err(ClientError::StoreDown(last));
         }
         Err(ClientError::Unavailable(last))
     }

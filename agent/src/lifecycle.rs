@@ -844,6 +844,14 @@ async fn heartbeat_loop(
                 signals.lost.cancel();
                 return;
             }
+            Err(ClientError::StoreDown(m)) => {
+                // The API is there and says Redis is not: nobody can reap this lease
+                // meanwhile, and the reaper grants a lease of grace once Redis is back,
+                // so the job goes on (a healthy job is not re-run for a Redis outage).
+                tracing::warn!(job.id = %job_id, message = %m, "heartbeat: the API's state store is down; keeping the job");
+                lease_tx.send_replace(sent + lease - lease_margin(lease));
+                next = Instant::now() + (lease / 10).max(Duration::from_millis(200));
+            }
             Err(e) => {
                 tracing::warn!(job.id = %job_id, error = %e, "heartbeat failed");
                 next = Instant::now() + (lease / 10).max(Duration::from_millis(200));

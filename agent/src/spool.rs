@@ -298,7 +298,7 @@ pub async fn deliver(
                     tracing::warn!(job.id = %meta.job_id, error = %e, entry = %path.display(), "the API refused a spooled write; dropping it");
                     break;
                 }
-                Err(ClientError::Unavailable(e)) => {
+                Err(ClientError::Unavailable(e) | ClientError::StoreDown(e)) => {
                     failures += 1;
                     if failures == 1 || failures.is_multiple_of(20) {
                         tracing::warn!(job.id = %meta.job_id, error = %e, failures, "the API is unavailable; keeping the spool and retrying");

@@ -183,7 +183,18 @@ impl Broker {
                     inner.shared_declared.store(true, Ordering::Release);
                     return Box::pin(self.open_channel()).await;
                 }
-                Err(e) => return Err(e),
+                Err(e) => {
+                    // A shared queue whose cluster node is down must not stop job
+                    // traffic: say so, try again with the next channel, and give the
+                    // caller a fresh channel (the broker closed this one).
+                    tracing::warn!(error = %e, "shared topology not declared; retrying later");
+                    let _ = ch.close(200, "declare failed".into()).await;
+                    let conn = tokio::time::timeout(inner.cfg.connect_timeout, inner.pool.get())
+                        .await
+                        .map_err(|_| BrokerError::Unavailable("no connection in time".into()))?
+                        .map_err(|e| BrokerError::Unavailable(e.to_string()))?;
+                    return Ok(conn.create_channel().await?);
+                }
             }
         }
         Ok(ch)

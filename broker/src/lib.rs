@@ -44,11 +44,14 @@ pub enum BrokerError {
 impl From<lapin::Error> for BrokerError {
     fn from(e: lapin::Error) -> Self {
         use lapin::ErrorKind;
+        let text = e.to_string();
         match e.kind() {
             ErrorKind::IOError(_)
             | ErrorKind::InvalidConnectionState(_)
-            | ErrorKind::InvalidChannelState(..) => BrokerError::Unavailable(e.to_string()),
-            _ => BrokerError::Protocol(e.to_string()),
+            | ErrorKind::InvalidChannelState(..) => BrokerError::Unavailable(text),
+            // A cluster node that holds the queue is down: "not now", not a bug.
+            _ if text.contains("is down or inaccessible") => BrokerError::Unavailable(text),
+            _ => BrokerError::Protocol(text),
         }
     }
 }
