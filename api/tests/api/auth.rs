@@ -193,6 +193,36 @@ async fn agent_routes_answer_401_anonymous_and_403_to_contributors() {
             a.status()
         );
     }
+    // Upstream agents' events relay: agents only. (As an agent, the post is judged on
+    // its content: this job has no webhook, so the role check passed when the answer
+    // is about the webhook.)
+    let events = format!("/v1/job/{id}/events");
+    let body = json!({"job_status_webhook": "http://127.0.0.1:9/hook", "events": []});
+    let anon = call(&app, Method::POST, &events, None, Some(body.clone())).await;
+    assert_eq!(anon.status(), 401, "events anonymous");
+    let c = call(
+        &app,
+        Method::POST,
+        &events,
+        Some(&contributor),
+        Some(body.clone()),
+    )
+    .await;
+    assert_eq!(c.status(), 403, "events as contributor");
+    let v: Value = c.json().await.expect("json body");
+    assert!(
+        v["message"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("Specified action requires role")),
+        "{v}"
+    );
+    let a = call(&app, Method::POST, &events, Some(&agent), Some(body)).await;
+    assert_ne!(a.status(), 401, "events as agent");
+    let text = a.text().await.unwrap_or_default();
+    assert!(
+        text.contains("job_status_webhook") && !text.contains("Specified action requires role"),
+        "events as agent: {text}"
+    );
     // A token that does not verify is a 403, as upstream.
     let bad = call(
         &app,
@@ -610,6 +640,45 @@ async fn only_the_owner_a_manager_or_an_admin_cancels_an_owned_job() {
         .await
         .status(),
         200
+    );
+    // The web UI's cancel form decides as the API's cancel does.
+    let id = job_id(submit_as(&app, Some(&alice), json!({"job_queue": q})).await).await;
+    let form = format!("/jobs/{id}/cancel");
+    assert_eq!(
+        call(&app, Method::POST, &form, None, None).await.status(),
+        401,
+        "UI cancel anonymous"
+    );
+    assert_eq!(
+        call(&app, Method::POST, &form, Some(&bob), None)
+            .await
+            .status(),
+        403,
+        "UI cancel as another contributor"
+    );
+    assert_eq!(
+        app.get(&format!("/v1/result/{id}"))
+            .await
+            .json::<Value>()
+            .await
+            .expect("json")["job_state"],
+        "waiting"
+    );
+    // 303 to the job page (the test client follows it).
+    let r = call(&app, Method::POST, &form, Some(&alice), None).await;
+    assert_eq!(r.status(), 200, "UI cancel as the owner");
+    assert_eq!(
+        r.url().path(),
+        format!("/jobs/{id}"),
+        "redirected to the job page"
+    );
+    assert_eq!(
+        app.get(&format!("/v1/result/{id}"))
+            .await
+            .json::<Value>()
+            .await
+            .expect("json")["job_state"],
+        "cancelled"
     );
     let id = job_id(submit_as(&app, Some(&alice), json!({"job_queue": q})).await).await;
     let path = format!("/v1/job/{id}/action");
