@@ -157,6 +157,14 @@ else
 fi
 
 # ------------------------------------------------------------------------------ down
+# Every agent consumes its queue from the start under its own broker user (a refused
+# declaration would leave it retrying until the API happened to declare the queue).
+if grep -l "cannot consume the job queues" "$LAB_DIR"/logs/agent-*.log >/dev/null 2>&1; then
+    not_ok "an agent could not consume its job queue: $(grep -h -m1 "cannot consume the job queues" "$LAB_DIR"/logs/agent-*.log | head -n1)"
+else
+    ok "every agent consumed its job queue without a refusal"
+fi
+
 scripts/lab down --purge
 ok "scripts/lab down"
 
