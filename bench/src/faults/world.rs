@@ -803,14 +803,14 @@ impl Prober {
         &self,
         path: &str,
         body: &Value,
-        token: Option<u64>,
+        token: Option<&str>,
         within: Duration,
     ) -> Option<(u16, Value)> {
         let end = Instant::now() + within;
         loop {
             let mut req = self.http.post(format!("{}{path}", self.api)).json(body);
             if let Some(t) = token {
-                req = req.header(TOKEN_HEADER, t.to_string());
+                req = req.header(TOKEN_HEADER, t);
             }
             if let Ok(r) = req.send().await {
                 let st = r.status().as_u16();
@@ -847,7 +847,8 @@ impl Prober {
             .ok_or_else(|| anyhow!("probe: submit answered {st}: {v}"))?
             .to_string();
         let claim = |agent: &str| json!({"agent_id": format!("{}-{agent}", self.prefix)});
-        let token = |v: &Value| v.get("token").and_then(Value::as_u64);
+        // Fencing tokens are 32 hex digits (a string) on the wire.
+        let token = |v: &Value| v.get("token").and_then(Value::as_str).map(str::to_string);
         let (_, c1) = self
             .post_retry(
                 &format!("/v1/job/{id}/claim"),
@@ -875,7 +876,7 @@ impl Prober {
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        self.stale_writes(r, &id, t1, within).await;
+        self.stale_writes(r, &id, &t1, within).await;
         let (_, c2) = self
             .post_retry(&format!("/v1/job/{id}/claim"), &claim("heir"), None, within)
             .await
@@ -883,20 +884,20 @@ impl Prober {
         let Some(t2) = token(&c2) else {
             bail!("probe: the second claim was not granted: {c2}");
         };
-        self.stale_writes(r, &id, t1, within).await;
+        self.stale_writes(r, &id, &t1, within).await;
         // The heir ends it properly.
         let _ = self
             .post_retry(
                 &format!("/v1/result/{id}"),
                 &json!({"job_state": "complete"}),
-                Some(t2),
+                Some(&t2),
                 within,
             )
             .await;
         Ok(())
     }
 
-    async fn stale_writes(&self, r: &mut ProbeResult, id: &str, t: u64, within: Duration) {
+    async fn stale_writes(&self, r: &mut ProbeResult, id: &str, t: &str, within: Duration) {
         let agent = format!("{}-zombie", self.prefix);
         let ts = chrono::Utc::now().to_rfc3339();
         let writes = [
