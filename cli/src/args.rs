@@ -26,12 +26,12 @@ pub struct Cli {
 
     /// Client id for authentication (default: config `client_id`, then
     /// $TESTFLINGER_CLIENT_ID, then the stored login).
-    #[arg(long, global = true)]
+    #[arg(long, global = true, alias = "client_id")]
     pub client_id: Option<String>,
 
     /// Secret key of the client id (default: config `secret_key`, then
     /// $TESTFLINGER_SECRET_KEY).
-    #[arg(long, global = true)]
+    #[arg(long, global = true, alias = "secret_key")]
     pub secret_key: Option<String>,
 
     #[command(subcommand)]
