@@ -11,6 +11,7 @@
 //! ever submitted to), and `at_<state>` fields of `job:<id>` (when each state began, ms).
 
 mod auth;
+pub mod views;
 pub use auth::{ClientRecord, ClientUpdate};
 
 use crate::error::{ApiError, ApiResult};

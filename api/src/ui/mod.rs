@@ -9,12 +9,12 @@
 //! [`viewer::Viewer`], the one point that decides what a viewer may see. Reads are
 //! bounded pages of sorted-set indexes ([`data`]).
 
-pub mod data;
 pub mod viewer;
 mod views;
 
 use crate::error::ApiError;
 use crate::state::AppState;
+use crate::store::views as data;
 use actix_web::http::StatusCode;
 use actix_web::http::header;
 use actix_web::{HttpRequest, HttpResponse, ResponseError, web};
@@ -205,13 +205,13 @@ fn parse_job_id(raw: &str) -> Result<String, UiError> {
 
 async fn overview(app: web::Data<AppState>, req: HttpRequest) -> Page {
     let viewer = Viewer::from_request(&req, &app);
-    let agents: Vec<_> = data::agents(&app)
+    let agents: Vec<_> = data::agents(&app.store)
         .await?
         .into_iter()
         .filter(|a| viewer.may_see_agent(&a.name))
         .collect();
-    let running = data::running_jobs(&app, &agents).await?;
-    let mut queues: Vec<_> = data::queues(&app, &agents, &running)
+    let running = data::running_jobs(&app.store, &agents).await?;
+    let mut queues: Vec<_> = data::queues(&app.store, &agents, &running)
         .await?
         .into_iter()
         .filter(|q| viewer.may_see_queue(&q.name))
@@ -230,7 +230,7 @@ async fn overview(app: web::Data<AppState>, req: HttpRequest) -> Page {
     let recent = visible_jobs(
         &viewer,
         data::job_page(
-            &app,
+            &app.store,
             &JobFilter {
                 queue: None,
                 tags: Vec::new(),
@@ -315,7 +315,7 @@ async fn agents(app: web::Data<AppState>, req: HttpRequest) -> Page {
             )));
         }
     };
-    let all: Vec<_> = data::agents(&app)
+    let all: Vec<_> = data::agents(&app.store)
         .await?
         .into_iter()
         .filter(|a| viewer.may_see_agent(&a.name))
@@ -382,13 +382,13 @@ async fn agent(app: web::Data<AppState>, req: HttpRequest, name: web::Path<Strin
     if !viewer.may_see_agent(&name) {
         return Err(unknown());
     }
-    let d = data::agent_detail(&app, &name, 20)
+    let d = data::agent_detail(&app.store, &name, 20)
         .await?
         .ok_or_else(unknown)?;
     let current = if d.agent.job_id.is_empty() {
         None
     } else {
-        data::job_rows(&app, std::slice::from_ref(&d.agent.job_id))
+        data::job_rows(&app.store, std::slice::from_ref(&d.agent.job_id))
             .await?
             .into_iter()
             .find(|r| !r.is_terminal() && viewer.may_see_queue(&r.queue))
@@ -464,7 +464,7 @@ async fn jobs(app: web::Data<AppState>, req: HttpRequest) -> Page {
         tags: tags.clone(),
         states: states.clone(),
     };
-    let page = data::job_page(&app, &filter, from, limit).await?;
+    let page = data::job_page(&app.store, &filter, from, limit).await?;
     let filters = JobFilters {
         state: states.join(","),
         queue: queue.unwrap_or_default(),
@@ -499,7 +499,9 @@ async fn job(app: web::Data<AppState>, req: HttpRequest, id: web::Path<String>) 
     let viewer = Viewer::from_request(&req, &app);
     let id = parse_job_id(&id)?;
     let unknown = || UiError::NotFound(format!("No job with id {id}."));
-    let d = data::job_detail(&app, &id).await?.ok_or_else(unknown)?;
+    let d = data::job_detail(&app.store, &id)
+        .await?
+        .ok_or_else(unknown)?;
     if !viewer.may_see_queue(&d.row.queue) {
         return Err(unknown());
     }
@@ -507,7 +509,7 @@ async fn job(app: web::Data<AppState>, req: HttpRequest, id: web::Path<String>) 
     let (position, eta) = if d.row.state == "waiting" {
         let pos = app.store.position(&id).await?;
         let stats = data::queue_rows(
-            &app,
+            &app.store,
             vec![d.row.queue.clone()],
             &Default::default(),
             &[],
@@ -542,7 +544,7 @@ async fn job(app: web::Data<AppState>, req: HttpRequest, id: web::Path<String>) 
     let mut logs = Vec::new();
     for (log_type, label) in [("output", "Output"), ("serial", "Serial console")] {
         let (frags, truncated) =
-            data::log_tail(&app, &id, log_type, LOG_TAIL, LOG_TAIL_BYTES).await?;
+            data::log_tail(&app.store, &id, log_type, LOG_TAIL, LOG_TAIL_BYTES).await?;
         logs.push(LogView::new(log_type, label, frags, truncated));
     }
     let can_cancel = !terminal && viewer.may_cancel(&d.row.queue, d.owner.as_deref());
@@ -622,7 +624,7 @@ fn phase_views(d: &data::JobDetail) -> Vec<PhaseView> {
 async fn job_summary(app: web::Data<AppState>, req: HttpRequest, id: web::Path<String>) -> Page {
     let viewer = Viewer::from_request(&req, &app);
     let id = parse_job_id(&id)?;
-    let rows = data::job_rows(&app, std::slice::from_ref(&id)).await?;
+    let rows = data::job_rows(&app.store, std::slice::from_ref(&id)).await?;
     let Some(r) = rows.into_iter().find(|r| viewer.may_see_queue(&r.queue)) else {
         return Ok(
             HttpResponse::NotFound().json(json!({"message": format!("No job with id {id}.")}))
@@ -655,7 +657,7 @@ async fn cancel(
             "Cancel refused: the form was sent from another site.".into(),
         ));
     }
-    let rows = data::job_rows(&app, std::slice::from_ref(&id)).await?;
+    let rows = data::job_rows(&app.store, std::slice::from_ref(&id)).await?;
     let Some(r) = rows.into_iter().find(|r| viewer.may_see_queue(&r.queue)) else {
         return Err(UiError::NotFound(format!("No job with id {id}.")));
     };
@@ -689,13 +691,13 @@ fn same_origin(req: &HttpRequest) -> bool {
 
 async fn queues(app: web::Data<AppState>, req: HttpRequest) -> Page {
     let viewer = Viewer::from_request(&req, &app);
-    let agents: Vec<_> = data::agents(&app)
+    let agents: Vec<_> = data::agents(&app.store)
         .await?
         .into_iter()
         .filter(|a| viewer.may_see_agent(&a.name))
         .collect();
-    let running = data::running_jobs(&app, &agents).await?;
-    let queues: Vec<_> = data::queues(&app, &agents, &running)
+    let running = data::running_jobs(&app.store, &agents).await?;
+    let queues: Vec<_> = data::queues(&app.store, &agents, &running)
         .await?
         .into_iter()
         .filter(|q| viewer.may_see_queue(&q.name))
@@ -718,12 +720,12 @@ async fn queue(app: web::Data<AppState>, req: HttpRequest, name: web::Path<Strin
     if !viewer.may_see_queue(&name) {
         return Err(unknown());
     }
-    let agents: Vec<_> = data::agents(&app)
+    let agents: Vec<_> = data::agents(&app.store)
         .await?
         .into_iter()
         .filter(|a| viewer.may_see_agent(&a.name))
         .collect();
-    let d = data::queue_detail(&app, &name, &agents, 50, 20).await?;
+    let d = data::queue_detail(&app.store, &name, &agents, 50, 20).await?;
     if !d.known {
         return Err(unknown());
     }
@@ -732,16 +734,22 @@ async fn queue(app: web::Data<AppState>, req: HttpRequest, name: web::Path<Strin
         .filter(|a| a.queues.contains(&name))
         .cloned()
         .collect();
-    let running = data::running_jobs(&app, &serving).await?;
+    let running = data::running_jobs(&app.store, &serving).await?;
     let running: Vec<_> = running.into_iter().filter(|r| r.queue == name).collect();
     let described = [(name.clone(), d.description.clone())]
         .into_iter()
         .collect();
-    let row = data::queue_rows(&app, vec![name.clone()], &described, &serving, &running)
-        .await?
-        .into_iter()
-        .next()
-        .unwrap_or_default();
+    let row = data::queue_rows(
+        &app.store,
+        vec![name.clone()],
+        &described,
+        &serving,
+        &running,
+    )
+    .await?
+    .into_iter()
+    .next()
+    .unwrap_or_default();
     let eta = next_eta(&row);
     let median = row.wait.as_ref().map(|w| w.p50);
     html(&QueuePage {

@@ -1,7 +1,7 @@
 //! The templates (askama, `api/templates/`) and the display-ready values they show.
 
-use super::data::{AgentRow, Fragment, JobRow, Provision, QueueRow};
 use super::human_secs;
+use crate::store::views::{AgentRow, Fragment, JobRow, Provision, QueueRow};
 use askama::Template;
 
 /// What every page's frame needs.

@@ -3,8 +3,8 @@
 //! records on that page, in one pipelined round trip; no query walks every job.
 //! Agents and queues are read whole: there are as many as devices, not as jobs.
 
+use super::Store;
 use crate::error::ApiResult;
-use crate::state::AppState;
 use redis::{AsyncCommands, Script};
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -70,16 +70,16 @@ pub fn is_terminal(state: &str) -> bool {
 }
 
 /// The rows of `ids`, in that order, skipping jobs whose record is gone. One round trip.
-pub async fn job_rows(app: &AppState, ids: &[String]) -> ApiResult<Vec<JobRow>> {
+pub async fn job_rows(store: &Store, ids: &[String]) -> ApiResult<Vec<JobRow>> {
     if ids.is_empty() {
         return Ok(Vec::new());
     }
-    let k = &app.store.keys;
+    let k = &store.keys;
     let mut p = redis::pipe();
     for id in ids {
         p.cmd("HMGET").arg(k.job(id)).arg(ROW_FIELDS);
     }
-    let mut c = app.store.con();
+    let mut c = store.con();
     let rows: Vec<Vec<Option<String>>> = p.query_async(&mut c).await?;
     Ok(ids
         .iter()
@@ -102,9 +102,9 @@ pub struct JobDetail {
 }
 
 /// A job's record, or `None` when unknown.
-pub async fn job_detail(app: &AppState, id: &str) -> ApiResult<Option<JobDetail>> {
-    let mut c = app.store.con();
-    let h: HashMap<String, String> = c.hgetall(app.store.keys.job(id)).await?;
+pub async fn job_detail(store: &Store, id: &str) -> ApiResult<Option<JobDetail>> {
+    let mut c = store.con();
+    let h: HashMap<String, String> = c.hgetall(store.keys.job(id)).await?;
     if !h.contains_key("state") {
         return Ok(None);
     }
@@ -154,14 +154,14 @@ pub struct Fragment {
 /// at most `max` of them and `max_bytes` of text (at least the newest one), and whether
 /// earlier ones were left out.
 pub async fn log_tail(
-    app: &AppState,
+    store: &Store,
     id: &str,
     log_type: &str,
     max: usize,
     max_bytes: usize,
 ) -> ApiResult<(Vec<Fragment>, bool)> {
-    let key = app.store.keys.log(id, log_type);
-    let mut c = app.store.con();
+    let key = store.keys.log(id, log_type);
+    let mut c = store.con();
     let (total, members): (usize, Vec<String>) = redis::pipe()
         .zcard(&key)
         .zrevrange(&key, 0, max as isize - 1)
@@ -287,12 +287,12 @@ return {total, scanned, -1, 0, unpack(found)}
 /// A page of `limit` jobs matching `f`, newest first, starting at index position `from`.
 /// Looks at most [`SCAN_BOUND`] index entries (then `capped`, with `next` to go on).
 pub async fn job_page(
-    app: &AppState,
+    store: &Store,
     f: &JobFilter,
     from: usize,
     limit: usize,
 ) -> ApiResult<JobPage> {
-    let k = &app.store.keys;
+    let k = &store.keys;
     let mut inv = PAGE.key(match &f.queue {
         Some(q) => k.qjobs(q),
         None => k.jobs(),
@@ -304,7 +304,7 @@ pub async fn job_page(
     for s in &f.states {
         inv.arg(s);
     }
-    let mut c = app.store.con();
+    let mut c = store.con();
     let r: Vec<redis::Value> = inv.invoke_async(&mut c).await?;
     let int = |i: usize| -> i64 {
         r.get(i)
@@ -320,7 +320,7 @@ pub async fn job_page(
     // Only a state filter can end a page early without filling it.
     let capped = int(3) == 1 && !f.states.is_empty() && ids.len() < limit;
     Ok(JobPage {
-        rows: job_rows(app, &ids).await?,
+        rows: job_rows(store, &ids).await?,
         next: (next >= 0).then_some(next as usize),
         scanned: int(1) as usize,
         capped,
@@ -376,9 +376,8 @@ impl AgentRow {
 }
 
 /// Every registered agent, by name. Read-only (unlike the API's list, it does not prune).
-pub async fn agents(app: &AppState) -> ApiResult<Vec<AgentRow>> {
-    let mut out: Vec<AgentRow> = app
-        .store
+pub async fn agents(store: &Store) -> ApiResult<Vec<AgentRow>> {
+    let mut out: Vec<AgentRow> = store
         .agent_records()
         .await?
         .into_iter()
@@ -416,12 +415,12 @@ pub struct Provision {
 }
 
 pub async fn agent_detail(
-    app: &AppState,
+    store: &Store,
     name: &str,
     jobs: usize,
 ) -> ApiResult<Option<AgentDetail>> {
-    let k = &app.store.keys;
-    let mut c = app.store.con();
+    let k = &store.keys;
+    let mut c = store.con();
     let (h, log, prov, ids): (
         HashMap<String, String>,
         Vec<String>,
@@ -466,7 +465,7 @@ pub async fn agent_detail(
         agent,
         log,
         provisions,
-        jobs: job_rows(app, &ids).await?,
+        jobs: job_rows(store, &ids).await?,
     }))
 }
 
@@ -513,12 +512,12 @@ pub struct QueueRow {
 /// Every known queue: advertised, served by an agent, or submitted to. `agents` is the
 /// list from [`agents`]; `running` the rows of the jobs those agents hold.
 pub async fn queues(
-    app: &AppState,
+    store: &Store,
     agents: &[AgentRow],
     running: &[JobRow],
 ) -> ApiResult<Vec<QueueRow>> {
-    let k = &app.store.keys;
-    let mut c = app.store.con();
+    let k = &store.keys;
+    let mut c = store.con();
     let (described, submitted, sampled): (HashMap<String, String>, Vec<String>, Vec<String>) =
         redis::pipe()
             .hgetall(k.queues())
@@ -533,12 +532,12 @@ pub async fn queues(
         names.extend(a.queues.iter().cloned());
     }
     let names: Vec<String> = names.into_iter().collect();
-    queue_rows(app, names, &described, agents, running).await
+    queue_rows(store, names, &described, agents, running).await
 }
 
 /// Rows of the named queues (depth, wait samples) in one round trip.
 pub async fn queue_rows(
-    app: &AppState,
+    store: &Store,
     names: Vec<String>,
     described: &HashMap<String, String>,
     agents: &[AgentRow],
@@ -547,13 +546,13 @@ pub async fn queue_rows(
     if names.is_empty() {
         return Ok(Vec::new());
     }
-    let k = &app.store.keys;
+    let k = &store.keys;
     let mut p = redis::pipe();
     for q in &names {
         p.zcard(k.qpos(q));
         p.lrange(k.wait(q), 0, -1);
     }
-    let mut c = app.store.con();
+    let mut c = store.con();
     let raw: Vec<redis::Value> = p.query_async(&mut c).await?;
     let mut out = Vec::new();
     for (i, q) in names.into_iter().enumerate() {
@@ -580,7 +579,7 @@ pub async fn queue_rows(
 }
 
 /// The jobs the agents hold now (their `job_id`, when that job has not ended).
-pub async fn running_jobs(app: &AppState, agents: &[AgentRow]) -> ApiResult<Vec<JobRow>> {
+pub async fn running_jobs(store: &Store, agents: &[AgentRow]) -> ApiResult<Vec<JobRow>> {
     let ids: Vec<String> = agents
         .iter()
         .filter(|a| !a.job_id.is_empty())
@@ -588,7 +587,7 @@ pub async fn running_jobs(app: &AppState, agents: &[AgentRow]) -> ApiResult<Vec<
         .collect::<BTreeSet<_>>()
         .into_iter()
         .collect();
-    Ok(job_rows(app, &ids)
+    Ok(job_rows(store, &ids)
         .await?
         .into_iter()
         .filter(|r| !r.is_terminal() && r.state != "waiting")
@@ -608,14 +607,14 @@ pub struct QueueDetail {
 }
 
 pub async fn queue_detail(
-    app: &AppState,
+    store: &Store,
     name: &str,
     agents: &[AgentRow],
     waiting: usize,
     recent: usize,
 ) -> ApiResult<QueueDetail> {
-    let k = &app.store.keys;
-    let mut c = app.store.con();
+    let k = &store.keys;
+    let mut c = store.con();
     let (description, head, recent_ids, submitted): (
         Option<String>,
         Vec<String>,
@@ -633,8 +632,8 @@ pub async fn queue_detail(
         || !recent_ids.is_empty()
         || agents.iter().any(|a| a.queues.iter().any(|q| q == name));
     Ok(QueueDetail {
-        waiting: job_rows(app, &head).await?,
-        recent: job_rows(app, &recent_ids).await?,
+        waiting: job_rows(store, &head).await?,
+        recent: job_rows(store, &recent_ids).await?,
         known,
         description: description.unwrap_or_default(),
     })
