@@ -86,11 +86,7 @@ pub async fn metrics(app: web::Data<AppState>) -> ApiResult<HttpResponse> {
     let mut out = String::new();
     app.metrics.render_counters(&mut out);
     // Waiting jobs of every queue this replica saw or an agent advertises.
-    let mut c = app.store.con();
-    let advertised: Vec<String> = redis::cmd("HKEYS")
-        .arg(app.store.keys.queues())
-        .query_async(&mut c)
-        .await?;
+    let advertised: Vec<String> = app.store.advertised_queues().await?.into_keys().collect();
     let mut queues: Vec<String> = app.metrics.queues_seen();
     queues.extend(advertised);
     queues.sort();
@@ -100,11 +96,7 @@ pub async fn metrics(app: web::Data<AppState>) -> ApiResult<HttpResponse> {
         "# HELP testflinger_queue_waiting_jobs Jobs waiting in a queue.\n# TYPE testflinger_queue_waiting_jobs gauge"
     );
     if !queues.is_empty() {
-        let mut p = redis::pipe();
-        for q in &queues {
-            p.zcard(app.store.keys.qpos(q));
-        }
-        let counts: Vec<u64> = p.query_async(&mut c).await?;
+        let counts = app.store.waiting_counts(&queues).await?;
         for (q, n) in queues.iter().zip(counts) {
             let _ = writeln!(
                 out,
@@ -129,10 +121,7 @@ pub async fn metrics(app: web::Data<AppState>) -> ApiResult<HttpResponse> {
     for (s, n) in by_state {
         let _ = writeln!(out, "testflinger_agents{{state=\"{}\"}} {n}", escape(&s));
     }
-    let leases: u64 = redis::cmd("ZCARD")
-        .arg(app.store.keys.leases())
-        .query_async(&mut c)
-        .await?;
+    let leases = app.store.lease_count().await?;
     let _ = writeln!(
         out,
         "# HELP testflinger_running_leases Jobs held under a lease.\n# TYPE testflinger_running_leases gauge\ntestflinger_running_leases {leases}"

@@ -11,6 +11,7 @@
 //! ever submitted to), and `at_<state>` fields of `job:<id>` (when each state began, ms).
 
 mod auth;
+mod registry;
 pub mod views;
 pub use auth::{ClientRecord, ClientUpdate};
 

@@ -6,7 +6,6 @@ use crate::state::AppState;
 use crate::store::now_iso;
 use actix_web::http::StatusCode;
 use actix_web::{HttpResponse, web};
-use redis::AsyncCommands;
 use serde_json::{Map, Value, json};
 use std::collections::{BTreeMap, HashMap};
 
@@ -56,8 +55,7 @@ async fn post_agent(
     let name = name.into_inner();
     check_name(&name)?;
     let a: AgentIn = typed_body(&body)?;
-    let k = &app.store.keys;
-    let mut fields: Vec<(&str, String)> = vec![("name", name.clone()), ("updated_at", now_iso())];
+    let mut fields: Vec<(&str, String)> = Vec::new();
     for (key, v) in [
         ("identifier", &a.identifier),
         ("job_id", &a.job_id),
@@ -73,21 +71,10 @@ async fn post_agent(
     if let Some(q) = &a.queues {
         fields.push(("queues", json!(q).to_string()));
     }
-    let retention = app.store.retention_secs();
-    let mut p = redis::pipe();
-    p.hset_multiple(k.agent(&name), &fields).ignore();
-    p.expire(k.agent(&name), retention).ignore();
-    p.zadd(k.agents(), &name, crate::store::now_ms()).ignore();
-    if let Some(log) = &a.log
-        && !log.is_empty()
-    {
-        p.rpush(k.agent_log(&name), log).ignore();
-        p.ltrim(k.agent_log(&name), -100, -1).ignore();
-        p.expire(k.agent_log(&name), retention).ignore();
-    }
-    let mut c = app.store.con();
-    let previous: Option<String> = c.hget(k.agent(&name), "state").await?;
-    let _: () = p.query_async(&mut c).await?;
+    let previous = app
+        .store
+        .put_agent(&name, &fields, a.log.as_deref().unwrap_or_default())
+        .await?;
     // Tell the agent only when its state enters or leaves a blocking one (its own posts
     // of phase states and `waiting` after a job need no echo).
     let blocking = |s: &str| matches!(s, "offline" | "maintenance" | "restart");
@@ -166,8 +153,6 @@ fn agent_json(h: HashMap<String, String>) -> Value {
 
 /// Every known agent, oldest registration first.
 pub async fn all_agents(app: &AppState) -> ApiResult<Vec<Value>> {
-    let k = &app.store.keys;
-    let mut c = app.store.con();
     let mut out = Vec::new();
     let mut gone = Vec::new();
     for (n, h) in app.store.agent_records().await? {
@@ -177,9 +162,7 @@ pub async fn all_agents(app: &AppState) -> ApiResult<Vec<Value>> {
             out.push(agent_json(h));
         }
     }
-    if !gone.is_empty() {
-        let _: () = c.zrem(k.agents(), gone).await?;
-    }
+    app.store.forget_agents(&gone).await?;
     Ok(out)
 }
 
@@ -200,8 +183,7 @@ async fn list_agents(app: web::Data<AppState>) -> ApiResult<HttpResponse> {
 }
 
 async fn get_agent(app: web::Data<AppState>, name: web::Path<String>) -> ApiResult<HttpResponse> {
-    let mut c = app.store.con();
-    let h: HashMap<String, String> = c.hgetall(app.store.keys.agent(&name)).await?;
+    let h = app.store.agent_record(&name).await?;
     if h.is_empty() {
         return Ok(HttpResponse::NotFound().json(json!({})));
     }
@@ -224,25 +206,16 @@ async fn post_queues(
         // An agent or operator advertising a queue registers it: it may get a broker queue.
         let names: Vec<String> = m.keys().cloned().collect();
         app.store.register_queues(&names).await?;
-        let k = app.store.keys.queues();
-        let mut c = app.store.con();
         let items: Vec<(String, String)> = m.into_iter().collect();
-        let _: () = redis::pipe()
-            .hset_multiple(&k, &items)
-            .ignore()
-            .expire(&k, app.store.retention_secs())
-            .ignore()
-            .query_async(&mut c)
-            .await?;
+        app.store.advertise_queues(&items).await?;
     }
     Ok(ok_text())
 }
 
 async fn get_queues(app: web::Data<AppState>) -> ApiResult<HttpResponse> {
-    let mut c = app.store.con();
     // Advertised queues only (`advertised_queues` of agents, as upstream): a queue an
     // agent merely consumes is not listed.
-    let m: BTreeMap<String, String> = c.hgetall(app.store.keys.queues()).await?;
+    let m = app.store.advertised_queues().await?;
     Ok(HttpResponse::Ok().json(m))
 }
 
@@ -253,7 +226,7 @@ async fn post_images(
 ) -> ApiResult<HttpResponse> {
     caller.require(crate::auth::ADMIN_MANAGER_AGENT)?;
     let m: BTreeMap<String, BTreeMap<String, String>> = typed_body(&body)?;
-    let mut p = redis::pipe();
+    let mut by_queue: Vec<(String, String)> = Vec::new();
     for (q, images) in &m {
         for name in images.keys() {
             if name.is_empty() || name.contains('.') || name.starts_with('$') {
@@ -265,21 +238,14 @@ async fn post_images(
                 ));
             }
         }
-        let key = app.store.keys.images(q);
-        p.set(&key, json!(images).to_string()).ignore();
-        p.expire(&key, app.store.retention_secs()).ignore();
+        by_queue.push((q.clone(), json!(images).to_string()));
     }
-    if m.is_empty() {
-        return Ok(ok_text());
-    }
-    let mut c = app.store.con();
-    let _: () = p.query_async(&mut c).await?;
+    app.store.put_images(&by_queue).await?;
     Ok(ok_text())
 }
 
 async fn get_images(app: web::Data<AppState>, queue: web::Path<String>) -> ApiResult<HttpResponse> {
-    let mut c = app.store.con();
-    let v: Option<String> = c.get(app.store.keys.images(&queue)).await?;
+    let v = app.store.images(&queue).await?;
     let body: Value = v
         .and_then(|s| serde_json::from_str(&s).ok())
         .unwrap_or_else(|| json!({}));
@@ -303,9 +269,7 @@ async fn post_provision_log(
 ) -> ApiResult<HttpResponse> {
     caller.require(crate::auth::AGENT)?;
     let l: ProvisionLogIn = typed_body(&body)?;
-    let k = &app.store.keys;
-    let mut c = app.store.con();
-    let h: HashMap<String, String> = c.hgetall(k.agent(&name)).await?;
+    let h = app.store.agent_record(&name).await?;
     if h.is_empty() {
         return Err(ApiError::Text(
             StatusCode::NOT_FOUND,
@@ -322,22 +286,8 @@ async fn post_provision_log(
         1
     };
     let entry = json!({"job_id": l.job_id, "exit_code": l.exit_code, "detail": l.detail.unwrap_or_default(), "timestamp": now_iso()});
-    let _: () = redis::pipe()
-        .rpush(k.provision_log(&name), entry.to_string())
-        .ignore()
-        .ltrim(k.provision_log(&name), -100, -1)
-        .ignore()
-        .expire(k.provision_log(&name), app.store.retention_secs())
-        .ignore()
-        .hset_multiple(
-            k.agent(&name),
-            &[
-                ("provision_streak_type", kind.to_string()),
-                ("provision_streak_count", count.to_string()),
-            ],
-        )
-        .ignore()
-        .query_async(&mut c)
+    app.store
+        .add_provision_log(&name, &entry.to_string(), kind, count)
         .await?;
     Ok(ok_text())
 }

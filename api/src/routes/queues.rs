@@ -4,7 +4,6 @@ use crate::error::{ApiError, ApiResult};
 use crate::state::AppState;
 use actix_web::http::StatusCode;
 use actix_web::{HttpRequest, HttpResponse, web};
-use redis::AsyncCommands;
 use serde_json::{Map, Value, json};
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
@@ -53,28 +52,15 @@ async fn queue_agents(
 }
 
 async fn queue_jobs(app: web::Data<AppState>, queue: web::Path<String>) -> ApiResult<HttpResponse> {
-    let k = &app.store.keys;
-    let mut c = app.store.con();
-    let ids: Vec<String> = c.zrange(k.qjobs(&queue), 0, -1).await?;
-    if ids.is_empty() {
-        return Ok(HttpResponse::NoContent().finish());
-    }
-    let mut p = redis::pipe();
-    for id in &ids {
-        p.cmd("HMGET").arg(k.job(id)).arg("state").arg("created_at");
-    }
-    let rows: Vec<Vec<Option<String>>> = p.query_async(&mut c).await?;
-    let mut out = Vec::new();
-    let mut gone = Vec::new();
-    for (id, row) in ids.iter().zip(rows) {
-        match (row[0].clone(), row[1].clone()) {
-            (Some(state), Some(created)) => out.push(json!({"job_id": id, "created_at": created, "job_state": state, "job_queue": queue.as_str()})),
-            _ => gone.push(id.clone()),
-        }
-    }
-    if !gone.is_empty() {
-        let _: () = c.zrem(k.qjobs(&queue), gone).await?;
-    }
+    let out: Vec<Value> = app
+        .store
+        .queue_jobs(&queue)
+        .await?
+        .into_iter()
+        .map(|(id, state, created)| {
+            json!({"job_id": id, "created_at": created, "job_state": state, "job_queue": queue.as_str()})
+        })
+        .collect();
     if out.is_empty() {
         return Ok(HttpResponse::NoContent().finish());
     }
@@ -100,23 +86,12 @@ struct WaitQuery {
 
 async fn wait_times(app: web::Data<AppState>, req: HttpRequest) -> ApiResult<HttpResponse> {
     let q: WaitQuery = super::jobs::serde_html_form(&req)?;
-    let k = &app.store.keys;
-    let mut c = app.store.con();
-    let queues: Vec<String> = if q.queue.is_empty() {
-        c.smembers(k.wait_queues()).await?
-    } else {
-        q.queue
-    };
-    if queues.is_empty() {
+    let samples = app.store.wait_samples(q.queue).await?;
+    if samples.is_empty() {
         return Ok(HttpResponse::Ok().json(json!({})));
     }
-    let mut p = redis::pipe();
-    for queue in &queues {
-        p.lrange(k.wait(queue), 0, -1);
-    }
-    let samples: Vec<Vec<f64>> = p.query_async(&mut c).await?;
     let mut out = Map::new();
-    for (queue, mut s) in queues.into_iter().zip(samples) {
+    for (queue, mut s) in samples {
         if s.is_empty() {
             out.insert(queue, json!({}));
             continue;
