@@ -750,3 +750,37 @@ async fn a_requeued_job_keeps_its_place_in_line() {
     head.ack().await.expect("ack");
     app.cleanup().await;
 }
+
+/// Issue 17: one job the reaper cannot handle does not stop the pass: the other expired
+/// leases are still reaped.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_reaper_goes_on_past_a_job_it_cannot_handle() {
+    let app = TestApp::spawn_with(|s| s.lease_ttl = 3).await;
+    let q = app.queue("reapon");
+    // A broken record: the job key is not a hash (any command on it fails), and its
+    // lease expired long ago, so it comes first in every pass.
+    let broken = uuid::Uuid::new_v4().to_string();
+    {
+        let mut c = app.state.store.con();
+        let _: () = redis::cmd("SET")
+            .arg(app.state.store.keys.job(&broken))
+            .arg("not a hash")
+            .query_async(&mut c)
+            .await
+            .expect("set");
+        let _: () = redis::cmd("ZADD")
+            .arg(app.state.store.keys.leases())
+            .arg(1)
+            .arg(&broken)
+            .query_async(&mut c)
+            .await
+            .expect("zadd");
+    }
+    let id = app.submit(json!({"job_queue": q})).await;
+    assert_eq!(app.claim(&id, "gone").await["outcome"], "granted");
+    app.wait_for(15, "the healthy expired job to be requeued", || async {
+        (job_field(&app, &id, "state").await.as_deref() == Some("waiting")).then_some(())
+    })
+    .await;
+    app.cleanup().await;
+}
