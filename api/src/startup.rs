@@ -37,6 +37,16 @@ impl Application {
         )
         .await
         .with_context(|| format!("cannot reach Redis at {}", redact(&settings.redis_url)))?;
+        match store.persistence().await {
+            Some((aof, fsync)) => {
+                for w in crate::store::persistence_warnings(&aof, &fsync) {
+                    tracing::warn!("{w}");
+                }
+            }
+            None => tracing::info!(
+                "cannot read Redis' persistence settings (CONFIG GET refused); make sure it runs with appendonly yes and appendfsync always"
+            ),
+        }
         let mut bcfg = BrokerConfig::new(settings.amqp_uri.clone());
         bcfg.queue_type = settings.queue_type.parse().map_err(anyhow::Error::msg)?;
         bcfg.confirm_timeout = std::time::Duration::from_millis(settings.confirm_timeout_ms);

@@ -641,6 +641,26 @@ pub fn random_bytes<const N: usize>() -> ApiResult<[u8; N]> {
     Ok(b)
 }
 
+/// What an operator must hear about Redis' persistence (`appendonly`, `appendfsync`):
+/// the promise that an accepted job, a granted claim and every acknowledged output line
+/// survive a Redis crash holds only with `appendonly yes` and `appendfsync always`. With
+/// `everysec` Redis answers before its write reaches the file and may postpone that write
+/// by up to 2 s while an fsync is slow (redis.io "Persistence"; `flushAppendOnlyFile`),
+/// so a crash then loses acknowledged writes. Empty when the settings are durable.
+pub fn persistence_warnings(appendonly: &str, appendfsync: &str) -> Vec<String> {
+    if !appendonly.eq_ignore_ascii_case("yes") {
+        return vec![format!(
+            "Redis runs with appendonly {appendonly}: a Redis restart loses every job, claim and log; run it with --appendonly yes --appendfsync always (RELIABILITY.md)"
+        )];
+    }
+    if !appendfsync.eq_ignore_ascii_case("always") {
+        return vec![format!(
+            "Redis runs with appendfsync {appendfsync}: a Redis crash can lose the last seconds of acknowledged writes (claims, job states, output); run it with --appendfsync always (RELIABILITY.md)"
+        )];
+    }
+    Vec::new()
+}
+
 pub fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
 }
@@ -672,6 +692,24 @@ impl Store {
 
     pub fn retention(&self) -> u64 {
         self.retention
+    }
+
+    /// Redis' `appendonly` and `appendfsync` settings (`CONFIG GET`), or `None` when
+    /// `CONFIG` is refused (managed Redis services often rename or disable it).
+    pub async fn persistence(&self) -> Option<(String, String)> {
+        let mut c = self.con();
+        let mut get = async |name: &str| -> Option<String> {
+            let v: Vec<String> = redis::cmd("CONFIG")
+                .arg("GET")
+                .arg(name)
+                .query_async(&mut c)
+                .await
+                .ok()?;
+            v.get(1).cloned()
+        };
+        let aof = get("appendonly").await?;
+        let fsync = get("appendfsync").await?;
+        Some((aof, fsync))
     }
 
     pub async fn ping(&self) -> ApiResult<()> {

@@ -784,3 +784,36 @@ async fn the_reaper_goes_on_past_a_job_it_cannot_handle() {
     .await;
     app.cleanup().await;
 }
+
+/// The API reads Redis' persistence settings and names the ones that break the promise
+/// (an acknowledged write survives a Redis crash only with `appendonly yes` and
+/// `appendfsync always`).
+#[tokio::test(flavor = "multi_thread")]
+async fn the_api_warns_about_redis_persistence_that_can_lose_acknowledged_writes() {
+    use testflinger_api::store::{Store, persistence_warnings};
+    for (args, expect) in [
+        (
+            &["--appendonly", "yes", "--appendfsync", "always"][..],
+            None,
+        ),
+        (
+            &["--appendonly", "yes", "--appendfsync", "everysec"][..],
+            Some("appendfsync everysec"),
+        ),
+        (&["--appendonly", "no"][..], Some("appendonly no")),
+    ] {
+        let redis = PrivateRedis::start(args);
+        let store = Store::connect(&redis.url(), &unique("persist"), 60)
+            .await
+            .expect("connect");
+        let (aof, fsync) = store.persistence().await.expect("CONFIG GET answers");
+        let warnings = persistence_warnings(&aof, &fsync);
+        match expect {
+            None => assert!(warnings.is_empty(), "{args:?}: {warnings:?}"),
+            Some(what) => {
+                assert_eq!(warnings.len(), 1, "{args:?}: {warnings:?}");
+                assert!(warnings[0].contains(what), "{args:?}: {}", warnings[0]);
+            }
+        }
+    }
+}

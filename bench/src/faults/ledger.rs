@@ -274,10 +274,15 @@ impl Ledger {
 
 /// Lines a finished run printed that `result_text` lacks (`TFL <run> <n>`, whole lines).
 pub fn missing_lines(result_text: &str, run: &str, printed: u32) -> u32 {
+    missing_numbers(result_text, run, printed).len() as u32
+}
+
+/// The numbers of the lines [`missing_lines`] counts, ascending.
+pub fn missing_numbers(result_text: &str, run: &str, printed: u32) -> Vec<u32> {
     let have: std::collections::HashSet<&str> = result_text.lines().map(str::trim).collect();
     (1..=printed)
         .filter(|n| !have.contains(format!("TFL {run} {n}").as_str()))
-        .count() as u32
+        .collect()
 }
 
 #[cfg(test)]

@@ -325,7 +325,7 @@ impl Redis {
                 "--appendonly",
                 "yes",
                 "--appendfsync",
-                "everysec",
+                "always",
                 "--save",
                 "",
                 "--daemonize",

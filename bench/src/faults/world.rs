@@ -94,6 +94,57 @@ pub struct World<'a> {
 }
 
 impl<'a> World<'a> {
+    /// With `TESTFLINGER_FAULTS_KEEP=<dir>`, copies this run's working directory (agent
+    /// and server logs, spools, the ledger) to `<dir>/<run id>-<scenario>` for a look
+    /// at what lost output; a note says where.
+    fn keep_logs(&mut self) {
+        let Some(keep) = std::env::var_os("TESTFLINGER_FAULTS_KEEP") else {
+            return;
+        };
+        let to =
+            std::path::Path::new(&keep).join(format!("{}-{}", self.ctx.run_id, self.setup.name));
+        let ok = std::fs::create_dir_all(&to).is_ok()
+            && std::process::Command::new("cp")
+                .arg("-r")
+                .arg(self.ctx.tmp.path())
+                .arg(&to)
+                .status()
+                .is_ok_and(|s| s.success());
+        self.notes.push(if ok {
+            format!("logs kept in {}", to.display())
+        } else {
+            format!("could not keep the logs in {}", to.display())
+        });
+    }
+
+    /// Where a job's lost output lines fall: which lines, when (estimated from the run's
+    /// start, end and line count) and how far from each fault, so a loss can be traced
+    /// to the fault that caused it.
+    fn lost_lines_note(&self, l: &ledger::Ledger, job: &str, run: &str, text: &str) -> String {
+        let Some(r) = l.runs.get(run) else {
+            return format!("job {job}: lines of run {run} lost");
+        };
+        let printed = r.ended.unwrap_or(r.lines);
+        let missing = ledger::missing_numbers(text, run, printed);
+        let step = (r.last - r.start) / f64::from(printed.max(1));
+        let first = missing.first().copied().unwrap_or(1);
+        let last = missing.last().copied().unwrap_or(first);
+        let t0 = r.start + step * f64::from(first - 1);
+        let t1 = r.start + step * f64::from(last);
+        let near: Vec<String> = self
+            .faults
+            .iter()
+            .map(|f| format!("{} at {:+.1}s", f.what, f.start - t0))
+            .collect();
+        format!(
+            "job {job} run {run}: {} of {printed} lines lost ({first}..={last}, printed about {:.1}-{:.1}s after the run started; faults relative to the first: {})",
+            missing.len(),
+            t0 - r.start,
+            t1 - r.start,
+            near.join(", ")
+        )
+    }
+
     /// Starts the server(s) and agents and waits until every agent consumes the queue.
     pub async fn start(ctx: &'a Ctx, setup: Setup) -> anyhow::Result<World<'a>> {
         let tag = setup.name;
@@ -556,6 +607,7 @@ impl<'a> World<'a> {
         let mut completed = 0usize;
         let mut ended_other: BTreeMap<String, usize> = BTreeMap::new();
         let mut lines_lost = 0u64;
+        let mut lost_notes: Vec<String> = Vec::new();
         let mut without_run = 0usize;
         let results = self
             .results(&finals.keys().cloned().collect::<Vec<_>>())
@@ -583,12 +635,19 @@ impl<'a> World<'a> {
                     without_run += 1;
                     continue;
                 }
-                lines_lost += runs
+                let best = runs
                     .iter()
-                    .map(|(run, n)| ledger::missing_lines(&text, run, *n) as u64)
-                    .min()
-                    .unwrap_or(0);
+                    .map(|(run, n)| (ledger::missing_lines(&text, run, *n), run))
+                    .min_by_key(|(m, _)| *m);
+                if let Some((missing, run)) = best.filter(|(m, _)| *m > 0) {
+                    lines_lost += u64::from(missing);
+                    lost_notes.push(self.lost_lines_note(&l, id, run, &text));
+                }
             }
+        }
+        self.notes.extend(lost_notes.into_iter().take(5));
+        if lines_lost > 0 {
+            self.keep_logs();
         }
         // Agents and servers go, then whatever tests they left behind.
         let logs: Vec<(&str, String)> = [
