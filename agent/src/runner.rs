@@ -36,6 +36,11 @@ const DEFAULT_OUTPUT_TIMEOUT: u64 = 900;
 const FLUSH_EVERY: Duration = Duration::from_millis(500);
 /// How long a killed phase gets between SIGTERM and SIGKILL.
 const KILL_GRACE: Duration = Duration::from_secs(3);
+/// After a phase's command exited and its drain second ran out: output already in the
+/// pipe is still read, until it stays quiet this long ...
+const DRAIN_QUIET: Duration = Duration::from_millis(50);
+/// ... or this much was read (a background child printing forever cannot hold the job).
+const DRAIN_MAX: usize = 4 << 20;
 /// How long a stopped reserve or cleanup phase has to undo its changes on the device.
 const UNDO_GRACE: Duration = Duration::from_secs(30);
 /// Serial logs are sent in chunks of this size.
@@ -735,7 +740,23 @@ impl Run {
             }
         }
         let status = match (stop, exited) {
-            (None, Some(s)) => s,
+            (None, Some(s)) => {
+                // Gone past the drain deadline with the pipe still open (a background
+                // child holds it): what is already written is kept, even when this task
+                // was not scheduled between the deadline and the data (a loaded machine).
+                let mut taken = 0usize;
+                while !eof && taken < DRAIN_MAX {
+                    match tokio::time::timeout(DRAIN_QUIET, proc.output.read(&mut buf)).await {
+                        Ok(Ok(n)) if n > 0 => {
+                            sink.push(&buf[..n]);
+                            taken += n;
+                        }
+                        Ok(_) => eof = true,
+                        Err(_) => break,
+                    }
+                }
+                s
+            }
             (Some(why), None) => {
                 tracing::warn!(?why, "stopping the phase");
                 sink.push(why.message().as_bytes());

@@ -521,3 +521,43 @@ async fn an_excluded_agent_takes_the_next_job_instead_of_starving() {
     lab.wait_complete(&excluded, Duration::from_secs(60)).await;
     lab.wait_complete(&long, Duration::from_secs(60)).await;
 }
+
+/// Output a phase wrote is kept even when the agent is not scheduled until after its
+/// drain second ran out (a loaded machine): the phase's command exits, a background
+/// child keeps the pipe open and prints more than a pipe holds while the agent is
+/// stopped (SIGSTOP, by the phase itself) past that second. Before the fix the read loop
+/// could pick the elapsed deadline over the waiting output and drop it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn output_written_while_the_agent_was_not_scheduled_is_kept() {
+    let mut lab = TestLab::start_with("drainstall", ServerOpts::default()).await;
+    let lines = 3000;
+    let dir = lab.dir.path().display().to_string();
+    let cmd = format!(
+        "A=$PPID; echo $A > {dir}/parent.pid; \
+         ( sleep 0.3; kill -STOP $A; sleep 2.2; kill -CONT $A ) & \
+         ( sleep 0.6; i=0; while [ $i -lt {lines} ]; do i=$((i+1)); echo tail-line-$i-of-the-background-child; done; sleep 3 ) & \
+         echo main-done"
+    );
+    let a = lab.spawn_agent("dev-stall", json!({"test_command": cmd}));
+    for round in 1..=3 {
+        let id = lab.submit(json!({"test_data": {"test_cmds": "x"}})).await;
+        let r = lab.wait_complete(&id, LONG).await;
+        let parent = read_file(&lab, "parent.pid").await;
+        assert_eq!(
+            parent,
+            lab.agent(a).pid().to_string(),
+            "the phase's shell must be the agent's child for this test"
+        );
+        let out = r["test_output"].as_str().unwrap_or_default();
+        let missing: Vec<usize> = (1..=lines)
+            .filter(|i| !out.contains(&format!("tail-line-{i}-of-the-background-child\n")))
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "round {round}: {} of {lines} lines lost (first {:?})",
+            missing.len(),
+            missing.first()
+        );
+        let _ = std::fs::remove_file(lab.path("parent.pid"));
+    }
+}
