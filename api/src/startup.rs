@@ -44,10 +44,12 @@ impl Application {
         let files = FileStore::open(&settings.data_path, settings.max_upload_bytes)
             .with_context(|| format!("cannot create DATA_PATH {}", settings.data_path.display()))?;
         // Webhooks only: a redirect would let a webhook host send us anywhere, past the
-        // allow-list, so none is followed.
+        // allow-list, so none is followed; host names are resolved by a resolver that
+        // drops blocked addresses (TESTFLINGER_WEBHOOK_BLOCKED_NETS).
         let http = reqwest::Client::builder()
             .timeout(std::time::Duration::from_secs(10))
             .redirect(reqwest::redirect::Policy::none())
+            .dns_resolver(Arc::new(crate::events::WebhookResolver::new(&settings)))
             .build()
             .context("http client")?;
         let listener = match listener {
@@ -84,10 +86,18 @@ impl Application {
         };
         let data = web::Data::new(state.clone());
         let docs_dir = state.settings.docs_dir.clone();
+        let limits = web::Data::new(crate::limits::Limits::from_settings(&state.settings));
+        let ms = std::time::Duration::from_millis;
+        let keep_alive = match state.settings.keep_alive_ms {
+            0 => actix_web::http::KeepAlive::Disabled,
+            n => actix_web::http::KeepAlive::Timeout(ms(n)),
+        };
         let server = HttpServer::new(move || {
             App::new()
                 .app_data(data.clone())
+                .app_data(limits.clone())
                 .app_data(web::PayloadConfig::new(16 * 1024 * 1024))
+                .wrap(middleware::from_fn(crate::limits::guard))
                 .wrap(middleware::NormalizePath::new(
                     middleware::TrailingSlash::MergeOnly,
                 ))
@@ -98,6 +108,9 @@ impl Application {
                 .default_service(web::to(crate::routes::not_found))
         })
         .workers(workers)
+        .client_request_timeout(ms(state.settings.header_timeout_ms))
+        .client_disconnect_timeout(ms(state.settings.disconnect_timeout_ms))
+        .keep_alive(keep_alive)
         .listen(listener)?
         .run();
         // Connect and declare the topology now, so the first submission does not pay it.

@@ -11,6 +11,7 @@ mod errors;
 mod files;
 mod jobs;
 mod lease;
+mod limits;
 mod logs;
 mod openapi;
 mod ui;
