@@ -109,7 +109,8 @@ async fn bad_input_gets_clear_4xx_and_writes_nothing() {
             .status(),
         422
     );
-    // Results: unknown keys 422; unknown job accepted and ignored (upstream).
+    // Results: unknown keys 422; an unknown job 404 (upstream accepts and drops it; we
+    // say the write went nowhere).
     assert_eq!(
         app.post_json(
             &format!("/v1/result/{id}"),
@@ -135,7 +136,7 @@ async fn bad_input_gets_clear_4xx_and_writes_nothing() {
         )
         .await
         .status(),
-        200
+        404
     );
     assert_eq!(
         app.get(&format!("/v1/result/{unknown}")).await.status(),

@@ -15,6 +15,7 @@ mod limits;
 mod logs;
 mod openapi;
 mod ui;
+mod unknown_jobs;
 
 // Documentation: the settings reference and the /docs site.
 mod docs_reference;
