@@ -25,9 +25,11 @@
 //!   the server drains what it will never use. (actix-web drains an unread *chunked*
 //!   body to its end on a kept-alive connection.)
 //!
-//! Not bounded here: a client that reads a response slowly (a file download, a log
-//! stream) keeps its connection as long as it keeps reading; a client that stops
-//! reading altogether is dropped by the kernel's TCP timeouts, not by the server.
+//! Slow readers are bounded outside this module: the listening socket carries
+//! `TCP_USER_TIMEOUT` (`TESTFLINGER_SEND_TIMEOUT_MS`, see `startup`), so a client that
+//! stops reading an answer (its window stays closed) or vanishes is dropped by the
+//! kernel once data waited that long. A client that reads slowly but steadily keeps its
+//! connection.
 
 use actix_web::HttpMessage;
 use actix_web::body::{BoxBody, MessageBody};

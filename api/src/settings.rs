@@ -27,6 +27,7 @@
 //! | `TESTFLINGER_BODY_TIMEOUT_MS` | `30000` | time for a request's body, from its head; then 408 and close |
 //! | `TESTFLINGER_BODY_MIN_RATE` | `1024` | bytes per second of body that push the body deadline back one second (0: never) |
 //! | `TESTFLINGER_KEEP_ALIVE_MS` | `5000` | how long an idle kept-alive connection stays open (0: no keep-alive) |
+//! | `TESTFLINGER_SEND_TIMEOUT_MS` | `60000` | how long answer data may stay unacknowledged by a client that stopped reading before the connection is dropped (TCP_USER_TIMEOUT; 0: the kernel's default) |
 //! | `TESTFLINGER_DISCONNECT_TIMEOUT_MS` | `1000` | time a closing connection gets to end (unread body discarded meanwhile) |
 //! | `TESTFLINGER_LARGE_BODY_BYTES` | `1048576` | bodies this large or larger count against `TESTFLINGER_MAX_LARGE_BODIES` |
 //! | `TESTFLINGER_MAX_LARGE_BODIES` | `16` | large bodies read at once (all workers); one more gets 503 with `Retry-After` |
@@ -77,6 +78,7 @@ pub struct Settings {
     pub body_min_rate: u64,
     pub keep_alive_ms: u64,
     pub disconnect_timeout_ms: u64,
+    pub send_timeout_ms: u64,
     pub large_body_bytes: u64,
     pub max_large_bodies: usize,
     pub log_format: String,
@@ -134,6 +136,7 @@ const KNOWN: &[&str] = &[
     "body_min_rate",
     "keep_alive_ms",
     "disconnect_timeout_ms",
+    "send_timeout_ms",
     "large_body_bytes",
     "max_large_bodies",
     "log_format",
@@ -179,6 +182,7 @@ impl Settings {
             .set_default("body_min_rate", 1024)?
             .set_default("keep_alive_ms", 5000)?
             .set_default("disconnect_timeout_ms", 1000)?
+            .set_default("send_timeout_ms", 60_000)?
             .set_default("large_body_bytes", 1u64 << 20)?
             .set_default("max_large_bodies", 16)?
             .set_default("log_format", "text")?
@@ -289,6 +293,7 @@ impl Settings {
             body_min_rate: 1024,
             keep_alive_ms: 5000,
             disconnect_timeout_ms: 1000,
+            send_timeout_ms: 60_000,
             large_body_bytes: 1 << 20,
             max_large_bodies: 16,
             log_format: "text".into(),

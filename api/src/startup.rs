@@ -57,6 +57,16 @@ impl Application {
             None => TcpListener::bind(&settings.bind)
                 .with_context(|| format!("cannot listen on {}", settings.bind))?,
         };
+        #[cfg(any(target_os = "linux", target_os = "android"))]
+        if settings.send_timeout_ms > 0 {
+            // Inherited by every accepted connection: a client that stops reading an
+            // answer (zero window) or vanishes is dropped after this long.
+            socket2::SockRef::from(&listener)
+                .set_tcp_user_timeout(Some(std::time::Duration::from_millis(
+                    settings.send_timeout_ms,
+                )))
+                .context("cannot set TCP_USER_TIMEOUT (TESTFLINGER_SEND_TIMEOUT_MS)")?;
+        }
         let port = listener.local_addr()?.port();
         let workers = settings.workers;
         let auth = Arc::new(crate::auth::Auth::new(

@@ -214,3 +214,68 @@ async fn the_cap_on_concurrent_large_bodies_holds() {
     drop(held);
     app.cleanup().await;
 }
+
+/// A gzip tar of `n` bytes of incompressible data (stored, not compressed), so the
+/// artifact is as large on the wire as on disk.
+fn big_tarball(n: usize) -> Vec<u8> {
+    let data: Vec<u8> = (0..n as u64)
+        .map(|i| (i.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407) >> 56) as u8)
+        .collect();
+    let gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::none());
+    let mut tar = tar::Builder::new(gz);
+    let mut h = tar::Header::new_gnu();
+    h.set_size(data.len() as u64);
+    h.set_mode(0o644);
+    h.set_cksum();
+    tar.append_data(&mut h, "blob.bin", data.as_slice())
+        .expect("tar");
+    tar.into_inner().expect("tar").finish().expect("gzip")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_that_stops_reading_a_download_is_dropped_after_the_send_timeout() {
+    let app = TestApp::spawn_with(|s| s.send_timeout_ms = 1500).await;
+    let q = app.queue("slowread");
+    let id = app.submit(json!({"job_queue": q})).await;
+    let token = app.claim(&id, "slow-reader-agent").await["token"]
+        .as_str()
+        .expect("token")
+        .to_string();
+    let tarball = big_tarball(40 << 20);
+    let total = tarball.len();
+    let part = reqwest::multipart::Part::bytes(tarball).file_name("file");
+    let r = app
+        .http
+        .post(app.url(&format!("/v1/result/{id}/artifact")))
+        .header("X-Testflinger-Token", &token)
+        .multipart(reqwest::multipart::Form::new().part("file", part))
+        .send()
+        .await
+        .expect("upload");
+    assert_eq!(r.status(), 200);
+    // Ask for it and read nothing: the kernel buffers fill, the window closes.
+    let mut s = connect(&app).await;
+    s.write_all(format!("GET /v1/result/{id}/artifact HTTP/1.1\r\nhost: t\r\n\r\n").as_bytes())
+        .await
+        .expect("write");
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    // Now read: the server dropped the connection, so far less than the whole
+    // artifact arrives before the end (an error or EOF).
+    let mut got = 0usize;
+    let mut chunk = vec![0u8; 1 << 16];
+    let ended = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            match s.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => got += n,
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the download neither finished nor ended");
+    assert!(
+        got < total,
+        "the whole artifact ({got} of {total} bytes) reached a client that stopped reading for 12 s; the send timeout is 1.5 s"
+    );
+    app.cleanup().await;
+}
