@@ -37,7 +37,9 @@ pub enum ApiError {
     #[error("{0}")]
     Unconfirmed(String),
     /// A write names a job this server does not have (404).
-    #[error("Job {0} not found: this server has no such job (never submitted, or removed after TESTFLINGER_RETENTION); the write was not stored")]
+    #[error(
+        "Job {0} not found: this server has no such job (never submitted, or removed after TESTFLINGER_RETENTION); the write was not stored"
+    )]
     JobNotFound(String),
     /// Our fault: opaque to the caller, cause kept in the log (500).
     #[error(transparent)]

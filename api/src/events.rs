@@ -200,7 +200,9 @@ impl Net {
     pub fn contains(&self, ip: IpAddr) -> bool {
         match (self.addr, ip.to_canonical()) {
             (IpAddr::V4(net), IpAddr::V4(ip)) => {
-                let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix)).unwrap_or(0);
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
                 u32::from(net) & mask == u32::from(ip) & mask
             }
             (IpAddr::V6(net), IpAddr::V6(ip)) => {
@@ -219,7 +221,11 @@ impl Net {
 pub fn parse_nets(list: &str) -> Result<Vec<Net>, String> {
     let mut out = Vec::new();
     for raw in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-        let bad = || format!("'{raw}' is not an address range; expected ADDRESS/PREFIX such as 10.0.0.0/8 or fe80::/10");
+        let bad = || {
+            format!(
+                "'{raw}' is not an address range; expected ADDRESS/PREFIX such as 10.0.0.0/8 or fe80::/10"
+            )
+        };
         let (a, p) = raw.split_once('/').unwrap_or((raw, ""));
         let addr: IpAddr = a.parse().map_err(|_| bad())?;
         let max = if addr.is_ipv4() { 32 } else { 128 };
@@ -279,9 +285,8 @@ impl reqwest::dns::Resolve for WebhookResolver {
         let me = self.clone();
         let host = name.as_str().to_string();
         Box::pin(async move {
-            let all: Vec<std::net::SocketAddr> = tokio::net::lookup_host((host.as_str(), 0))
-                .await?
-                .collect();
+            let all: Vec<std::net::SocketAddr> =
+                tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
             let (kept, refused): (Vec<_>, Vec<_>) =
                 all.into_iter().partition(|a| me.address_allowed(a.ip()));
             if kept.is_empty() {
@@ -363,7 +368,8 @@ mod tests {
 
     #[test]
     fn blocked_nets() {
-        let nets = super::parse_nets(crate::settings::DEFAULT_BLOCKED_NETS).expect("defaults parse");
+        let nets =
+            super::parse_nets(crate::settings::DEFAULT_BLOCKED_NETS).expect("defaults parse");
         let blocked = |ip: &str| nets.iter().any(|n| n.contains(ip.parse().expect("ip")));
         assert!(blocked("127.0.0.1"));
         assert!(blocked("127.255.0.9"));

@@ -352,5 +352,8 @@ async fn a_job_removed_from_the_server_mid_run_is_stopped_and_its_spool_dropped(
     assert_eq!(r["test_status"], 0, "{r}");
     let log = lab.agent_log(agent);
     let drops = log.matches("no such job any more").count();
-    assert!(drops <= 3, "the agent kept retrying the gone job ({drops} lines):\n{log}");
+    assert!(
+        drops <= 3,
+        "the agent kept retrying the gone job ({drops} lines):\n{log}"
+    );
 }

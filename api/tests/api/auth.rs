@@ -858,7 +858,8 @@ async fn an_allowed_webhook_host_name_that_resolves_to_a_blocked_address_is_not_
     let url = format!("http://localhost:{hook}/hook");
     let app = TestApp::spawn_with(|s| s.webhook_allowed_hosts = format!("localhost:{hook}")).await;
     let q = app.queue("rebind");
-    app.submit(json!({"job_queue": q, "job_status_webhook": url})).await;
+    app.submit(json!({"job_queue": q, "job_status_webhook": url}))
+        .await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(
         hits.load(std::sync::atomic::Ordering::SeqCst),
@@ -873,7 +874,8 @@ async fn an_allowed_webhook_host_name_that_resolves_to_a_blocked_address_is_not_
     })
     .await;
     let q = app.queue("rebind-ok");
-    app.submit(json!({"job_queue": q, "job_status_webhook": url})).await;
+    app.submit(json!({"job_queue": q, "job_status_webhook": url}))
+        .await;
     app.wait_for(10, "the webhook call", || async {
         (hits.load(std::sync::atomic::Ordering::SeqCst) > 0).then_some(())
     })

@@ -25,7 +25,11 @@ impl Head {
 
 /// Reads a response head (and whatever body bytes follow in the same reads) within
 /// `limit`; panics naming `what` when none comes.
-async fn read_head<R: AsyncRead + Unpin>(s: &mut R, limit: Duration, what: &str) -> (Head, Vec<u8>) {
+async fn read_head<R: AsyncRead + Unpin>(
+    s: &mut R,
+    limit: Duration,
+    what: &str,
+) -> (Head, Vec<u8>) {
     let mut buf = Vec::new();
     let deadline = Instant::now() + limit;
     loop {
@@ -135,7 +139,12 @@ async fn a_413_on_a_chunked_upload_closes_the_connection() {
     // A client that streams a body without end (past the 16 MiB JSON limit).
     let writer = tokio::spawn(async move {
         let chunk = vec![b' '; 64 * 1024];
-        let frame = [format!("{:x}\r\n", chunk.len()).into_bytes(), chunk, b"\r\n".to_vec()].concat();
+        let frame = [
+            format!("{:x}\r\n", chunk.len()).into_bytes(),
+            chunk,
+            b"\r\n".to_vec(),
+        ]
+        .concat();
         let started = Instant::now();
         while started.elapsed() < Duration::from_secs(60) {
             if wr.write_all(&frame).await.is_err() {
@@ -144,7 +153,12 @@ async fn a_413_on_a_chunked_upload_closes_the_connection() {
         }
         started.elapsed()
     });
-    let (head, _) = read_head(&mut rd, Duration::from_secs(20), "the oversized chunked body").await;
+    let (head, _) = read_head(
+        &mut rd,
+        Duration::from_secs(20),
+        "the oversized chunked body",
+    )
+    .await;
     assert_eq!(head.status, 413);
     assert_eq!(head.header("connection"), Some("close"));
     assert!(
@@ -197,12 +211,21 @@ async fn the_cap_on_concurrent_large_bodies_holds() {
         .await
         .expect("write");
     chunked.write_all(&frame).await.expect("write");
-    let (head, _) = read_head(&mut chunked, Duration::from_secs(3), "the chunked large body").await;
+    let (head, _) = read_head(
+        &mut chunked,
+        Duration::from_secs(3),
+        "the chunked large body",
+    )
+    .await;
     assert_eq!(head.status, 503);
     // Small bodies are not counted.
     let small = json!({"job_queue": q});
     let r = app.post_json("/v1/job", &small).await;
-    assert_eq!(r.status(), 200, "a small body must pass while large ones are capped");
+    assert_eq!(
+        r.status(),
+        200,
+        "a small body must pass while large ones are capped"
+    );
     // One large body ends (the client goes away): its slot is free again.
     drop(held.pop());
     let big = json!({"job_queue": q, "test_data": {"test_cmds": "x".repeat(4000)}});
@@ -219,7 +242,11 @@ async fn the_cap_on_concurrent_large_bodies_holds() {
 /// artifact is as large on the wire as on disk.
 fn big_tarball(n: usize) -> Vec<u8> {
     let data: Vec<u8> = (0..n as u64)
-        .map(|i| (i.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407) >> 56) as u8)
+        .map(|i| {
+            (i.wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407)
+                >> 56) as u8
+        })
         .collect();
     let gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::none());
     let mut tar = tar::Builder::new(gz);

@@ -18,7 +18,10 @@ async fn assert_not_found(r: reqwest::Response, id: &str, what: &str) {
     let status = r.status();
     let text = r.text().await.expect("body");
     assert_eq!(status, 404, "{what}: {text}");
-    assert!(text.contains(id), "{what}: the answer must name the job: {text}");
+    assert!(
+        text.contains(id),
+        "{what}: the answer must name the job: {text}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -37,7 +40,11 @@ async fn every_write_about_an_unknown_job_is_refused_with_404() {
         .await;
     assert_not_found(r, &id, "POST /v1/result").await;
     let r = app
-        .post_token(&format!("/v1/result/{id}"), token, &json!({"status": {"test": 0}}))
+        .post_token(
+            &format!("/v1/result/{id}"),
+            token,
+            &json!({"status": {"test": 0}}),
+        )
         .await;
     assert_not_found(r, &id, "POST /v1/result with a token").await;
     for lt in ["output", "serial"] {
@@ -68,7 +75,10 @@ async fn every_write_about_an_unknown_job_is_refused_with_404() {
         .expect("POST");
     assert_not_found(r, &id, "POST /v1/job/<id>/attachments").await;
     let r = app
-        .post_json(&format!("/v1/job/{id}/action"), &json!({"action": "cancel"}))
+        .post_json(
+            &format!("/v1/job/{id}/action"),
+            &json!({"action": "cancel"}),
+        )
         .await;
     assert_not_found(r, &id, "POST /v1/job/<id>/action").await;
     let r = app
@@ -134,7 +144,11 @@ async fn writes_about_a_job_removed_after_submission_are_refused_with_404() {
         .await;
     assert_not_found(r, &id, "log after removal").await;
     let r = app
-        .post_token(&format!("/v1/result/{id}"), &token, &json!({"job_state": "test"}))
+        .post_token(
+            &format!("/v1/result/{id}"),
+            &token,
+            &json!({"job_state": "test"}),
+        )
         .await;
     assert_not_found(r, &id, "result after removal").await;
     let r = app
