@@ -38,7 +38,7 @@ use actix_web::http::{ConnectionType, StatusCode, header};
 use actix_web::middleware::Next;
 use actix_web::{HttpResponse, web};
 use bytes::Bytes;
-use futures_util::Stream;
+use futures_util::{FutureExt, Stream};
 use std::cell::RefCell;
 use std::pin::Pin;
 use std::rc::Rc;
@@ -280,7 +280,14 @@ pub async fn guard(
         let body = busy_response(&limits);
         res = res.into_response(body);
     }
-    if !watch.eof.load(Ordering::Relaxed) {
+    // A handler may stop at the body's end without polling past it (multipart stops at
+    // the closing boundary): look once, without waiting, whether the end is there.
+    let at_end = watch.eof.load(Ordering::Relaxed)
+        || matches!(
+            futures_util::StreamExt::next(&mut *payload.borrow_mut()).now_or_never(),
+            Some(None)
+        );
+    if !at_end {
         res.response_mut()
             .head_mut()
             .set_connection_type(ConnectionType::Close);

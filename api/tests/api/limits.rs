@@ -306,3 +306,40 @@ async fn a_client_that_stops_reading_a_download_is_dropped_after_the_send_timeou
     );
     app.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_fully_read_upload_keeps_its_connection_alive() {
+    // Only answers to bodies left unread close the connection: a multipart upload read
+    // to its closing boundary does not.
+    let app = TestApp::spawn().await;
+    let q = app.queue("keepalive");
+    let id = app.submit(json!({"job_queue": q})).await;
+    let token = app.claim(&id, "keepalive-agent").await["token"]
+        .as_str()
+        .expect("token")
+        .to_string();
+    let file = big_tarball(1000);
+    let body = [
+        b"--bnd\r\ncontent-disposition: form-data; name=\"file\"; filename=\"file\"\r\ncontent-type: application/octet-stream\r\n\r\n".to_vec(),
+        file,
+        b"\r\n--bnd--\r\n".to_vec(),
+    ]
+    .concat();
+    let mut s = connect(&app).await;
+    let head = format!(
+        "POST /v1/result/{id}/artifact HTTP/1.1\r\nhost: t\r\nx-testflinger-token: {token}\r\ncontent-type: multipart/form-data; boundary=bnd\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    s.write_all(&[head.into_bytes(), body].concat())
+        .await
+        .expect("write");
+    let (h, _) = read_head(&mut s, Duration::from_secs(10), "the upload").await;
+    assert_eq!(h.status, 200);
+    assert_ne!(h.header("connection"), Some("close"));
+    s.write_all(b"GET /healthz HTTP/1.1\r\nhost: t\r\n\r\n")
+        .await
+        .expect("second request");
+    let (h, _) = read_head(&mut s, Duration::from_secs(5), "the second request").await;
+    assert_eq!(h.status, 200);
+    app.cleanup().await;
+}
