@@ -6,7 +6,8 @@
 //! then replayed), as upstream's agent does.
 //!
 //! Writes about a job carry the fencing token in [`TOKEN_HEADER`]; a 409 answer means
-//! the lease was lost and becomes [`ClientError::LeaseLost`], never retried. Server
+//! the lease was lost and becomes [`ClientError::LeaseLost`], never retried; a 404 means
+//! the server has no such job and becomes [`ClientError::JobGone`], never retried. Server
 //! errors (5xx) and connection failures are retried with exponential back-off (5 tries,
 //! 60 s per request by default; [`ApiClient::once`] makes a client that tries once with
 //! its own timeout, for heartbeats and the spool, which keep their own pace); other
@@ -27,6 +28,11 @@ pub enum ClientError {
     /// 409: the job moved on (reaped, released, re-claimed). Stop working on it.
     #[error("lease lost: {0}")]
     LeaseLost(String),
+    /// 404 to a write about a job (result, log, artifact, heartbeat, release): the server
+    /// has no such job any more (removed, or another server's). Stop working on it and
+    /// drop what is still to be sent about it; retrying cannot help.
+    #[error("job gone: {0}")]
+    JobGone(String),
     /// Another 4xx: the request is wrong or not allowed; retrying will not help.
     #[error("the API refused the request ({status}): {message}")]
     Rejected { status: u16, message: String },
@@ -290,6 +296,17 @@ impl ApiClient {
         }
     }
 
+    /// Like [`ApiClient::ok`] for a write about `job_id`: a 404 becomes `JobGone`.
+    async fn job_ok(r: Response, job_id: &str) -> Result<Response, ClientError> {
+        if r.status() == StatusCode::NOT_FOUND {
+            return Err(ClientError::JobGone(format!(
+                "the API has no job {job_id}: {}",
+                message_of(r).await
+            )));
+        }
+        Self::ok(r).await
+    }
+
     async fn json<T: serde::de::DeserializeOwned>(r: Response) -> Result<T, ClientError> {
         r.json::<T>()
             .await
@@ -367,7 +384,8 @@ impl ApiClient {
         Self::json(Self::ok(r).await?).await
     }
 
-    /// `POST /v1/job/<id>/heartbeat`; `LeaseLost` when the token is stale.
+    /// `POST /v1/job/<id>/heartbeat`; `LeaseLost` when the token is stale, `JobGone`
+    /// when the server has no such job.
     pub async fn heartbeat(
         &self,
         job_id: &str,
@@ -376,7 +394,7 @@ impl ApiClient {
         let path = format!("/v1/job/{job_id}/heartbeat");
         let body = self.lease_body(token, None)?;
         let r = self.send(|| self.post_json(&path, &body, None)).await?;
-        Self::json(Self::ok(r).await?).await
+        Self::json(Self::job_ok(r, job_id).await?).await
     }
 
     /// `POST /v1/job/<id>/release`: gives the job back so it is queued again.
@@ -389,7 +407,7 @@ impl ApiClient {
         let path = format!("/v1/job/{job_id}/release");
         let body = self.lease_body(token, Some(reason.to_string()))?;
         let r = self.send(|| self.post_json(&path, &body, None)).await?;
-        Self::ok(r).await.map(|_| ())
+        Self::job_ok(r, job_id).await.map(|_| ())
     }
 
     fn lease_body(&self, token: FenceToken, reason: Option<String>) -> Result<Value, ClientError> {
@@ -449,7 +467,7 @@ impl ApiClient {
         let r = self
             .send(|| self.post_json(&path, body, Some(token)))
             .await?;
-        Self::ok(r).await.map(|_| ())
+        Self::job_ok(r, job_id).await.map(|_| ())
     }
 
     /// `POST /v1/result/<id>/log/<type>` with the fencing token.
@@ -466,7 +484,7 @@ impl ApiClient {
         let r = self
             .send(|| self.post_json(&path, &body, Some(token)))
             .await?;
-        Self::ok(r).await.map(|_| ())
+        Self::job_ok(r, job_id).await.map(|_| ())
     }
 
     /// `POST /v1/result/<id>/artifact`: multipart field `file`, a gzip tar.
@@ -490,7 +508,7 @@ impl ApiClient {
                     .multipart(form)
             })
             .await?;
-        Self::ok(r).await.map(|_| ())
+        Self::job_ok(r, job_id).await.map(|_| ())
     }
 
     /// `GET /v1/job/<id>/attachments`; `None` when there are none (204).

@@ -844,6 +844,11 @@ async fn heartbeat_loop(
                 signals.lost.cancel();
                 return;
             }
+            Err(ClientError::JobGone(m)) => {
+                tracing::warn!(job.id = %job_id, message = %m, "heartbeat: the API has no such job any more; stopping it");
+                signals.lost.cancel();
+                return;
+            }
             Err(ClientError::StoreDown(m)) => {
                 // The API is there and says Redis is not: nobody can reap this lease
                 // meanwhile, and the reaper grants a lease of grace once Redis is back,

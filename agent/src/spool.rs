@@ -5,8 +5,9 @@
 //! numbered file (`000000000042.json`, an artifact's tarball next to it), then
 //! delivered in order by one task ([`deliver`]), which removes each file once the API
 //! accepted it. While the API cannot be reached the task keeps the files and keeps
-//! trying; only a 409 (lease lost) ends delivery (the spool is then dropped: the job
-//! belongs to someone else). Another refusal (4xx) drops that one entry with a warning:
+//! trying; only a 409 (lease lost) or a 404 (the server has no such job any more) ends
+//! delivery (the spool is then dropped, with a log line: the job belongs to someone else,
+//! or nobody). Another refusal (4xx) drops that one entry with a warning:
 //! retrying cannot help.
 //!
 //! `meta.json` holds what a restarted agent needs to finish delivery: the job id, its
@@ -76,7 +77,8 @@ impl Entry {
 pub enum Delivered {
     /// Every entry reached the API (or was refused for good); the spool is removed.
     All,
-    /// 409: the lease is gone; the spool is removed, nothing more is sent.
+    /// 409 (the lease is gone) or 404 (the job is gone): the spool is removed, nothing
+    /// more is sent.
     LeaseLost,
 }
 
@@ -290,6 +292,13 @@ pub async fn deliver(
                 Ok(()) => break,
                 Err(ClientError::LeaseLost(m)) => {
                     tracing::warn!(job.id = %meta.job_id, message = %m, "lease lost; dropping the spool");
+                    lost.cancel();
+                    remove(&dir);
+                    return Delivered::LeaseLost;
+                }
+                Err(ClientError::JobGone(m)) => {
+                    let left = pending.len() + 1;
+                    tracing::warn!(job.id = %meta.job_id, message = %m, entries = left, "the API has no such job any more; dropping its spool");
                     lost.cancel();
                     remove(&dir);
                     return Delivered::LeaseLost;

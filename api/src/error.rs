@@ -36,6 +36,11 @@ pub enum ApiError {
     /// that recorded the job keep it and let the outbox publish it again; elsewhere 503.
     #[error("{0}")]
     Unconfirmed(String),
+    /// A write names a job this server does not have (404).
+    #[error(
+        "Job {0} not found: this server has no such job (never submitted, or removed after TESTFLINGER_RETENTION); the write was not stored"
+    )]
+    JobNotFound(String),
     /// Our fault: opaque to the caller, cause kept in the log (500).
     #[error(transparent)]
     Internal(#[from] anyhow::Error),
@@ -97,6 +102,7 @@ impl ResponseError for ApiError {
             ApiError::Validation(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::Text(s, _) | ApiError::Json(s, _) => *s,
             ApiError::NoContent => StatusCode::NO_CONTENT,
+            ApiError::JobNotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Stale(_) => StatusCode::CONFLICT,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Unavailable(_) | ApiError::Unconfirmed(_) => StatusCode::SERVICE_UNAVAILABLE,

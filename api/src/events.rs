@@ -9,6 +9,7 @@
 
 use crate::settings::Settings;
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use testflinger_broker::topology::{EVENTS_EXCHANGE, event_routing_key};
@@ -186,6 +187,122 @@ async fn run(
     }
 }
 
+/// An address range in CIDR notation (`10.0.0.0/8`, `fe80::/10`; a bare address is a
+/// range of one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Net {
+    addr: IpAddr,
+    prefix: u8,
+}
+
+impl Net {
+    /// Whether `ip` is in the range (IPv4-mapped IPv6 addresses count as IPv4).
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        match (self.addr, ip.to_canonical()) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+/// Parses a comma-separated list of ranges (`TESTFLINGER_WEBHOOK_BLOCKED_NETS`). The
+/// error names the entry and the accepted shape.
+pub fn parse_nets(list: &str) -> Result<Vec<Net>, String> {
+    let mut out = Vec::new();
+    for raw in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let bad = || {
+            format!(
+                "'{raw}' is not an address range; expected ADDRESS/PREFIX such as 10.0.0.0/8 or fe80::/10"
+            )
+        };
+        let (a, p) = raw.split_once('/').unwrap_or((raw, ""));
+        let addr: IpAddr = a.parse().map_err(|_| bad())?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = if p.is_empty() {
+            max
+        } else {
+            p.parse::<u8>().ok().filter(|n| *n <= max).ok_or_else(bad)?
+        };
+        out.push(Net { addr, prefix });
+    }
+    Ok(out)
+}
+
+/// The webhook client's DNS resolver: resolves with the system resolver, then keeps only
+/// the addresses outside `TESTFLINGER_WEBHOOK_BLOCKED_NETS` or named themselves in
+/// `TESTFLINGER_WEBHOOK_ALLOWED_HOSTS`. The connection goes to a kept address, so an
+/// allowed host name whose DNS leads to a loopback or metadata address (rebinding) is not
+/// reached. Addresses written in the URL are checked by [`webhook_allowed`] alone (the
+/// allow-list must name them).
+#[derive(Debug, Clone)]
+pub struct WebhookResolver {
+    blocked: Arc<Vec<Net>>,
+    listed: Arc<Vec<IpAddr>>,
+}
+
+impl WebhookResolver {
+    pub fn new(settings: &Settings) -> WebhookResolver {
+        let listed = settings
+            .webhook_hosts()
+            .iter()
+            .filter_map(|h| {
+                let bare = |s: &str| {
+                    s.trim_start_matches('[')
+                        .trim_end_matches(']')
+                        .parse::<IpAddr>()
+                        .ok()
+                };
+                bare(h).or_else(|| h.rsplit_once(':').and_then(|(host, _)| bare(host)))
+            })
+            .collect();
+        WebhookResolver {
+            blocked: Arc::new(parse_nets(&settings.webhook_blocked_nets).unwrap_or_default()),
+            listed: Arc::new(listed),
+        }
+    }
+
+    /// Whether a connection to `ip` is allowed.
+    pub fn address_allowed(&self, ip: IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        self.listed.iter().any(|l| l.to_canonical() == ip)
+            || !self.blocked.iter().any(|n| n.contains(ip))
+    }
+}
+
+impl reqwest::dns::Resolve for WebhookResolver {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let me = self.clone();
+        let host = name.as_str().to_string();
+        Box::pin(async move {
+            let all: Vec<std::net::SocketAddr> =
+                tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
+            let (kept, refused): (Vec<_>, Vec<_>) =
+                all.into_iter().partition(|a| me.address_allowed(a.ip()));
+            if kept.is_empty() {
+                let list: Vec<String> = refused.iter().map(|a| a.ip().to_string()).collect();
+                tracing::warn!(host = %host, addresses = ?list, "webhook host resolves only to blocked addresses (TESTFLINGER_WEBHOOK_BLOCKED_NETS); event not sent");
+                return Err(format!(
+                    "webhook host {host} resolves only to blocked addresses ({}); see TESTFLINGER_WEBHOOK_BLOCKED_NETS",
+                    list.join(", ")
+                )
+                .into());
+            }
+            Ok(Box::new(kept.into_iter()) as reqwest::dns::Addrs)
+        })
+    }
+}
+
 /// Whether `url`'s host (or `host:port`) is in the allow-list.
 pub fn webhook_allowed(allowed: &[String], url: &str) -> bool {
     let Ok(u) = reqwest::Url::parse(url) else {
@@ -247,5 +364,24 @@ mod tests {
         assert!(!super::webhook_allowed(&allowed, "http://127.0.0.1:9090/x"));
         assert!(!super::webhook_allowed(&allowed, "http://evil.example/x"));
         assert!(!super::webhook_allowed(&allowed, "not a url"));
+    }
+
+    #[test]
+    fn blocked_nets() {
+        let nets =
+            super::parse_nets(crate::settings::DEFAULT_BLOCKED_NETS).expect("defaults parse");
+        let blocked = |ip: &str| nets.iter().any(|n| n.contains(ip.parse().expect("ip")));
+        assert!(blocked("127.0.0.1"));
+        assert!(blocked("127.255.0.9"));
+        assert!(blocked("169.254.169.254"));
+        assert!(blocked("::1"));
+        assert!(blocked("::ffff:127.0.0.1"));
+        assert!(blocked("fe80::1"));
+        assert!(!blocked("10.1.2.3"));
+        assert!(!blocked("192.0.2.7"));
+        assert!(!blocked("2001:db8::1"));
+        assert!(super::parse_nets("10.0.0.0/33").is_err());
+        assert!(super::parse_nets("ten/8").is_err());
+        assert_eq!(super::parse_nets(" , ").expect("empty"), vec![]);
     }
 }

@@ -10,6 +10,7 @@
 //! - [`store`]: all Redis state and its atomic scripts; [`files`]: artifacts/attachments.
 //! - [`reaper`]: requeues jobs whose lease expired.
 //! - [`events`]: job events to `testflinger.events` and webhooks.
+//! - [`limits`]: request body deadline, large-body cap, closing after unread bodies.
 //! - [`metrics`]: Prometheus metrics at `/metrics`.
 //! - [`error`]: errors at the HTTP edge.
 //! - [`ui`]: the server-rendered web UI (HTML pages, live job log).
@@ -20,6 +21,7 @@ pub mod docs_site;
 pub mod error;
 pub mod events;
 pub mod files;
+pub mod limits;
 pub mod metrics;
 pub mod reaper;
 pub mod routes;

@@ -22,6 +22,15 @@
 //! | `TESTFLINGER_SUBMIT_CONSUMER` | `true` | admit jobs published to the submit queue |
 //! | `TESTFLINGER_SUBMIT_QUEUE` | `testflinger.submit` | the broker-native submission queue |
 //! | `TESTFLINGER_WEBHOOK_ALLOWED_HOSTS` | empty | comma-separated hosts `job_status_webhook` may name |
+//! | `TESTFLINGER_WEBHOOK_BLOCKED_NETS` | loopback, link-local, unspecified, multicast | comma-separated address ranges (CIDR) a webhook host name may not resolve to; an address listed itself in the allow-list is still reached |
+//! | `TESTFLINGER_HEADER_TIMEOUT_MS` | `5000` | time for a request's head, from the connection's first byte; then 408 and close |
+//! | `TESTFLINGER_BODY_TIMEOUT_MS` | `30000` | time for a request's body, from its head; then 408 and close |
+//! | `TESTFLINGER_BODY_MIN_RATE` | `1024` | bytes per second of body that push the body deadline back one second (0: never) |
+//! | `TESTFLINGER_KEEP_ALIVE_MS` | `5000` | how long an idle kept-alive connection stays open (0: no keep-alive) |
+//! | `TESTFLINGER_SEND_TIMEOUT_MS` | `60000` | how long answer data may stay unacknowledged by a client that stopped reading before the connection is dropped (TCP_USER_TIMEOUT; 0: the kernel's default) |
+//! | `TESTFLINGER_DISCONNECT_TIMEOUT_MS` | `1000` | time a closing connection gets to end (unread body discarded meanwhile) |
+//! | `TESTFLINGER_LARGE_BODY_BYTES` | `1048576` | bodies this large or larger count against `TESTFLINGER_MAX_LARGE_BODIES` |
+//! | `TESTFLINGER_MAX_LARGE_BODIES` | `16` | large bodies read at once (all workers); one more gets 503 with `Retry-After` |
 //! | `TESTFLINGER_LOG_FORMAT` | `text` | `text` or `json` |
 //! | `JWT_SIGNING_KEY` | unset | turns authentication on; the HS256 key of access tokens (upstream's name) |
 //! | `TESTFLINGER_ACCESS_TTL` | `600` | seconds an access token is valid (upstream: 10 minutes) |
@@ -63,6 +72,15 @@ pub struct Settings {
     pub submit_consumer: bool,
     pub submit_queue: String,
     pub webhook_allowed_hosts: String,
+    pub webhook_blocked_nets: String,
+    pub header_timeout_ms: u64,
+    pub body_timeout_ms: u64,
+    pub body_min_rate: u64,
+    pub keep_alive_ms: u64,
+    pub disconnect_timeout_ms: u64,
+    pub send_timeout_ms: u64,
+    pub large_body_bytes: u64,
+    pub max_large_bodies: usize,
     pub log_format: String,
     #[serde(default)]
     pub jwt_signing_key: Option<Redacted>,
@@ -87,6 +105,11 @@ impl std::fmt::Debug for Redacted {
     }
 }
 
+/// Where a webhook host name may not lead unless the allow-list names the address
+/// itself: loopback, link-local (cloud metadata services at 169.254.169.254),
+/// unspecified, multicast and broadcast addresses.
+pub const DEFAULT_BLOCKED_NETS: &str = "127.0.0.0/8,::1/128,0.0.0.0/8,::/128,169.254.0.0/16,fe80::/10,224.0.0.0/4,ff00::/8,255.255.255.255/32";
+
 const KNOWN: &[&str] = &[
     "amqp_uri",
     "redis_url",
@@ -107,6 +130,15 @@ const KNOWN: &[&str] = &[
     "submit_consumer",
     "submit_queue",
     "webhook_allowed_hosts",
+    "webhook_blocked_nets",
+    "header_timeout_ms",
+    "body_timeout_ms",
+    "body_min_rate",
+    "keep_alive_ms",
+    "disconnect_timeout_ms",
+    "send_timeout_ms",
+    "large_body_bytes",
+    "max_large_bodies",
     "log_format",
     "jwt_signing_key",
     "jwt_leeway",
@@ -144,6 +176,15 @@ impl Settings {
             .set_default("submit_consumer", true)?
             .set_default("submit_queue", testflinger_broker::topology::SUBMIT_QUEUE)?
             .set_default("webhook_allowed_hosts", "")?
+            .set_default("webhook_blocked_nets", DEFAULT_BLOCKED_NETS)?
+            .set_default("header_timeout_ms", 5000)?
+            .set_default("body_timeout_ms", 30_000)?
+            .set_default("body_min_rate", 1024)?
+            .set_default("keep_alive_ms", 5000)?
+            .set_default("disconnect_timeout_ms", 1000)?
+            .set_default("send_timeout_ms", 60_000)?
+            .set_default("large_body_bytes", 1u64 << 20)?
+            .set_default("max_large_bodies", 16)?
             .set_default("log_format", "text")?
             .set_default("jwt_leeway", 5)?
             .set_default("access_ttl", crate::auth::ACCESS_TTL)?
@@ -204,6 +245,14 @@ impl Settings {
         if self.redis_prefix.is_empty() || self.redis_prefix.contains(char::is_whitespace) {
             return Err("TESTFLINGER_REDIS_PREFIX must be non-empty without spaces".into());
         }
+        if self.max_large_bodies == 0 {
+            return Err("TESTFLINGER_MAX_LARGE_BODIES must be at least 1".into());
+        }
+        if self.header_timeout_ms == 0 || self.body_timeout_ms == 0 {
+            return Err("TESTFLINGER_HEADER_TIMEOUT_MS and TESTFLINGER_BODY_TIMEOUT_MS must be at least 1 (milliseconds)".into());
+        }
+        crate::events::parse_nets(&self.webhook_blocked_nets)
+            .map_err(|e| format!("TESTFLINGER_WEBHOOK_BLOCKED_NETS: {e}"))?;
         if !self.submit_queue.starts_with("testflinger.") {
             return Err("TESTFLINGER_SUBMIT_QUEUE must start with 'testflinger.'".into());
         }
@@ -238,6 +287,15 @@ impl Settings {
             submit_consumer: false,
             submit_queue: format!("testflinger.submit.{prefix}"),
             webhook_allowed_hosts: String::new(),
+            webhook_blocked_nets: DEFAULT_BLOCKED_NETS.into(),
+            header_timeout_ms: 5000,
+            body_timeout_ms: 30_000,
+            body_min_rate: 1024,
+            keep_alive_ms: 5000,
+            disconnect_timeout_ms: 1000,
+            send_timeout_ms: 60_000,
+            large_body_bytes: 1 << 20,
+            max_large_bodies: 16,
             log_format: "text".into(),
             jwt_signing_key: None,
             jwt_leeway: 5,

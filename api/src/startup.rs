@@ -54,10 +54,12 @@ impl Application {
         let files = FileStore::open(&settings.data_path, settings.max_upload_bytes)
             .with_context(|| format!("cannot create DATA_PATH {}", settings.data_path.display()))?;
         // Webhooks only: a redirect would let a webhook host send us anywhere, past the
-        // allow-list, so none is followed.
+        // allow-list, so none is followed; host names are resolved by a resolver that
+        // drops blocked addresses (TESTFLINGER_WEBHOOK_BLOCKED_NETS).
         let http = reqwest::Client::builder()
             .timeout(std::time::Duration::from_secs(10))
             .redirect(reqwest::redirect::Policy::none())
+            .dns_resolver(Arc::new(crate::events::WebhookResolver::new(&settings)))
             .build()
             .context("http client")?;
         let listener = match listener {
@@ -65,6 +67,16 @@ impl Application {
             None => TcpListener::bind(&settings.bind)
                 .with_context(|| format!("cannot listen on {}", settings.bind))?,
         };
+        #[cfg(any(target_os = "linux", target_os = "android"))]
+        if settings.send_timeout_ms > 0 {
+            // Inherited by every accepted connection: a client that stops reading an
+            // answer (zero window) or vanishes is dropped after this long.
+            socket2::SockRef::from(&listener)
+                .set_tcp_user_timeout(Some(std::time::Duration::from_millis(
+                    settings.send_timeout_ms,
+                )))
+                .context("cannot set TCP_USER_TIMEOUT (TESTFLINGER_SEND_TIMEOUT_MS)")?;
+        }
         let port = listener.local_addr()?.port();
         let workers = settings.workers;
         let auth = Arc::new(crate::auth::Auth::new(
@@ -94,10 +106,18 @@ impl Application {
         };
         let data = web::Data::new(state.clone());
         let docs_dir = state.settings.docs_dir.clone();
+        let limits = web::Data::new(crate::limits::Limits::from_settings(&state.settings));
+        let ms = std::time::Duration::from_millis;
+        let keep_alive = match state.settings.keep_alive_ms {
+            0 => actix_web::http::KeepAlive::Disabled,
+            n => actix_web::http::KeepAlive::Timeout(ms(n)),
+        };
         let server = HttpServer::new(move || {
             App::new()
                 .app_data(data.clone())
+                .app_data(limits.clone())
                 .app_data(web::PayloadConfig::new(16 * 1024 * 1024))
+                .wrap(middleware::from_fn(crate::limits::guard))
                 .wrap(middleware::NormalizePath::new(
                     middleware::TrailingSlash::MergeOnly,
                 ))
@@ -108,6 +128,9 @@ impl Application {
                 .default_service(web::to(crate::routes::not_found))
         })
         .workers(workers)
+        .client_request_timeout(ms(state.settings.header_timeout_ms))
+        .client_disconnect_timeout(ms(state.settings.disconnect_timeout_ms))
+        .keep_alive(keep_alive)
         .listen(listener)?
         .run();
         // Connect and declare the topology now, so the first submission does not pay it.

@@ -233,7 +233,7 @@ static HEARTBEAT: LazyLock<Script> = LazyLock::new(|| {
         redis_now!(),
         r#"
 -- KEYS: job leases ; ARGV: id token lease_ms
-if redis.call('EXISTS', KEYS[1]) == 0 then return {'stale'} end
+if redis.call('EXISTS', KEYS[1]) == 0 then return {'unknown'} end
 if redis.call('HGET', KEYS[1], 'fence') ~= ARGV[2] then return {'stale'} end
 local st = redis.call('HGET', KEYS[1], 'state')
 if st == 'waiting' or st == 'complete' then return {'stale'} end
@@ -946,10 +946,11 @@ impl Store {
             .invoke_async(&mut c)
             .await?;
         let r = list(r);
-        if r.first().map(s).as_deref() != Some("ok") {
-            return Ok(None);
+        match r.first().map(s).as_deref() {
+            Some("ok") => Ok(Some(r.get(1).map(n).unwrap_or(0) == 1)),
+            Some("unknown") => Err(ApiError::JobNotFound(id.to_string())),
+            _ => Ok(None),
         }
-        Ok(Some(r.get(1).map(n).unwrap_or(0) == 1))
     }
 
     /// Reaps (mode reap: only when the lease expired) or releases (mode release: the
@@ -1062,10 +1063,9 @@ impl Store {
     }
 
     /// Checks, inside Redis, that a write about job `id` comes from its holder (see
-    /// `WRITE_CHECK`): `Ok(None)` when the job is unknown (the route decides),
-    /// `Ok(Some(attempt))` when allowed (the attempt the write belongs to), `Err(Stale)`
-    /// (409) otherwise.
-    pub async fn check_token(&self, id: &str, token: Option<FenceToken>) -> ApiResult<Option<u64>> {
+    /// `WRITE_CHECK`): `Ok(attempt)` when allowed (the attempt the write belongs to),
+    /// `Err(JobNotFound)` (404) when the job is unknown, `Err(Stale)` (409) otherwise.
+    pub async fn check_token(&self, id: &str, token: Option<FenceToken>) -> ApiResult<u64> {
         let mut c = self.con();
         let (r, attempt): (String, u64) = WRITE_CHECK
             .key(self.keys.job(id))
@@ -1075,8 +1075,8 @@ impl Store {
             .invoke_async(&mut c)
             .await?;
         match r.as_str() {
-            "unknown" => Ok(None),
-            "ok" => Ok(Some(attempt)),
+            "unknown" => Err(ApiError::JobNotFound(id.to_string())),
+            "ok" => Ok(attempt),
             "token" => Err(ApiError::Stale(format!(
                 "job {id} is held under a lease: writes about it must carry the holder's {} header",
                 testflinger_common::protocol::TOKEN_HEADER

@@ -300,3 +300,60 @@ async fn a_frozen_agent_loses_its_lease_and_its_late_writes_are_refused() {
         "the zombie did not overwrite it: {after}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_removed_from_the_server_mid_run_is_stopped_and_its_spool_dropped() {
+    // The server forgets a running job (its record removed, as after the retention):
+    // every write about it answers 404. The agent stops the job, drops its spool with a
+    // log line (no endless retry) and takes the next job.
+    let mut lab = TestLab::start_with(
+        "gone",
+        ServerOpts {
+            lease_ttl: 3,
+            reaper_ms: 200,
+            ..ServerOpts::default()
+        },
+    )
+    .await;
+    let agent = lab.spawn_agent("dev-g", json!({"test_command": slow_unless_fast(&lab)}));
+    let id = lab.submit(json!({"test_data": {"test_cmds": "x"}})).await;
+    lab.wait_result(&id, "test running on dev-g", LONG, |r| {
+        r["test_output"]
+            .as_str()
+            .is_some_and(|o| o.contains("tick"))
+    })
+    .await;
+    let client = redis::Client::open(crate::lab::redis_url()).expect("redis url");
+    let mut con = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis");
+    let _: () = redis::cmd("DEL")
+        .arg(format!("{}:job:{id}", lab.prefix))
+        .query_async(&mut con)
+        .await
+        .expect("DEL");
+    lab.wait_for("the agent to drop the gone job", LONG, || async {
+        lab.agent_log(agent)
+            .contains("no such job any more")
+            .then_some(())
+    })
+    .await;
+    lab.wait_agent_idle("dev-g", LONG).await;
+    let spool = lab.path("results").join("dev-g").join(&id);
+    lab.wait_for("the spool to be removed", LONG, || async {
+        (!spool.exists()).then_some(())
+    })
+    .await;
+    // Not stuck on it: the next job runs to the end.
+    std::fs::write(lab.path("fast"), b"").expect("fast");
+    let next = lab.submit(json!({"test_data": {"test_cmds": "x"}})).await;
+    let r = lab.wait_complete(&next, LONG).await;
+    assert_eq!(r["test_status"], 0, "{r}");
+    let log = lab.agent_log(agent);
+    let drops = log.matches("no such job any more").count();
+    assert!(
+        drops <= 3,
+        "the agent kept retrying the gone job ({drops} lines):\n{log}"
+    );
+}

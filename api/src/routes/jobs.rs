@@ -110,8 +110,8 @@ async fn action(
 }
 
 /// Cancels a job as `POST /v1/job/<id>/action {"action":"cancel"}` does: marks it
-/// cancelled, tells its agent, emits the event. `Ok(false)` when the job is unknown or
-/// already ended (nothing changed); only the job's owner, a manager or an admin may
+/// cancelled, tells its agent, emits the event. `Ok(false)` when the job already ended
+/// (nothing changed), `Err(JobNotFound)` (404) when it is unknown; only the job's owner, a manager or an admin may
 /// cancel it (see [`check_owner`]: 401/403 otherwise).
 pub async fn cancel_job(app: &AppState, caller: &crate::auth::Caller, id: &str) -> ApiResult<bool> {
     let f = app
@@ -119,7 +119,7 @@ pub async fn cancel_job(app: &AppState, caller: &crate::auth::Caller, id: &str) 
         .job_fields(id, &["queue", "attempt", "def", "owner"])
         .await?;
     let Some(queue) = f[0].clone() else {
-        return Ok(false);
+        return Err(ApiError::JobNotFound(id.to_string()));
     };
     check_owner(caller, f[3].as_deref(), "cancel")?;
     match app.store.cancel(id, &queue).await? {
@@ -194,6 +194,9 @@ async fn post_attachments(
         .store
         .job_fields(&id, &["state", "attach", "queue", "prio", "def", "owner"])
         .await?;
+    if f[0].is_none() {
+        return Err(ApiError::JobNotFound(id));
+    }
     check_owner(&caller, f[5].as_deref(), "upload attachments for")?;
     let not_valid = || {
         ApiError::Text(
@@ -291,10 +294,7 @@ async fn post_events(
         .job_fields(&id, &["queue", "def", "agent"])
         .await?;
     let Some(queue) = f[0].clone() else {
-        return Err(ApiError::Text(
-            StatusCode::NOT_FOUND,
-            format!("Job {id} not found\n"),
-        ));
+        return Err(ApiError::JobNotFound(id));
     };
     if webhook_of(f[1].as_deref()).as_deref() != Some(e.job_status_webhook.as_str()) {
         return Err(ApiError::Json(

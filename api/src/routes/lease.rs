@@ -112,7 +112,7 @@ async fn release(
     let r: LeaseRequest = typed_body(&body)?;
     let f = app.store.job_fields(&id, &["queue", "def"]).await?;
     let Some(queue) = f[0].clone() else {
-        return Err(ApiError::NoContent);
+        return Err(ApiError::JobNotFound(id));
     };
     let reason = r
         .reason

@@ -54,9 +54,9 @@ async fn post_result(
         .store
         .job_fields(&id, &["queue", "attempt", "agent", "def", "reason"])
         .await?;
+    // Upstream accepts and drops a result for an unknown job; we say so (404).
     let Some(queue) = f[0].clone() else {
-        // Upstream: a result for an unknown job is accepted and ignored.
-        return Ok(ok_text());
+        return Err(ApiError::JobNotFound(id));
     };
     app.store.check_token(&id, tok).await?;
     let mut fields: Vec<(&str, String)> = Vec::new();
@@ -259,10 +259,8 @@ async fn post_log(
             testflinger_common::ValidationError::new("timestamp", "not a valid ISO 8601 datetime"),
         ));
     };
-    let Some(attempt) = app.store.check_token(&id, tok).await? else {
-        // Upstream accepts fragments for unknown jobs; there is nothing to attach them to.
-        return Ok(ok_text());
-    };
+    // 404 for an unknown job (upstream accepts and drops the fragment).
+    let attempt = app.store.check_token(&id, tok).await?;
     app.store
         .put_fragment(
             &id,

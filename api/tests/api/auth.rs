@@ -828,6 +828,62 @@ async fn webhooks_follow_no_redirects() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn webhooks_follow_no_302_redirect() {
+    // A 302 from the allowed host to another local server: the second is never called.
+    let (target, target_hits) = fixed_server("HTTP/1.1 200 OK", String::new());
+    let (hook, hook_hits) = fixed_server(
+        "HTTP/1.1 302 Found",
+        format!("location: http://127.0.0.1:{target}/stolen\r\n"),
+    );
+    let app = TestApp::spawn_with(|s| s.webhook_allowed_hosts = format!("127.0.0.1:{hook}")).await;
+    let q = app.queue("redirect302");
+    app.submit(
+        json!({"job_queue": q, "job_status_webhook": format!("http://127.0.0.1:{hook}/hook")}),
+    )
+    .await;
+    app.wait_for(10, "the webhook call", || async {
+        (hook_hits.load(std::sync::atomic::Ordering::SeqCst) > 0).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(target_hits.load(std::sync::atomic::Ordering::SeqCst), 0);
+    app.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_allowed_webhook_host_name_that_resolves_to_a_blocked_address_is_not_called() {
+    // `localhost` is in the allow-list but resolves to 127.0.0.1, a loopback address
+    // (TESTFLINGER_WEBHOOK_BLOCKED_NETS): the call is never made.
+    let (hook, hits) = fixed_server("HTTP/1.1 200 OK", String::new());
+    let url = format!("http://localhost:{hook}/hook");
+    let app = TestApp::spawn_with(|s| s.webhook_allowed_hosts = format!("localhost:{hook}")).await;
+    let q = app.queue("rebind");
+    app.submit(json!({"job_queue": q, "job_status_webhook": url}))
+        .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        hits.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "a host name resolving to a blocked address was called"
+    );
+    app.cleanup().await;
+    // The same job with the address itself in the allow-list is delivered: the refusal
+    // above was the resolved-address check, not a broken URL.
+    let app = TestApp::spawn_with(|s| {
+        s.webhook_allowed_hosts = format!("localhost:{hook},127.0.0.1:{hook}")
+    })
+    .await;
+    let q = app.queue("rebind-ok");
+    app.submit(json!({"job_queue": q, "job_status_webhook": url}))
+        .await;
+    app.wait_for(10, "the webhook call", || async {
+        (hits.load(std::sync::atomic::Ordering::SeqCst) > 0).then_some(())
+    })
+    .await;
+    app.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_submit_to_an_unregistered_queue_creates_no_broker_queue_until_an_agent_serves_it() {
     let app = auth_app(false).await;
     let admin = access(&app, ADMIN, ADMIN_SECRET).await;

@@ -84,6 +84,8 @@ async fn bad_input_gets_clear_4xx_and_writes_nothing() {
     let bad = app.get("/v1/job/zzz/position").await;
     assert_eq!(bad.status(), 400);
     assert_eq!(bad.text().await.expect("text"), "Invalid job id\n");
+    // Cancelling an unknown job: 404 (upstream answers 400 "already completed or
+    // cancelled"; issue 13: writes about unknown jobs are 404 everywhere).
     assert_eq!(
         app.post_json(
             &format!("/v1/job/{unknown}/action"),
@@ -91,7 +93,7 @@ async fn bad_input_gets_clear_4xx_and_writes_nothing() {
         )
         .await
         .status(),
-        400
+        404
     );
     let id = app.submit(json!({"job_queue": q})).await;
     assert_eq!(
@@ -109,7 +111,8 @@ async fn bad_input_gets_clear_4xx_and_writes_nothing() {
             .status(),
         422
     );
-    // Results: unknown keys 422; unknown job accepted and ignored (upstream).
+    // Results: unknown keys 422; an unknown job 404 (upstream accepts and drops it; we
+    // say the write went nowhere).
     assert_eq!(
         app.post_json(
             &format!("/v1/result/{id}"),
@@ -135,7 +138,7 @@ async fn bad_input_gets_clear_4xx_and_writes_nothing() {
         )
         .await
         .status(),
-        200
+        404
     );
     assert_eq!(
         app.get(&format!("/v1/result/{unknown}")).await.status(),

@@ -11,9 +11,11 @@ mod errors;
 mod files;
 mod jobs;
 mod lease;
+mod limits;
 mod logs;
 mod openapi;
 mod ui;
+mod unknown_jobs;
 
 // Documentation: the settings reference and the /docs site.
 mod docs_reference;
