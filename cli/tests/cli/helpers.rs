@@ -138,8 +138,12 @@ impl TestEnv {
             testflinger_broker::Broker::new(testflinger_broker::BrokerConfig::new(amqp_uri()))
                 .expect("broker client")
         };
+        // No idle pooled connections: this client only runs inside `block_on`, so it never
+        // sees the server close an idle connection (after its keep-alive, 5 s) and would
+        // reuse a dead one (hyper's IncompleteMessage).
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(20))
+            .pool_max_idle_per_host(0)
             .build()
             .expect("http client");
         let mut env = TestEnv {
