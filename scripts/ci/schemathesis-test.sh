@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# Fuzzes the server against its own OpenAPI document (api/openapi.json) with schemathesis
+# (pinned in scripts/ci/schemathesis-deps.sh), every check (`--checks all`) and every
+# phase (examples, coverage, fuzzing, stateful), against a live server: once with
+# authentication off, once with it on and an administrator's bearer token.
+#
+# The server gets its own Redis key prefix and its own RabbitMQ vhost (schemathesis
+# makes up queue and agent names, and the server declares a queue for each): both are
+# removed at the end; the shared instances are otherwise untouched. Needs RabbitMQ on
+# 127.0.0.1:5672 (guest/guest, `rabbitmqctl` for the vhost) and Redis on 127.0.0.1:6379.
+#
+# Bounded: SCHEMATHESIS_EXAMPLES (default 30) cases per operation and phase, each run cut
+# at SCHEMATHESIS_MAX_TIME seconds (default 150) by schemathesis and at twice that by
+# `timeout`. Reports (JUnit, NDJSON) go to target/schemathesis/.
+#
+# Decisions, the differences schemathesis would otherwise report, each with its reason:
+#   (none: every check runs on every operation)
+set -euo pipefail
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+cd "$repo"
+target=${CARGO_TARGET_DIR:-$repo/target}
+server=$target/debug/testflinger-server
+st=$target/schemathesis-venv/bin/st
+[ -x "$server" ] || { echo "schemathesis-test: $server missing: run cargo build -p testflinger-api --bins" >&2; exit 1; }
+[ -x "$st" ] || bash scripts/ci/schemathesis-deps.sh
+
+examples=${SCHEMATHESIS_EXAMPLES:-30}
+max_time=${SCHEMATHESIS_MAX_TIME:-150}
+id=tfst$(date +%s)$$
+vhost=$id
+out=$target/schemathesis
+tmp=$(mktemp -d)
+server_pid=
+mkdir -p "$out"
+
+cleanup() {
+    if [ -n "$server_pid" ]; then kill "$server_pid" 2>/dev/null || true; wait "$server_pid" 2>/dev/null || true; fi
+    rabbitmqctl -q delete_vhost "$vhost" >/dev/null 2>&1 || true
+    redis-cli --scan --pattern "$id*" | xargs -r -d '\n' redis-cli del >/dev/null
+    rm -rf "$tmp"
+}
+trap cleanup EXIT
+
+rabbitmqctl -q add_vhost "$vhost" >/dev/null
+rabbitmqctl -q set_permissions -p "$vhost" guest '.*' '.*' '.*' >/dev/null
+
+# Starts the server on a free port with the given extra environment; sets $url.
+start_server() {
+    local port
+    port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+    url=http://127.0.0.1:$port
+    env "$@" AMQP_URI="amqp://guest:guest@127.0.0.1:5672/$vhost" \
+        TESTFLINGER_BIND=127.0.0.1:$port TESTFLINGER_REDIS_PREFIX=$id DATA_PATH=$tmp/data \
+        TESTFLINGER_SUBMIT_QUEUE=testflinger.submit.$id RUST_LOG=warn \
+        "$server" >>"$out/server.log" 2>&1 &
+    server_pid=$!
+    for _ in $(seq 1 100); do curl -sf "$url/readyz" >/dev/null && return 0; sleep 0.1; done
+    echo "schemathesis-test: the server did not become ready; its log:" >&2
+    tail -n 40 "$out/server.log" >&2
+    exit 1
+}
+stop_server() {
+    kill "$server_pid" 2>/dev/null || true
+    wait "$server_pid" 2>/dev/null || true
+    server_pid=
+}
+
+# One schemathesis run against $url; extra arguments are passed on.
+run() {
+    local name=$1
+    shift
+    echo "schemathesis-test: $name"
+    timeout $((max_time * 2)) "$st" --config-file "$repo/scripts/ci/schemathesis.toml" run "$url/openapi.json" --url "$url" \
+        --checks all --phases examples,coverage,fuzzing,stateful \
+        --max-examples "$examples" --max-time "$max_time" --seed 1 \
+        --workers 1 --request-timeout 10 --no-color \
+        --report junit,ndjson --report-dir "$out/$name" \
+        "$@"
+}
+
+rc=0
+: >"$out/server.log"
+start_server
+run auth-off || rc=1
+stop_server
+
+exit $rc
