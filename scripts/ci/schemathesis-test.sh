@@ -84,4 +84,17 @@ start_server
 run auth-off || rc=1
 stop_server
 
+# Authentication on: the bootstrap administrator's bearer token on every request.
+admin_secret=$(python3 -c 'import secrets; print(secrets.token_hex(16))')
+start_server JWT_SIGNING_KEY="$(python3 -c 'import secrets; print(secrets.token_hex(32))')" \
+    TESTFLINGER_ADMIN_ID=schemathesis-admin TESTFLINGER_ADMIN_SECRET="$admin_secret" \
+    TESTFLINGER_ACCESS_TTL=3600
+token=$(curl -sf -u "schemathesis-admin:$admin_secret" -X POST "$url/v1/oauth2/token" |
+    python3 -c 'import json, sys; print(json.load(sys.stdin)["access_token"])') || {
+    echo "schemathesis-test: no access token from $url/v1/oauth2/token" >&2
+    exit 1
+}
+run auth-on -H "Authorization: Bearer $token" || rc=1
+stop_server
+
 exit $rc

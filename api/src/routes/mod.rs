@@ -147,8 +147,22 @@ pub fn json_body(body: &[u8]) -> ApiResult<serde_json::Value> {
 }
 
 /// Deserializes a JSON body into `T`, answering 422 in upstream's shape with the field.
+/// Every typed body is a JSON object: anything else is refused here, as serde would
+/// otherwise read a struct from an array, field by field in order.
 pub fn typed_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> ApiResult<T> {
-    testflinger_common::job::deserialize(json_body(body)?).map_err(ApiError::Validation)
+    let value = json_body(body)?;
+    if !value.is_object() {
+        return Err(ApiError::Validation(
+            testflinger_common::ValidationError::new(
+                "",
+                format!(
+                    "the body must be a JSON object, got {}",
+                    testflinger_common::job::kind_of(&value)
+                ),
+            ),
+        ));
+    }
+    testflinger_common::job::deserialize(value).map_err(ApiError::Validation)
 }
 
 pub fn ok_text() -> HttpResponse {
