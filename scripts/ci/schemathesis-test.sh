@@ -13,8 +13,12 @@
 # at SCHEMATHESIS_MAX_TIME seconds (default 150) by schemathesis and at twice that by
 # `timeout`. Reports (JUnit, NDJSON) go to target/schemathesis/.
 #
-# Decisions, the differences schemathesis would otherwise report, each with its reason:
-#   (none: every check runs on every operation)
+# Every check runs on every operation. The documented decisions (answers that depend on
+# server state or on rules OpenAPI 3.0 cannot state, accepted as valid-request answers),
+# each with its reason, are in scripts/ci/schemathesis.toml. One difference is known and
+# left to the artifact work of issue 13 (item 3): an artifact that is not gzip is stored
+# and served with `Content-Encoding: gzip`, which schemathesis reports as a network error
+# on GET /v1/result/{job_id}/artifact; the document already says such uploads get 400.
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 cd "$repo"
@@ -70,6 +74,9 @@ run() {
     local name=$1
     shift
     echo "schemathesis-test: $name"
+    # From $out: schemathesis keeps its example database and replay data (`st replay ID`)
+    # in .schemathesis/ of the working directory.
+    cd "$out"
     timeout $((max_time * 2)) "$st" --config-file "$repo/scripts/ci/schemathesis.toml" run "$url/openapi.json" --url "$url" \
         --checks all --phases examples,coverage,fuzzing,stateful \
         --max-examples "$examples" --max-time "$max_time" --seed 1 \
