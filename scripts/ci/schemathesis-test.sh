@@ -10,7 +10,7 @@
 # 127.0.0.1:5672 (guest/guest, `rabbitmqctl` for the vhost) and Redis on 127.0.0.1:6379.
 #
 # Bounded: SCHEMATHESIS_EXAMPLES (default 30) cases per operation and phase, each run cut
-# at SCHEMATHESIS_MAX_TIME seconds (default 150) by schemathesis and at twice that by
+# at SCHEMATHESIS_MAX_TIME seconds (default 60) by schemathesis and at twice that by
 # `timeout`. Reports (JUnit, NDJSON) go to target/schemathesis/.
 #
 # Every check runs on every operation. The documented decisions (answers that depend on
@@ -29,7 +29,7 @@ st=$target/schemathesis-venv/bin/st
 [ -x "$st" ] || bash scripts/ci/schemathesis-deps.sh
 
 examples=${SCHEMATHESIS_EXAMPLES:-30}
-max_time=${SCHEMATHESIS_MAX_TIME:-150}
+max_time=${SCHEMATHESIS_MAX_TIME:-60}
 id=tfst$(date +%s)$$
 vhost=$id
 out=$target/schemathesis

@@ -380,7 +380,7 @@ async fn stream_log(
     let q: LogQuery =
         super::jobs::serde_html_form(&req).map_err(|e| bad_query("query", &e.to_string()))?;
     let fragment_number = |field: &str, raw: &str| match raw.trim().parse::<i64>() {
-        Ok(n) if n >= 0 && n < i64::MAX => Ok(n),
+        Ok(n) if (0..i64::MAX).contains(&n) => Ok(n),
         _ => Err(bad_query(
             field,
             &format!("got '{raw}'; accepted: a fragment number (a whole number, 0 or more)"),
