@@ -40,7 +40,9 @@ mkdir -p "$out"
 cleanup() {
     if [ -n "$server_pid" ]; then kill "$server_pid" 2>/dev/null || true; wait "$server_pid" 2>/dev/null || true; fi
     rabbitmqctl -q delete_vhost "$vhost" >/dev/null 2>&1 || true
-    redis-cli --scan --pattern "$id*" | xargs -r -d '\n' redis-cli del >/dev/null
+    # Server-side: schemathesis makes up key parts with newlines and quotes in them.
+    redis-cli EVAL "local c = '0' repeat local r = redis.call('SCAN', c, 'MATCH', ARGV[1], 'COUNT', 1000) c = r[1] for _, k in ipairs(r[2]) do redis.call('DEL', k) end until c == '0' return 0" \
+        0 "$id:*" >/dev/null || true
     rm -rf "$tmp"
 }
 trap cleanup EXIT
