@@ -602,6 +602,22 @@ impl Job {
                 format!("a job must be a JSON object, got {}", kind_of(&value)),
             ));
         }
+        // Sections read into structs must be objects (or null): serde would otherwise read
+        // a struct from an array, field by field in order.
+        let section = |v: Option<&Value>, field: &str| match v {
+            None | Some(Value::Null) | Some(Value::Object(_)) => Ok(()),
+            Some(other) => Err(ValidationError::new(
+                field,
+                format!("got {}; accepted: an object", kind_of(other)),
+            )),
+        };
+        section(value.get("test_data"), "test_data")?;
+        section(value.get("reserve_data"), "reserve_data")?;
+        if let Some(Value::Array(items)) = value.pointer("/test_data/attachments") {
+            for (i, item) in items.iter().enumerate() {
+                section(Some(item), &format!("test_data.attachments[{i}]"))?;
+            }
+        }
         let job: Job = deserialize(value)?;
         job.validate()?;
         Ok(job)
@@ -696,7 +712,8 @@ impl Job {
     }
 }
 
-fn kind_of(v: &Value) -> &'static str {
+/// How a JSON value is named in error messages: "null", "a boolean", "an array", ...
+pub fn kind_of(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",

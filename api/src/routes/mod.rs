@@ -40,7 +40,7 @@ async fn identity() -> HttpResponse {
 }
 
 async fn healthz() -> HttpResponse {
-    HttpResponse::Ok().body("OK")
+    ok_text()
 }
 
 /// Ready when both Redis and RabbitMQ answer.
@@ -50,7 +50,7 @@ async fn readyz(app: web::Data<crate::state::AppState>) -> ApiResult<HttpRespons
         .ready()
         .await
         .map_err(|e| ApiError::Unavailable(e.to_string()))?;
-    Ok(HttpResponse::Ok().body("OK"))
+    Ok(ok_text())
 }
 
 async fn no_oidc() -> HttpResponse {
@@ -59,11 +59,56 @@ async fn no_oidc() -> HttpResponse {
         .body("Not found: no login provider is configured on this server\n")
 }
 
-/// Fallback for unknown routes: upstream's plain-text 404.
+/// Fallback for unknown routes: upstream's plain-text 404; for a documented path asked
+/// with a method it does not serve, 405 with `Allow` listing the methods it does
+/// (RFC 9110 section 15.5.6).
 pub async fn not_found(req: HttpRequest) -> HttpResponse {
+    if let Some(allow) = allowed_methods(req.path()) {
+        return HttpResponse::MethodNotAllowed()
+            .insert_header((actix_web::http::header::ALLOW, allow.clone()))
+            .content_type("text/plain; charset=utf-8")
+            .body(format!(
+                "Method not allowed: {} {} (allowed: {allow})\n",
+                req.method(),
+                req.path()
+            ));
+    }
     HttpResponse::NotFound()
         .content_type("text/plain; charset=utf-8")
         .body(format!("Not found: {} {}\n", req.method(), req.path()))
+}
+
+/// The methods served on `path` (comma-separated, as in `Allow`), or `None` when no API
+/// route has this path. Read from the OpenAPI document (`api/openapi.json`), which
+/// `tests/api/openapi.rs` keeps equal to the registered routes; its `{path}` parameter of
+/// the secrets routes spans slashes, as the route's `{path:.*}` does.
+fn allowed_methods(path: &str) -> Option<&'static String> {
+    use actix_web::dev::ResourceDef;
+    use std::sync::OnceLock;
+    static ROUTES: OnceLock<Vec<(ResourceDef, String)>> = OnceLock::new();
+    let routes = ROUTES.get_or_init(|| {
+        let doc: serde_json::Value =
+            serde_json::from_str(docs::OPENAPI_JSON).unwrap_or(serde_json::Value::Null);
+        let Some(paths) = doc.get("paths").and_then(|p| p.as_object()) else {
+            return Vec::new();
+        };
+        paths
+            .iter()
+            .map(|(pattern, item)| {
+                let methods: Vec<String> = ["get", "put", "post", "delete", "patch"]
+                    .iter()
+                    .filter(|m| item.get(**m).is_some())
+                    .map(|m| m.to_ascii_uppercase())
+                    .collect();
+                let pattern = pattern.replace("{path}", "{path:.*}");
+                (ResourceDef::new(pattern), methods.join(", "))
+            })
+            .collect()
+    });
+    routes
+        .iter()
+        .find(|(def, methods)| !methods.is_empty() && def.is_match(path))
+        .map(|(_, methods)| methods)
 }
 
 /// Parses a job id from the path; `text` picks upstream's plain-text 400 body.
@@ -102,8 +147,22 @@ pub fn json_body(body: &[u8]) -> ApiResult<serde_json::Value> {
 }
 
 /// Deserializes a JSON body into `T`, answering 422 in upstream's shape with the field.
+/// Every typed body is a JSON object: anything else is refused here, as serde would
+/// otherwise read a struct from an array, field by field in order.
 pub fn typed_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> ApiResult<T> {
-    testflinger_common::job::deserialize(json_body(body)?).map_err(ApiError::Validation)
+    let value = json_body(body)?;
+    if !value.is_object() {
+        return Err(ApiError::Validation(
+            testflinger_common::ValidationError::new(
+                "",
+                format!(
+                    "the body must be a JSON object, got {}",
+                    testflinger_common::job::kind_of(&value)
+                ),
+            ),
+        ));
+    }
+    testflinger_common::job::deserialize(value).map_err(ApiError::Validation)
 }
 
 pub fn ok_text() -> HttpResponse {

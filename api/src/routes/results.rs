@@ -50,6 +50,26 @@ async fn post_result(
     let id = parse_id(&id, true)?.to_string();
     let tok = token(&req)?;
     let r: ResultIn = typed_body(&body)?;
+    // The state is checked before the job is looked up: a malformed request is refused
+    // whether or not the job exists.
+    let new_state = match r.job_state.as_deref() {
+        None => None,
+        Some(raw) => Some(JobState::parse_lenient(raw).ok_or_else(|| {
+            ApiError::Validation(testflinger_common::ValidationError::new(
+                "job_state",
+                format!(
+                    "'{}' is not a job state; accepted: {}",
+                    raw.chars().take(64).collect::<String>(),
+                    JobState::ALL
+                        .iter()
+                        .filter(|s| s.rank() > 1)
+                        .map(|s| s.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            ))
+        })?),
+    };
     let f = app
         .store
         .job_fields(&id, &["queue", "attempt", "agent", "def", "reason"])
@@ -73,22 +93,7 @@ async fn post_result(
     if !fields.is_empty() {
         app.store.set_job_fields(&id, &fields).await?;
     }
-    if let Some(raw) = r.job_state.as_deref() {
-        let state = JobState::parse_lenient(raw).ok_or_else(|| {
-            ApiError::Validation(testflinger_common::ValidationError::new(
-                "job_state",
-                format!(
-                    "'{}' is not a job state; accepted: {}",
-                    raw.chars().take(64).collect::<String>(),
-                    JobState::ALL
-                        .iter()
-                        .filter(|s| s.rank() > 1)
-                        .map(|s| s.as_str())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ),
-            ))
-        })?;
+    if let Some(state) = new_state {
         match app.store.set_state(&id, &queue, tok, state).await? {
             Some(StateChange::Set(previous)) => {
                 let attempt = f[1].as_deref().and_then(|a| a.parse().ok()).unwrap_or(0);
@@ -368,20 +373,32 @@ async fn stream_log(
     let (id, lt) = path.into_inner();
     let id = parse_id(&id, true)?.to_string();
     let lt = log_type(&lt)?;
+    // The request is checked before the job is looked up: a malformed request is a 400
+    // whether or not the job exists.
+    let q: LogQuery =
+        super::jobs::serde_html_form(&req).map_err(|e| bad_query("query", &e.to_string()))?;
+    let fragment_number = |field: &str, raw: &str| match raw.trim().parse::<i64>() {
+        Ok(n) if (0..i64::MAX).contains(&n) => Ok(n),
+        _ => Err(bad_query(
+            field,
+            &format!("got '{raw}'; accepted: a fragment number (a whole number, 0 or more)"),
+        )),
+    };
+    let from_header = match req.headers().get("last-event-id") {
+        None => None,
+        Some(v) => {
+            let raw = v.to_str().unwrap_or("(not text)");
+            Some(fragment_number("Last-Event-ID", raw)? + 1)
+        }
+    };
+    let from_query = match q.start_fragment.as_deref() {
+        None => None,
+        Some(raw) => Some(fragment_number("start_fragment", raw)?),
+    };
+    let start = from_header.or(from_query).unwrap_or(0);
     if app.store.job_fields(&id, &["state"]).await?[0].is_none() {
         return Err(ApiError::NoContent);
     }
-    let q: LogQuery =
-        super::jobs::serde_html_form(&req).map_err(|e| bad_query("query", &e.to_string()))?;
-    let from_header = req
-        .headers()
-        .get("last-event-id")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<i64>().ok())
-        .map(|n| n + 1);
-    let start = from_header
-        .or_else(|| q.start_fragment.as_deref().and_then(|s| s.parse().ok()))
-        .unwrap_or(0);
     struct S {
         app: web::Data<AppState>,
         id: String,

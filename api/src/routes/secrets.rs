@@ -28,6 +28,10 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     );
 }
 
+/// Longest `expire_after` accepted, in seconds (ten years of 365 days): a bound of ours,
+/// so that the expiry time is always a representable date.
+pub const MAX_EXPIRE_AFTER: u64 = 10 * 365 * 24 * 3600;
+
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 struct SecretIn {
@@ -89,9 +93,14 @@ async fn put_secret(
             ),
         ));
     }
-    if s.expire_after == Some(0) {
+    if let Some(secs) = s.expire_after
+        && !(1..=MAX_EXPIRE_AFTER).contains(&secs)
+    {
         return Err(ApiError::Validation(
-            testflinger_common::ValidationError::new("expire_after", "must be at least 1"),
+            testflinger_common::ValidationError::new(
+                "expire_after",
+                format!("got {secs}; accepted: 1 to {MAX_EXPIRE_AFTER} seconds (ten years)"),
+            ),
         ));
     }
     let record = json!({"value": s.value, "ephemeral": s.ephemeral.unwrap_or(false)}).to_string();

@@ -222,3 +222,135 @@ async fn openapi_document_matches_the_routes() {
 
     app.cleanup().await;
 }
+
+/// Answers schemathesis (`scripts/ci/schemathesis-test.sh`) checks against the document:
+/// another method on a documented path is a 405 whose `Allow` lists the documented
+/// methods; `/healthz` and `/readyz` say `text/plain`; malformed requests are refused
+/// whether or not the job exists; bounds and shapes the document states hold.
+#[tokio::test(flavor = "multi_thread")]
+async fn undocumented_methods_and_malformed_requests_answer_as_documented() {
+    let app = TestApp::spawn().await;
+    let doc: Value = serde_json::from_str(include_str!("../../openapi.json")).expect("file");
+    let unknown_job = uuid::Uuid::new_v4().to_string();
+
+    // 405 with Allow on every documented path; the secrets' `{path}` spans slashes.
+    for (template, item) in doc["paths"].as_object().expect("paths") {
+        let path = template
+            .replace("{job_id}", &unknown_job)
+            .replace("{log_type}", "output")
+            .replace("{queue}", "q")
+            .replace("{agent_name}", "a")
+            .replace("{client_id}", "c")
+            .replace("{path}", "dir/secret");
+        let mut documented: Vec<String> = ["get", "put", "post", "delete", "patch"]
+            .iter()
+            .filter(|m| item.get(**m).is_some())
+            .map(|m| m.to_ascii_uppercase())
+            .collect();
+        documented.sort();
+        let method = reqwest::Method::from_bytes(b"TRACE").expect("method");
+        let r = app
+            .http
+            .request(method, app.url(&path))
+            .send()
+            .await
+            .expect("TRACE");
+        assert_eq!(r.status(), 405, "TRACE {path}");
+        let allow = r
+            .headers()
+            .get("allow")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string();
+        let mut allowed: Vec<String> = allow.split(", ").map(str::to_string).collect();
+        allowed.sort();
+        assert_eq!(allowed, documented, "Allow of {path}");
+    }
+    // An unknown path is still the plain-text 404.
+    let r = app
+        .http
+        .delete(app.url("/v1/no-such-route"))
+        .send()
+        .await
+        .expect("DELETE");
+    assert_eq!(r.status(), 404);
+
+    for probe in ["/healthz", "/readyz"] {
+        let r = app.get(probe).await;
+        assert_eq!(r.status(), 200, "{probe}");
+        let ct = r
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok());
+        assert_eq!(ct, Some("text/plain; charset=utf-8"), "{probe}");
+    }
+
+    // expire_after is bounded (it panicked the worker past chrono's range).
+    let r = app
+        .http
+        .put(app.url("/v1/secrets/anonymous/openapi/huge"))
+        .json(&serde_json::json!({"value": "v", "expire_after": 6_195_203_321_828_650u64}))
+        .send()
+        .await
+        .expect("PUT");
+    assert_eq!(r.status(), 422);
+    let body = r.text().await.expect("body");
+    assert!(
+        body.contains("expire_after") && body.contains("315360000"),
+        "{body}"
+    );
+    assert_eq!(app.get("/healthz").await.status(), 200);
+
+    // The stream's position is checked before the job is looked up (204 for unknown jobs).
+    let stream = format!("/v1/result/{unknown_job}/log/output/stream");
+    let r = app.get(&format!("{stream}?start_fragment=-1")).await;
+    assert_eq!(r.status(), 400);
+    assert!(r.text().await.expect("body").contains("start_fragment"));
+    let r = app
+        .http
+        .get(app.url(&stream))
+        .header("Last-Event-ID", "x")
+        .send()
+        .await
+        .expect("GET");
+    assert_eq!(r.status(), 400);
+    assert!(r.text().await.expect("body").contains("Last-Event-ID"));
+    assert_eq!(app.get(&stream).await.status(), 204);
+
+    // So is a result's job_state.
+    let r = app
+        .post_json(
+            &format!("/v1/result/{unknown_job}"),
+            &serde_json::json!({"job_state": "no-such-state"}),
+        )
+        .await;
+    assert_eq!(r.status(), 422);
+    assert!(r.text().await.expect("body").contains("job_state"));
+
+    // Bodies and a job's sections are objects: serde would read a struct from an array.
+    let r = app.post_raw("/v1/agents/data/openapi-agent", "[]").await;
+    assert_eq!(r.status(), 422);
+    assert!(r.text().await.expect("body").contains("JSON object"));
+    let queue = app.queue("openapi-shape");
+    for (field, job) in [
+        (
+            "reserve_data",
+            serde_json::json!({"job_queue": queue, "reserve_data": [null, null]}),
+        ),
+        (
+            "test_data",
+            serde_json::json!({"job_queue": queue, "test_data": ["echo"]}),
+        ),
+        (
+            "test_data.attachments[0]",
+            serde_json::json!({"job_queue": queue, "test_data": {"attachments": [["a"]]}}),
+        ),
+    ] {
+        let r = app.post_json("/v1/job", &job).await;
+        assert_eq!(r.status(), 422, "{field}");
+        let body = r.text().await.expect("body");
+        assert!(body.contains(field), "{field}: {body}");
+    }
+
+    app.cleanup().await;
+}
