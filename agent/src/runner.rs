@@ -469,21 +469,32 @@ impl Run {
         {
             return Ok(());
         }
-        let bytes = match self.client.get_attachments(&self.job.id).await {
-            Ok(Some(b)) => b,
-            Ok(None) => return Ok(()),
-            Err(e) => {
-                tracing::warn!(error = %e, "could not download the attachments");
-                return Ok(());
+        // Downloaded to disk, then unpacked from disk: never whole in memory.
+        let download = self.rundir.join("attachments.tar.gz");
+        match self.client.get_attachments_to(&self.job.id, &download).await {
+            Ok(true) => {
+                let dest = self.rundir.join("attachments");
+                let limits = self.cfg.archive_limits();
+                let archive = download.clone();
+                let r = tokio::task::spawn_blocking(move || {
+                    archive::unpack_attachments(&archive, &dest, limits)
+                })
+                .await
+                .context("attachment extraction panicked")?;
+                match r {
+                    Ok(s) => {
+                        tracing::info!(files = s.files, bytes = s.file_bytes, "attachments unpacked")
+                    }
+                    Err(e) => tracing::warn!(
+                        error = %e,
+                        "attachments refused; the job runs without them"
+                    ),
+                }
             }
-        };
-        let dest = self.rundir.join("attachments");
-        let r = tokio::task::spawn_blocking(move || archive::extract_attachments(&bytes, &dest))
-            .await
-            .context("attachment extraction panicked")?;
-        if let Err(e) = r {
-            tracing::warn!(error = %e, "attachments refused");
+            Ok(false) => {}
+            Err(e) => tracing::warn!(error = %e, "could not download the attachments"),
         }
+        let _ = tokio::fs::remove_file(&download).await;
         // The phases see the job without the `attachments` keys (upstream).
         if let Some(o) = self.job.def.as_object_mut() {
             for key in ["provision_data", "firmware_update_data", "test_data"] {
@@ -812,16 +823,24 @@ impl Run {
         }
         let dir = self.rundir.join("artifacts");
         if archive::non_empty_dir(&dir) {
+            // Packed into a file in the spool, uploaded streaming from it.
             let d = dir.clone();
-            match tokio::task::spawn_blocking(move || archive::pack_artifacts(&d)).await {
-                Ok(Ok(tarball)) => {
-                    if let Err(e) = self.spool.push_artifact(&tarball) {
+            let staged = self.spool.artifact_staging();
+            let out = staged.clone();
+            match tokio::task::spawn_blocking(move || archive::pack_artifacts(&d, &out)).await {
+                Ok(Ok(packed)) => {
+                    for (path, why) in &packed.skipped {
+                        tracing::warn!(path = %path.display(), reason = %why, "left out of the artifacts");
+                    }
+                    tracing::info!(files = packed.files, bytes = packed.file_bytes, "artifacts packed");
+                    if let Err(e) = self.spool.push_artifact_file(&staged) {
                         tracing::error!(error = %e, "cannot spool the artifacts; they are not sent");
                     }
                 }
                 Ok(Err(e)) => tracing::warn!(error = %e, "could not pack the artifacts"),
                 Err(e) => tracing::warn!(error = %e, "artifact packing panicked"),
             }
+            let _ = std::fs::remove_file(&staged);
         }
         let mut body = Map::new();
         body.insert("job_state".into(), json!("complete"));
@@ -1065,7 +1084,7 @@ mod tests {
         let (spool, mut rx) = Spool::create(sdir.clone(), &meta).expect("spool");
         let read = move || {
             let mut out = Vec::new();
-            while let Ok(seq) = rx.try_recv() {
+            while let Some(seq) = rx.try_recv() {
                 let path = sdir.join(format!("{seq:012}.json"));
                 let bytes = std::fs::read(&path).expect("entry");
                 if let Ok(Entry::Log { log_type, fragment }) = serde_json::from_slice(&bytes) {

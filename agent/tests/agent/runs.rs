@@ -368,3 +368,84 @@ async fn serial_logs_keep_characters_across_fragment_boundaries() {
         "escape codes in the server log"
     );
 }
+
+/// Peak resident memory (`VmHWM`) of process `pid`, in KiB.
+fn peak_rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Submits a job with attachments, uploads a harmless archive, then puts `stored` in
+/// its place in the server's store: the agent gets an archive the server did not check
+/// (a server with looser limits, or one stored before the check existed).
+async fn job_with_stored_attachments(lab: &TestLab, stored: &[u8]) -> String {
+    use testflinger_archive::hostile;
+    let id = lab
+        .submit(json!({"test_data": {"test_cmds": "x", "attachments": [{"agent": "ok"}]}}))
+        .await;
+    let harmless = hostile::targz(&[hostile::file("test/ok", b"ok\n", 0o644)]);
+    let form = reqwest::multipart::Form::new().part(
+        "file",
+        reqwest::multipart::Part::bytes(harmless).file_name("attachments.tar.gz"),
+    );
+    let r = lab
+        .http
+        .post(format!("{}/v1/job/{id}/attachments", lab.base))
+        .multipart(form)
+        .send()
+        .await
+        .expect("upload");
+    assert!(r.status().is_success(), "upload: {}", r.status());
+    let path = lab.path(&format!("data/attachments/{id}.tar.gz"));
+    assert!(path.exists(), "{}", path.display());
+    std::fs::write(&path, stored).expect("replace the stored archive");
+    id
+}
+
+/// Issue 13.2: the agent unpacks with the server's checker: a second gzip member holding
+/// `../x` and a gzip bomb (10 GiB of zeros) are refused with a message naming the member
+/// and the limit; the agent's memory stays small; the job runs without attachments.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_attachments_are_refused_by_the_agent_with_bounded_memory() {
+    use testflinger_archive::hostile;
+    let mut lab = TestLab::start("attach-hostile").await;
+    let two = hostile::two_members(
+        &[hostile::file("test/ok", b"ok\n", 0o644)],
+        &[hostile::file("../x", b"evil\n", 0o644)],
+    );
+    let bomb = hostile::bomb("test/zeros", 10 << 30);
+    let a = job_with_stored_attachments(&lab, &two).await;
+    let b = job_with_stored_attachments(&lab, &bomb).await;
+    let agent = lab.spawn_agent(
+        "dev-hostile",
+        json!({"test_command": "ls -R attachments 2>&1 || echo no-attachments; ls .. ; du -sk ."}),
+    );
+    for id in [&a, &b] {
+        let r = lab.wait_complete(id, Duration::from_secs(60)).await;
+        let out = r["test_output"].as_str().unwrap_or_default();
+        assert!(out.contains("no-attachments"), "{id}: {out}");
+        assert!(!out.contains("zeros"), "{id}: {out}");
+    }
+    let log = lab.agent_log(agent);
+    assert!(log.contains("attachments refused"), "{log}");
+    assert!(log.contains("member '../x' contains '..'"), "{log}");
+    assert!(
+        log.contains("member 'test/zeros' (10737418240 bytes) takes the archive past the limit of 8589934592 unpacked bytes"),
+        "{log}"
+    );
+    assert!(log.contains("archive_max_unpacked_bytes"), "{log}");
+    let pid = lab.agent(agent).pid();
+    let peak = peak_rss_kib(pid);
+    println!("agent peak RSS (VmHWM) after both refusals: {peak} KiB");
+    assert!(peak > 0 && peak < 64 * 1024, "agent peak RSS {peak} KiB");
+    // Nothing escaped the run directory.
+    let run = lab.path("run-dev-hostile");
+    assert!(!run.join("x").exists());
+    assert!(!lab.path("x").exists());
+}
