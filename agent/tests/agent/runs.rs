@@ -181,7 +181,7 @@ async fn artifacts_round_trip() {
     lab.spawn_agent(
         "dev-art",
         json!({
-            "test_command": "mkdir -p artifacts/sub && echo payload > artifacts/result.txt && echo deep > artifacts/sub/x.txt",
+            "test_command": "mkdir -p artifacts/sub && echo payload > artifacts/result.txt && echo deep > artifacts/sub/x.txt && printf '#!/bin/sh\\n' > artifacts/run.sh && chmod 750 artifacts/run.sh && chmod 600 artifacts/sub/x.txt && ln -s /etc/passwd artifacts/link",
         }),
     );
     let id = lab.submit(json!({"test_data": {"test_cmds": "x"}})).await;
@@ -189,6 +189,7 @@ async fn artifacts_round_trip() {
     let gz = lab.artifact(&id).await.expect("artifact uploaded");
     let mut archive = tar::Archive::new(GzDecoder::new(&gz[..]));
     let mut files = std::collections::BTreeMap::new();
+    let mut modes = std::collections::BTreeMap::new();
     for e in archive.entries().expect("entries") {
         let mut e = e.expect("entry");
         let name = e.path().expect("path").display().to_string();
@@ -196,12 +197,21 @@ async fn artifacts_round_trip() {
             name.starts_with("artifacts"),
             "top entry must be artifacts/: {name}"
         );
+        assert!(
+            e.header().entry_type().is_file() || e.header().entry_type().is_dir(),
+            "only files and folders (the server refuses links): {name}"
+        );
+        modes.insert(name.clone(), e.header().mode().expect("mode") & 0o7777);
         let mut s = String::new();
         if e.header().entry_type().is_file() {
             e.read_to_string(&mut s).expect("read");
             files.insert(name, s);
         }
     }
+    // Modes are kept (issue 13.2); the symbolic link was left out.
+    assert_eq!(modes.get("artifacts/run.sh"), Some(&0o750), "{modes:?}");
+    assert_eq!(modes.get("artifacts/sub/x.txt"), Some(&0o600), "{modes:?}");
+    assert!(!modes.contains_key("artifacts/link"), "{modes:?}");
     assert_eq!(
         files.get("artifacts/result.txt").map(String::as_str),
         Some("payload\n")
@@ -212,13 +222,13 @@ async fn artifacts_round_trip() {
     );
 }
 
-fn attachments_tarball(entries: &[(&str, &[u8])]) -> Vec<u8> {
+fn attachments_tarball(entries: &[(&str, &[u8], u32)]) -> Vec<u8> {
     let enc = GzEncoder::new(Vec::new(), Compression::default());
     let mut b = tar::Builder::new(enc);
-    for (name, data) in entries {
+    for (name, data, mode) in entries {
         let mut h = tar::Header::new_gnu();
         h.set_size(data.len() as u64);
-        h.set_mode(0o644);
+        h.set_mode(*mode);
         b.append_data(&mut h, name, *data).expect("append");
     }
     b.into_inner().expect("tar").finish().expect("gz")
@@ -230,7 +240,7 @@ async fn attachments_are_fetched_and_extracted() {
     lab.spawn_agent(
         "dev-attach",
         json!({
-            "test_command": "cat attachments/test/data/input.txt; grep -c attachments testflinger.json || true",
+            "test_command": "cat attachments/test/data/input.txt; grep -c attachments testflinger.json || true; ./attachments/test/run.sh; stat -c 'mode=%a' attachments/test/run.sh",
         }),
     );
     let id = lab
@@ -238,7 +248,11 @@ async fn attachments_are_fetched_and_extracted() {
             json!({"test_data": {"test_cmds": "x", "attachments": [{"agent": "data/input.txt"}]}}),
         )
         .await;
-    let gz = attachments_tarball(&[("test/data/input.txt", b"attached-content\n")]);
+    let gz = attachments_tarball(&[
+        ("test/data/input.txt", b"attached-content\n", 0o644),
+        // setuid is dropped, the rest of the mode kept.
+        ("test/run.sh", b"#!/bin/sh\necho script-ran\n", 0o4750),
+    ]);
     let form = reqwest::multipart::Form::new().part(
         "file",
         reqwest::multipart::Part::bytes(gz).file_name("attachments.tar.gz"),
@@ -254,6 +268,8 @@ async fn attachments_are_fetched_and_extracted() {
     let r = lab.wait_complete(&id, LONG).await;
     let out = r["test_output"].as_str().unwrap_or_default();
     assert!(out.contains("attached-content"), "{out}");
+    assert!(out.contains("script-ran"), "{out}");
+    assert!(out.contains("mode=750"), "{out}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
