@@ -39,8 +39,7 @@ pub fn non_empty_dir(dir: &Path) -> bool {
 /// Errors: `dir` cannot be read or `out` written.
 pub fn pack_artifacts(dir: &Path, out: &Path) -> io::Result<Packed> {
     let file = std::fs::File::create(out)?;
-    let (file, packed) =
-        testflinger_archive::pack_dir(dir, "artifacts", io::BufWriter::new(file))?;
+    let (file, packed) = testflinger_archive::pack_dir(dir, "artifacts", io::BufWriter::new(file))?;
     file.into_inner().map_err(|e| e.into_error())?.sync_all()?;
     Ok(packed)
 }

@@ -489,10 +489,12 @@ impl ApiClient {
         let r = self
             .send(|| {
                 let body = match std::fs::File::open(path) {
-                    Ok(f) => reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::with_capacity(
-                        tokio::fs::File::from_std(f),
-                        64 * 1024,
-                    )),
+                    Ok(f) => {
+                        reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::with_capacity(
+                            tokio::fs::File::from_std(f),
+                            64 * 1024,
+                        ))
+                    }
                     // Gone since the check above: the request fails and is retried.
                     Err(e) => reqwest::Body::wrap_stream(futures_util::stream::once(async move {
                         Err::<bytes::Bytes, _>(e)

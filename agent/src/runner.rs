@@ -471,7 +471,11 @@ impl Run {
         }
         // Downloaded to disk, then unpacked from disk: never whole in memory.
         let download = self.rundir.join("attachments.tar.gz");
-        match self.client.get_attachments_to(&self.job.id, &download).await {
+        match self
+            .client
+            .get_attachments_to(&self.job.id, &download)
+            .await
+        {
             Ok(true) => {
                 let dest = self.rundir.join("attachments");
                 let limits = self.cfg.archive_limits();
@@ -483,7 +487,11 @@ impl Run {
                 .context("attachment extraction panicked")?;
                 match r {
                     Ok(s) => {
-                        tracing::info!(files = s.files, bytes = s.file_bytes, "attachments unpacked")
+                        tracing::info!(
+                            files = s.files,
+                            bytes = s.file_bytes,
+                            "attachments unpacked"
+                        )
                     }
                     Err(e) => tracing::warn!(
                         error = %e,
@@ -832,7 +840,11 @@ impl Run {
                     for (path, why) in &packed.skipped {
                         tracing::warn!(path = %path.display(), reason = %why, "left out of the artifacts");
                     }
-                    tracing::info!(files = packed.files, bytes = packed.file_bytes, "artifacts packed");
+                    tracing::info!(
+                        files = packed.files,
+                        bytes = packed.file_bytes,
+                        "artifacts packed"
+                    );
                     if let Err(e) = self.spool.push_artifact_file(&staged) {
                         tracing::error!(error = %e, "cannot spool the artifacts; they are not sent");
                     }

@@ -77,11 +77,10 @@ impl FileStore {
         // attachments are unpacked by the agent with the same checker.
         let check_path = tmp.clone();
         let limits = self.limits;
-        let verdict =
-            tokio::task::spawn_blocking(move || check_archive(&check_path, kind, limits))
-                .await
-                .map_err(|e| ApiError::Internal(anyhow::anyhow!("archive check panicked: {e}")))
-                .and_then(|r| r);
+        let verdict = tokio::task::spawn_blocking(move || check_archive(&check_path, kind, limits))
+            .await
+            .map_err(|e| ApiError::Internal(anyhow::anyhow!("archive check panicked: {e}")))
+            .and_then(|r| r);
         if let Err(e) = verdict {
             let _ = tokio::fs::remove_file(&tmp).await;
             return Err(e);

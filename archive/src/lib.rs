@@ -206,7 +206,8 @@ pub fn unpack(
     };
     let result = walk(file, layout, limits, &mut sink).and_then(|summary| {
         // Folder modes last: a read-only folder must not stop its own members.
-        sink.dirs.sort_by_key(|(p, _)| std::cmp::Reverse(p.components().count()));
+        sink.dirs
+            .sort_by_key(|(p, _)| std::cmp::Reverse(p.components().count()));
         for (p, mode) in &sink.dirs {
             let path = staging.join(p);
             std::fs::set_permissions(&path, std::fs::Permissions::from_mode(*mode))
@@ -441,9 +442,7 @@ fn walk<R: Read>(
         place,
         detail: e.to_string(),
     };
-    let mut entries = archive
-        .entries()
-        .map_err(|e| format(e, place("")))?;
+    let mut entries = archive.entries().map_err(|e| format(e, place("")))?;
     loop {
         let step_start = gauge.read.get();
         gauge.ceiling.set(

@@ -41,13 +41,22 @@ fn a_plain_attachments_archive_passes_with_its_summary() {
 
 #[test]
 fn a_second_gzip_member_is_read_and_its_traversal_refused() {
-    let gz = two_members(&[file("test/ok", b"1", 0o644)], &[file("../x", b"evil", 0o644)]);
+    let gz = two_members(
+        &[file("test/ok", b"1", 0o644)],
+        &[file("../x", b"evil", 0o644)],
+    );
     // A reader of the first member alone sees a harmless archive (the old checker).
     let mut first = tar::Archive::new(flate2::read::GzDecoder::new(&gz[..]));
     let names: Vec<String> = first
         .entries()
         .expect("entries")
-        .map(|e| e.expect("entry").path().expect("path").display().to_string())
+        .map(|e| {
+            e.expect("entry")
+                .path()
+                .expect("path")
+                .display()
+                .to_string()
+        })
         .collect();
     assert_eq!(names, ["test/ok"]);
     let (m, why) = refused_member(check_att(&gz));
@@ -157,10 +166,7 @@ fn a_bomb_is_refused_at_its_header_without_reading_its_data() {
 fn zeros_behind_a_lying_header_are_cut_off_after_the_header_budget() {
     let gz = hostile::lying_bomb("test/small", GIB);
     let e = check_att(&gz).expect_err("refused");
-    assert!(
-        matches!(e, ArchiveError::Format { .. }),
-        "{e:?}"
-    );
+    assert!(matches!(e, ArchiveError::Format { .. }), "{e:?}");
     assert!(e.to_string().contains("test/small"), "{e}");
     assert!(e.to_string().contains("padding"), "{e}");
     // Under a small limit the same archive passes the limit first.
@@ -267,7 +273,10 @@ fn unpack_keeps_modes_without_setuid_and_leaves_nothing_when_refused() {
         Err(ArchiveError::Write { .. })
     ));
 
-    let bad = two_members(&[file("test/ok", b"1", 0o644)], &[file("../x", b"e", 0o644)]);
+    let bad = two_members(
+        &[file("test/ok", b"1", 0o644)],
+        &[file("../x", b"e", 0o644)],
+    );
     std::fs::write(&archive, &bad).expect("write");
     let dest2 = tmp.path().join("other");
     let (m, _) = refused_member(unpack(

@@ -289,9 +289,15 @@ async fn attachments_hiding_in_a_second_gzip_member_or_in_a_bomb_are_refused() {
     let (status, text) = upload_attachments(&app, &id, bomb).await;
     let took = started.elapsed();
     assert_eq!(status, 413, "{text}");
-    assert!(text.contains("member 'test/zeros' (10737418240 bytes)"), "{text}");
+    assert!(
+        text.contains("member 'test/zeros' (10737418240 bytes)"),
+        "{text}"
+    );
     assert!(text.contains("8589934592"), "{text}");
-    assert!(text.contains("TESTFLINGER_ARCHIVE_MAX_UNPACKED_BYTES"), "{text}");
+    assert!(
+        text.contains("TESTFLINGER_ARCHIVE_MAX_UNPACKED_BYTES"),
+        "{text}"
+    );
     assert!(took < std::time::Duration::from_secs(10), "{took:?}");
 
     let two = hostile::two_members(
@@ -304,7 +310,8 @@ async fn attachments_hiding_in_a_second_gzip_member_or_in_a_bomb_are_refused() {
     assert!(text.contains("member '../x'"), "{text}");
 
     // Zeros behind a header that declares 1 byte: cut off after the header budget.
-    let (status, text) = upload_attachments(&app, &id, hostile::lying_bomb("test/small", 1 << 30)).await;
+    let (status, text) =
+        upload_attachments(&app, &id, hostile::lying_bomb("test/small", 1 << 30)).await;
     assert_eq!(status, 400, "{text}");
     assert!(text.contains("'test/small'"), "{text}");
 
@@ -313,7 +320,11 @@ async fn attachments_hiding_in_a_second_gzip_member_or_in_a_bomb_are_refused() {
         "test process peak RSS: {before} KiB before the hostile uploads, {after} KiB after (+{} KiB), bomb refused in {took:?}",
         after.saturating_sub(before)
     );
-    assert!(after.saturating_sub(before) < 64 * 1024, "peak RSS grew by {} KiB", after - before);
+    assert!(
+        after.saturating_sub(before) < 64 * 1024,
+        "peak RSS grew by {} KiB",
+        after - before
+    );
     // Nothing was stored and the job still waits for its attachments.
     assert_eq!(
         app.get(&format!("/v1/job/{id}/attachments")).await.status(),
@@ -380,8 +391,18 @@ async fn an_artifact_that_is_not_a_gzip_tar_is_refused() {
     let (status, text) = upload_artifact(&app, &id, &token, good.clone()).await;
     assert_eq!(status, 200, "{text}");
     for (what, bytes, want, says) in [
-        ("plain text", b"just some text".to_vec(), 400, "not a gzip tar archive"),
-        ("gzip of no tar", hostile::gzip(&[7u8; 5000]), 400, "not a gzip tar archive"),
+        (
+            "plain text",
+            b"just some text".to_vec(),
+            400,
+            "not a gzip tar archive",
+        ),
+        (
+            "gzip of no tar",
+            hostile::gzip(&[7u8; 5000]),
+            400,
+            "not a gzip tar archive",
+        ),
         (
             "traversal in a second gzip member",
             hostile::two_members(
@@ -403,7 +424,12 @@ async fn an_artifact_that_is_not_a_gzip_tar_is_refused() {
             400,
             "symbolic link",
         ),
-        ("a bomb", hostile::bomb("artifacts/zeros", 10 << 30), 413, "TESTFLINGER_ARCHIVE_MAX_UNPACKED_BYTES"),
+        (
+            "a bomb",
+            hostile::bomb("artifacts/zeros", 10 << 30),
+            413,
+            "TESTFLINGER_ARCHIVE_MAX_UNPACKED_BYTES",
+        ),
     ] {
         let (status, text) = upload_artifact(&app, &id, &token, bytes).await;
         assert_eq!(status, want, "{what}: {text}");
@@ -414,7 +440,9 @@ async fn an_artifact_that_is_not_a_gzip_tar_is_refused() {
     let got = app.get(&format!("/v1/result/{id}/artifact")).await;
     assert_eq!(got.status(), 200);
     assert_eq!(
-        got.headers().get("content-length").and_then(|v| v.to_str().ok()),
+        got.headers()
+            .get("content-length")
+            .and_then(|v| v.to_str().ok()),
         Some(good.len().to_string().as_str())
     );
     assert_eq!(got.bytes().await.expect("bytes").to_vec(), good);
