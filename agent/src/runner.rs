@@ -798,13 +798,34 @@ impl Run {
 
     /// Streams `<phase>-serial.log`, written by the connector's serial logger.
     async fn send_serial(&mut self, phase: Phase) -> anyhow::Result<()> {
+        use tokio::io::AsyncReadExt;
         let path = self.rundir.join(format!("{phase}-serial.log"));
-        let Ok(data) = tokio::fs::read(&path).await else {
+        let Ok(mut file) = tokio::fs::File::open(&path).await else {
             return Ok(());
         };
-        // Cut at character boundaries: a character across a 1 MiB cut must not turn into
-        // U+FFFD on both sides.
-        for chunk in testflinger_common::text::utf8_chunks(&data, SERIAL_CHUNK) {
+        // Read in pieces (a serial log can be larger than memory), cut at character
+        // boundaries: a character across a 1 MiB cut must not turn into U+FFFD on both
+        // sides. More than SERIAL_CHUNK bytes stay buffered until the end, so the cuts
+        // are those of `utf8_chunks` over the whole file.
+        let mut buf: Vec<u8> = Vec::with_capacity(2 * SERIAL_CHUNK);
+        let mut eof = false;
+        loop {
+            while !eof && buf.len() <= SERIAL_CHUNK {
+                let want = (2 * SERIAL_CHUNK - buf.len()) as u64;
+                match (&mut file).take(want).read_to_end(&mut buf).await {
+                    Ok(n) => eof = n == 0,
+                    Err(e) => {
+                        tracing::warn!(path = %path.display(), error = %e, "cannot read the rest of the serial log");
+                        eof = true;
+                    }
+                }
+            }
+            if buf.is_empty() {
+                break;
+            }
+            let cut = testflinger_common::text::utf8_cut(&buf, SERIAL_CHUNK);
+            let chunk = String::from_utf8_lossy(&buf[..cut]).into_owned();
+            buf.drain(..cut);
             let fragment = Fragment {
                 fragment_number: self.serial_counter,
                 timestamp: now_iso(),
