@@ -112,6 +112,11 @@ pub struct Config {
     /// server's `TESTFLINGER_ARCHIVE_MAX_UNPACKED_BYTES`).
     #[serde(default = "default_archive_max_unpacked_bytes")]
     pub archive_max_unpacked_bytes: u64,
+    /// Most bytes of a job's writes (output, serial logs, results, artifacts) waiting in
+    /// the spool for the API; past it the phase's output is not read until delivery
+    /// catches up, so the phase blocks on its pipe. Nothing is dropped.
+    #[serde(default = "default_spool_max_bytes")]
+    pub spool_max_bytes: u64,
     /// Every top-level string value of the file, exported to phases as lowercase
     /// variables (upstream behaviour the charm's wrapper scripts rely on).
     #[serde(skip)]
@@ -141,6 +146,9 @@ fn default_archive_max_entries() -> u64 {
 }
 fn default_archive_max_unpacked_bytes() -> u64 {
     testflinger_archive::Limits::DEFAULT_MAX_UNPACKED_BYTES
+}
+fn default_spool_max_bytes() -> u64 {
+    256 << 20
 }
 
 impl Config {
@@ -227,6 +235,9 @@ impl Config {
             .map_err(|e| ("queue_type", e))?;
         if self.archive_max_entries == 0 {
             return Err(("archive_max_entries", "must be at least 1".into()));
+        }
+        if self.spool_max_bytes == 0 {
+            return Err(("spool_max_bytes", "must be at least 1".into()));
         }
         if self.archive_max_unpacked_bytes == 0 {
             return Err(("archive_max_unpacked_bytes", "must be at least 1".into()));

@@ -712,8 +712,23 @@ impl Run {
         let lost = self.signals.lost.clone();
         let abort = self.signals.abort.clone();
         let mut stop = None;
+        let spool = self.spool.clone();
+        let spool_max = self.cfg.spool_max_bytes;
+        let mut held = false;
         while !(eof && exited.is_some()) {
             let running = exited.is_none();
+            // Backpressure: past `spool_max_bytes` waiting for the API, the output is not
+            // read (the phase blocks on its pipe) and its silence is not counted. Once
+            // the phase exited, what is left in the pipe is read regardless.
+            let full = running && spool.backlog() > spool_max;
+            if full && !held {
+                tracing::warn!(
+                    backlog = spool.backlog(),
+                    spool_max_bytes = spool_max,
+                    "the API is behind on this job's writes; the phase's output waits"
+                );
+            }
+            held = full;
             tokio::select! {
                 _ = lost.cancelled() => { stop = Some(Stop::Lost); break; }
                 _ = expired.cancelled() => { stop = Some(Stop::Expired); break; }
@@ -732,10 +747,16 @@ impl Run {
                 _ = sleep_until(global_deadline.unwrap_or(far)), if running && global_deadline.is_some() => {
                     stop = global.map(Stop::GlobalTimeout); break;
                 }
-                _ = sleep_until(output_deadline.unwrap_or(far)), if running && output_deadline.is_some() => {
+                _ = sleep_until(output_deadline.unwrap_or(far)), if running && output_deadline.is_some() && !full => {
                     stop = output.map(Stop::OutputTimeout); break;
                 }
-                r = proc.output.read(&mut buf), if !eof => match r {
+                _ = spool.wait_backlog_below(spool_max), if full && !eof => {
+                    tracing::info!("the API caught up; reading the phase's output again");
+                    if let Some(s) = output {
+                        output_deadline = Some(Instant::now() + Duration::from_secs(s));
+                    }
+                }
+                r = proc.output.read(&mut buf), if !eof && !full => match r {
                     Ok(0) | Err(_) => eof = true,
                     Ok(n) => {
                         sink.push(&buf[..n]);

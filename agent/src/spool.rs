@@ -16,13 +16,17 @@
 //! The writer and the delivery task share one number through a watch channel (how many
 //! entries are stored; one value, never a list), and delivery reads the entries from
 //! disk in order. Nothing is dropped for lack of room; an artifact is packed into a
-//! file in the spool and uploaded streaming from it.
+//! file in the spool and uploaded streaming from it. The disk is bounded too: the
+//! runner stops reading a phase's output while more than `spool_max_bytes` wait
+//! ([`Spool::wait_backlog_below`]), so a phase that outpaces the API (or runs while it
+//! is away) blocks on its pipe.
 
 use crate::client::{ApiClient, ClientError, Fragment};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use testflinger_common::LogType;
@@ -94,6 +98,9 @@ pub struct Spool {
     inner: Arc<Mutex<Inner>>,
     /// The sequence number below which every entry is delivered (or dropped).
     delivered: Arc<watch::Sender<u64>>,
+    /// Bytes stored and not delivered yet (entries and artifact files): what
+    /// [`Spool::wait_backlog_below`] holds the phase's output back on.
+    backlog: Arc<AtomicU64>,
 }
 
 #[derive(Debug)]
@@ -198,6 +205,7 @@ impl Spool {
                     terminal: false,
                 })),
                 delivered: Arc::new(watch::Sender::new(0)),
+                backlog: Arc::new(AtomicU64::new(0)),
             },
             Pending::new(0, rx),
         ))
@@ -231,12 +239,20 @@ impl Spool {
             next,
             closed: false,
         });
+        let backlog: u64 = std::fs::read_dir(&dir)
+            .ok()?
+            .flatten()
+            .filter(|e| e.file_name() != "meta.json")
+            .filter_map(|e| e.metadata().ok())
+            .map(|m| m.len())
+            .sum();
         Some((
             meta,
             Spool {
                 dir,
                 inner: Arc::new(Mutex::new(Inner { next, tx, terminal })),
                 delivered: Arc::new(watch::Sender::new(first)),
+                backlog: Arc::new(AtomicU64::new(backlog)),
             },
             Pending::new(first, rx),
         ))
@@ -267,6 +283,23 @@ impl Spool {
         )
     }
 
+    /// Bytes stored and not delivered yet.
+    pub fn backlog(&self) -> u64 {
+        self.backlog.load(Ordering::SeqCst)
+    }
+
+    /// Waits until at most `max` bytes wait for delivery. The phase's output is read
+    /// only then: a phase writing faster than the API takes it (or while the API is
+    /// away) blocks on its pipe instead of filling the disk, and nothing is dropped.
+    pub async fn wait_backlog_below(&self, max: u64) {
+        let mut rx = self.delivered.subscribe();
+        while self.backlog() > max {
+            if rx.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
     /// Where to pack an artifact before [`Spool::push_artifact_file`] takes it: a file
     /// in the spool directory that delivery never reads.
     pub fn artifact_staging(&self) -> PathBuf {
@@ -292,13 +325,17 @@ impl Spool {
             .map_err(|_| io::Error::other("spool lock poisoned"))?;
         let seq = inner.next;
         let mut entry = entry.clone();
+        let mut size = 0;
         if let Some(src) = file {
             let name = format!("{seq:012}.tar.gz");
+            size += std::fs::metadata(src)?.len();
             std::fs::rename(src, self.dir.join(&name))?;
             entry = Entry::Artifact { file: name };
         }
         let bytes = serde_json::to_vec(&entry).map_err(io::Error::other)?;
         write_atomic(&entry_path(&self.dir, seq), &bytes)?;
+        size += bytes.len() as u64;
+        self.backlog.fetch_add(size, Ordering::SeqCst);
         inner.next = seq + 1;
         inner.terminal |= entry.is_terminal();
         inner.tx.send_modify(|s| s.next = seq + 1);
@@ -336,8 +373,18 @@ pub async fn deliver(
 ) -> Delivered {
     let client = client.once(ATTEMPT_TIMEOUT);
     let dir = spool.dir.clone();
+    // What an entry took on disk leaves the backlog once it is delivered or dropped.
+    let done = |seq: u64, size: u64| {
+        let _ = spool
+            .backlog
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |b| {
+                Some(b.saturating_sub(size))
+            });
+        spool.delivered.send_replace(seq + 1);
+    };
     while let Some(seq) = pending.recv().await {
         let path = entry_path(&dir, seq);
+        let mut size = std::fs::metadata(&path).map_or(0, |m| m.len());
         let entry = match std::fs::read(&path)
             .map_err(|e| e.to_string())
             .and_then(|b| serde_json::from_slice::<Entry>(&b).map_err(|e| e.to_string()))
@@ -346,9 +393,13 @@ pub async fn deliver(
             Err(e) => {
                 tracing::error!(entry = %path.display(), error = %e, "unreadable spool entry; skipping it");
                 let _ = std::fs::remove_file(&path);
+                done(seq, size);
                 continue;
             }
         };
+        if let Entry::Artifact { file } = &entry {
+            size += std::fs::metadata(dir.join(file)).map_or(0, |m| m.len());
+        }
         let mut pause = Duration::from_millis(100);
         let mut failures = 0u32;
         loop {
@@ -386,7 +437,7 @@ pub async fn deliver(
             let _ = std::fs::remove_file(dir.join(file));
         }
         let _ = std::fs::remove_file(&path);
-        spool.delivered.send_replace(seq + 1);
+        done(seq, size);
     }
     remove(&dir);
     Delivered::All
