@@ -573,8 +573,8 @@ fn copy_data(
 }
 
 /// The member's path made relative and plain (`.` components dropped), or why it is
-/// refused. An empty result is the archive's root (`./`), allowed for a folder of an
-/// artifact only.
+/// refused. An empty result is the archive's root (`./`, as `tar -C dir .` writes it),
+/// allowed for a folder only (it unpacks to nothing).
 fn clean_path(member: &str, layout: Layout, is_dir: bool) -> Result<PathBuf, String> {
     let mut clean = PathBuf::new();
     for c in Path::new(member).components() {
@@ -587,17 +587,17 @@ fn clean_path(member: &str, layout: Layout, is_dir: bool) -> Result<PathBuf, Str
             }
         }
     }
-    match layout {
-        Layout::Attachments => {
-            let top = clean.components().next().map(|c| c.as_os_str());
-            if !top.is_some_and(|t| ATTACHMENT_ROOTS.iter().any(|r| t == *r)) {
-                return Err("is not under provision/, firmware_update/ or test/".into());
-            }
-        }
-        Layout::Artifact => {
-            if clean.as_os_str().is_empty() && !is_dir {
-                return Err("is a file without a name".into());
-            }
+    if clean.as_os_str().is_empty() {
+        return if is_dir {
+            Ok(clean)
+        } else {
+            Err("is a file without a name".into())
+        };
+    }
+    if layout == Layout::Attachments {
+        let top = clean.components().next().map(|c| c.as_os_str());
+        if !top.is_some_and(|t| ATTACHMENT_ROOTS.iter().any(|r| t == *r)) {
+            return Err("is not under provision/, firmware_update/ or test/".into());
         }
     }
     Ok(clean)

@@ -25,18 +25,22 @@ fn refused_member(r: Result<Summary, ArchiveError>) -> (String, String) {
 #[test]
 fn a_plain_attachments_archive_passes_with_its_summary() {
     let gz = targz(&[
+        member("./", EntryType::Directory, 0, &[], ""),
         member("test/", EntryType::Directory, 0, &[], ""),
         file("test/a.txt", b"hello", 0o644),
         file("provision/img", &[1; 1000], 0o600),
         file("./firmware_update/fw", b"x", 0o644),
     ]);
     let s = check_att(&gz).expect("accepted");
-    assert_eq!(s.entries, 4);
+    assert_eq!(s.entries, 5);
     assert_eq!(s.files, 3);
     assert_eq!(s.file_bytes, 1006);
     // 4 headers, 3 padded data blocks (1000 bytes take 2), 2 end blocks... and gzip's
     // padding of the stream to no particular size: at least this much was read.
-    assert!(s.unpacked_bytes >= (4 + 4 + 2) * 512, "{s:?}");
+    assert!(s.unpacked_bytes >= (5 + 4 + 2) * 512, "{s:?}");
+    // `./` as a file, or a file at the top: refused.
+    let (m, _) = refused_member(check_att(&targz(&[file("./", b"x", 0o644)])));
+    assert_eq!(m, "./");
 }
 
 #[test]
