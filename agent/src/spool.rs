@@ -510,6 +510,28 @@ mod tests {
         }
     }
 
+    #[tokio::test]
+    async fn pending_hands_out_every_stored_entry_then_ends_after_close() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let (spool, mut rx) = Spool::create(tmp.path().join("j"), &meta()).expect("create");
+        assert_eq!(rx.try_recv(), None);
+        let waiter = tokio::spawn(async move {
+            let mut got = Vec::new();
+            while let Some(seq) = rx.recv().await {
+                got.push(seq);
+            }
+            got
+        });
+        for n in 0..3 {
+            spool.push(&fragment(n)).expect("push");
+        }
+        assert!(spool.backlog() > 0);
+        // Stored before the close: still handed out.
+        spool.push(&fragment(3)).expect("push");
+        spool.close();
+        assert_eq!(waiter.await.expect("join"), [0, 1, 2, 3]);
+    }
+
     #[test]
     fn entries_survive_a_restart_in_order() {
         let tmp = tempfile::tempdir().expect("tmp");
