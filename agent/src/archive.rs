@@ -1,73 +1,28 @@
-//! Gzip tar archives: attachments in (extracted safely), artifacts out.
+//! The agent's side of [`testflinger_archive`] (the checker the server uses too):
+//! attachments unpacked from the downloaded file, artifacts packed into a file. Both
+//! stream from and to disk; neither holds an archive in memory.
 
-use flate2::Compression;
-use flate2::read::GzDecoder;
-use flate2::write::GzEncoder;
 use std::io;
-use std::path::{Component, Path, PathBuf};
+use std::path::Path;
+use testflinger_archive::{ArchiveError, Layout, Limit, Limits, Packed, Summary};
 
-/// Top-level folders an attachments archive may contain.
-const ATTACHMENT_ROOTS: [&str; 3] = ["provision", "firmware_update", "test"];
-
-/// Why an attachments archive was refused.
-#[derive(Debug, thiserror::Error)]
-pub enum ArchiveError {
-    #[error("unsafe entry '{0}' in the attachments archive")]
-    Unsafe(String),
-    #[error("cannot read the archive: {0}")]
-    Io(#[from] io::Error),
+/// Unpacks the attachments archive at `archive` into `dest` (which must not exist) with
+/// the server's rules and `limits`: every gzip member, regular files and folders under
+/// `provision/`, `firmware_update/` or `test/`, modes kept without setuid/setgid. A
+/// refused archive leaves nothing in `dest`.
+///
+/// Errors: the refusal, its message naming the member and, past a limit, the agent key
+/// that sets it (`archive_max_entries`, `archive_max_unpacked_bytes`).
+pub fn unpack_attachments(archive: &Path, dest: &Path, limits: Limits) -> Result<Summary, String> {
+    testflinger_archive::unpack(archive, dest, Layout::Attachments, limits).map_err(describe)
 }
 
-/// Extracts a gzip tar of attachments into `dest`. Only regular files and directories
-/// under `provision/`, `firmware_update/` or `test/` are accepted; absolute paths,
-/// `..`, links and device files are refused before anything is written.
-pub fn extract_attachments(gz: &[u8], dest: &Path) -> Result<(), ArchiveError> {
-    // First pass: check every entry, so a bad archive leaves nothing behind.
-    let mut planned: Vec<(PathBuf, bool)> = Vec::new();
-    let mut archive = tar::Archive::new(GzDecoder::new(gz));
-    for entry in archive.entries()? {
-        let entry = entry?;
-        let path = entry.path()?.into_owned();
-        let shown = path.display().to_string();
-        let kind = entry.header().entry_type();
-        let is_dir = kind.is_dir();
-        if !(is_dir || kind.is_file()) {
-            return Err(ArchiveError::Unsafe(shown));
-        }
-        let mut clean = PathBuf::new();
-        for c in path.components() {
-            match c {
-                Component::Normal(p) => clean.push(p),
-                Component::CurDir => {}
-                _ => return Err(ArchiveError::Unsafe(shown)),
-            }
-        }
-        let root_ok = clean
-            .components()
-            .next()
-            .and_then(|c| c.as_os_str().to_str())
-            .is_some_and(|r| ATTACHMENT_ROOTS.contains(&r));
-        if !root_ok {
-            return Err(ArchiveError::Unsafe(shown));
-        }
-        planned.push((clean, is_dir));
+fn describe(e: ArchiveError) -> String {
+    match e.limit() {
+        Some(Limit::Entries) => format!("{e} (agent key archive_max_entries)"),
+        Some(Limit::UnpackedBytes) => format!("{e} (agent key archive_max_unpacked_bytes)"),
+        None => e.to_string(),
     }
-    std::fs::create_dir_all(dest)?;
-    let mut archive = tar::Archive::new(GzDecoder::new(gz));
-    for (entry, (clean, is_dir)) in archive.entries()?.zip(planned) {
-        let mut entry = entry?;
-        let target = dest.join(&clean);
-        if is_dir {
-            std::fs::create_dir_all(&target)?;
-            continue;
-        }
-        if let Some(parent) = target.parent() {
-            std::fs::create_dir_all(parent)?;
-        }
-        let mut out = std::fs::File::create(&target)?;
-        io::copy(&mut entry, &mut out)?;
-    }
-    Ok(())
 }
 
 /// Whether `dir` exists and holds at least one entry.
@@ -77,72 +32,56 @@ pub fn non_empty_dir(dir: &Path) -> bool {
         .unwrap_or(false)
 }
 
-/// Packs `dir` as a gzip tar whose single top-level entry is `artifacts/`.
-pub fn pack_artifacts(dir: &Path) -> io::Result<Vec<u8>> {
-    let enc = GzEncoder::new(Vec::new(), Compression::default());
-    let mut b = tar::Builder::new(enc);
-    b.follow_symlinks(false);
-    b.append_dir_all("artifacts", dir)?;
-    b.into_inner()?.finish()
+/// Packs `dir` as a gzip tar whose single top-level entry is `artifacts/`, written to
+/// the file `out` (created or truncated, synced). Links, devices and fifos are left out
+/// (the server refuses archives holding them); [`Packed::skipped`] lists them.
+///
+/// Errors: `dir` cannot be read or `out` written.
+pub fn pack_artifacts(dir: &Path, out: &Path) -> io::Result<Packed> {
+    let file = std::fs::File::create(out)?;
+    let (file, packed) = testflinger_archive::pack_dir(dir, "artifacts", io::BufWriter::new(file))?;
+    file.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+    Ok(packed)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn tarball(entries: &[(&str, &[u8])]) -> Vec<u8> {
-        let enc = GzEncoder::new(Vec::new(), Compression::default());
-        let mut b = tar::Builder::new(enc);
-        for (name, data) in entries {
-            let mut h = tar::Header::new_gnu();
-            h.set_size(data.len() as u64);
-            h.set_mode(0o644);
-            h.set_entry_type(tar::EntryType::Regular);
-            // set_path refuses `..`; write the raw name to build hostile archives.
-            let bytes = name.as_bytes();
-            h.as_old_mut().name[..bytes.len()].copy_from_slice(bytes);
-            h.set_cksum();
-            b.append(&h, *data).expect("append");
-        }
-        b.into_inner().expect("tar").finish().expect("gz")
-    }
+    use testflinger_archive::hostile;
 
     #[test]
-    fn extracts_allowed_roots() {
+    fn a_refusal_past_a_limit_names_the_agent_key() {
         let dir = tempfile::tempdir().expect("tmp");
-        let gz = tarball(&[("test/a.txt", b"hello"), ("provision/b/c", b"x")]);
-        extract_attachments(&gz, dir.path()).expect("extract");
-        assert_eq!(
-            std::fs::read(dir.path().join("test/a.txt")).expect("read"),
-            b"hello"
-        );
-    }
-
-    #[test]
-    fn refuses_traversal_and_other_roots() {
-        let dir = tempfile::tempdir().expect("tmp");
-        for bad in ["test/../../evil", "/etc/evil", "other/file"] {
-            let gz = tarball(&[("test/ok", b"1"), (bad, b"x")]);
-            assert!(extract_attachments(&gz, dir.path()).is_err(), "{bad}");
-            assert!(!dir.path().join("test/ok").exists(), "{bad} left files");
-        }
-    }
-
-    #[test]
-    fn packs_with_artifacts_top() {
-        let dir = tempfile::tempdir().expect("tmp");
-        std::fs::write(dir.path().join("r.txt"), b"result").expect("write");
-        let gz = pack_artifacts(dir.path()).expect("pack");
-        let mut a = tar::Archive::new(GzDecoder::new(&gz[..]));
-        let names: Vec<String> = a
-            .entries()
-            .expect("entries")
-            .map(|e| e.expect("e").path().expect("p").display().to_string())
+        let archive = dir.path().join("a.tar.gz");
+        let files: Vec<Vec<u8>> = (0..3)
+            .map(|i| hostile::file(&format!("test/{i}"), b"x", 0o644))
             .collect();
-        assert!(
-            names.iter().all(|n| n.starts_with("artifacts")),
-            "{names:?}"
-        );
-        assert!(names.iter().any(|n| n == "artifacts/r.txt"), "{names:?}");
+        std::fs::write(&archive, hostile::targz(&files)).expect("write");
+        let limits = Limits {
+            max_entries: 2,
+            ..Limits::default()
+        };
+        let e = unpack_attachments(&archive, &dir.path().join("out"), limits).expect_err("refused");
+        assert!(e.contains("member 'test/2'"), "{e}");
+        assert!(e.contains("(agent key archive_max_entries)"), "{e}");
+        assert!(!dir.path().join("out").exists());
+    }
+
+    #[test]
+    fn packs_with_artifacts_top_into_a_file() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let src = dir.path().join("artifacts");
+        std::fs::create_dir_all(&src).expect("mkdir");
+        std::fs::write(src.join("r.txt"), b"result").expect("write");
+        let out = dir.path().join("a.tar.gz");
+        let packed = pack_artifacts(&src, &out).expect("pack");
+        assert_eq!(packed.files, 1);
+        let s = testflinger_archive::check(
+            std::fs::File::open(&out).expect("open"),
+            Layout::Artifact,
+            Limits::default(),
+        )
+        .expect("the server's checker accepts it");
+        assert_eq!(s.files, 1);
     }
 }

@@ -487,23 +487,46 @@ impl ApiClient {
         Self::job_ok(r, job_id).await.map(|_| ())
     }
 
-    /// `POST /v1/result/<id>/artifact`: multipart field `file`, a gzip tar.
-    pub async fn post_artifact(
+    /// `POST /v1/result/<id>/artifact`: uploads the gzip tar at `path`, streamed from
+    /// the file (read again from the start on each try; never held in memory).
+    /// Errors: [`ClientError::Protocol`] when the file cannot be read; the others as
+    /// for every call (a 400 or 413 from the server's archive check is `Rejected`).
+    pub async fn post_artifact_file(
         &self,
         job_id: &str,
         token: FenceToken,
-        tarball: Vec<u8>,
+        path: &std::path::Path,
     ) -> Result<(), ClientError> {
-        let path = format!("/v1/result/{job_id}/artifact");
+        let len = tokio::fs::metadata(path)
+            .await
+            .map_err(|e| {
+                ClientError::Protocol(format!("cannot read the artifact {}: {e}", path.display()))
+            })?
+            .len();
+        let url = format!("/v1/result/{job_id}/artifact");
         let r = self
             .send(|| {
-                let part = reqwest::multipart::Part::bytes(tarball.clone())
+                let body = match std::fs::File::open(path) {
+                    Ok(f) => {
+                        reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::with_capacity(
+                            tokio::fs::File::from_std(f),
+                            64 * 1024,
+                        ))
+                    }
+                    // Gone since the check above: the request fails and is retried.
+                    Err(e) => reqwest::Body::wrap_stream(futures_util::stream::once(async move {
+                        Err::<bytes::Bytes, _>(e)
+                    })),
+                };
+                let part = reqwest::multipart::Part::stream_with_length(body, len)
                     .file_name("file")
-                    .mime_str("application/x-gzip")
-                    .unwrap_or_else(|_| reqwest::multipart::Part::bytes(tarball.clone()));
-                let form = reqwest::multipart::Form::new().part("file", part);
+                    .mime_str("application/x-gzip");
+                let mut form = reqwest::multipart::Form::new();
+                if let Ok(part) = part {
+                    form = form.part("file", part);
+                }
                 self.http
-                    .post(self.url(&path))
+                    .post(self.url(&url))
                     .header(TOKEN_HEADER, token.to_string())
                     .multipart(form)
             })
@@ -511,19 +534,34 @@ impl ApiClient {
         Self::job_ok(r, job_id).await.map(|_| ())
     }
 
-    /// `GET /v1/job/<id>/attachments`; `None` when there are none (204).
-    pub async fn get_attachments(&self, job_id: &str) -> Result<Option<Vec<u8>>, ClientError> {
+    /// `GET /v1/job/<id>/attachments`, streamed into the file `dest` (created or
+    /// truncated); `false` when there are none (204). Errors: the download broke off
+    /// ([`ClientError::Unavailable`]) or `dest` cannot be written
+    /// ([`ClientError::Protocol`]).
+    pub async fn get_attachments_to(
+        &self,
+        job_id: &str,
+        dest: &std::path::Path,
+    ) -> Result<bool, ClientError> {
+        use futures_util::StreamExt;
+        use tokio::io::AsyncWriteExt;
         let path = format!("/v1/job/{job_id}/attachments");
         let r = self.send(|| self.http.get(self.url(&path))).await?;
         if r.status() == StatusCode::NO_CONTENT {
-            return Ok(None);
+            return Ok(false);
         }
         let r = Self::ok(r).await?;
-        let bytes = r
-            .bytes()
-            .await
-            .map_err(|e| ClientError::Unavailable(e.to_string()))?;
-        Ok(Some(bytes.to_vec()))
+        let disk = |e: std::io::Error| {
+            ClientError::Protocol(format!("cannot write {}: {e}", dest.display()))
+        };
+        let mut file = tokio::fs::File::create(dest).await.map_err(disk)?;
+        let mut body = r.bytes_stream();
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk.map_err(|e| ClientError::Unavailable(e.to_string()))?;
+            file.write_all(&chunk).await.map_err(disk)?;
+        }
+        file.flush().await.map_err(disk)?;
+        Ok(true)
     }
 }
 

@@ -104,6 +104,19 @@ pub struct Config {
     /// declared again with other arguments).
     #[serde(default = "default_queue_type")]
     pub queue_type: String,
+    /// Most entries in a job's attachments archive (the server's
+    /// `TESTFLINGER_ARCHIVE_MAX_ENTRIES`; [`testflinger_archive::Limits`]).
+    #[serde(default = "default_archive_max_entries")]
+    pub archive_max_entries: u64,
+    /// Most bytes a job's attachments archive may expand to, tar headers included (the
+    /// server's `TESTFLINGER_ARCHIVE_MAX_UNPACKED_BYTES`).
+    #[serde(default = "default_archive_max_unpacked_bytes")]
+    pub archive_max_unpacked_bytes: u64,
+    /// Most bytes of a job's writes (output, serial logs, results, artifacts) waiting in
+    /// the spool for the API; past it the phase's output is not read until delivery
+    /// catches up, so the phase blocks on its pipe. Nothing is dropped.
+    #[serde(default = "default_spool_max_bytes")]
+    pub spool_max_bytes: u64,
     /// Every top-level string value of the file, exported to phases as lowercase
     /// variables (upstream behaviour the charm's wrapper scripts rely on).
     #[serde(skip)]
@@ -127,6 +140,15 @@ fn default_shutdown_grace() -> f64 {
 }
 fn default_queue_type() -> String {
     "classic".into()
+}
+fn default_archive_max_entries() -> u64 {
+    testflinger_archive::Limits::DEFAULT_MAX_ENTRIES
+}
+fn default_archive_max_unpacked_bytes() -> u64 {
+    testflinger_archive::Limits::DEFAULT_MAX_UNPACKED_BYTES
+}
+fn default_spool_max_bytes() -> u64 {
+    256 << 20
 }
 
 impl Config {
@@ -211,7 +233,24 @@ impl Config {
         self.queue_type
             .parse::<testflinger_broker::QueueType>()
             .map_err(|e| ("queue_type", e))?;
+        if self.archive_max_entries == 0 {
+            return Err(("archive_max_entries", "must be at least 1".into()));
+        }
+        if self.spool_max_bytes == 0 {
+            return Err(("spool_max_bytes", "must be at least 1".into()));
+        }
+        if self.archive_max_unpacked_bytes == 0 {
+            return Err(("archive_max_unpacked_bytes", "must be at least 1".into()));
+        }
         Ok(())
+    }
+
+    /// The limits attachments are unpacked under.
+    pub fn archive_limits(&self) -> testflinger_archive::Limits {
+        testflinger_archive::Limits {
+            max_entries: self.archive_max_entries,
+            max_unpacked_bytes: self.archive_max_unpacked_bytes,
+        }
     }
 
     /// The kind of job queue to declare (validated on load).

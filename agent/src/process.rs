@@ -263,8 +263,10 @@ impl Watchdog {
 /// input. Blocking.
 pub fn watchdog_main(grace: Duration) {
     use std::io::BufRead;
-    use std::sync::mpsc::{RecvTimeoutError, channel};
-    let (tx, rx) = channel::<String>();
+    use std::sync::mpsc::{RecvTimeoutError, sync_channel};
+    // Bounded: a reader ahead by 64 lines waits (and so does the agent's write to the
+    // pipe); no line is dropped.
+    let (tx, rx) = sync_channel::<String>(64);
     std::thread::spawn(move || {
         for line in std::io::stdin().lock().lines() {
             let Ok(line) = line else { return };

@@ -474,21 +474,40 @@ impl Run {
         {
             return Ok(());
         }
-        let bytes = match self.client.get_attachments(&self.job.id).await {
-            Ok(Some(b)) => b,
-            Ok(None) => return Ok(()),
-            Err(e) => {
-                tracing::warn!(error = %e, "could not download the attachments");
-                return Ok(());
-            }
-        };
-        let dest = self.rundir.join("attachments");
-        let r = tokio::task::spawn_blocking(move || archive::extract_attachments(&bytes, &dest))
+        // Downloaded to disk, then unpacked from disk: never whole in memory.
+        let download = self.rundir.join("attachments.tar.gz");
+        match self
+            .client
+            .get_attachments_to(&self.job.id, &download)
             .await
-            .context("attachment extraction panicked")?;
-        if let Err(e) = r {
-            tracing::warn!(error = %e, "attachments refused");
+        {
+            Ok(true) => {
+                let dest = self.rundir.join("attachments");
+                let limits = self.cfg.archive_limits();
+                let archive = download.clone();
+                let r = tokio::task::spawn_blocking(move || {
+                    archive::unpack_attachments(&archive, &dest, limits)
+                })
+                .await
+                .context("attachment extraction panicked")?;
+                match r {
+                    Ok(s) => {
+                        tracing::info!(
+                            files = s.files,
+                            bytes = s.file_bytes,
+                            "attachments unpacked"
+                        )
+                    }
+                    Err(e) => tracing::warn!(
+                        error = %e,
+                        "attachments refused; the job runs without them"
+                    ),
+                }
+            }
+            Ok(false) => {}
+            Err(e) => tracing::warn!(error = %e, "could not download the attachments"),
         }
+        let _ = tokio::fs::remove_file(&download).await;
         // The phases see the job without the `attachments` keys (upstream).
         if let Some(o) = self.job.def.as_object_mut() {
             for key in ["provision_data", "firmware_update_data", "test_data"] {
@@ -698,8 +717,23 @@ impl Run {
         let lost = self.signals.lost.clone();
         let abort = self.signals.abort.clone();
         let mut stop = None;
+        let spool = self.spool.clone();
+        let spool_max = self.cfg.spool_max_bytes;
+        let mut held = false;
         while !(eof && exited.is_some()) {
             let running = exited.is_none();
+            // Backpressure: past `spool_max_bytes` waiting for the API, the output is not
+            // read (the phase blocks on its pipe) and its silence is not counted. Once
+            // the phase exited, what is left in the pipe is read regardless.
+            let full = running && spool.backlog() > spool_max;
+            if full && !held {
+                tracing::warn!(
+                    backlog = spool.backlog(),
+                    spool_max_bytes = spool_max,
+                    "the API is behind on this job's writes; the phase's output waits"
+                );
+            }
+            held = full;
             tokio::select! {
                 _ = lost.cancelled() => { stop = Some(Stop::Lost); break; }
                 _ = expired.cancelled() => { stop = Some(Stop::Expired); break; }
@@ -718,10 +752,16 @@ impl Run {
                 _ = sleep_until(global_deadline.unwrap_or(far)), if running && global_deadline.is_some() => {
                     stop = global.map(Stop::GlobalTimeout); break;
                 }
-                _ = sleep_until(output_deadline.unwrap_or(far)), if running && output_deadline.is_some() => {
+                _ = sleep_until(output_deadline.unwrap_or(far)), if running && output_deadline.is_some() && !full => {
                     stop = output.map(Stop::OutputTimeout); break;
                 }
-                r = proc.output.read(&mut buf), if !eof => match r {
+                _ = spool.wait_backlog_below(spool_max), if full && !eof => {
+                    tracing::info!("the API caught up; reading the phase's output again");
+                    if let Some(s) = output {
+                        output_deadline = Some(Instant::now() + Duration::from_secs(s));
+                    }
+                }
+                r = proc.output.read(&mut buf), if !eof && !full => match r {
                     Ok(0) | Err(_) => eof = true,
                     Ok(n) => {
                         sink.push(&buf[..n]);
@@ -800,13 +840,34 @@ impl Run {
 
     /// Streams `<phase>-serial.log`, written by the connector's serial logger.
     async fn send_serial(&mut self, phase: Phase) -> anyhow::Result<()> {
+        use tokio::io::AsyncReadExt;
         let path = self.rundir.join(format!("{phase}-serial.log"));
-        let Ok(data) = tokio::fs::read(&path).await else {
+        let Ok(mut file) = tokio::fs::File::open(&path).await else {
             return Ok(());
         };
-        // Cut at character boundaries: a character across a 1 MiB cut must not turn into
-        // U+FFFD on both sides.
-        for chunk in testflinger_common::text::utf8_chunks(&data, SERIAL_CHUNK) {
+        // Read in pieces (a serial log can be larger than memory), cut at character
+        // boundaries: a character across a 1 MiB cut must not turn into U+FFFD on both
+        // sides. More than SERIAL_CHUNK bytes stay buffered until the end, so the cuts
+        // are those of `utf8_chunks` over the whole file.
+        let mut buf: Vec<u8> = Vec::with_capacity(2 * SERIAL_CHUNK);
+        let mut eof = false;
+        loop {
+            while !eof && buf.len() <= SERIAL_CHUNK {
+                let want = (2 * SERIAL_CHUNK - buf.len()) as u64;
+                match (&mut file).take(want).read_to_end(&mut buf).await {
+                    Ok(n) => eof = n == 0,
+                    Err(e) => {
+                        tracing::warn!(path = %path.display(), error = %e, "cannot read the rest of the serial log");
+                        eof = true;
+                    }
+                }
+            }
+            if buf.is_empty() {
+                break;
+            }
+            let cut = testflinger_common::text::utf8_cut(&buf, SERIAL_CHUNK);
+            let chunk = String::from_utf8_lossy(&buf[..cut]).into_owned();
+            buf.drain(..cut);
             let fragment = Fragment {
                 fragment_number: self.serial_counter,
                 timestamp: now_iso(),
@@ -833,16 +894,28 @@ impl Run {
         }
         let dir = self.rundir.join("artifacts");
         if archive::non_empty_dir(&dir) {
+            // Packed into a file in the spool, uploaded streaming from it.
             let d = dir.clone();
-            match tokio::task::spawn_blocking(move || archive::pack_artifacts(&d)).await {
-                Ok(Ok(tarball)) => {
-                    if let Err(e) = self.spool.push_artifact(&tarball) {
+            let staged = self.spool.artifact_staging();
+            let out = staged.clone();
+            match tokio::task::spawn_blocking(move || archive::pack_artifacts(&d, &out)).await {
+                Ok(Ok(packed)) => {
+                    for (path, why) in &packed.skipped {
+                        tracing::warn!(path = %path.display(), reason = %why, "left out of the artifacts");
+                    }
+                    tracing::info!(
+                        files = packed.files,
+                        bytes = packed.file_bytes,
+                        "artifacts packed"
+                    );
+                    if let Err(e) = self.spool.push_artifact_file(&staged) {
                         tracing::error!(error = %e, "cannot spool the artifacts; they are not sent");
                     }
                 }
                 Ok(Err(e)) => tracing::warn!(error = %e, "could not pack the artifacts"),
                 Err(e) => tracing::warn!(error = %e, "artifact packing panicked"),
             }
+            let _ = std::fs::remove_file(&staged);
         }
         let mut body = Map::new();
         body.insert("job_state".into(), json!("complete"));
@@ -1086,7 +1159,7 @@ mod tests {
         let (spool, mut rx) = Spool::create(sdir.clone(), &meta).expect("spool");
         let read = move || {
             let mut out = Vec::new();
-            while let Ok(seq) = rx.try_recv() {
+            while let Some(seq) = rx.try_recv() {
                 let path = sdir.join(format!("{seq:012}.json"));
                 let bytes = std::fs::read(&path).expect("entry");
                 if let Ok(Entry::Log { log_type, fragment }) = serde_json::from_slice(&bytes) {

@@ -12,16 +12,26 @@
 //!
 //! `meta.json` holds what a restarted agent needs to finish delivery: the job id, its
 //! fencing token and lease length ([`recover`]).
+//!
+//! Memory stays bounded however far delivery falls behind: the queue is the directory.
+//! The writer and the delivery task share one number through a watch channel (how many
+//! entries are stored; one value, never a list), and delivery reads the entries from
+//! disk in order. Nothing is dropped for lack of room; an artifact is packed into a
+//! file in the spool and uploaded streaming from it. The disk is bounded too: the
+//! runner stops reading a phase's output while more than `spool_max_bytes` wait
+//! ([`Spool::wait_backlog_below`]), so a phase that outpaces the API (or runs while it
+//! is away) blocks on its pipe.
 
 use crate::client::{ApiClient, ClientError, Fragment};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use testflinger_common::LogType;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 /// How long one delivery attempt may take before it counts as failed.
@@ -90,17 +100,73 @@ pub struct Spool {
     inner: Arc<Mutex<Inner>>,
     /// The sequence number below which every entry is delivered (or dropped).
     delivered: Arc<watch::Sender<u64>>,
+    /// Bytes stored and not delivered yet (entries and artifact files): what
+    /// [`Spool::wait_backlog_below`] holds the phase's output back on.
+    backlog: Arc<AtomicU64>,
 }
 
 #[derive(Debug)]
 struct Inner {
     next: u64,
-    tx: Option<mpsc::UnboundedSender<u64>>,
+    /// How many entries are stored (the next sequence number) and whether the writer
+    /// closed the spool: a watch, so what waits for delivery is never held in memory.
+    tx: watch::Sender<Stored>,
     terminal: bool,
 }
 
-/// The sequence numbers waiting for delivery, in order.
-pub type Pending = mpsc::UnboundedReceiver<u64>;
+/// What the writer has stored: entries below `next`; `closed` once no more will come.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stored {
+    pub next: u64,
+    pub closed: bool,
+}
+
+/// The entries waiting for delivery, in order: from `cursor` up to what the writer
+/// stored.
+#[derive(Debug)]
+pub struct Pending {
+    cursor: u64,
+    stored: watch::Receiver<Stored>,
+}
+
+impl Pending {
+    fn new(first: u64, stored: watch::Receiver<Stored>) -> Pending {
+        Pending {
+            cursor: first,
+            stored,
+        }
+    }
+
+    /// The next sequence number to deliver; waits while the writer has nothing more;
+    /// `None` once the spool is closed and every entry was handed out.
+    pub async fn recv(&mut self) -> Option<u64> {
+        loop {
+            let s = *self.stored.borrow_and_update();
+            if self.cursor < s.next {
+                self.cursor += 1;
+                return Some(self.cursor - 1);
+            }
+            if s.closed || self.stored.changed().await.is_err() {
+                // Closed: what was stored before the close still goes out.
+                let s = *self.stored.borrow();
+                if self.cursor < s.next {
+                    self.cursor += 1;
+                    return Some(self.cursor - 1);
+                }
+                return None;
+            }
+        }
+    }
+
+    /// Like [`Pending::recv`] without waiting: `None` when nothing is stored yet.
+    pub fn try_recv(&mut self) -> Option<u64> {
+        let s = *self.stored.borrow();
+        (self.cursor < s.next).then(|| {
+            self.cursor += 1;
+            self.cursor - 1
+        })
+    }
+}
 
 fn entry_path(dir: &Path, seq: u64) -> PathBuf {
     dir.join(format!("{seq:012}.json"))
@@ -128,18 +194,22 @@ impl Spool {
         std::fs::create_dir_all(&dir)?;
         let meta = serde_json::to_vec_pretty(meta).map_err(io::Error::other)?;
         write_atomic(&dir.join("meta.json"), &meta)?;
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = watch::channel(Stored {
+            next: 0,
+            closed: false,
+        });
         Ok((
             Spool {
                 dir,
                 inner: Arc::new(Mutex::new(Inner {
                     next: 0,
-                    tx: Some(tx),
+                    tx,
                     terminal: false,
                 })),
                 delivered: Arc::new(watch::Sender::new(0)),
+                backlog: Arc::new(AtomicU64::new(0)),
             },
-            rx,
+            Pending::new(0, rx),
         ))
     }
 
@@ -163,24 +233,30 @@ impl Spool {
                 .and_then(|b| serde_json::from_slice::<Entry>(&b).ok())
                 .is_some_and(|e| e.is_terminal())
         });
-        let (tx, rx) = mpsc::unbounded_channel();
-        for s in &seqs {
-            let _ = tx.send(*s);
-        }
         let next = seqs.last().map_or(0, |s| s + 1);
         let first = seqs.first().copied().unwrap_or(next);
+        // Delivery goes from `first` to `next`; a gap (an entry a crash left unwritten)
+        // is skipped as unreadable.
+        let (tx, rx) = watch::channel(Stored {
+            next,
+            closed: false,
+        });
+        let backlog: u64 = std::fs::read_dir(&dir)
+            .ok()?
+            .flatten()
+            .filter(|e| e.file_name() != "meta.json")
+            .filter_map(|e| e.metadata().ok())
+            .map(|m| m.len())
+            .sum();
         Some((
             meta,
             Spool {
                 dir,
-                inner: Arc::new(Mutex::new(Inner {
-                    next,
-                    tx: Some(tx),
-                    terminal,
-                })),
+                inner: Arc::new(Mutex::new(Inner { next, tx, terminal })),
                 delivered: Arc::new(watch::Sender::new(first)),
+                backlog: Arc::new(AtomicU64::new(backlog)),
             },
-            rx,
+            Pending::new(first, rx),
         ))
     }
 
@@ -209,8 +285,33 @@ impl Spool {
         )
     }
 
-    /// Stores an artifact tarball and its entry.
-    pub fn push_artifact(&self, tarball: &[u8]) -> io::Result<u64> {
+    /// Bytes stored and not delivered yet.
+    pub fn backlog(&self) -> u64 {
+        self.backlog.load(Ordering::SeqCst)
+    }
+
+    /// Waits until at most `max` bytes wait for delivery. The phase's output is read
+    /// only then: a phase writing faster than the API takes it (or while the API is
+    /// away) blocks on its pipe instead of filling the disk, and nothing is dropped.
+    pub async fn wait_backlog_below(&self, max: u64) {
+        let mut rx = self.delivered.subscribe();
+        while self.backlog() > max {
+            if rx.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Where to pack an artifact before [`Spool::push_artifact_file`] takes it: a file
+    /// in the spool directory that delivery never reads.
+    pub fn artifact_staging(&self) -> PathBuf {
+        self.dir.join("artifact.partial")
+    }
+
+    /// Moves the packed artifact at `tarball` (in the spool directory, see
+    /// [`Spool::artifact_staging`]) into the spool and stores its entry. Fails when the
+    /// disk refuses it.
+    pub fn push_artifact_file(&self, tarball: &Path) -> io::Result<u64> {
         self.push_with(
             &Entry::Artifact {
                 file: String::new(),
@@ -219,32 +320,34 @@ impl Spool {
         )
     }
 
-    fn push_with(&self, entry: &Entry, file: Option<&[u8]>) -> io::Result<u64> {
+    fn push_with(&self, entry: &Entry, file: Option<&Path>) -> io::Result<u64> {
         let mut inner = self
             .inner
             .lock()
             .map_err(|_| io::Error::other("spool lock poisoned"))?;
         let seq = inner.next;
         let mut entry = entry.clone();
-        if let Some(bytes) = file {
+        let mut size = 0;
+        if let Some(src) = file {
             let name = format!("{seq:012}.tar.gz");
-            write_atomic(&self.dir.join(&name), bytes)?;
+            size += std::fs::metadata(src)?.len();
+            std::fs::rename(src, self.dir.join(&name))?;
             entry = Entry::Artifact { file: name };
         }
         let bytes = serde_json::to_vec(&entry).map_err(io::Error::other)?;
         write_atomic(&entry_path(&self.dir, seq), &bytes)?;
+        size += bytes.len() as u64;
+        self.backlog.fetch_add(size, Ordering::SeqCst);
         inner.next = seq + 1;
         inner.terminal |= entry.is_terminal();
-        if let Some(tx) = &inner.tx {
-            let _ = tx.send(seq);
-        }
+        inner.tx.send_modify(|s| s.next = seq + 1);
         Ok(seq)
     }
 
     /// No more entries: delivery ends after the last one stored.
     pub fn close(&self) {
-        if let Ok(mut i) = self.inner.lock() {
-            i.tx = None;
+        if let Ok(i) = self.inner.lock() {
+            i.tx.send_modify(|s| s.closed = true);
         }
     }
 }
@@ -272,8 +375,18 @@ pub async fn deliver(
 ) -> Delivered {
     let client = client.once(ATTEMPT_TIMEOUT);
     let dir = spool.dir.clone();
+    // What an entry took on disk leaves the backlog once it is delivered or dropped.
+    let done = |seq: u64, size: u64| {
+        let _ = spool
+            .backlog
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |b| {
+                Some(b.saturating_sub(size))
+            });
+        spool.delivered.send_replace(seq + 1);
+    };
     while let Some(seq) = pending.recv().await {
         let path = entry_path(&dir, seq);
+        let mut size = std::fs::metadata(&path).map_or(0, |m| m.len());
         let entry = match std::fs::read(&path)
             .map_err(|e| e.to_string())
             .and_then(|b| serde_json::from_slice::<Entry>(&b).map_err(|e| e.to_string()))
@@ -282,9 +395,13 @@ pub async fn deliver(
             Err(e) => {
                 tracing::error!(entry = %path.display(), error = %e, "unreadable spool entry; skipping it");
                 let _ = std::fs::remove_file(&path);
+                done(seq, size);
                 continue;
             }
         };
+        if let Entry::Artifact { file } = &entry {
+            size += std::fs::metadata(dir.join(file)).map_or(0, |m| m.len());
+        }
         let mut pause = Duration::from_millis(100);
         let mut failures = 0u32;
         loop {
@@ -329,7 +446,7 @@ pub async fn deliver(
             let _ = std::fs::remove_file(dir.join(file));
         }
         let _ = std::fs::remove_file(&path);
-        spool.delivered.send_replace(seq + 1);
+        done(seq, size);
     }
     remove(&dir);
     Delivered::All
@@ -349,10 +466,9 @@ async fn send(
         }
         Entry::Result { body, .. } => client.post_result(&meta.job_id, meta.token, body).await,
         Entry::Artifact { file } => {
-            let bytes = tokio::fs::read(dir.join(file)).await.map_err(|e| {
-                ClientError::Protocol(format!("cannot read the spooled artifact {file}: {e}"))
-            })?;
-            client.post_artifact(&meta.job_id, meta.token, bytes).await
+            client
+                .post_artifact_file(&meta.job_id, meta.token, &dir.join(file))
+                .await
         }
         Entry::Release { reason } => client.release(&meta.job_id, meta.token, reason).await,
         Entry::ProvisionLog { exit_code, detail } => {
@@ -403,6 +519,28 @@ mod tests {
         }
     }
 
+    #[tokio::test]
+    async fn pending_hands_out_every_stored_entry_then_ends_after_close() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let (spool, mut rx) = Spool::create(tmp.path().join("j"), &meta()).expect("create");
+        assert_eq!(rx.try_recv(), None);
+        let waiter = tokio::spawn(async move {
+            let mut got = Vec::new();
+            while let Some(seq) = rx.recv().await {
+                got.push(seq);
+            }
+            got
+        });
+        for n in 0..3 {
+            spool.push(&fragment(n)).expect("push");
+        }
+        assert!(spool.backlog() > 0);
+        // Stored before the close: still handed out.
+        spool.push(&fragment(3)).expect("push");
+        spool.close();
+        assert_eq!(waiter.await.expect("join"), [0, 1, 2, 3]);
+    }
+
     #[test]
     fn entries_survive_a_restart_in_order() {
         let tmp = tempfile::tempdir().expect("tmp");
@@ -411,21 +549,24 @@ mod tests {
         for n in 0..3 {
             spool.push(&fragment(n)).expect("push");
         }
-        spool.push_artifact(b"tarball").expect("artifact");
-        assert_eq!(rx.try_recv().ok(), Some(0));
+        let staged = spool.artifact_staging();
+        std::fs::write(&staged, b"tarball").expect("stage");
+        spool.push_artifact_file(&staged).expect("artifact");
+        assert!(!staged.exists());
+        assert_eq!(rx.try_recv(), Some(0));
         assert!(!spool.has_terminal());
         drop(spool);
 
         let (m, spool, mut rx) = Spool::reopen(dir.clone()).expect("reopen");
         assert_eq!(m, meta());
         assert!(!spool.has_terminal());
-        let seqs: Vec<u64> = std::iter::from_fn(|| rx.try_recv().ok()).collect();
+        let seqs: Vec<u64> = std::iter::from_fn(|| rx.try_recv()).collect();
         assert_eq!(seqs, [0, 1, 2, 3]);
         spool
             .push(&Entry::Release { reason: "r".into() })
             .expect("release");
         assert!(spool.has_terminal());
-        assert_eq!(rx.try_recv().ok(), Some(4));
+        assert_eq!(rx.try_recv(), Some(4));
         assert!(dir.join("000000000003.tar.gz").exists());
         assert_eq!(leftovers(tmp.path(), "a"), [dir]);
     }

@@ -4,8 +4,10 @@
 
 use crate::error::{ApiError, ApiResult};
 use actix_multipart::Multipart;
+use actix_web::http::StatusCode;
 use futures_util::StreamExt;
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
+use testflinger_archive::{Layout, Limit, Limits, Summary};
 use tokio::io::AsyncWriteExt;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -27,17 +29,20 @@ impl Kind {
 pub struct FileStore {
     root: PathBuf,
     pub max_bytes: u64,
+    /// What an uploaded archive may hold once unpacked.
+    pub limits: Limits,
 }
 
 impl FileStore {
     /// Creates the store's folders. Fails when `DATA_PATH` cannot be created.
-    pub fn open(root: &Path, max_bytes: u64) -> std::io::Result<FileStore> {
+    pub fn open(root: &Path, max_bytes: u64, limits: Limits) -> std::io::Result<FileStore> {
         for d in ["artifacts", "attachments", "tmp"] {
             std::fs::create_dir_all(root.join(d))?;
         }
         Ok(FileStore {
             root: root.to_path_buf(),
             max_bytes,
+            limits,
         })
     }
 
@@ -45,8 +50,10 @@ impl FileStore {
         self.root.join(kind.dir()).join(format!("{id}.tar.gz"))
     }
 
-    /// Streams the multipart field `file` to the store. 400 without such a field, 413
-    /// past the size limit, 422 for an attachment archive with unsafe member paths.
+    /// Streams the multipart field `file` to the store, then checks it as a gzip tar
+    /// ([`check_archive`]) before it replaces the previous one. 400 without such a
+    /// field or for an archive refused by the checker, 413 past the upload size limit
+    /// or an archive limit.
     pub async fn save_upload(
         &self,
         kind: Kind,
@@ -66,23 +73,17 @@ impl FileStore {
                 return Err(e);
             }
         };
-        if kind == Kind::Attachments {
-            let check_path = tmp.clone();
-            let verdict =
-                tokio::task::spawn_blocking(move || check_attachment_archive(&check_path))
-                    .await
-                    .map_err(|e| {
-                        ApiError::Internal(anyhow::anyhow!("archive check panicked: {e}"))
-                    })?;
-            if let Err(msg) = verdict {
-                let _ = tokio::fs::remove_file(&tmp).await;
-                // 400: upstream's CLI cancels the job on 400 (and only then); a 422 left
-                // the job waiting for attachments that would never come.
-                return Err(ApiError::Text(
-                    actix_web::http::StatusCode::BAD_REQUEST,
-                    format!("Invalid attachments archive: {msg}\n"),
-                ));
-            }
+        // Every upload is a gzip tar: an artifact is served with `Content-Encoding: gzip`,
+        // attachments are unpacked by the agent with the same checker.
+        let check_path = tmp.clone();
+        let limits = self.limits;
+        let verdict = tokio::task::spawn_blocking(move || check_archive(&check_path, kind, limits))
+            .await
+            .map_err(|e| ApiError::Internal(anyhow::anyhow!("archive check panicked: {e}")))
+            .and_then(|r| r);
+        if let Err(e) = verdict {
+            let _ = tokio::fs::remove_file(&tmp).await;
+            return Err(e);
         }
         tokio::fs::rename(&tmp, self.path(kind, id)).await?;
         Ok(written)
@@ -149,42 +150,42 @@ impl FileStore {
     }
 }
 
-/// Every member of an attachments archive must be a relative path under `provision/`,
-/// `firmware_update/` or `test/`, without `..`, and a plain file or folder.
-pub fn check_attachment_archive(path: &Path) -> Result<(), String> {
-    let f = std::fs::File::open(path).map_err(|e| e.to_string())?;
-    let mut ar = tar::Archive::new(flate2::read::GzDecoder::new(f));
-    let entries = ar
-        .entries()
-        .map_err(|e| format!("not a gzip tar archive: {e}"))?;
-    for entry in entries {
-        let entry = entry.map_err(|e| format!("not a gzip tar archive: {e}"))?;
-        let p = entry
-            .path()
-            .map_err(|e| format!("bad member name: {e}"))?
-            .into_owned();
-        let shown = p.display().to_string();
-        let mut comps = p.components().filter(|c| !matches!(c, Component::CurDir));
-        match comps.next() {
-            Some(Component::Normal(top))
-                if ["provision", "firmware_update", "test"]
-                    .contains(&top.to_string_lossy().as_ref()) => {}
-            Some(Component::RootDir | Component::Prefix(_)) => {
-                return Err(format!("member '{shown}' has an absolute path"));
-            }
-            _ => {
-                return Err(format!(
-                    "member '{shown}' is not under provision/, firmware_update/ or test/"
-                ));
-            }
+/// Checks the archive stored at `path` with the project's archive checker
+/// ([`testflinger_archive::check`]: every gzip member, entry types, paths, limits),
+/// reading it from disk in pieces. The error is the answer to send: 400 for what is not
+/// an acceptable gzip tar, 413 past a limit (naming the member, the limit and the
+/// setting), 500 when the file cannot be read.
+pub fn check_archive(path: &Path, kind: Kind, limits: Limits) -> ApiResult<Summary> {
+    let (layout, what) = match kind {
+        Kind::Attachments => (Layout::Attachments, "attachments"),
+        Kind::Artifact => (Layout::Artifact, "artifact"),
+    };
+    let f = std::fs::File::open(path)?;
+    let e = match testflinger_archive::check(f, layout, limits) {
+        Ok(summary) => return Ok(summary),
+        Err(e) => e,
+    };
+    let (status, setting) = match e.limit() {
+        Some(Limit::Entries) => (
+            StatusCode::PAYLOAD_TOO_LARGE,
+            " (server setting TESTFLINGER_ARCHIVE_MAX_ENTRIES)",
+        ),
+        Some(Limit::UnpackedBytes) => (
+            StatusCode::PAYLOAD_TOO_LARGE,
+            " (server setting TESTFLINGER_ARCHIVE_MAX_UNPACKED_BYTES)",
+        ),
+        None if e.is_archive_fault() => (StatusCode::BAD_REQUEST, ""),
+        None => {
+            return Err(ApiError::Internal(
+                anyhow::Error::new(e).context("checking an uploaded archive"),
+            ));
         }
-        if comps.any(|c| matches!(c, Component::ParentDir)) {
-            return Err(format!("member '{shown}' contains '..'"));
-        }
-        let t = entry.header().entry_type();
-        if !(t.is_file() || t.is_dir()) {
-            return Err(format!("member '{shown}' is not a regular file or folder"));
-        }
-    }
-    Ok(())
+    };
+    let msg = format!("Invalid {what} archive: {e}{setting}");
+    Err(match kind {
+        // Plain text, as upstream answers this route; 400 (not 422): upstream's CLI
+        // cancels the job on 400, and a refused archive will not get better.
+        Kind::Attachments => ApiError::Text(status, format!("{msg}\n")),
+        Kind::Artifact => ApiError::Json(status, msg),
+    })
 }

@@ -12,6 +12,8 @@
 //! | `TESTFLINGER_LEASE_TTL` | `30` | seconds a claim lasts without a heartbeat |
 //! | `TESTFLINGER_RETENTION` | `604800` | seconds jobs, logs and files are kept |
 //! | `TESTFLINGER_MAX_UPLOAD_BYTES` | `2147483648` | largest artifact or attachment |
+//! | `TESTFLINGER_ARCHIVE_MAX_ENTRIES` | `100000` | most entries in an uploaded artifact or attachments archive (413 past it) |
+//! | `TESTFLINGER_ARCHIVE_MAX_UNPACKED_BYTES` | `8589934592` | most bytes an uploaded archive may expand to, tar headers included (413 past it) |
 //! | `TESTFLINGER_WORKERS` | CPU count | HTTP worker threads |
 //! | `TESTFLINGER_QUEUE_TYPE` | `classic` | `classic` or `quorum` job queues |
 //! | `TESTFLINGER_REAPER_INTERVAL_MS` | `1000` | how often expired leases are looked for |
@@ -62,6 +64,10 @@ pub struct Settings {
     pub lease_ttl: u64,
     pub retention: u64,
     pub max_upload_bytes: u64,
+    /// Most entries in an uploaded archive ([`testflinger_archive::Limits`]).
+    pub archive_max_entries: u64,
+    /// Most bytes an uploaded archive may expand to ([`testflinger_archive::Limits`]).
+    pub archive_max_unpacked_bytes: u64,
     pub workers: usize,
     pub queue_type: String,
     pub reaper_interval_ms: u64,
@@ -120,6 +126,8 @@ const KNOWN: &[&str] = &[
     "lease_ttl",
     "retention",
     "max_upload_bytes",
+    "archive_max_entries",
+    "archive_max_unpacked_bytes",
     "workers",
     "queue_type",
     "reaper_interval_ms",
@@ -163,6 +171,14 @@ impl Settings {
             .set_default("lease_ttl", 30)?
             .set_default("retention", 7 * 24 * 3600)?
             .set_default("max_upload_bytes", 2u64 << 30)?
+            .set_default(
+                "archive_max_entries",
+                testflinger_archive::Limits::DEFAULT_MAX_ENTRIES,
+            )?
+            .set_default(
+                "archive_max_unpacked_bytes",
+                testflinger_archive::Limits::DEFAULT_MAX_UNPACKED_BYTES,
+            )?
             .set_default(
                 "workers",
                 std::thread::available_parallelism().map_or(2, |n| n.get()) as u64,
@@ -239,6 +255,12 @@ impl Settings {
         if self.lease_ttl < 3 {
             return Err("TESTFLINGER_LEASE_TTL must be at least 3 seconds".into());
         }
+        if self.archive_max_entries == 0 || self.archive_max_unpacked_bytes == 0 {
+            return Err(
+                "TESTFLINGER_ARCHIVE_MAX_ENTRIES and TESTFLINGER_ARCHIVE_MAX_UNPACKED_BYTES must be at least 1"
+                    .into(),
+            );
+        }
         if self.max_attempts == 0 {
             return Err("TESTFLINGER_MAX_ATTEMPTS must be at least 1".into());
         }
@@ -277,6 +299,8 @@ impl Settings {
             lease_ttl: 30,
             retention: 3600,
             max_upload_bytes: 64 << 20,
+            archive_max_entries: testflinger_archive::Limits::DEFAULT_MAX_ENTRIES,
+            archive_max_unpacked_bytes: testflinger_archive::Limits::DEFAULT_MAX_UNPACKED_BYTES,
             workers: 2,
             queue_type: "classic".into(),
             reaper_interval_ms: 200,

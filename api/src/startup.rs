@@ -51,7 +51,11 @@ impl Application {
         bcfg.queue_type = settings.queue_type.parse().map_err(anyhow::Error::msg)?;
         bcfg.confirm_timeout = std::time::Duration::from_millis(settings.confirm_timeout_ms);
         let broker = Broker::new(bcfg).context("bad AMQP settings")?;
-        let files = FileStore::open(&settings.data_path, settings.max_upload_bytes)
+        let limits = testflinger_archive::Limits {
+            max_entries: settings.archive_max_entries,
+            max_unpacked_bytes: settings.archive_max_unpacked_bytes,
+        };
+        let files = FileStore::open(&settings.data_path, settings.max_upload_bytes, limits)
             .with_context(|| format!("cannot create DATA_PATH {}", settings.data_path.display()))?;
         // Webhooks only: a redirect would let a webhook host send us anywhere, past the
         // allow-list, so none is followed; host names are resolved by a resolver that

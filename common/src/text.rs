@@ -11,25 +11,33 @@
 ///
 /// `max` below 4 is raised to 4 (one character of any width fits).
 pub fn utf8_chunks(bytes: &[u8], max: usize) -> Vec<String> {
-    let max = max.max(4);
     let mut out = Vec::new();
     let mut rest = bytes;
     while !rest.is_empty() {
-        let mut end = rest.len().min(max);
-        if end < rest.len() {
-            // Back up to the start of a character: continuation bytes are 0b10xxxxxx.
-            let mut cut = end;
-            while cut > 0 && (rest[cut] & 0xC0) == 0x80 && end - cut < 4 {
-                cut -= 1;
-            }
-            if cut > 0 && (rest[cut] & 0xC0) != 0x80 {
-                end = cut;
-            }
-        }
+        let end = utf8_cut(rest, max);
         out.push(String::from_utf8_lossy(&rest[..end]).into_owned());
         rest = &rest[end..];
     }
     out
+}
+
+/// Where [`utf8_chunks`] ends its first string: at most `max` bytes (raised to 4), at a
+/// character boundary. A reader of a stream that keeps more than `max` bytes buffered
+/// (or has reached the end) cuts exactly where [`utf8_chunks`] of the whole would.
+pub fn utf8_cut(bytes: &[u8], max: usize) -> usize {
+    let max = max.max(4);
+    let mut end = bytes.len().min(max);
+    if end < bytes.len() {
+        // Back up to the start of a character: continuation bytes are 0b10xxxxxx.
+        let mut cut = end;
+        while cut > 0 && (bytes[cut] & 0xC0) == 0x80 && end - cut < 4 {
+            cut -= 1;
+        }
+        if cut > 0 && (bytes[cut] & 0xC0) != 0x80 {
+            end = cut;
+        }
+    }
+    end
 }
 
 #[cfg(test)]

@@ -560,4 +560,66 @@ async fn output_written_while_the_agent_was_not_scheduled_is_kept() {
         );
         let _ = std::fs::remove_file(lab.path("parent.pid"));
     }
+
+/// Issue 13.5: the spool is bounded with backpressure. While the API is away, a phase
+/// writing more than `spool_max_bytes` is held on its pipe (the spool stays near the
+/// limit); when the API returns, everything is delivered: nothing dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_phase_outpacing_the_api_waits_on_its_pipe_and_nothing_is_dropped() {
+    let mut lab = TestLab::start_with(
+        "backpressure",
+        ServerOpts {
+            lease_ttl: 60,
+            ..ServerOpts::default()
+        },
+    )
+    .await;
+    let gate = lab.path("gate");
+    let done = lab.path("done");
+    // 64 lines of 64 KiB each (4 MiB) after the gate opens, then a marker.
+    let cmd = format!(
+        "echo before; while [ ! -e {gate} ]; do sleep 0.1; done; i=0; while [ $i -lt 64 ]; do head -c 65536 /dev/zero | tr '\\0' a; echo \" line-$i\"; i=$((i+1)); done; touch {done}; echo finished",
+        gate = gate.display(),
+        done = done.display(),
+    );
+    lab.spawn_agent(
+        "dev-bp",
+        json!({"test_command": cmd, "spool_max_bytes": 1 << 20}),
+    );
+    let id = lab.submit(json!({"test_data": {"test_cmds": "x"}})).await;
+    lab.wait_result(&id, "test phase started", LONG, |r| {
+        r["test_output"]
+            .as_str()
+            .is_some_and(|o| o.contains("before"))
+    })
+    .await;
+    lab.stop_server();
+    std::fs::write(&gate, b"").expect("gate");
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let spool = lab.path("results").join("dev-bp").join(&id);
+    let spooled: u64 = std::fs::read_dir(&spool)
+        .map(|rd| {
+            rd.flatten()
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0);
+    println!("spooled while the API was away: {spooled} bytes (limit 1048576)");
+    assert!(
+        !done.exists(),
+        "the phase wrote its 4 MiB although the API was away and the spool limit is 1 MiB"
+    );
+    assert!(spooled < 3 << 20, "spool grew to {spooled} bytes");
+    lab.restart_server().await;
+    let r = lab.wait_complete(&id, LONG).await;
+    assert!(done.exists(), "the phase went on once the API was back");
+    assert_eq!(r["test_status"], 0, "{r}");
+    let out = r["test_output"].as_str().unwrap_or_default();
+    for i in 0..64 {
+        assert!(out.contains(&format!(" line-{i}\n")), "line {i} missing");
+    }
+    assert!(out.contains("finished"), "the end of the output is there");
+    let log = lab.agent_log(0);
+    assert!(log.contains("the phase's output waits"), "{log}");
 }

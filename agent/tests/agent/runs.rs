@@ -181,7 +181,7 @@ async fn artifacts_round_trip() {
     lab.spawn_agent(
         "dev-art",
         json!({
-            "test_command": "mkdir -p artifacts/sub && echo payload > artifacts/result.txt && echo deep > artifacts/sub/x.txt",
+            "test_command": "mkdir -p artifacts/sub && echo payload > artifacts/result.txt && echo deep > artifacts/sub/x.txt && printf '#!/bin/sh\\n' > artifacts/run.sh && chmod 750 artifacts/run.sh && chmod 600 artifacts/sub/x.txt && ln -s /etc/passwd artifacts/link",
         }),
     );
     let id = lab.submit(json!({"test_data": {"test_cmds": "x"}})).await;
@@ -189,6 +189,7 @@ async fn artifacts_round_trip() {
     let gz = lab.artifact(&id).await.expect("artifact uploaded");
     let mut archive = tar::Archive::new(GzDecoder::new(&gz[..]));
     let mut files = std::collections::BTreeMap::new();
+    let mut modes = std::collections::BTreeMap::new();
     for e in archive.entries().expect("entries") {
         let mut e = e.expect("entry");
         let name = e.path().expect("path").display().to_string();
@@ -196,12 +197,21 @@ async fn artifacts_round_trip() {
             name.starts_with("artifacts"),
             "top entry must be artifacts/: {name}"
         );
+        assert!(
+            e.header().entry_type().is_file() || e.header().entry_type().is_dir(),
+            "only files and folders (the server refuses links): {name}"
+        );
+        modes.insert(name.clone(), e.header().mode().expect("mode") & 0o7777);
         let mut s = String::new();
         if e.header().entry_type().is_file() {
             e.read_to_string(&mut s).expect("read");
             files.insert(name, s);
         }
     }
+    // Modes are kept (issue 13.2); the symbolic link was left out.
+    assert_eq!(modes.get("artifacts/run.sh"), Some(&0o750), "{modes:?}");
+    assert_eq!(modes.get("artifacts/sub/x.txt"), Some(&0o600), "{modes:?}");
+    assert!(!modes.contains_key("artifacts/link"), "{modes:?}");
     assert_eq!(
         files.get("artifacts/result.txt").map(String::as_str),
         Some("payload\n")
@@ -212,13 +222,13 @@ async fn artifacts_round_trip() {
     );
 }
 
-fn attachments_tarball(entries: &[(&str, &[u8])]) -> Vec<u8> {
+fn attachments_tarball(entries: &[(&str, &[u8], u32)]) -> Vec<u8> {
     let enc = GzEncoder::new(Vec::new(), Compression::default());
     let mut b = tar::Builder::new(enc);
-    for (name, data) in entries {
+    for (name, data, mode) in entries {
         let mut h = tar::Header::new_gnu();
         h.set_size(data.len() as u64);
-        h.set_mode(0o644);
+        h.set_mode(*mode);
         b.append_data(&mut h, name, *data).expect("append");
     }
     b.into_inner().expect("tar").finish().expect("gz")
@@ -230,7 +240,7 @@ async fn attachments_are_fetched_and_extracted() {
     lab.spawn_agent(
         "dev-attach",
         json!({
-            "test_command": "cat attachments/test/data/input.txt; grep -c attachments testflinger.json || true",
+            "test_command": "cat attachments/test/data/input.txt; grep -c attachments testflinger.json || true; ./attachments/test/run.sh; stat -c 'mode=%a' attachments/test/run.sh",
         }),
     );
     let id = lab
@@ -238,7 +248,11 @@ async fn attachments_are_fetched_and_extracted() {
             json!({"test_data": {"test_cmds": "x", "attachments": [{"agent": "data/input.txt"}]}}),
         )
         .await;
-    let gz = attachments_tarball(&[("test/data/input.txt", b"attached-content\n")]);
+    let gz = attachments_tarball(&[
+        ("test/data/input.txt", b"attached-content\n", 0o644),
+        // setuid is dropped, the rest of the mode kept.
+        ("test/run.sh", b"#!/bin/sh\necho script-ran\n", 0o4750),
+    ]);
     let form = reqwest::multipart::Form::new().part(
         "file",
         reqwest::multipart::Part::bytes(gz).file_name("attachments.tar.gz"),
@@ -254,6 +268,8 @@ async fn attachments_are_fetched_and_extracted() {
     let r = lab.wait_complete(&id, LONG).await;
     let out = r["test_output"].as_str().unwrap_or_default();
     assert!(out.contains("attached-content"), "{out}");
+    assert!(out.contains("script-ran"), "{out}");
+    assert!(out.contains("mode=750"), "{out}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -367,4 +383,85 @@ async fn serial_logs_keep_characters_across_fragment_boundaries() {
         !server_log.contains('\x1b'),
         "escape codes in the server log"
     );
+}
+
+/// Peak resident memory (`VmHWM`) of process `pid`, in KiB.
+fn peak_rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Submits a job with attachments, uploads a harmless archive, then puts `stored` in
+/// its place in the server's store: the agent gets an archive the server did not check
+/// (a server with looser limits, or one stored before the check existed).
+async fn job_with_stored_attachments(lab: &TestLab, stored: &[u8]) -> String {
+    use testflinger_archive::hostile;
+    let id = lab
+        .submit(json!({"test_data": {"test_cmds": "x", "attachments": [{"agent": "ok"}]}}))
+        .await;
+    let harmless = hostile::targz(&[hostile::file("test/ok", b"ok\n", 0o644)]);
+    let form = reqwest::multipart::Form::new().part(
+        "file",
+        reqwest::multipart::Part::bytes(harmless).file_name("attachments.tar.gz"),
+    );
+    let r = lab
+        .http
+        .post(format!("{}/v1/job/{id}/attachments", lab.base))
+        .multipart(form)
+        .send()
+        .await
+        .expect("upload");
+    assert!(r.status().is_success(), "upload: {}", r.status());
+    let path = lab.path(&format!("data/attachments/{id}.tar.gz"));
+    assert!(path.exists(), "{}", path.display());
+    std::fs::write(&path, stored).expect("replace the stored archive");
+    id
+}
+
+/// Issue 13.2: the agent unpacks with the server's checker: a second gzip member holding
+/// `../x` and a gzip bomb (10 GiB of zeros) are refused with a message naming the member
+/// and the limit; the agent's memory stays small; the job runs without attachments.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_attachments_are_refused_by_the_agent_with_bounded_memory() {
+    use testflinger_archive::hostile;
+    let mut lab = TestLab::start("attach-hostile").await;
+    let two = hostile::two_members(
+        &[hostile::file("test/ok", b"ok\n", 0o644)],
+        &[hostile::file("../x", b"evil\n", 0o644)],
+    );
+    let bomb = hostile::bomb("test/zeros", 10 << 30);
+    let a = job_with_stored_attachments(&lab, &two).await;
+    let b = job_with_stored_attachments(&lab, &bomb).await;
+    let agent = lab.spawn_agent(
+        "dev-hostile",
+        json!({"test_command": "ls -R attachments 2>&1 || echo no-attachments; ls .. ; du -sk ."}),
+    );
+    for id in [&a, &b] {
+        let r = lab.wait_complete(id, Duration::from_secs(60)).await;
+        let out = r["test_output"].as_str().unwrap_or_default();
+        assert!(out.contains("no-attachments"), "{id}: {out}");
+        assert!(!out.contains("zeros"), "{id}: {out}");
+    }
+    let log = lab.agent_log(agent);
+    assert!(log.contains("attachments refused"), "{log}");
+    assert!(log.contains("member '../x' contains '..'"), "{log}");
+    assert!(
+        log.contains("member 'test/zeros' (10737418240 bytes) takes the archive past the limit of 8589934592 unpacked bytes"),
+        "{log}"
+    );
+    assert!(log.contains("archive_max_unpacked_bytes"), "{log}");
+    let pid = lab.agent(agent).pid();
+    let peak = peak_rss_kib(pid);
+    println!("agent peak RSS (VmHWM) after both refusals: {peak} KiB");
+    assert!(peak > 0 && peak < 64 * 1024, "agent peak RSS {peak} KiB");
+    // Nothing escaped the run directory.
+    let run = lab.path("run-dev-hostile");
+    assert!(!run.join("x").exists());
+    assert!(!lab.path("x").exists());
 }
