@@ -158,6 +158,11 @@ impl Pending {
         }
     }
 
+    /// Entries stored and not yet handed out.
+    pub fn waiting(&self) -> u64 {
+        self.stored.borrow().next.saturating_sub(self.cursor)
+    }
+
     /// Like [`Pending::recv`] without waiting: `None` when nothing is stored yet.
     pub fn try_recv(&mut self) -> Option<u64> {
         let s = *self.stored.borrow();
@@ -414,7 +419,7 @@ pub async fn deliver(
                     return Delivered::LeaseLost;
                 }
                 Err(ClientError::JobGone(m)) => {
-                    let left = pending.len() + 1;
+                    let left = pending.waiting() + 1;
                     tracing::warn!(job.id = %meta.job_id, message = %m, entries = left, "the API has no such job any more; dropping its spool");
                     lost.cancel();
                     remove(&dir);
