@@ -560,6 +560,7 @@ async fn output_written_while_the_agent_was_not_scheduled_is_kept() {
         );
         let _ = std::fs::remove_file(lab.path("parent.pid"));
     }
+}
 
 /// Issue 13.5: the spool is bounded with backpressure. While the API is away, a phase
 /// writing more than `spool_max_bytes` is held on its pipe (the spool stays near the
