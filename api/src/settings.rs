@@ -12,6 +12,7 @@
 //! | `TESTFLINGER_LEASE_TTL` | `30` | seconds a claim lasts without a heartbeat |
 //! | `TESTFLINGER_RETENTION` | `604800` | seconds jobs, logs and files are kept |
 //! | `TESTFLINGER_MAX_UPLOAD_BYTES` | `2147483648` | largest artifact or attachment |
+//! | `TESTFLINGER_MAX_LOG_BYTES` | `1073741824` | bytes of `log_data` stored per job and log type (output, serial); past it a truncation notice is stored once and later fragments are accepted but dropped |
 //! | `TESTFLINGER_WORKERS` | CPU count | HTTP worker threads |
 //! | `TESTFLINGER_QUEUE_TYPE` | `classic` | `classic` or `quorum` job queues |
 //! | `TESTFLINGER_REAPER_INTERVAL_MS` | `1000` | how often expired leases are looked for |
@@ -53,6 +54,7 @@ pub struct Settings {
     pub lease_ttl: u64,
     pub retention: u64,
     pub max_upload_bytes: u64,
+    pub max_log_bytes: u64,
     pub workers: usize,
     pub queue_type: String,
     pub reaper_interval_ms: u64,
@@ -97,6 +99,7 @@ const KNOWN: &[&str] = &[
     "lease_ttl",
     "retention",
     "max_upload_bytes",
+    "max_log_bytes",
     "workers",
     "queue_type",
     "reaper_interval_ms",
@@ -131,6 +134,7 @@ impl Settings {
             .set_default("lease_ttl", 30)?
             .set_default("retention", 7 * 24 * 3600)?
             .set_default("max_upload_bytes", 2u64 << 30)?
+            .set_default("max_log_bytes", 1u64 << 30)?
             .set_default(
                 "workers",
                 std::thread::available_parallelism().map_or(2, |n| n.get()) as u64,
@@ -228,6 +232,7 @@ impl Settings {
             lease_ttl: 30,
             retention: 3600,
             max_upload_bytes: 64 << 20,
+            max_log_bytes: 1 << 30,
             workers: 2,
             queue_type: "classic".into(),
             reaper_interval_ms: 200,
