@@ -11,6 +11,7 @@ mod errors;
 mod files;
 mod jobs;
 mod lease;
+mod log_store;
 mod logs;
 mod openapi;
 mod ui;
