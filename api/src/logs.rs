@@ -98,7 +98,10 @@ pub async fn read(
     .await?;
     let mut all: BTreeMap<i64, Fragment> = on_disk.into_iter().map(|f| (f.n, f)).collect();
     all.extend(r.fragments.into_iter().map(|f| (f.n, f)));
-    Ok(all.into_values().take(limit.unwrap_or(usize::MAX)).collect())
+    Ok(all
+        .into_values()
+        .take(limit.unwrap_or(usize::MAX))
+        .collect())
 }
 
 /// The newest fragments of a job's log for the web UI, oldest first: at most `max` and
@@ -435,7 +438,8 @@ pub async fn compact_due(app: &AppState) -> ApiResult<usize> {
             }
             Err(e) => {
                 tracing::warn!(job.id = %id, error = %e, "could not compact the job's log; retrying in 5 s");
-                app.metrics.inc("testflinger_log_compactions_total", "failed");
+                app.metrics
+                    .inc("testflinger_log_compactions_total", "failed");
                 app.store
                     .schedule_compaction(id, now_ms() + 5000)
                     .await

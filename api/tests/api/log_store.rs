@@ -194,8 +194,16 @@ async fn ended_job_log_moves_to_file_store_and_reads_the_same() {
     let resumed: Vec<Value> = parse_events(&resumed);
     assert_eq!(resumed, before_sse[before_sse.len() - 2..].to_vec());
     // The web UI's job page shows the compacted log.
-    let page = app.get(&format!("/jobs/{id}")).await.text().await.expect("page");
-    assert!(page.contains("two-5") && page.contains("attempt one setup"), "{page}");
+    let page = app
+        .get(&format!("/jobs/{id}"))
+        .await
+        .text()
+        .await
+        .expect("page");
+    assert!(
+        page.contains("two-5") && page.contains("attempt one setup"),
+        "{page}"
+    );
 
     // A late fragment (the agent's spool) is accepted, read at once, and compacted
     // into the files later.
@@ -316,11 +324,20 @@ async fn sse_batches_are_bounded() {
     for n in 450..453 {
         post_frag(&app, &id, &t, "output", n, "test", &big).await;
     }
-    let port: u16 = app.base.rsplit(':').next().and_then(|p| p.parse().ok()).expect("port");
+    let port: u16 = app
+        .base
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("port");
     let sizes = sse_chunk_sizes(port, &format!("/v1/result/{id}/log/output/stream"), 453).await;
     let events: usize = sizes.iter().map(|s| s.0).sum();
     assert_eq!(events, 453, "{sizes:?}");
-    assert_eq!(sizes[0].0, testflinger_api::logs::SSE_BATCH_FRAGMENTS, "{sizes:?}");
+    assert_eq!(
+        sizes[0].0,
+        testflinger_api::logs::SSE_BATCH_FRAGMENTS,
+        "{sizes:?}"
+    );
     assert!(
         sizes
             .iter()
@@ -384,7 +401,12 @@ async fn command_calls(c: &mut redis::aio::MultiplexedConnection) -> Map<String,
         .filter_map(|l| l.strip_prefix("cmdstat_"))
         .filter_map(|l| {
             let (name, rest) = l.split_once(':')?;
-            let calls = rest.strip_prefix("calls=")?.split(',').next()?.parse::<u64>().ok()?;
+            let calls = rest
+                .strip_prefix("calls=")?
+                .split(',')
+                .next()?
+                .parse::<u64>()
+                .ok()?;
             Some((name.to_string(), json!(calls)))
         })
         .collect()
@@ -429,7 +451,10 @@ async fn sse_is_woken_without_polling() {
         .filter(|(k, v)| k.as_str() != "info" && before.get(k.as_str()) != Some(v))
         .map(|(k, v)| format!("{k}: {:?} -> {v}", before.get(k.as_str())))
         .collect();
-    assert!(moved.is_empty(), "an idle stream sent Redis commands: {moved:?}");
+    assert!(
+        moved.is_empty(),
+        "an idle stream sent Redis commands: {moved:?}"
+    );
     let sent = Instant::now();
     post_frag(&app, &id, &t, "output", 1, "test", "world").await;
     let next = tokio::time::timeout(Duration::from_secs(2), r.chunk())
@@ -438,7 +463,11 @@ async fn sse_is_woken_without_polling() {
         .expect("chunk")
         .expect("second batch");
     assert!(String::from_utf8_lossy(&next).contains("world"));
-    assert!(sent.elapsed() < Duration::from_secs(1), "{:?}", sent.elapsed());
+    assert!(
+        sent.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        sent.elapsed()
+    );
     drop(r);
     app.cleanup().await;
     drop(redis);

@@ -328,10 +328,7 @@ async fn read_until(
             bail!("the stream closed before '{marker}'");
         }
         seen.extend_from_slice(&buf[..n]);
-        if seen
-            .windows(marker.len())
-            .any(|w| w == marker.as_bytes())
-        {
+        if seen.windows(marker.len()).any(|w| w == marker.as_bytes()) {
             return Ok(());
         }
         if seen.len() > 2 * marker.len() + 8192 {
