@@ -5,7 +5,7 @@
 //! |---|---|---|
 //! | `AMQP_URI` | `amqp://guest:guest@127.0.0.1:5672/%2f` | RabbitMQ |
 //! | `REDIS_URL` | `redis://127.0.0.1:6379/` | Redis |
-//! | `DATA_PATH` | `./data` | artifact and attachment store |
+//! | `DATA_PATH` | `./data` | artifact and attachment store; ended jobs' logs (moved out of Redis when a job ends, one file per log type and attempt) |
 //! | `TESTFLINGER_BIND` | `127.0.0.1:8000` | listen address |
 //! | `TESTFLINGER_REDIS_PREFIX` | `tf` | prefix of every Redis key |
 //! | `TESTFLINGER_MAX_ATTEMPTS` | `3` | runs of a job before the reaper gives up |
