@@ -472,3 +472,39 @@ async fn sse_is_woken_without_polling() {
     app.cleanup().await;
     drop(redis);
 }
+
+/// A job cancelled by a user, and one the reaper gives up on, have their logs compacted
+/// too (those end without their agent's last state report).
+#[tokio::test(flavor = "multi_thread")]
+async fn cancelled_and_reaped_jobs_are_compacted() {
+    let app = TestApp::spawn_with(|s| {
+        s.max_attempts = 1;
+        s.lease_ttl = 1;
+    })
+    .await;
+    let q = app.queue("endings");
+    let cancelled = app.submit(json!({"job_queue": q})).await;
+    let t = claim_token(&app, &cancelled, "canceller").await;
+    post_frag(&app, &cancelled, &t, "output", 0, "test", "before cancel").await;
+    let r = app
+        .post_json(
+            &format!("/v1/job/{cancelled}/action"),
+            &json!({"action": "cancel"}),
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    let reaped = app.submit(json!({"job_queue": q})).await;
+    let t2 = claim_token(&app, &reaped, "vanishing").await;
+    post_frag(&app, &reaped, &t2, "serial", 0, "test", "then silence").await;
+    app.wait_for(20, "both logs to leave Redis", || async {
+        log_keys(&app).await.is_empty().then_some(())
+    })
+    .await;
+    assert_eq!(app.result(&reaped).await["job_state"], "complete");
+    assert!(app.state.files.log_path(&cancelled, "output", 1).exists());
+    assert!(app.state.files.log_path(&reaped, "serial", 1).exists());
+    assert_eq!(app.result(&cancelled).await["test_output"], "before cancel");
+    let serial = get_json(&app, &format!("/v1/result/{reaped}/log/serial")).await;
+    assert_eq!(serial["serial"]["test"]["log_data"], "then silence");
+    app.cleanup().await;
+}
