@@ -23,7 +23,8 @@ const FRAGMENT_BYTES: usize = 1000;
 pub async fn run(ctx: &mut Ctx) -> anyhow::Result<Report> {
     let (jobs, followers) = if ctx.quick() { (20, 200) } else { (200, 1000) };
     let q = ctx.queue("logs");
-    let server = Server::start(ctx, "logs", &[]).await?;
+    // The bench holds its jobs without heartbeats: a long lease keeps them held.
+    let server = Server::start(ctx, "logs", &[("TESTFLINGER_LEASE_TTL", "3600")]).await?;
     let r = measure(ctx, &server, &q, jobs, followers).await;
     server.proc.stop().await;
     r
