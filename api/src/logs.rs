@@ -19,7 +19,7 @@
 use crate::error::{ApiError, ApiResult};
 use crate::files::FileStore;
 use crate::state::AppState;
-use crate::store::{ATTEMPT_STRIDE, Fragment, now_ms};
+use crate::store::{ATTEMPT_STRIDE, Batch, Fragment, now_ms};
 use futures_util::StreamExt;
 use std::collections::{BTreeMap, HashMap};
 use std::io::{BufRead, BufReader, BufWriter, Seek, SeekFrom, Write};
@@ -36,7 +36,15 @@ pub const SSE_BATCH_BYTES: usize = 256 * 1024;
 /// other came for this long, in milliseconds.
 pub const LATE_DELAY_MS: u64 = 10_000;
 /// Fragments read from Redis per step of a compaction.
-const COMPACT_CHUNK: usize = 256;
+const COMPACT_CHUNK: Batch = Batch {
+    fragments: 256,
+    bytes: 4 << 20,
+};
+/// One SSE batch.
+pub const SSE_BATCH: Batch = Batch {
+    fragments: SSE_BATCH_FRAGMENTS,
+    bytes: SSE_BATCH_BYTES,
+};
 /// Jobs compacted per pass.
 const COMPACT_BATCH: usize = 50;
 
@@ -77,14 +85,15 @@ async fn blocking<T: Send + 'static>(
         .map_err(|e| io_err(what, e))
 }
 
-/// A job's fragments of `log_type` numbered `from` or more, in order, at most `limit`
-/// (all when `None`), from Redis and, once the job was compacted, its files.
+/// A job's fragments of `log_type` numbered `from` or more, in order, within `limit`
+/// (all when `None`; a batch's byte bound counts the stored JSON of each fragment), from
+/// Redis and, once the job was compacted, its files.
 pub async fn read(
     app: &AppState,
     id: &str,
     log_type: &str,
     from: i64,
-    limit: Option<usize>,
+    limit: Option<Batch>,
 ) -> ApiResult<Vec<Fragment>> {
     let r = app.store.log_fragments(id, log_type, from, limit).await?;
     if !r.compacted {
@@ -98,10 +107,8 @@ pub async fn read(
     .await?;
     let mut all: BTreeMap<i64, Fragment> = on_disk.into_iter().map(|f| (f.n, f)).collect();
     all.extend(r.fragments.into_iter().map(|f| (f.n, f)));
-    Ok(all
-        .into_values()
-        .take(limit.unwrap_or(usize::MAX))
-        .collect())
+    let max = limit.map_or(usize::MAX, |b| b.fragments);
+    Ok(all.into_values().take(max).collect())
 }
 
 /// The newest fragments of a job's log for the web UI, oldest first: at most `max` and
@@ -220,15 +227,16 @@ fn each_line(
     }
 }
 
-/// Fragments numbered `from` or more from a job's compacted files, at most `limit`.
+/// Fragments numbered `from` or more from a job's compacted files, within `limit`.
 pub fn read_files(
     files: &FileStore,
     id: &str,
     log_type: &str,
     from: i64,
-    limit: Option<usize>,
+    limit: Option<Batch>,
 ) -> std::io::Result<Vec<Fragment>> {
-    let limit = limit.unwrap_or(usize::MAX);
+    let (limit, budget) = limit.map_or((usize::MAX, usize::MAX), |b| (b.fragments, b.bytes));
+    let mut bytes = 0usize;
     let mut out = Vec::new();
     for a in file_attempts(&files.log_dir(id), log_type)? {
         if (a as i64).saturating_mul(ATTEMPT_STRIDE) <= from {
@@ -242,13 +250,20 @@ pub fn read_files(
         let len = f.metadata()?.len();
         let mut r = BufReader::new(f);
         seek_first(&mut r, len, from)?;
+        let mut full = false;
         each_line(&mut r, |f| {
             if f.n >= from {
+                if !out.is_empty() && bytes.saturating_add(f.data.len()) > budget {
+                    full = true;
+                    return false;
+                }
+                bytes = bytes.saturating_add(f.data.len());
                 out.push(f);
             }
-            out.len() < limit
+            full = out.len() >= limit;
+            !full
         })?;
-        if out.len() >= limit {
+        if full {
             break;
         }
     }

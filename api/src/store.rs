@@ -131,7 +131,7 @@ macro_rules! redis_now {
 }
 
 mod logs;
-pub use logs::{CompactionSnapshot, PutFragment, RedisLog};
+pub use logs::{Batch, CompactionSnapshot, PutFragment, RedisLog};
 
 static SUBMIT: LazyLock<Script> = LazyLock::new(|| {
     Script::new(

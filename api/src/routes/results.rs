@@ -164,7 +164,7 @@ async fn fragments(
     id: &str,
     log_type: &str,
     from: i64,
-    limit: Option<usize>,
+    limit: Option<crate::store::Batch>,
 ) -> ApiResult<Vec<Fragment>> {
     crate::logs::read(app, id, log_type, from, limit).await
 }
@@ -440,7 +440,7 @@ async fn stream_log(
                 &st.id,
                 st.lt,
                 st.next,
-                Some(crate::logs::SSE_BATCH_FRAGMENTS),
+                Some(crate::logs::SSE_BATCH),
             )
             .await
             {
@@ -481,7 +481,11 @@ async fn stream_log(
                 .is_none_or(JobState::is_terminal);
             if terminal {
                 // One last look, so fragments posted just before the end are not lost.
-                if let Ok(last) = fragments(&st.app, &st.id, st.lt, st.next, Some(1)).await
+                let one = crate::store::Batch {
+                    fragments: 1,
+                    bytes: 0,
+                };
+                if let Ok(last) = fragments(&st.app, &st.id, st.lt, st.next, Some(one)).await
                     && !last.is_empty()
                 {
                     continue;

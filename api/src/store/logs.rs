@@ -85,6 +85,37 @@ return 1
     )
 });
 
+/// Reads a batch of a job's fragments from `from` on: at most ARGV[2] of them and, past
+/// the first, no more than ARGV[3] bytes of members; one member at a time, so a log of
+/// large fragments is never read whole. Returns `{compacted mark, members...}`.
+static READ_BATCH: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+-- KEYS: log job ; ARGV: from max_fragments max_bytes
+local out = {redis.call('HGET', KEYS[2], 'lc') or ''}
+local bytes = 0
+local max = tonumber(ARGV[2])
+local budget = tonumber(ARGV[3])
+while #out - 1 < max do
+  local m = redis.call('ZRANGEBYSCORE', KEYS[1], ARGV[1], '+inf', 'LIMIT', #out - 1, 1)[1]
+  if not m then break end
+  if #out > 1 and bytes + #m > budget then break end
+  out[#out + 1] = m
+  bytes = bytes + #m
+end
+return out
+"#,
+    )
+});
+
+/// A bound on one read: at most `fragments` fragments and, past the first, about
+/// `bytes` bytes of them.
+#[derive(Debug, Clone, Copy)]
+pub struct Batch {
+    pub fragments: usize,
+    pub bytes: usize,
+}
+
 /// What [`Store::put_fragment`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PutFragment {
@@ -160,27 +191,41 @@ impl Store {
     }
 
     /// A job's fragments of one log type still in Redis, numbered `from` or more, in
-    /// order, at most `limit` (all when `None`), and in the same step whether the job
+    /// order, within `limit` (all when `None`), and in the same step whether the job
     /// was compacted (see the module docs).
     pub async fn log_fragments(
         &self,
         id: &str,
         log_type: &str,
         from: i64,
-        limit: Option<usize>,
+        limit: Option<Batch>,
     ) -> ApiResult<RedisLog> {
         let mut c = self.con();
-        let mut range = redis::cmd("ZRANGEBYSCORE");
-        range.arg(self.keys.log(id, log_type)).arg(from).arg("+inf");
-        if let Some(l) = limit {
-            range.arg("LIMIT").arg(0).arg(l);
-        }
-        let (lc, members): (Option<String>, Vec<String>) = redis::pipe()
-            .atomic()
-            .hget(self.keys.job(id), "lc")
-            .add_command(range)
-            .query_async(&mut c)
-            .await?;
+        let (lc, members): (Option<String>, Vec<String>) = match limit {
+            None => {
+                redis::pipe()
+                    .atomic()
+                    .hget(self.keys.job(id), "lc")
+                    .cmd("ZRANGEBYSCORE")
+                    .arg(self.keys.log(id, log_type))
+                    .arg(from)
+                    .arg("+inf")
+                    .query_async(&mut c)
+                    .await?
+            }
+            Some(b) => {
+                let mut r: Vec<String> = READ_BATCH
+                    .key(self.keys.log(id, log_type))
+                    .key(self.keys.job(id))
+                    .arg(from)
+                    .arg(b.fragments)
+                    .arg(b.bytes)
+                    .invoke_async(&mut c)
+                    .await?;
+                let lc = (!r.is_empty()).then(|| r.remove(0));
+                (lc, r)
+            }
+        };
         Ok(RedisLog {
             compacted: lc.as_deref() == Some("1"),
             fragments: members
