@@ -102,6 +102,7 @@ while #out - 1 < max do
   if #out > 1 and bytes + #m > budget then break end
   out[#out + 1] = m
   bytes = bytes + #m
+  if bytes >= budget then break end
 end
 return out
 "#,
