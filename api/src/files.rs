@@ -36,7 +36,7 @@ pub struct FileStore {
 impl FileStore {
     /// Creates the store's folders. Fails when `DATA_PATH` cannot be created.
     pub fn open(root: &Path, max_bytes: u64, limits: Limits) -> std::io::Result<FileStore> {
-        for d in ["artifacts", "attachments", "tmp"] {
+        for d in ["artifacts", "attachments", "tmp", "logs"] {
             std::fs::create_dir_all(root.join(d))?;
         }
         Ok(FileStore {
@@ -44,6 +44,21 @@ impl FileStore {
             max_bytes,
             limits,
         })
+    }
+
+    /// The folder of a job's compacted log files (see [`crate::logs`]).
+    pub fn log_dir(&self, id: &str) -> PathBuf {
+        self.root.join("logs").join(id)
+    }
+
+    /// A job's compacted log file of `log_type` for `attempt`.
+    pub fn log_path(&self, id: &str, log_type: &str, attempt: u64) -> PathBuf {
+        self.log_dir(id).join(format!("{log_type}.{attempt}.jsonl"))
+    }
+
+    /// A temporary file (renamed into place when complete).
+    pub fn tmp_path(&self, name: &str) -> PathBuf {
+        self.root.join("tmp").join(name)
     }
 
     pub fn path(&self, kind: Kind, id: &str) -> PathBuf {
@@ -127,9 +142,26 @@ impl FileStore {
         Ok(written)
     }
 
-    /// Deletes files older than `max_age` (retention). Returns how many went.
+    /// Deletes files older than `max_age` (retention), and jobs' log folders whose
+    /// newest file is. Returns how many went.
     pub fn sweep(&self, max_age: std::time::Duration) -> usize {
         let mut gone = 0;
+        let old = |m: std::io::Result<std::fs::Metadata>| {
+            m.and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age > max_age)
+        };
+        if let Ok(rd) = std::fs::read_dir(self.root.join("logs")) {
+            for job in rd.flatten() {
+                let all_old = std::fs::read_dir(job.path())
+                    .map(|files| files.flatten().all(|f| old(f.metadata())))
+                    .unwrap_or(false);
+                if all_old && std::fs::remove_dir_all(job.path()).is_ok() {
+                    gone += 1;
+                }
+            }
+        }
         for d in ["artifacts", "attachments", "tmp"] {
             let Ok(rd) = std::fs::read_dir(self.root.join(d)) else {
                 continue;

@@ -9,6 +9,7 @@
 //! - [`auth`]: clients, tokens, roles and submission permissions.
 //! - [`store`]: all Redis state and its atomic scripts; [`files`]: artifacts/attachments.
 //! - [`reaper`]: requeues jobs whose lease expired.
+//! - [`logs`]: log reads from Redis and compacted files, the compactor, SSE wake-ups.
 //! - [`events`]: job events to `testflinger.events` and webhooks.
 //! - [`limits`]: request body deadline, large-body cap, closing after unread bodies.
 //! - [`metrics`]: Prometheus metrics at `/metrics`.
@@ -22,6 +23,7 @@ pub mod error;
 pub mod events;
 pub mod files;
 pub mod limits;
+pub mod logs;
 pub mod metrics;
 pub mod reaper;
 pub mod routes;

@@ -29,6 +29,10 @@ const HELP: &[(&str, &str)] = &[
         "testflinger_broker_submissions_total",
         "Messages from the submit queue, by result.",
     ),
+    (
+        "testflinger_log_compactions_total",
+        "Ended jobs' logs moved from Redis to the file store, by result (done, failed).",
+    ),
 ];
 
 impl Metrics {

@@ -5,7 +5,7 @@
 //! |---|---|---|
 //! | `AMQP_URI` | `amqp://guest:guest@127.0.0.1:5672/%2f` | RabbitMQ |
 //! | `REDIS_URL` | `redis://127.0.0.1:6379/` | Redis |
-//! | `DATA_PATH` | `./data` | artifact and attachment store |
+//! | `DATA_PATH` | `./data` | artifact and attachment store; ended jobs' logs (moved out of Redis when a job ends, one file per log type and attempt) |
 //! | `TESTFLINGER_BIND` | `127.0.0.1:8000` | listen address |
 //! | `TESTFLINGER_REDIS_PREFIX` | `tf` | prefix of every Redis key |
 //! | `TESTFLINGER_MAX_ATTEMPTS` | `3` | runs of a job before the reaper gives up |
@@ -14,6 +14,7 @@
 //! | `TESTFLINGER_MAX_UPLOAD_BYTES` | `2147483648` | largest artifact or attachment |
 //! | `TESTFLINGER_ARCHIVE_MAX_ENTRIES` | `100000` | most entries in an uploaded artifact or attachments archive (413 past it) |
 //! | `TESTFLINGER_ARCHIVE_MAX_UNPACKED_BYTES` | `8589934592` | most bytes an uploaded archive may expand to, tar headers included (413 past it) |
+//! | `TESTFLINGER_MAX_LOG_BYTES` | `1073741824` | bytes of `log_data` stored per job and log type (output, serial); past it a truncation notice is stored once and later fragments are accepted but dropped |
 //! | `TESTFLINGER_WORKERS` | CPU count | HTTP worker threads |
 //! | `TESTFLINGER_QUEUE_TYPE` | `classic` | `classic` or `quorum` job queues |
 //! | `TESTFLINGER_REAPER_INTERVAL_MS` | `1000` | how often expired leases are looked for |
@@ -68,6 +69,7 @@ pub struct Settings {
     pub archive_max_entries: u64,
     /// Most bytes an uploaded archive may expand to ([`testflinger_archive::Limits`]).
     pub archive_max_unpacked_bytes: u64,
+    pub max_log_bytes: u64,
     pub workers: usize,
     pub queue_type: String,
     pub reaper_interval_ms: u64,
@@ -128,6 +130,7 @@ const KNOWN: &[&str] = &[
     "max_upload_bytes",
     "archive_max_entries",
     "archive_max_unpacked_bytes",
+    "max_log_bytes",
     "workers",
     "queue_type",
     "reaper_interval_ms",
@@ -171,6 +174,7 @@ impl Settings {
             .set_default("lease_ttl", 30)?
             .set_default("retention", 7 * 24 * 3600)?
             .set_default("max_upload_bytes", 2u64 << 30)?
+            .set_default("max_log_bytes", 1u64 << 30)?
             .set_default(
                 "archive_max_entries",
                 testflinger_archive::Limits::DEFAULT_MAX_ENTRIES,
@@ -301,6 +305,7 @@ impl Settings {
             max_upload_bytes: 64 << 20,
             archive_max_entries: testflinger_archive::Limits::DEFAULT_MAX_ENTRIES,
             archive_max_unpacked_bytes: testflinger_archive::Limits::DEFAULT_MAX_UNPACKED_BYTES,
+            max_log_bytes: 1 << 30,
             workers: 2,
             queue_type: "classic".into(),
             reaper_interval_ms: 200,

@@ -107,6 +107,7 @@ impl Application {
             events,
             metrics: Arc::default(),
             auth,
+            logs: crate::logs::Logs::default(),
         };
         let data = web::Data::new(state.clone());
         let docs_dir = state.settings.docs_dir.clone();
@@ -148,6 +149,8 @@ impl Application {
             warm_up,
             events_task,
             tokio::spawn(crate::reaper::run(state.clone())),
+            tokio::spawn(crate::logs::run_compactor(state.clone())),
+            tokio::spawn(crate::logs::run_subscriber(state.clone())),
             tokio::spawn(crate::reaper::run_reconciler(
                 state.clone(),
                 std::time::Duration::from_millis(state.settings.reconcile_interval_ms.max(100)),

@@ -16,6 +16,8 @@ pub struct AppState {
     pub metrics: std::sync::Arc<crate::metrics::Metrics>,
     /// Authentication and roles (off without `JWT_SIGNING_KEY`).
     pub auth: std::sync::Arc<crate::auth::Auth>,
+    /// SSE fan-out of log events and the log compactor's wake-up.
+    pub logs: crate::logs::Logs,
 }
 
 impl AppState {

@@ -2,7 +2,8 @@
 //! prefix; every multi-step change that must be atomic is one Lua script here.
 //!
 //! Per job: hash `job:<id>` (definition, state, attempt, fencing token, lease, statuses),
-//! sorted sets `log:<id>:<type>` (fragments scored by fragment number). Per queue: the
+//! sorted sets `log:<id>:<type>` (fragments scored by fragment number, while the job runs;
+//! compacted into the file store when it ends, see `store/logs.rs`). Per queue: the
 //! position index `qpos:<q>` (waiting jobs, scored by priority then submit order), the
 //! job list `qjobs:<q>`, wait-time samples `wait:<q>`. Global: `jobs` (all jobs by
 //! creation), `leases` (running jobs by lease expiry, Redis time), `outbox` (jobs whose
@@ -43,6 +44,11 @@ impl Keys {
     }
     pub fn log(&self, id: &str, log_type: &str) -> String {
         format!("{}:log:{id}:{log_type}", self.p)
+    }
+    /// Ended jobs whose log fragments are to be compacted into the file store, scored by
+    /// when that is due (ms); see `store/logs.rs`.
+    pub fn compact(&self) -> String {
+        format!("{}:compact", self.p)
     }
     pub fn qpos(&self, q: &str) -> String {
         format!("{}:qpos:{q}", self.p)
@@ -123,6 +129,9 @@ macro_rules! redis_now {
         "local __t = redis.call('TIME')\nlocal now = tonumber(__t[1]) * 1000 + math.floor(tonumber(__t[2]) / 1000)\n"
     };
 }
+
+mod logs;
+pub use logs::{Batch, CompactionSnapshot, PutFragment, RedisLog};
 
 static SUBMIT: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
@@ -255,7 +264,7 @@ static REQUEUE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(concat!(
         redis_now!(),
         r#"
--- KEYS: job leases qpos outbox ; ARGV: id max_attempts reason mode(reap|release) token new_fence
+-- KEYS: job leases qpos outbox compact ; ARGV: id max_attempts reason mode(reap|release) token new_fence channel
 if redis.call('EXISTS', KEYS[1]) == 0 then
   redis.call('ZREM', KEYS[2], ARGV[1]); return {'gone'}
 end
@@ -275,6 +284,8 @@ local agent = redis.call('HGET', KEYS[1], 'agent') or ''
 if attempt >= tonumber(ARGV[2]) then
   local why = ARGV[3] .. '; giving up after ' .. attempt .. ' attempts'
   redis.call('HSET', KEYS[1], 'state', 'complete', 'reason', why, 'lease', 0)
+  redis.call('ZADD', KEYS[5], now, ARGV[1])
+  redis.call('PUBLISH', ARGV[7], 'end')
   return {'ended', st, attempt, agent, why}
 end
 local prio = tonumber(redis.call('HGET', KEYS[1], 'prio')) or 0
@@ -291,9 +302,10 @@ return {'requeued', st, attempt, agent, ARGV[3]}
 /// may move from (the state machine lives in `JobState::may_follow`); a job that already
 /// ended keeps its state.
 static SET_STATE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
+    Script::new(concat!(
+        redis_now!(),
         r#"
--- KEYS: job leases qpos ; ARGV: id token new_state from_states...
+-- KEYS: job leases qpos compact ; ARGV: id token new_state channel from_states...
 if redis.call('EXISTS', KEYS[1]) == 0 then return {'unknown'} end
 if ARGV[2] ~= '' and redis.call('HGET', KEYS[1], 'fence') ~= ARGV[2] then return {'stale'} end
 local st = redis.call('HGET', KEYS[1], 'state')
@@ -304,17 +316,19 @@ if st == 'complete' or st == 'cancelled' then
 end
 if st == new then return {'kept', st} end
 local allowed = false
-for i = 4, #ARGV do if ARGV[i] == st then allowed = true end end
+for i = 5, #ARGV do if ARGV[i] == st then allowed = true end end
 if not allowed then return {'refused', st} end
+redis.call('HSET', KEYS[1], 'state', new)
 if new == 'complete' or new == 'cancelled' then
   redis.call('ZREM', KEYS[2], ARGV[1])
   redis.call('ZREM', KEYS[3], ARGV[1])
   redis.call('HSET', KEYS[1], 'lease', 0)
+  redis.call('ZADD', KEYS[4], now, ARGV[1])
+  redis.call('PUBLISH', ARGV[4], 'end')
 end
-redis.call('HSET', KEYS[1], 'state', new)
 return {'set', st}
-"#,
-    )
+"#
+    ))
 });
 
 /// Checks that a write about a job comes from its holder, inside Redis. With a token:
@@ -399,17 +413,20 @@ return 1
 });
 
 static CANCEL: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
+    Script::new(concat!(
+        redis_now!(),
         r#"
--- KEYS: job qpos ; ARGV: id
+-- KEYS: job qpos compact ; ARGV: id channel
 if redis.call('EXISTS', KEYS[1]) == 0 then return {'unknown'} end
 local st = redis.call('HGET', KEYS[1], 'state')
 if st == 'cancelled' or st == 'complete' then return {'done', st} end
 redis.call('HSET', KEYS[1], 'state', 'cancelled')
 redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('ZADD', KEYS[3], now, ARGV[1])
+redis.call('PUBLISH', ARGV[2], 'end')
 return {'cancelled', st, redis.call('HGET', KEYS[1], 'agent') or ''}
-"#,
-    )
+"#
+    ))
 });
 
 /// How many recent jobs the index [`Keys::agent_jobs`] keeps per agent.
@@ -434,7 +451,8 @@ pub struct JobRecord {
 }
 
 /// One log fragment as stored (member of the sorted set `log:<id>:<type>`, scored by
-/// `n`): JSON `{"n","a","ms","t","p","d"}`.
+/// `n`; and one line of a compacted log file, see [`crate::logs`]): JSON
+/// `{"n","a","ms","t","p","d"}`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Fragment {
     /// The stored number: unique across attempts (see [`fragment_score`]).
@@ -449,12 +467,12 @@ pub struct Fragment {
 }
 
 impl Fragment {
-    fn to_member(&self) -> String {
+    pub fn to_member(&self) -> String {
         serde_json::json!({"n": self.n, "a": self.attempt, "ms": self.ts_ms, "t": self.ts, "p": self.phase, "d": self.data})
             .to_string()
     }
 
-    fn from_member(member: &str) -> Option<Fragment> {
+    pub fn from_member(member: &str) -> Option<Fragment> {
         let v: Value = serde_json::from_str(member).ok()?;
         Some(Fragment {
             n: v.get("n")?.as_i64()?,
@@ -592,6 +610,8 @@ pub enum Requeue {
 pub struct Store {
     pub keys: Keys,
     con: ConnectionManager,
+    /// For pub/sub connections (one per server, see [`Store::log_events`]).
+    client: redis::Client,
     retention: u64,
 }
 
@@ -674,6 +694,7 @@ impl Store {
     /// Connects to Redis. Fails when Redis cannot be reached within a few seconds.
     pub async fn connect(url: &str, prefix: &str, retention: u64) -> anyhow::Result<Store> {
         let client = redis::Client::open(url)?;
+        let pubsub_client = client.clone();
         let cfg = redis::aio::ConnectionManagerConfig::new()
             .set_connection_timeout(Some(std::time::Duration::from_secs(2)))
             .set_response_timeout(Some(std::time::Duration::from_secs(5)))
@@ -682,6 +703,7 @@ impl Store {
         Ok(Store {
             keys: Keys::new(prefix),
             con,
+            client: pubsub_client,
             retention,
         })
     }
@@ -970,6 +992,7 @@ impl Store {
             .key(k.leases())
             .key(k.qpos(queue))
             .key(k.outbox())
+            .key(k.compact())
             .arg(id)
             .arg(max_attempts)
             .arg(reason)
@@ -980,6 +1003,7 @@ impl Store {
             })
             .arg(release_token.map(|t| t.to_string()).unwrap_or_default())
             .arg(new_fence()?.to_string())
+            .arg(self.log_channel(id))
             .invoke_async(&mut c)
             .await?;
         let r = list(r);
@@ -1021,9 +1045,11 @@ impl Store {
         let mut inv = SET_STATE.key(k.job(id));
         inv.key(k.leases())
             .key(k.qpos(queue))
+            .key(k.compact())
             .arg(id)
             .arg(token.map(|t| t.to_string()).unwrap_or_default())
-            .arg(state.as_str());
+            .arg(state.as_str())
+            .arg(self.log_channel(id));
         for f in from {
             inv.arg(f.as_str());
         }
@@ -1050,7 +1076,9 @@ impl Store {
         let r: redis::Value = CANCEL
             .key(self.keys.job(id))
             .key(self.keys.qpos(queue))
+            .key(self.keys.compact())
             .arg(id)
+            .arg(self.log_channel(id))
             .invoke_async(&mut c)
             .await?;
         let r = list(r);
@@ -1209,47 +1237,6 @@ impl Store {
             }
         }
         Ok(out)
-    }
-
-    /// Stores a log fragment, replacing one stored under the same number (a fragment
-    /// delivered again shows once). Expires with the retention.
-    pub async fn put_fragment(&self, id: &str, log_type: &str, f: &Fragment) -> ApiResult<()> {
-        let key = self.keys.log(id, log_type);
-        let mut c = self.con();
-        let _: () = redis::pipe()
-            .atomic()
-            .cmd("ZREMRANGEBYSCORE")
-            .arg(&key)
-            .arg(f.n)
-            .arg(f.n)
-            .ignore()
-            .cmd("ZADD")
-            .arg(&key)
-            .arg(f.n)
-            .arg(f.to_member())
-            .ignore()
-            .cmd("EXPIRE")
-            .arg(&key)
-            .arg(self.retention_secs())
-            .ignore()
-            .query_async(&mut c)
-            .await?;
-        Ok(())
-    }
-
-    /// A job's fragments of one log type numbered `from` or more, in order.
-    pub async fn fragments(&self, id: &str, log_type: &str, from: i64) -> ApiResult<Vec<Fragment>> {
-        let mut c = self.con();
-        let members: Vec<String> = redis::cmd("ZRANGEBYSCORE")
-            .arg(self.keys.log(id, log_type))
-            .arg(from)
-            .arg("+inf")
-            .query_async(&mut c)
-            .await?;
-        Ok(members
-            .iter()
-            .filter_map(|m| Fragment::from_member(m))
-            .collect())
     }
 
     /// Jobs for `GET /v1/job/search`: all jobs newest first, or the union (`all`:

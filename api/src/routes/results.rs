@@ -104,6 +104,10 @@ async fn post_result(
                         &[(&format!("at_{state}"), crate::store::now_ms().to_string())],
                     )
                     .await?;
+                if state.is_terminal() {
+                    // Its log moves to the file store now rather than at the next pass.
+                    app.logs.compact_now.notify_one();
+                }
                 events::emit(
                     &app,
                     &id,
@@ -159,13 +163,15 @@ fn attempt_label(attempt: u64) -> String {
     format!("===== attempt {attempt} =====\n")
 }
 
+/// A job's fragments from `from` on, from Redis or the file store (see [`crate::logs`]).
 async fn fragments(
     app: &AppState,
     id: &str,
     log_type: &str,
     from: i64,
+    limit: Option<crate::store::Batch>,
 ) -> ApiResult<Vec<Fragment>> {
-    app.store.fragments(id, log_type, from).await
+    crate::logs::read(app, id, log_type, from, limit).await
 }
 
 #[tracing::instrument(skip_all, fields(job.id = %id))]
@@ -181,7 +187,7 @@ async fn get_result(app: web::Data<AppState>, id: web::Path<String>) -> ApiResul
         out.insert("device_info".into(), di);
     }
     for (log_type, suffix) in [("output", "output"), ("serial", "serial")] {
-        let frags = fragments(&app, &id, log_type, 0).await?;
+        let frags = fragments(&app, &id, log_type, 0, None).await?;
         for (phase, text) in join_by_phase(&frags, None) {
             out.insert(format!("{phase}_{suffix}"), Value::String(text));
         }
@@ -266,20 +272,35 @@ async fn post_log(
     };
     // 404 for an unknown job (upstream accepts and drops the fragment).
     let attempt = app.store.check_token(&id, tok).await?;
-    app.store
+    let frag = Fragment {
+        n: crate::store::fragment_score(attempt, l.fragment_number),
+        attempt: attempt.max(1),
+        ts_ms: ms,
+        ts: l.timestamp,
+        phase: l.phase.as_str().to_string(),
+        data: l.log_data,
+    };
+    let cap = app.settings.max_log_bytes;
+    let notice = Fragment {
+        data: crate::logs::truncation_notice(lt.as_str(), cap),
+        ..frag.clone()
+    };
+    // Past the cap the fragment is accepted (200) but not stored: an agent that got an
+    // error would retry it forever.
+    let stored = app
+        .store
         .put_fragment(
             &id,
             lt.as_str(),
-            &Fragment {
-                n: crate::store::fragment_score(attempt, l.fragment_number),
-                attempt: attempt.max(1),
-                ts_ms: ms,
-                ts: l.timestamp,
-                phase: l.phase.as_str().to_string(),
-                data: l.log_data,
-            },
+            &frag,
+            cap,
+            &notice,
+            crate::logs::LATE_DELAY_MS,
         )
         .await?;
+    if stored == crate::store::PutFragment::Truncated {
+        tracing::warn!(job.id = %id, log_type = lt.as_str(), cap, "job log reached its cap: truncated");
+    }
     Ok(ok_text())
 }
 
@@ -334,7 +355,7 @@ async fn get_log(
             per.insert(p.as_str(), (-1, String::new()));
         }
     }
-    let frags = fragments(&app, &id, lt.as_str(), start).await?;
+    let frags = fragments(&app, &id, lt.as_str(), start, None).await?;
     for f in &frags {
         if since.is_some_and(|s| f.ts_ms < s) {
             continue;
@@ -364,6 +385,12 @@ async fn get_log(
 /// `Last-Event-ID` or `?start_fragment=`. Each event: `id: <fragment_number>` and
 /// `data: {"fragment_number","phase","timestamp","log_data"}`; an `end` event carries the
 /// final state once the job is complete or cancelled and every fragment was sent.
+///
+/// Each write of the stream carries at most [`crate::logs::SSE_BATCH_FRAGMENTS`]
+/// fragments and [`crate::logs::SSE_BATCH_BYTES`] of `log_data` (a long log is sent in
+/// batches, never all at once). Between batches the stream waits for the job's log
+/// events (Redis pub/sub, see [`crate::logs::LogEvents`]), reading again only when one
+/// comes, or every 15 s with a keep-alive comment (a safety net for a lost event).
 #[tracing::instrument(skip_all, fields(job.id = %path.0))]
 async fn stream_log(
     app: web::Data<AppState>,
@@ -405,22 +432,33 @@ async fn stream_log(
         lt: &'static str,
         next: i64,
         done: bool,
-        idle: u32,
+        follow: crate::logs::Follow,
     }
+    let follow = app.logs.events.follow(&id);
     let st = S {
         app,
         id,
         lt: lt.as_str(),
         next: start,
         done: false,
-        idle: 0,
+        follow,
     };
     let stream = futures_util::stream::unfold(st, |mut st| async move {
         if st.done {
             return None;
         }
         loop {
-            let frags = match fragments(&st.app, &st.id, st.lt, st.next).await {
+            // Events from here on wake the wait below, even one that comes mid-read.
+            st.follow.seen();
+            let frags = match fragments(
+                &st.app,
+                &st.id,
+                st.lt,
+                st.next,
+                Some(crate::logs::SSE_BATCH),
+            )
+            .await
+            {
                 Ok(f) => f,
                 Err(e) => {
                     st.done = true;
@@ -433,12 +471,16 @@ async fn stream_log(
             };
             if !frags.is_empty() {
                 let mut out = String::new();
+                let mut bytes = 0;
                 for f in frags {
+                    if bytes > 0 && bytes + f.data.len() > crate::logs::SSE_BATCH_BYTES {
+                        break;
+                    }
+                    bytes += f.data.len();
                     st.next = st.next.max(f.n + 1);
                     let data = json!({"fragment_number": f.n, "attempt": f.attempt, "phase": f.phase, "timestamp": f.ts, "log_data": f.data});
                     out.push_str(&format!("id: {}\ndata: {}\n\n", f.n, data));
                 }
-                st.idle = 0;
                 return Some((Ok(web::Bytes::from(out)), st));
             }
             let state = st
@@ -454,7 +496,11 @@ async fn stream_log(
                 .is_none_or(JobState::is_terminal);
             if terminal {
                 // One last look, so fragments posted just before the end are not lost.
-                if let Ok(last) = fragments(&st.app, &st.id, st.lt, st.next).await
+                let one = crate::store::Batch {
+                    fragments: 1,
+                    bytes: 0,
+                };
+                if let Ok(last) = fragments(&st.app, &st.id, st.lt, st.next, Some(one)).await
                     && !last.is_empty()
                 {
                     continue;
@@ -463,11 +509,12 @@ async fn stream_log(
                 let msg = format!("event: end\ndata: {}\n\n", json!({"job_state": state}));
                 return Some((Ok(web::Bytes::from(msg)), st));
             }
-            st.idle += 1;
-            if st.idle % 150 == 0 {
-                return Some((Ok(web::Bytes::from_static(b": keep-alive\n\n")), st));
+            tokio::select! {
+                _ = st.follow.changed() => continue,
+                _ = tokio::time::sleep(Duration::from_secs(15)) => {
+                    return Some((Ok(web::Bytes::from_static(b": keep-alive\n\n")), st));
+                }
             }
-            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     });
     Ok(HttpResponse::Ok()

@@ -139,63 +139,8 @@ pub async fn job_detail(store: &Store, id: &str) -> ApiResult<Option<JobDetail>>
     }))
 }
 
-/// One log fragment.
-#[derive(Debug, Clone)]
-pub struct Fragment {
-    /// The stored number (its SSE event id; unique across attempts).
-    pub n: i64,
-    /// The attempt that wrote it.
-    pub attempt: u64,
-    pub phase: String,
-    pub data: String,
-}
-
-/// The last fragments of a job's log of `log_type` (`output` or `serial`), oldest first:
-/// at most `max` of them and `max_bytes` of text (at least the newest one), and whether
-/// earlier ones were left out.
-pub async fn log_tail(
-    store: &Store,
-    id: &str,
-    log_type: &str,
-    max: usize,
-    max_bytes: usize,
-) -> ApiResult<(Vec<Fragment>, bool)> {
-    let key = store.keys.log(id, log_type);
-    let mut c = store.con();
-    let (total, members): (usize, Vec<String>) = redis::pipe()
-        .zcard(&key)
-        .zrevrange(&key, 0, max as isize - 1)
-        .query_async(&mut c)
-        .await?;
-    let mut out: Vec<Fragment> = Vec::new();
-    let mut bytes = 0;
-    let mut cut = false;
-    for m in &members {
-        let Ok(v) = serde_json::from_str::<Value>(m) else {
-            continue;
-        };
-        let (Some(n), Some(phase), Some(data)) = (
-            v.get("n").and_then(Value::as_i64),
-            v.get("p").and_then(Value::as_str),
-            v.get("d").and_then(Value::as_str),
-        ) else {
-            continue;
-        };
-        bytes += data.len();
-        if bytes > max_bytes && !out.is_empty() {
-            cut = true;
-            break;
-        }
-        out.push(Fragment {
-            n,
-            attempt: v.get("a").and_then(Value::as_u64).unwrap_or(1),
-            phase: phase.to_string(),
-            data: data.to_string(),
-        });
-    }
-    out.reverse();
-    Ok((out, cut || total > members.len()))
-}
+/// One log fragment (the web UI shows `n`, `attempt`, `phase` and `data`).
+pub use super::Fragment;
 
 /// Where a job list reads from, newest first.
 #[derive(Debug, Clone)]

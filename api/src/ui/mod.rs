@@ -544,7 +544,7 @@ async fn job(app: web::Data<AppState>, req: HttpRequest, id: web::Path<String>) 
     let mut logs = Vec::new();
     for (log_type, label) in [("output", "Output"), ("serial", "Serial console")] {
         let (frags, truncated) =
-            data::log_tail(&app.store, &id, log_type, LOG_TAIL, LOG_TAIL_BYTES).await?;
+            crate::logs::tail(&app, &id, log_type, LOG_TAIL, LOG_TAIL_BYTES).await?;
         logs.push(LogView::new(log_type, label, frags, truncated));
     }
     let can_cancel = !terminal && viewer.may_cancel(&d.row.queue, d.owner.as_deref());

@@ -12,6 +12,7 @@ mod files;
 mod jobs;
 mod lease;
 mod limits;
+mod log_store;
 mod logs;
 mod openapi;
 mod ui;

@@ -3,6 +3,7 @@
 mod artifact;
 mod dispatch;
 mod e2e;
+mod logs;
 mod memory;
 mod raw_publish;
 mod scale;
@@ -21,11 +22,12 @@ pub enum Scenario {
     Stream,
     Artifact,
     Memory,
+    Logs,
     Scale,
 }
 
 /// The order `all` runs them in: the baselines first, the heavy ones last.
-pub const ALL: [Scenario; 8] = [
+pub const ALL: [Scenario; 9] = [
     Scenario::RawPublish,
     Scenario::Submit,
     Scenario::Dispatch,
@@ -33,6 +35,7 @@ pub const ALL: [Scenario; 8] = [
     Scenario::Stream,
     Scenario::Artifact,
     Scenario::Memory,
+    Scenario::Logs,
     Scenario::Scale,
 ];
 
@@ -46,6 +49,7 @@ impl Scenario {
             Scenario::Stream => "stream",
             Scenario::Artifact => "artifact",
             Scenario::Memory => "memory",
+            Scenario::Logs => "logs",
             Scenario::Scale => "scale",
         }
     }
@@ -83,6 +87,7 @@ pub async fn run(s: Scenario, ctx: &mut Ctx) -> anyhow::Result<Report> {
         Scenario::Stream => stream::run(ctx).await,
         Scenario::Artifact => artifact::run(ctx).await,
         Scenario::Memory => memory::run(ctx).await,
+        Scenario::Logs => logs::run(ctx).await,
         Scenario::Scale => scale::run(ctx).await,
     }
 }

@@ -1,0 +1,351 @@
+//! Log fragments in Redis, and the Redis side of their compaction into the file store.
+//!
+//! While a job runs, its fragments live in the sorted sets `log:<id>:<type>` (scored by
+//! [`super::fragment_score`]). When it ends (complete or cancelled: `SET_STATE`,
+//! `REQUEUE` giving up, `CANCEL`), the job enters the sorted set `compact` (scored by
+//! when it is due, ms); [`crate::logs`] writes its fragments to one file per log type
+//! and attempt, then [`Store::finish_compaction`] marks the job record (`lc` = 1) and
+//! deletes the sets in one step, unless a fragment was written meanwhile (the job's
+//! write counter `lw` moved). Readers take the mark and the Redis fragments in one
+//! `MULTI`, and read the files when the mark is set, so they never see neither.
+//!
+//! Job record fields used here: `lb_<type>` (bytes of `log_data` stored, for the
+//! per-job cap), `lt_<type>` (1 once the truncation notice was stored), `lw` (writes
+//! so far), `lc` (1 once compacted). Every fragment write and every end of a job
+//! publishes on the channel `logev:<id>` (payload: the log type, or `end`), which one
+//! subscriber per server fans out to its SSE streams.
+
+use super::{Fragment, Store};
+use crate::error::ApiResult;
+use futures_util::StreamExt;
+use redis::Script;
+use std::sync::LazyLock;
+
+/// Stores a fragment unless the job's log of this type reached its cap. Returns
+/// `stored`, `truncated` (the notice was stored in its place), `dropped` (past the cap,
+/// notice already there) or `unknown` (no such job).
+static PUT_FRAGMENT: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(concat!(
+        redis_now!(),
+        r#"
+-- KEYS: log job compact ; ARGV: n member data_len cap log_type retention notice channel id late_delay_ms
+if redis.call('EXISTS', KEYS[2]) == 0 then return 'unknown' end
+local lt = ARGV[5]
+local used = tonumber(redis.call('HGET', KEYS[2], 'lb_' .. lt) or '0') or 0
+local old = redis.call('ZRANGEBYSCORE', KEYS[1], ARGV[1], ARGV[1])
+local oldlen = 0
+if #old > 0 then
+  local ok, f = pcall(cjson.decode, old[1])
+  if ok and type(f) == 'table' and type(f['d']) == 'string' then oldlen = #f['d'] end
+end
+local len = tonumber(ARGV[3])
+local member = ARGV[2]
+local outcome = 'stored'
+if used - oldlen + len > tonumber(ARGV[4]) then
+  if #old > 0 or redis.call('HGET', KEYS[2], 'lt_' .. lt) == '1' then return 'dropped' end
+  redis.call('HSET', KEYS[2], 'lt_' .. lt, '1')
+  member = ARGV[7]
+  len = 0
+  outcome = 'truncated'
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[1], ARGV[1], ARGV[1])
+redis.call('ZADD', KEYS[1], ARGV[1], member)
+redis.call('EXPIRE', KEYS[1], ARGV[6])
+if len - oldlen ~= 0 then redis.call('HINCRBY', KEYS[2], 'lb_' .. lt, len - oldlen) end
+redis.call('HINCRBY', KEYS[2], 'lw', 1)
+local st = redis.call('HGET', KEYS[2], 'state')
+if st == 'complete' or st == 'cancelled' then
+  -- A late fragment (the agent's spool delivering after the end): compacted again once
+  -- the fragments stop coming for late_delay_ms.
+  redis.call('ZADD', KEYS[3], now + tonumber(ARGV[10]), ARGV[9])
+end
+redis.call('PUBLISH', ARGV[8], lt)
+return outcome
+"#
+    ))
+});
+
+/// Ends a compaction: when no fragment was written since the snapshot `lw`, marks the
+/// job compacted, deletes its fragment sets and takes it off `compact`. 1 when done.
+static FINISH_COMPACTION: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+-- KEYS: job log_output log_serial compact ; ARGV: id lw
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  redis.call('DEL', KEYS[2], KEYS[3])
+  redis.call('ZREM', KEYS[4], ARGV[1])
+  return 1
+end
+if (redis.call('HGET', KEYS[1], 'lw') or '0') ~= ARGV[2] then return 0 end
+redis.call('HSET', KEYS[1], 'lc', '1')
+redis.call('DEL', KEYS[2], KEYS[3])
+redis.call('ZREM', KEYS[4], ARGV[1])
+return 1
+"#,
+    )
+});
+
+/// Reads a batch of a job's fragments from `from` on: at most ARGV[2] of them and, past
+/// the first, no more than ARGV[3] bytes of members; one member at a time, so a log of
+/// large fragments is never read whole. Returns `{compacted mark, members...}`.
+static READ_BATCH: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+-- KEYS: log job ; ARGV: from max_fragments max_bytes
+local out = {redis.call('HGET', KEYS[2], 'lc') or ''}
+local bytes = 0
+local max = tonumber(ARGV[2])
+local budget = tonumber(ARGV[3])
+while #out - 1 < max do
+  local m = redis.call('ZRANGEBYSCORE', KEYS[1], ARGV[1], '+inf', 'LIMIT', #out - 1, 1)[1]
+  if not m then break end
+  if #out > 1 and bytes + #m > budget then break end
+  out[#out + 1] = m
+  bytes = bytes + #m
+  if bytes >= budget then break end
+end
+return out
+"#,
+    )
+});
+
+/// A bound on one read: at most `fragments` fragments and, past the first, about
+/// `bytes` bytes of them.
+#[derive(Debug, Clone, Copy)]
+pub struct Batch {
+    pub fragments: usize,
+    pub bytes: usize,
+}
+
+/// What [`Store::put_fragment`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PutFragment {
+    Stored,
+    /// The log reached its cap: the truncation notice was stored instead.
+    Truncated,
+    /// Past the cap, after the notice: accepted, not stored.
+    Dropped,
+    /// No such job (expired or never submitted): nothing stored.
+    Unknown,
+}
+
+/// A job's fragments as read from Redis, with whether the job's log was compacted (then
+/// the files hold the rest).
+#[derive(Debug, Clone, Default)]
+pub struct RedisLog {
+    pub compacted: bool,
+    pub fragments: Vec<Fragment>,
+}
+
+/// Where a compaction starts: the job's state and write counter, read before the
+/// fragments are.
+#[derive(Debug, Clone, Default)]
+pub struct CompactionSnapshot {
+    pub state: Option<String>,
+    pub writes: String,
+}
+
+impl Store {
+    /// The pub/sub channel of a job's log events.
+    pub fn log_channel(&self, id: &str) -> String {
+        format!("{}:logev:{id}", self.keys.p)
+    }
+
+    /// Stores a log fragment, replacing one stored under the same number (a fragment
+    /// delivered again shows once), unless the job's log of `log_type` holds `cap` bytes
+    /// of `log_data` already: then `notice` (a fragment, stored once under this number)
+    /// says so and later fragments are dropped. Expires with the retention; publishes on
+    /// the job's channel. A fragment for a job that ended schedules it for compaction
+    /// again `late_delay_ms` after the last such fragment.
+    pub async fn put_fragment(
+        &self,
+        id: &str,
+        log_type: &str,
+        f: &Fragment,
+        cap: u64,
+        notice: &Fragment,
+        late_delay_ms: u64,
+    ) -> ApiResult<PutFragment> {
+        let mut c = self.con();
+        let r: String = PUT_FRAGMENT
+            .key(self.keys.log(id, log_type))
+            .key(self.keys.job(id))
+            .key(self.keys.compact())
+            .arg(f.n)
+            .arg(f.to_member())
+            .arg(f.data.len())
+            .arg(cap)
+            .arg(log_type)
+            .arg(self.retention_secs())
+            .arg(notice.to_member())
+            .arg(self.log_channel(id))
+            .arg(id)
+            .arg(late_delay_ms)
+            .invoke_async(&mut c)
+            .await?;
+        Ok(match r.as_str() {
+            "stored" => PutFragment::Stored,
+            "truncated" => PutFragment::Truncated,
+            "dropped" => PutFragment::Dropped,
+            _ => PutFragment::Unknown,
+        })
+    }
+
+    /// A job's fragments of one log type still in Redis, numbered `from` or more, in
+    /// order, within `limit` (all when `None`), and in the same step whether the job
+    /// was compacted (see the module docs).
+    pub async fn log_fragments(
+        &self,
+        id: &str,
+        log_type: &str,
+        from: i64,
+        limit: Option<Batch>,
+    ) -> ApiResult<RedisLog> {
+        let mut c = self.con();
+        let (lc, members): (Option<String>, Vec<String>) = match limit {
+            None => {
+                redis::pipe()
+                    .atomic()
+                    .hget(self.keys.job(id), "lc")
+                    .cmd("ZRANGEBYSCORE")
+                    .arg(self.keys.log(id, log_type))
+                    .arg(from)
+                    .arg("+inf")
+                    .query_async(&mut c)
+                    .await?
+            }
+            Some(b) => {
+                let mut r: Vec<String> = READ_BATCH
+                    .key(self.keys.log(id, log_type))
+                    .key(self.keys.job(id))
+                    .arg(from)
+                    .arg(b.fragments)
+                    .arg(b.bytes)
+                    .invoke_async(&mut c)
+                    .await?;
+                let lc = (!r.is_empty()).then(|| r.remove(0));
+                (lc, r)
+            }
+        };
+        Ok(RedisLog {
+            compacted: lc.as_deref() == Some("1"),
+            fragments: members
+                .iter()
+                .filter_map(|m| Fragment::from_member(m))
+                .collect(),
+        })
+    }
+
+    /// The newest fragments of a job's log still in Redis (at most `max`, oldest
+    /// first), how many there are, and whether the job was compacted.
+    pub async fn log_newest(
+        &self,
+        id: &str,
+        log_type: &str,
+        max: usize,
+    ) -> ApiResult<(RedisLog, usize)> {
+        let key = self.keys.log(id, log_type);
+        let mut c = self.con();
+        let (lc, total, members): (Option<String>, usize, Vec<String>) = redis::pipe()
+            .atomic()
+            .hget(self.keys.job(id), "lc")
+            .zcard(&key)
+            .zrevrange(&key, 0, max as isize - 1)
+            .query_async(&mut c)
+            .await?;
+        let mut fragments: Vec<Fragment> = members
+            .iter()
+            .filter_map(|m| Fragment::from_member(m))
+            .collect();
+        fragments.reverse();
+        Ok((
+            RedisLog {
+                compacted: lc.as_deref() == Some("1"),
+                fragments,
+            },
+            total,
+        ))
+    }
+
+    /// Jobs due for compaction at `now_ms` (client clock), oldest first, at most `limit`.
+    pub async fn due_compactions(&self, now_ms: i64, limit: usize) -> ApiResult<Vec<String>> {
+        let mut c = self.con();
+        let ids: Vec<String> = redis::cmd("ZRANGEBYSCORE")
+            .arg(self.keys.compact())
+            .arg("-inf")
+            .arg(now_ms)
+            .arg("LIMIT")
+            .arg(0)
+            .arg(limit)
+            .query_async(&mut c)
+            .await?;
+        Ok(ids)
+    }
+
+    /// Schedules (again) a job's compaction at `due_ms` (client clock).
+    pub async fn schedule_compaction(&self, id: &str, due_ms: i64) -> ApiResult<()> {
+        let mut c = self.con();
+        let _: () = redis::cmd("ZADD")
+            .arg(self.keys.compact())
+            .arg(due_ms)
+            .arg(id)
+            .query_async(&mut c)
+            .await?;
+        Ok(())
+    }
+
+    /// The job's state and write counter, before a compaction reads its fragments.
+    pub async fn compaction_snapshot(&self, id: &str) -> ApiResult<CompactionSnapshot> {
+        let f = self.job_fields(id, &["state", "lw"]).await?;
+        Ok(CompactionSnapshot {
+            state: f[0].clone(),
+            writes: f[1].clone().unwrap_or_else(|| "0".into()),
+        })
+    }
+
+    /// Takes a job off the compaction set without compacting it (not ended).
+    pub async fn drop_compaction(&self, id: &str) -> ApiResult<()> {
+        let mut c = self.con();
+        let _: () = redis::cmd("ZREM")
+            .arg(self.keys.compact())
+            .arg(id)
+            .query_async(&mut c)
+            .await?;
+        Ok(())
+    }
+
+    /// See `FINISH_COMPACTION`: true when the job's fragments left Redis, false when a
+    /// fragment was written since `snap` (compact again later).
+    pub async fn finish_compaction(&self, id: &str, snap: &CompactionSnapshot) -> ApiResult<bool> {
+        let mut c = self.con();
+        let r: i64 = FINISH_COMPACTION
+            .key(self.keys.job(id))
+            .key(self.keys.log(id, "output"))
+            .key(self.keys.log(id, "serial"))
+            .key(self.keys.compact())
+            .arg(id)
+            .arg(&snap.writes)
+            .invoke_async(&mut c)
+            .await?;
+        Ok(r == 1)
+    }
+
+    /// The job ids of log events (fragment writes and ends of jobs) under this prefix,
+    /// from a pub/sub connection of its own (`PSUBSCRIBE <prefix>:logev:*`). The stream
+    /// ends when the connection drops.
+    pub async fn log_events(
+        &self,
+    ) -> ApiResult<impl futures_util::Stream<Item = String> + Send + use<>> {
+        let mut ps = self.client.get_async_pubsub().await?;
+        let pattern = format!("{}:logev:*", self.keys.p);
+        ps.psubscribe(&pattern).await?;
+        let strip = format!("{}:logev:", self.keys.p);
+        Ok(ps.into_on_message().filter_map(move |m| {
+            let id = m
+                .get_channel_name()
+                .strip_prefix(strip.as_str())
+                .map(str::to_string);
+            async move { id }
+        }))
+    }
+}
