@@ -281,9 +281,14 @@ async fn post_log(
         data: l.log_data,
     };
     let cap = app.settings.max_log_bytes;
+    // Built field by field: cloning `frag` would copy its data (up to 16 MiB) for nothing.
     let notice = Fragment {
+        n: frag.n,
+        attempt: frag.attempt,
+        ts_ms: frag.ts_ms,
+        ts: frag.ts.clone(),
+        phase: frag.phase.clone(),
         data: crate::logs::truncation_notice(lt.as_str(), cap),
-        ..frag.clone()
     };
     // Past the cap the fragment is accepted (200) but not stored: an agent that got an
     // error would retry it forever.
