@@ -1143,11 +1143,17 @@ impl Store {
 
     /// Running jobs whose lease ended before `now` (Redis ms), at most `limit`.
     pub async fn expired_leases(&self, now: i64, limit: usize) -> ApiResult<Vec<String>> {
+        self.due(&self.keys.leases(), now, limit).await
+    }
+
+    /// Members of the sorted set `key` scored `until` or less, lowest first, at most
+    /// `limit` (a schedule: leases, compactions).
+    pub(crate) async fn due(&self, key: &str, until: i64, limit: usize) -> ApiResult<Vec<String>> {
         let mut c = self.con();
         let ids: Vec<String> = redis::cmd("ZRANGEBYSCORE")
-            .arg(self.keys.leases())
+            .arg(key)
             .arg("-inf")
-            .arg(now)
+            .arg(until)
             .arg("LIMIT")
             .arg(0)
             .arg(limit)

@@ -61,6 +61,17 @@ string_enum!(
 );
 
 impl JobState {
+    /// The states a writer (an agent) may report, comma-separated, for error messages:
+    /// every state after `waiting` and `running` (those the server sets itself).
+    pub fn reportable() -> String {
+        JobState::ALL
+            .iter()
+            .filter(|s| s.rank() > 1)
+            .map(|s| s.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
     /// `complete` and `cancelled` end a job; upstream also writes `completed`.
     pub fn is_terminal(self) -> bool {
         matches!(self, JobState::Cancelled | JobState::Complete)
@@ -92,12 +103,7 @@ impl JobState {
         if matches!(self, JobState::Waiting | JobState::Running) {
             return Err(format!(
                 "'{self}' is set by the server only; an agent may report one of: {}",
-                JobState::ALL
-                    .iter()
-                    .filter(|s| s.rank() > 1)
-                    .map(|s| s.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                JobState::reportable()
             ));
         }
         Ok(JobState::ALL

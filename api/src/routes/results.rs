@@ -60,12 +60,7 @@ async fn post_result(
                 format!(
                     "'{}' is not a job state; accepted: {}",
                     raw.chars().take(64).collect::<String>(),
-                    JobState::ALL
-                        .iter()
-                        .filter(|s| s.rank() > 1)
-                        .map(|s| s.as_str())
-                        .collect::<Vec<_>>()
-                        .join(", ")
+                    JobState::reportable()
                 ),
             ))
         })?),

@@ -354,17 +354,7 @@ impl Store {
 
     /// Jobs due for compaction at `now_ms` (client clock), oldest first, at most `limit`.
     pub async fn due_compactions(&self, now_ms: i64, limit: usize) -> ApiResult<Vec<String>> {
-        let mut c = self.con();
-        let ids: Vec<String> = redis::cmd("ZRANGEBYSCORE")
-            .arg(self.keys.compact())
-            .arg("-inf")
-            .arg(now_ms)
-            .arg("LIMIT")
-            .arg(0)
-            .arg(limit)
-            .query_async(&mut c)
-            .await?;
-        Ok(ids)
+        self.due(&self.keys.compact(), now_ms, limit).await
     }
 
     /// Schedules (again) a job's compaction at `due_ms` (client clock).
