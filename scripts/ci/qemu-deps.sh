@@ -31,3 +31,11 @@ apt-get install -y --no-install-recommends $need || {
     # shellcheck disable=SC2086
     apt-get install -y --no-install-recommends $need
 }
+# A qemu-utils of another origin (a newer build installed by hand) can be removed by
+# apt to satisfy qemu-system-x86's dependencies instead of replaced: qemu-img must be
+# there afterwards, so install the matching one when it went.
+if ! command -v qemu-img >/dev/null 2>&1; then
+    echo "qemu-deps: qemu-img went with the install above; installing the matching qemu-utils"
+    apt-get install -y --no-install-recommends qemu-utils
+fi
+command -v qemu-img >/dev/null 2>&1 || { echo "qemu-deps: qemu-img is still missing" >&2; exit 1; }
