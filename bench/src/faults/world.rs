@@ -183,6 +183,13 @@ impl<'a> World<'a> {
                 REAPER_MS.to_string(),
             ),
             ("TESTFLINGER_MAX_ATTEMPTS".into(), MAX_ATTEMPTS.to_string()),
+            // One DATA_PATH for every replica, as a deployment must have (the logs of
+            // ended jobs, artifacts and attachments live there: every replica serves
+            // every job's).
+            (
+                "DATA_PATH".into(),
+                ctx.dir(&format!("{tag}-data"))?.display().to_string(),
+            ),
         ];
         server_extra.extend(setup.server_env.iter().cloned());
         let seed = uuid::Uuid::new_v4().as_u128() as u64 | 1;
