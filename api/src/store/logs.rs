@@ -163,47 +163,46 @@ impl Store {
             .arg(log_type)
             .invoke_async(&mut c)
             .await?;
-        let member = match r.as_str() {
-            "stored" => f.to_member(),
-            "truncated" => notice.to_member(),
-            _ => String::new(),
-        };
-        if !member.is_empty() {
-            let _: () = redis::pipe()
-                .atomic()
-                .cmd("ZREMRANGEBYSCORE")
-                .arg(&log)
-                .arg(f.n)
-                .arg(f.n)
-                .ignore()
-                .cmd("ZADD")
-                .arg(&log)
-                .arg(f.n)
-                .arg(member)
-                .ignore()
-                .cmd("EXPIRE")
-                .arg(&log)
-                .arg(self.retention_secs())
-                .ignore()
-                .cmd("EVAL")
-                .arg(AFTER_FRAGMENT)
-                .arg(2)
-                .arg(self.keys.job(id))
-                .arg(self.keys.compact())
-                .arg(self.log_channel(id))
-                .arg(id)
-                .arg(late_delay_ms)
-                .arg(log_type)
-                .ignore()
-                .query_async(&mut c)
-                .await?;
-        }
-        Ok(match r.as_str() {
+        let outcome = match r.as_str() {
             "stored" => PutFragment::Stored,
             "truncated" => PutFragment::Truncated,
             "dropped" => PutFragment::Dropped,
             _ => PutFragment::Unknown,
-        })
+        };
+        let member = match outcome {
+            PutFragment::Stored => f.to_member(),
+            PutFragment::Truncated => notice.to_member(),
+            PutFragment::Dropped | PutFragment::Unknown => return Ok(outcome),
+        };
+        let _: () = redis::pipe()
+            .atomic()
+            .cmd("ZREMRANGEBYSCORE")
+            .arg(&log)
+            .arg(f.n)
+            .arg(f.n)
+            .ignore()
+            .cmd("ZADD")
+            .arg(&log)
+            .arg(f.n)
+            .arg(member)
+            .ignore()
+            .cmd("EXPIRE")
+            .arg(&log)
+            .arg(self.retention_secs())
+            .ignore()
+            .cmd("EVAL")
+            .arg(AFTER_FRAGMENT)
+            .arg(2)
+            .arg(self.keys.job(id))
+            .arg(self.keys.compact())
+            .arg(self.log_channel(id))
+            .arg(id)
+            .arg(late_delay_ms)
+            .arg(log_type)
+            .ignore()
+            .query_async(&mut c)
+            .await?;
+        Ok(outcome)
     }
 
     /// A job's fragments of one log type still in Redis, numbered `from` or more, in
@@ -216,21 +215,19 @@ impl Store {
         from: i64,
         limit: Option<Batch>,
     ) -> ApiResult<RedisLog> {
+        if let Some(b) = limit {
+            return self.log_batch(id, log_type, from, b).await;
+        }
         let mut c = self.con();
-        let (lc, members): (Option<String>, Vec<String>) = match limit {
-            None => {
-                redis::pipe()
-                    .atomic()
-                    .hget(self.keys.job(id), "lc")
-                    .cmd("ZRANGEBYSCORE")
-                    .arg(self.keys.log(id, log_type))
-                    .arg(from)
-                    .arg("+inf")
-                    .query_async(&mut c)
-                    .await?
-            }
-            Some(b) => return self.log_batch(id, log_type, from, b).await,
-        };
+        let (lc, members): (Option<String>, Vec<String>) = redis::pipe()
+            .atomic()
+            .hget(self.keys.job(id), "lc")
+            .cmd("ZRANGEBYSCORE")
+            .arg(self.keys.log(id, log_type))
+            .arg(from)
+            .arg("+inf")
+            .query_async(&mut c)
+            .await?;
         Ok(RedisLog {
             compacted: lc.as_deref() == Some("1"),
             fragments: members

@@ -1,4 +1,4 @@
-use crate::helpers::TestApp;
+use crate::helpers::{PrivateRedis, TestApp};
 use serde_json::{Value, json};
 
 #[tokio::test(flavor = "multi_thread")]
@@ -384,45 +384,6 @@ async fn secrets_are_resolved_only_for_the_claiming_agent() {
     app.cleanup().await;
 }
 
-/// A private redis-server on a free port, stopped on drop.
-struct PrivateRedis {
-    child: std::process::Child,
-    port: u16,
-}
-
-impl PrivateRedis {
-    fn start(port: u16) -> PrivateRedis {
-        let child = std::process::Command::new("redis-server")
-            .args([
-                "--bind",
-                "127.0.0.1",
-                "--port",
-                &port.to_string(),
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .expect("redis-server is installed");
-        for _ in 0..100 {
-            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                break;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        }
-        PrivateRedis { child, port }
-    }
-}
-
-impl Drop for PrivateRedis {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn redis_outage_gives_503_and_the_server_recovers() {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -430,9 +391,8 @@ async fn redis_outage_gives_503_and_the_server_recovers() {
         .local_addr()
         .expect("addr")
         .port();
-    let redis = PrivateRedis::start(port);
-    let app =
-        TestApp::spawn_with(|s| s.redis_url = format!("redis://127.0.0.1:{}/", redis.port)).await;
+    let redis = PrivateRedis::start_on(port, &[]);
+    let app = TestApp::spawn_with(|s| s.redis_url = redis.url()).await;
     let q = app.queue("redis-down");
     app.submit(json!({"job_queue": q})).await;
     drop(redis);
@@ -463,7 +423,7 @@ async fn redis_outage_gives_503_and_the_server_recovers() {
     first.ack().await.expect("ack");
     assert!(app.broker().get(&q).await.expect("get").is_none());
     // Redis back: submissions work again without restarting the server.
-    let _redis = PrivateRedis::start(port);
+    let _redis = PrivateRedis::start_on(port, &[]);
     let id = app
         .wait_for(20, "submissions to work again", || async {
             let r = app.post_json("/v1/job", &json!({"job_queue": q})).await;

@@ -1,7 +1,7 @@
 //! Logs at lab scale: an ended job's log leaves Redis for the file store and reads the
 //! same; the per-job cap; SSE woken by pub/sub (no polling) in bounded batches.
 
-use crate::helpers::TestApp;
+use crate::helpers::{PrivateRedis, TestApp};
 use serde_json::{Map, Value, json};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -348,48 +348,6 @@ async fn sse_batches_are_bounded() {
     app.cleanup().await;
 }
 
-/// A private Redis on a free port, stopped when dropped.
-struct PrivateRedis {
-    child: std::process::Child,
-    port: u16,
-}
-
-impl PrivateRedis {
-    fn start() -> PrivateRedis {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("free port")
-            .port();
-        let child = std::process::Command::new("redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .expect("redis-server");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "private redis did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        PrivateRedis { child, port }
-    }
-}
-
-impl Drop for PrivateRedis {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// `INFO commandstats` calls per command.
 async fn command_calls(c: &mut redis::aio::MultiplexedConnection) -> Map<String, Value> {
     let info: String = redis::cmd("INFO")
@@ -416,8 +374,8 @@ async fn command_calls(c: &mut redis::aio::MultiplexedConnection) -> Map<String,
 /// promptly through the pub/sub notification.
 #[tokio::test(flavor = "multi_thread")]
 async fn sse_is_woken_without_polling() {
-    let redis = PrivateRedis::start();
-    let url = format!("redis://127.0.0.1:{}/", redis.port);
+    let redis = PrivateRedis::start(&["--appendonly", "no"]);
+    let url = redis.url();
     let app = TestApp::spawn_with(|s| {
         s.redis_url = url.clone();
         s.reaper_interval_ms = 600_000;
