@@ -2,7 +2,9 @@
 //! with `rabbitmqctl` (needs root, as in CI) from the regexes of
 //! `testflinger_broker::permissions`, removed at the end.
 
-use std::process::Command;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
 use testflinger_broker::permissions::{self, Permissions};
 use testflinger_broker::{Broker, BrokerConfig, OutgoingMessage, is_access_refused};
 
@@ -70,6 +72,51 @@ impl Drop for Sandbox {
             .args(["delete_vhost", &self.vhost])
             .output();
     }
+}
+
+/// A directory of its own under the temporary directory; removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new() -> TempDir {
+        let path = std::env::temp_dir().join(format!("tf-perm-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir(&path).expect("create a temporary directory");
+        TempDir(path)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+const USERS_SH: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/rabbitmq/users.sh");
+
+/// Runs `deploy/rabbitmq/users.sh` against the local node with only these variables of
+/// its own (none inherited from the test's environment, so no stray `AGENT_PASSWORD*`).
+fn users_sh(env: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new("bash");
+    cmd.arg(USERS_SH).env_clear();
+    for keep in ["PATH", "HOME", "LANG"] {
+        if let Some(v) = std::env::var_os(keep) {
+            cmd.env(keep, v);
+        }
+    }
+    cmd.env("RABBITMQ_NODE", "");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("run users.sh")
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "exit {:?}\n{}{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
 }
 
 fn broker(uri: &str) -> Broker {
@@ -227,25 +274,17 @@ fn the_deployment_script_grants_the_same_permissions() {
     let agent_user = format!("agent-{agent_id}");
     sb.users
         .extend([api.clone(), submit.clone(), agent_user.clone()]);
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/rabbitmq/users.sh");
-    let out = Command::new("bash")
-        .arg(script)
-        .env("RABBITMQ_VHOST", &sb.vhost)
-        .env("RABBITMQ_NODE", "")
-        .env("API_USER", &api)
-        .env("API_PASSWORD", "api-password")
-        .env("SUBMIT_USER", &submit)
-        .env("SUBMIT_PASSWORD", "submit-password")
-        .env("AGENTS", format!("{agent_id}:lab.a,lab-b"))
-        .env("AGENT_PASSWORD", "agent-password")
-        .output()
-        .expect("run users.sh");
-    assert!(
-        out.status.success(),
-        "users.sh: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let secrets = TempDir::new();
+    let out = users_sh(&[
+        ("RABBITMQ_VHOST", &sb.vhost),
+        ("API_USER", &api),
+        ("API_PASSWORD", "api-password"),
+        ("SUBMIT_USER", &submit),
+        ("SUBMIT_PASSWORD", "submit-password"),
+        ("AGENTS", &format!("{agent_id}:lab.a,lab-b")),
+        ("AGENT_SECRETS_DIR", &secrets.0.to_string_lossy()),
+    ]);
+    assert!(out.status.success(), "users.sh: {}", text(&out));
     let granted = |user: &str| -> Permissions {
         let out = Command::new("rabbitmqctl")
             .args(["-q", "list_user_permissions", user])
@@ -269,4 +308,147 @@ fn the_deployment_script_grants_the_same_permissions() {
         granted(&agent_user),
         permissions::agent(&agent_id, &["lab.a".to_string(), "lab-b".to_string()])
     );
+}
+
+/// Opens (and closes) an AMQP connection as `user` with `password` to `vhost`.
+async fn login(vhost: &str, user: &str, password: &str) -> Result<(), lapin::Error> {
+    let uri = format!("amqp://{user}:{password}@127.0.0.1:5672/{vhost}");
+    let conn = lapin::Connection::connect(&uri, lapin::ConnectionProperties::default()).await?;
+    conn.close(200, "bye".into()).await
+}
+
+fn read_password(path: &Path) -> String {
+    std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("users.sh wrote no password to {}: {e}", path.display()))
+}
+
+fn mode(path: &Path) -> u32 {
+    std::fs::metadata(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .permissions()
+        .mode()
+        & 0o777
+}
+
+/// `users.sh` gives each agent user a password of its own (one agent host cannot log in
+/// as another), keeps it across runs, takes `AGENT_PASSWORD_<ID>` over the kept file, and
+/// refuses the old shared `AGENT_PASSWORD`.
+#[tokio::test(flavor = "multi_thread")]
+async fn each_agent_user_has_its_own_password() {
+    let mut sb = Sandbox::new();
+    let api = format!("{}-api", sb.vhost);
+    let (a, b) = (format!("{}-a", sb.vhost), format!("{}-b", sb.vhost));
+    let (user_a, user_b) = (format!("agent-{a}"), format!("agent-{b}"));
+    sb.users
+        .extend([api.clone(), user_a.clone(), user_b.clone()]);
+    let tmp = TempDir::new();
+    // Not there yet: the script creates it.
+    let dir = tmp.0.join("agent-broker-secrets");
+    let dir_s = dir.to_string_lossy().to_string();
+    let agents = format!("{a}:{a}-jobs {b}:{b}-jobs,{b}-more");
+    let base = [
+        ("RABBITMQ_VHOST", sb.vhost.as_str()),
+        ("API_USER", api.as_str()),
+        ("API_PASSWORD", "api-password"),
+        ("AGENTS", agents.as_str()),
+        ("AGENT_SECRETS_DIR", dir_s.as_str()),
+    ];
+    let run = |extra: &[(&str, &str)]| {
+        let env: Vec<(&str, &str)> = base.iter().chain(extra).copied().collect();
+        users_sh(&env)
+    };
+
+    let out = run(&[]);
+    assert!(out.status.success(), "users.sh: {}", text(&out));
+    let (file_a, file_b) = (dir.join(&a), dir.join(&b));
+    let (pass_a, pass_b) = (read_password(&file_a), read_password(&file_b));
+    for p in [&pass_a, &pass_b] {
+        assert!(
+            p.len() == 32 && p.bytes().all(|c| c.is_ascii_hexdigit()),
+            "a generated password is 32 hex digits, not {p:?}"
+        );
+    }
+    assert_ne!(pass_a, pass_b, "two agents got the same broker password");
+    assert_eq!(mode(&dir), 0o700, "{}", dir.display());
+    assert_eq!(mode(&file_a), 0o600, "{}", file_a.display());
+    assert_eq!(mode(&file_b), 0o600, "{}", file_b.display());
+    // It says where each password is, and never prints one.
+    let printed = text(&out);
+    for (user, file) in [(&user_a, &file_a), (&user_b, &file_b)] {
+        assert!(
+            printed
+                .lines()
+                .any(|l| l.contains(user.as_str()) && l.contains(&*file.to_string_lossy())),
+            "users.sh does not say where {user}'s password is: {printed}"
+        );
+    }
+    assert!(
+        !printed.contains(&pass_a) && !printed.contains(&pass_b),
+        "users.sh printed a password: {printed}"
+    );
+
+    // Each password opens its own user only: agent A's host cannot log in as agent B.
+    login(&sb.vhost, &user_b, &pass_b)
+        .await
+        .expect("agent B logs in with its own password");
+    login(&sb.vhost, &user_a, &pass_a)
+        .await
+        .expect("agent A logs in with its own password");
+    let e = login(&sb.vhost, &user_b, &pass_a)
+        .await
+        .expect_err("agent A's password must not open agent B's user");
+    assert!(e.to_string().contains("ACCESS_REFUSED"), "{e}");
+    let e = login(&sb.vhost, &user_a, &pass_b)
+        .await
+        .expect_err("agent B's password must not open agent A's user");
+    assert!(e.to_string().contains("ACCESS_REFUSED"), "{e}");
+
+    // Run again: both passwords are kept (files and broker alike).
+    let out = run(&[]);
+    assert!(out.status.success(), "users.sh again: {}", text(&out));
+    assert_eq!(read_password(&file_a), pass_a);
+    assert_eq!(read_password(&file_b), pass_b);
+    login(&sb.vhost, &user_a, &pass_a)
+        .await
+        .expect("agent A's password still works after a second run");
+    login(&sb.vhost, &user_b, &pass_b)
+        .await
+        .expect("agent B's password still works after a second run");
+
+    // AGENT_PASSWORD_<ID> (upper-cased, '-' as '_') sets agent A's password; B keeps its own.
+    let var_a = format!("AGENT_PASSWORD_{}", a.to_uppercase().replace('-', "_"));
+    let out = run(&[(var_a.as_str(), "given-password-a")]);
+    assert!(
+        out.status.success(),
+        "users.sh with {var_a}: {}",
+        text(&out)
+    );
+    assert!(text(&out).contains(&var_a), "{}", text(&out));
+    login(&sb.vhost, &user_a, "given-password-a")
+        .await
+        .expect("agent A logs in with the password of its variable");
+    let e = login(&sb.vhost, &user_a, &pass_a)
+        .await
+        .expect_err("the variable replaced agent A's password");
+    assert!(e.to_string().contains("ACCESS_REFUSED"), "{e}");
+    login(&sb.vhost, &user_b, &pass_b)
+        .await
+        .expect("agent B keeps its own password");
+
+    // The shared password of earlier versions is refused, naming what replaces it, and
+    // changes nothing.
+    let out = run(&[("AGENT_PASSWORD", "shared")]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    let msg = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        msg.contains("AGENT_PASSWORD_<ID>") && msg.contains("AGENT_SECRETS_DIR"),
+        "{msg}"
+    );
+    let e = login(&sb.vhost, &user_b, "shared")
+        .await
+        .expect_err("the refused shared password opens nothing");
+    assert!(e.to_string().contains("ACCESS_REFUSED"), "{e}");
+    login(&sb.vhost, &user_b, &pass_b)
+        .await
+        .expect("agent B's password is untouched by the refused run");
 }

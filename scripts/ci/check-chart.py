@@ -2,14 +2,17 @@
 """Checks charts/testflinger without a cluster.
 
 Always (needs PyYAML):
-  - Chart.yaml and values.yaml parse as YAML and have the keys the templates use;
+  - Chart.yaml and values.yaml parse as YAML and have the keys the templates use, and
+    agents get their own broker users by default (agentBroker);
   - every template has balanced `{{ }}` actions and balanced if/range/with/define ... end
     blocks, and no tab characters.
 When Helm is available (a `helm` binary on PATH, or the `helm_python` module of the PyPI
 package helm-python-sdk), also:
   - the chart renders with its default values and with a few variants, and every rendered
     manifest parses as YAML and has apiVersion, kind and metadata.name;
-  - the rendered agent config files parse and name the keys the agent requires.
+  - the rendered agent config files parse and name the keys the agent requires;
+  - each agent with its own broker user reads its password from a Secret of its own, and
+    two agents never share a Secret nor a password.
 CHECK_CHART_RENDER=required makes a missing Helm an error instead of a skip.
 
 Prints `N passed, N failed` and exits non-zero on any failure.
@@ -84,6 +87,10 @@ def static_checks():
               "values.yaml: api has replicas, resources and probes")
         check(values.get("amqp", {}).get("existingSecret") and values.get("redis", {}).get("existingSecret"),
               "values.yaml: RabbitMQ and Redis URLs come from Secrets by default")
+        ab = values.get("agentBroker") or {}
+        check(ab.get("enabled") is True and all(ab.get(k) for k in ("scheme", "host", "port", "vhost")),
+              "values.yaml: agentBroker on by default (each agent its own broker user), with "
+              "scheme, host, port and vhost", str(ab))
         agents = values.get("agents") or []
         names = [a.get("name") for a in agents]
         check(agents and all(names) and len(set(names)) == len(names)
@@ -195,6 +202,17 @@ VARIANTS = {
                                    {"name": "kvm", "mountPath": "/dev/kvm"}]},
         ],
     },
+    "own broker users: one password given, one generated, one whole URI, one disabled": {
+        "agents": [
+            {"name": "given-1", "queues": ["demo"], "brokerPassword": "given-pass-1"},
+            {"name": "gen-2", "queues": ["demo"]},
+            {"name": "uri-3", "queues": ["demo"], "amqpSecret": "uri-3-amqp"},
+            {"name": "off-4", "queues": ["demo"], "enabled": False},
+        ],
+    },
+    "agents on the shared broker Secret (agentBroker off)": {
+        "agentBroker": {"enabled": False},
+    },
     "existing claim, no service account": {
         "api": {"persistence": {"existingClaim": "tf-artifacts"}},
         "serviceAccount": {"create": False},
@@ -202,6 +220,81 @@ VARIANTS = {
 }
 
 AGENT_REQUIRED = ("agent_id", "server_address", "job_queues")
+
+
+def merged_values(values):
+    """values.yaml with `values` over it (deep for mappings), as Helm merges them."""
+    def merge(base, over):
+        if isinstance(base, dict) and isinstance(over, dict):
+            out = dict(base)
+            for k, v in over.items():
+                out[k] = merge(base.get(k), v)
+            return out
+        return over
+    with open(CHART / "values.yaml") as f:
+        return merge(yaml.safe_load(f), values)
+
+
+def agent_broker_checks(label, values, docs):
+    """Each agent with its own broker user reads its password from its own Secret only;
+    two agents share neither a Secret nor a password."""
+    import base64
+    v = merged_values(values)
+    on = (v.get("agentBroker") or {}).get("enabled")
+    secrets = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Secret"}
+    problems = []
+    refs = {}  # agent -> broker Secret its Deployment reads
+    for d in docs:
+        if d["kind"] != "Deployment" or d["metadata"].get("labels", {}).get(
+                "app.kubernetes.io/component") != "agent":
+            continue
+        agent = d["metadata"]["labels"].get("testflinger.io/agent")
+        env = {e["name"]: e for e in d["spec"]["template"]["spec"]["containers"][0].get("env", [])}
+        spec = next(a for a in v["agents"] if a["name"] == agent)
+        uri = env.get("AMQP_URI", {})
+        if spec.get("amqpSecret"):
+            if uri.get("valueFrom", {}).get("secretKeyRef", {}).get("name") != spec["amqpSecret"]:
+                problems.append(f"{agent}: AMQP_URI is not from its amqpSecret")
+            continue
+        if not on:
+            if uri.get("valueFrom", {}).get("secretKeyRef", {}).get("name") != v["amqp"]["existingSecret"]:
+                problems.append(f"{agent}: AMQP_URI is not from the shared amqp Secret")
+            continue
+        ref = env.get("AGENT_BROKER_PASSWORD", {}).get("valueFrom", {}).get("secretKeyRef", {})
+        if ref.get("key") != "password" or not ref.get("name"):
+            problems.append(f"{agent}: no AGENT_BROKER_PASSWORD from a Secret's key password")
+            continue
+        refs[agent] = ref["name"]
+        if f"agent-{agent}:$(AGENT_BROKER_PASSWORD)@" not in uri.get("value", ""):
+            problems.append(f"{agent}: AMQP_URI {uri.get('value')!r} is not its own user with that password")
+        secret = secrets.get(ref["name"])
+        if secret is None:
+            problems.append(f"{agent}: its Secret {ref['name']} is not rendered")
+            continue
+        if secret["metadata"].get("labels", {}).get("testflinger.io/agent") != agent:
+            problems.append(f"{agent}: Secret {ref['name']} is labelled for another agent")
+        data = secret.get("data") or {}
+        password = base64.b64decode(data.get("password", "")).decode()
+        if base64.b64decode(data.get("username", "")).decode() != f"agent-{agent}":
+            problems.append(f"{agent}: Secret {ref['name']} username is not agent-{agent}")
+        if spec.get("brokerPassword") and password != spec["brokerPassword"]:
+            problems.append(f"{agent}: the given brokerPassword is not the Secret's")
+        if not spec.get("brokerPassword") and len(password) < 32:
+            problems.append(f"{agent}: a generated password of {len(password)} characters")
+    if len(set(refs.values())) != len(refs):
+        problems.append(f"two agents read the same broker Secret: {refs}")
+    passwords = [secrets[n]["data"]["password"] for n in refs.values() if n in secrets]
+    if len(set(passwords)) != len(passwords):
+        problems.append("two agents' Secrets hold the same password")
+    broker_secrets = [n for n, d in secrets.items() if n.endswith("-broker")]
+    if sorted(broker_secrets) != sorted(refs.values()):
+        problems.append(f"broker Secrets {broker_secrets} are not those the agents read {refs}")
+    want = sum(1 for a in v["agents"] if str(a.get("enabled")) != "False" and on and not a.get("amqpSecret"))
+    if len(refs) != want:
+        problems.append(f"{len(refs)} agents with their own broker Secret, expected {want}")
+    check(not problems, f"each agent's broker password in its own Secret, read by it only ({label})",
+          "; ".join(problems))
+    return refs
 
 
 def render_checks(renderer):
@@ -214,6 +307,7 @@ def render_checks(renderer):
         ok(f"chart renders with {renderer} ({label}): {len(manifests)} templates")
         kinds = []
         problems = []
+        all_docs = []
         for path, text in sorted(manifests.items()):
             if path.endswith("NOTES.txt"):
                 if "submit" not in text:
@@ -230,6 +324,7 @@ def render_checks(renderer):
                     problems.append(f"{path}: a document without apiVersion/kind/metadata.name")
                     continue
                 kinds.append(d["kind"])
+                all_docs.append(d)
                 if d["kind"] == "ConfigMap" and "agent.yaml" in d.get("data", {}):
                     try:
                         agent = yaml.safe_load(d["data"]["agent.yaml"])
@@ -245,6 +340,10 @@ def render_checks(renderer):
                     if device.get("agent_name") != agent.get("agent_id"):
                         problems.append(f"{d['metadata']['name']}: device agent_name != agent_id")
         check(not problems, f"rendered manifests parse as YAML ({label})", "; ".join(problems))
+        refs = agent_broker_checks(label, values, all_docs)
+        if label == "default values":
+            check(len(refs) == 2 and len(set(refs.values())) == 2,
+                  "default values: the two agents read two different broker Secrets", str(refs))
         want = {"Deployment", "Service", "ConfigMap"}
         check(want <= set(kinds), f"rendered kinds include {sorted(want)} ({label})", str(sorted(set(kinds))))
         if label.startswith("authentication on"):

@@ -66,3 +66,31 @@ The Secret holding jwt-signing-key and admin-secret: the named one, else the gen
 {{- define "testflinger.authSecret" -}}
 {{- default (printf "%s-auth" (include "testflinger.fullname" .)) .Values.auth.existingSecret -}}
 {{- end }}
+
+{{/* An agent's resources: <fullname>-agent-<name>. Takes (list $ agentName). */}}
+{{- define "testflinger.agentFullname" -}}
+{{- printf "%s-agent-%s" (include "testflinger.fullname" (index . 0)) (index . 1) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+The Secret holding an agent's own broker password (key `password`). Takes (list $ agentName).
+*/}}
+{{- define "testflinger.agentBrokerSecret" -}}
+{{- printf "%s-broker" (include "testflinger.agentFullname" . | trunc 56 | trimSuffix "-") }}
+{{- end }}
+
+{{/*
+Whether an agent connects as its own RabbitMQ user agent-<name> with the chart's Secret:
+agentBroker.enabled and no amqpSecret of its own. Takes (list $ agent); "true" or "".
+*/}}
+{{- define "testflinger.agentOwnBrokerUser" -}}
+{{- if and (index . 0).Values.agentBroker.enabled (not (index . 1).amqpSecret) }}true{{ end }}
+{{- end }}
+
+{{/*
+The variable deploy/rabbitmq/users.sh reads an agent's password from: AGENT_PASSWORD_ and
+the id upper-cased, anything but letters and digits as '_'. Takes the agent's name.
+*/}}
+{{- define "testflinger.agentPasswordVar" -}}
+{{- printf "AGENT_PASSWORD_%s" (regexReplaceAll "[^A-Z0-9]" (upper .) "_") }}
+{{- end }}
