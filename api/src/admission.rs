@@ -112,7 +112,7 @@ async fn admit_message(app: &AppState, msg: &Incoming) -> Result<JobId, ApiError
         .iter()
         .find(|(k, _)| k.eq_ignore_ascii_case("authorization"))
         .map(|(_, v)| v.as_str());
-    let caller = crate::auth::Caller::from_authorization(&app.auth, header)?;
+    let caller = crate::auth::Caller::authenticate(app, header).await?;
     crate::submit::admit(app, value, forced, &caller).await
 }
 

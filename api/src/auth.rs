@@ -18,7 +18,7 @@ use actix_web::{FromRequest, HttpRequest, dev::Payload, web};
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-use std::future::{Ready, ready};
+use futures_util::future::LocalBoxFuture;
 use testflinger_common::Job;
 
 /// Default lifetime of an access token, seconds (upstream: 10 minutes).
@@ -106,6 +106,16 @@ pub struct Permissions {
     pub max_reservation_time: BTreeMap<String, u64>,
 }
 
+/// The one agent (device) an `agent` credential stands for (our rule, DESIGN.md "Who
+/// may do what"): its `agent_id` (the client record's `agent_id`, recorded by an admin,
+/// else the client id) and the queues an admin or manager let it serve (`None`: none
+/// set, so the queues its own agent record lists).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct AgentIdentity {
+    pub agent_id: String,
+    pub queues: Option<Vec<String>>,
+}
+
 impl Permissions {
     fn limit<T: Copy + Ord>(map: &BTreeMap<String, T>, queue: &str) -> Option<T> {
         [map.get(queue), map.get("*")]
@@ -122,6 +132,10 @@ struct Claims {
     iat: u64,
     sub: String,
     permissions: Permissions,
+    /// The client's token generation when the token was issued (see
+    /// [`crate::store::ClientRecord::generation`]); 0 in tokens of older servers.
+    #[serde(default)]
+    generation: u64,
 }
 
 /// The server's signing key and policy; `None` key = auth off.
@@ -129,6 +143,32 @@ pub struct Auth {
     keys: Option<(EncodingKey, DecodingKey)>,
     leeway: u64,
     access_ttl: u64,
+    /// Bounds the bcrypt hashes computed at once (`TESTFLINGER_LOGIN_MAX_HASHES`).
+    hashes: tokio::sync::Semaphore,
+    /// A hash of a random secret, checked for unknown client ids so that a login costs
+    /// the same whether or not the id exists.
+    decoy: tokio::sync::OnceCell<String>,
+    /// One login hashed at a time per client address: a flood from one address holds
+    /// at most one hashing slot, so logins from elsewhere are not queued behind it.
+    per_address: std::sync::Mutex<std::collections::HashMap<String, std::sync::Arc<tokio::sync::Mutex<()>>>>,
+}
+
+/// A client address's login turn (see [`Auth::login_turn`]); frees its entry on drop.
+pub struct LoginTurn<'a> {
+    auth: &'a Auth,
+    addr: String,
+    lock: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+impl Drop for LoginTurn<'_> {
+    fn drop(&mut self) {
+        self.lock = None;
+        if let Ok(mut m) = self.auth.per_address.lock()
+            && m.get(&self.addr).is_some_and(|l| std::sync::Arc::strong_count(l) == 1)
+        {
+            m.remove(&self.addr);
+        }
+    }
 }
 
 impl std::fmt::Debug for Auth {
@@ -153,7 +193,66 @@ impl Auth {
             }),
             leeway,
             access_ttl: access_ttl.max(1),
+            hashes: tokio::sync::Semaphore::new(2),
+            decoy: tokio::sync::OnceCell::new(),
+            per_address: Default::default(),
         }
+    }
+
+    /// Waits until no other login from `addr` is being checked on this replica.
+    pub async fn login_turn(&self, addr: &str) -> LoginTurn<'_> {
+        let lock = self.per_address.lock().map(|mut m| {
+            m.entry(addr.to_string())
+                .or_insert_with(|| std::sync::Arc::new(tokio::sync::Mutex::new(())))
+                .clone()
+        });
+        let guard = match lock {
+            Ok(l) => Some(l.lock_owned().await),
+            Err(_) => None,
+        };
+        LoginTurn {
+            auth: self,
+            addr: addr.to_string(),
+            lock: guard,
+        }
+    }
+
+    /// At most `n` (at least 1) bcrypt hashes at once.
+    pub fn with_max_hashes(mut self, n: usize) -> Auth {
+        self.hashes = tokio::sync::Semaphore::new(n.max(1));
+        self
+    }
+
+    /// Whether `secret` matches `stored` (a bcrypt hash), or, for an unknown client
+    /// (`None`), the same work against a decoy hash, answering false. Waits for one of
+    /// the bounded hashing slots; the hash runs on the blocking pool.
+    pub async fn check_secret(&self, secret: String, stored: Option<String>) -> ApiResult<bool> {
+        let decoy = self
+            .decoy
+            .get_or_try_init(|| async {
+                let random = hex::encode(crate::store::random_bytes::<16>()?);
+                hash_secret(random).await
+            })
+            .await?
+            .clone();
+        let _permit = self
+            .hashes
+            .acquire()
+            .await
+            .map_err(|e| ApiError::Internal(anyhow::anyhow!("hash slots closed: {e}")))?;
+        let known = stored.is_some();
+        let ok = verify_secret(secret, stored.unwrap_or(decoy)).await?;
+        Ok(known && ok)
+    }
+
+    /// A bcrypt hash of `secret`, in one of the bounded hashing slots.
+    pub async fn hash(&self, secret: String) -> ApiResult<String> {
+        let _permit = self
+            .hashes
+            .acquire()
+            .await
+            .map_err(|e| ApiError::Internal(anyhow::anyhow!("hash slots closed: {e}")))?;
+        hash_secret(secret).await
     }
 
     /// Seconds an access token lives.
@@ -165,8 +264,9 @@ impl Auth {
         self.keys.is_some()
     }
 
-    /// A signed access token for these permissions, valid [`Auth::access_ttl`] seconds.
-    pub fn issue(&self, permissions: Permissions) -> ApiResult<String> {
+    /// A signed access token for these permissions and the client's token `generation`,
+    /// valid [`Auth::access_ttl`] seconds.
+    pub fn issue(&self, permissions: Permissions, generation: u64) -> ApiResult<String> {
         let Some((enc, _)) = &self.keys else {
             return Err(ApiError::Json(
                 StatusCode::BAD_REQUEST,
@@ -179,13 +279,15 @@ impl Auth {
             iat: now,
             sub: "access_token".into(),
             permissions,
+            generation,
         };
         jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, enc)
             .map_err(|e| ApiError::Internal(anyhow::anyhow!("cannot sign a token: {e}")))
     }
 
-    /// The permissions in a bearer token. Expired → 401; anything else wrong → 403.
-    pub fn verify(&self, token: &str) -> ApiResult<Permissions> {
+    /// The permissions in a bearer token and the generation it was issued under.
+    /// Expired → 401; anything else wrong → 403.
+    pub fn verify(&self, token: &str) -> ApiResult<(Permissions, u64)> {
         let Some((_, dec)) = &self.keys else {
             return Err(forbidden("authentication is not enabled on this server"));
         };
@@ -193,7 +295,9 @@ impl Auth {
         v.leeway = self.leeway;
         v.set_required_spec_claims(&["exp", "sub"]);
         match jsonwebtoken::decode::<Claims>(token, dec, &v) {
-            Ok(d) if d.claims.sub == "access_token" => Ok(d.claims.permissions),
+            Ok(d) if d.claims.sub == "access_token" => {
+                Ok((d.claims.permissions, d.claims.generation))
+            }
             Ok(_) => Err(forbidden("Invalid Token: not an access token")),
             Err(e) => match e.kind() {
                 jsonwebtoken::errors::ErrorKind::ExpiredSignature => Err(ApiError::Json(
@@ -216,6 +320,9 @@ pub struct Caller {
     /// Whether the server checks permissions at all.
     pub enabled: bool,
     pub perms: Option<Permissions>,
+    /// For an `agent` token: the agent it stands for, read from the client record on
+    /// this request.
+    pub agent: Option<AgentIdentity>,
 }
 
 impl Caller {
@@ -224,16 +331,54 @@ impl Caller {
         Caller {
             enabled,
             perms: None,
+            agent: None,
         }
     }
 
-    /// The caller given a raw `Authorization` header value (or none).
-    pub fn from_authorization(auth: &Auth, header: Option<&str>) -> ApiResult<Caller> {
+    /// The caller given a raw `Authorization` header value (or none), checked against
+    /// the client's record: a token of a client deleted or changed since it was issued
+    /// (its generation moved) is refused with 401, as an expired one is.
+    pub async fn authenticate(app: &crate::state::AppState, header: Option<&str>) -> ApiResult<Caller> {
+        let (mut caller, generation) = Caller::from_authorization(&app.auth, header)?;
+        let Some(p) = &caller.perms else {
+            return Ok(caller);
+        };
+        let Some(current) = app.store.client_token_state(&p.client_id).await? else {
+            return Err(ApiError::Json(
+                StatusCode::UNAUTHORIZED,
+                format!(
+                    "Token has been revoked: client '{}' no longer exists",
+                    p.client_id
+                ),
+            ));
+        };
+        if current.generation != generation {
+            return Err(ApiError::Json(
+                StatusCode::UNAUTHORIZED,
+                format!(
+                    "Token has been revoked: client '{}' was changed since it was issued; get a new one at /v1/oauth2/token",
+                    p.client_id
+                ),
+            ));
+        }
+        if p.role == Role::Agent {
+            caller.agent = Some(AgentIdentity {
+                agent_id: current.agent_id.unwrap_or_else(|| p.client_id.clone()),
+                queues: current.agent_queues,
+            });
+        }
+        Ok(caller)
+    }
+
+    /// The caller given a raw `Authorization` header value (or none), from the token
+    /// alone, with the generation the token was issued under; see
+    /// [`Caller::authenticate`] for the check against the client record.
+    pub fn from_authorization(auth: &Auth, header: Option<&str>) -> ApiResult<(Caller, u64)> {
         if !auth.enabled() {
-            return Ok(Caller::anonymous(false));
+            return Ok((Caller::anonymous(false), 0));
         }
         let Some(h) = header.map(str::trim).filter(|h| !h.is_empty()) else {
-            return Ok(Caller::anonymous(true));
+            return Ok((Caller::anonymous(true), 0));
         };
         let token = h
             .strip_prefix("Bearer ")
@@ -244,10 +389,37 @@ impl Caller {
                     "Authorization header must be 'Bearer <access token>'".into(),
                 )
             })?;
-        Ok(Caller {
-            enabled: true,
-            perms: Some(auth.verify(token.trim())?),
-        })
+        let (perms, generation) = auth.verify(token.trim())?;
+        Ok((
+            Caller {
+                enabled: true,
+                perms: Some(perms),
+                agent: None,
+            },
+            generation,
+        ))
+    }
+
+    /// The agent this caller may act as, for agent-only routes: `None` when auth is off
+    /// or the caller is an admin or manager (they may act for any agent); the token's
+    /// agent for an `agent` token. Call after [`Caller::require`].
+    pub fn acting_agent(&self) -> Option<&AgentIdentity> {
+        if !self.enabled {
+            return None;
+        }
+        self.agent.as_ref()
+    }
+
+    /// With auth on and an `agent` token: 403 unless `agent_id` is the token's own agent
+    /// (an agent credential stands for one device). `what` names the action.
+    pub fn require_agent(&self, agent_id: &str, what: &str) -> ApiResult<()> {
+        match self.acting_agent() {
+            Some(me) if me.agent_id != agent_id => Err(forbidden(&format!(
+                "{what}: this token stands for agent '{}', not '{agent_id}' (an agent credential acts only as its own agent)",
+                me.agent_id
+            ))),
+            _ => Ok(()),
+        }
     }
 
     pub fn client_id(&self) -> Option<&str> {
@@ -339,19 +511,19 @@ impl Caller {
 
 impl FromRequest for Caller {
     type Error = ApiError;
-    type Future = Ready<Result<Caller, ApiError>>;
+    type Future = LocalBoxFuture<'static, Result<Caller, ApiError>>;
 
     fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
-        let Some(app) = req.app_data::<web::Data<crate::state::AppState>>() else {
-            return ready(Err(ApiError::Internal(anyhow::anyhow!(
-                "no application state"
-            ))));
+        let Some(app) = req.app_data::<web::Data<crate::state::AppState>>().cloned() else {
+            return Box::pin(async {
+                Err(ApiError::Internal(anyhow::anyhow!("no application state")))
+            });
         };
         let header = req
             .headers()
             .get(actix_web::http::header::AUTHORIZATION)
-            .map(|v| v.to_str().unwrap_or("(not text)"));
-        ready(Caller::from_authorization(&app.auth, header))
+            .map(|v| v.to_str().unwrap_or("(not text)").to_string());
+        Box::pin(async move { Caller::authenticate(&app, header.as_deref()).await })
     }
 }
 

@@ -29,6 +29,10 @@ pub enum ApiError {
     /// A body larger than allowed (413).
     #[error("{0}")]
     TooLarge(String),
+    /// Too many requests of this kind from this caller: retry after the given seconds
+    /// (429 with `Retry-After`).
+    #[error("{1}")]
+    TooManyRequests(u64, String),
     /// A dependency is down: retry later (503). Nothing was written.
     #[error("{0}")]
     Unavailable(String),
@@ -105,6 +109,7 @@ impl ResponseError for ApiError {
             ApiError::JobNotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Stale(_) => StatusCode::CONFLICT,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::TooManyRequests(..) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unavailable(_) | ApiError::Unconfirmed(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -121,6 +126,9 @@ impl ResponseError for ApiError {
                 "detail": v.detail(),
                 "message": format!("Validation error: {v}"),
             })),
+            ApiError::TooManyRequests(secs, m) => HttpResponse::build(status)
+                .insert_header((actix_web::http::header::RETRY_AFTER, secs.max(&1).to_string()))
+                .json(json!({"detail": {}, "message": m})),
             ApiError::Internal(e) => {
                 tracing::error!(error = ?e, "internal error");
                 HttpResponse::build(status).json(json!({

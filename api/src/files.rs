@@ -69,12 +69,56 @@ impl FileStore {
     /// ([`check_archive`]) before it replaces the previous one. 400 without such a
     /// field or for an archive refused by the checker, 413 past the upload size limit
     /// or an archive limit.
-    pub async fn save_upload(
+    pub async fn save_upload(&self, kind: Kind, id: &str, payload: Multipart) -> ApiResult<u64> {
+        let (tmp, written) = self.receive(kind, id, payload).await?;
+        tokio::fs::rename(&tmp, self.path(kind, id)).await?;
+        Ok(written)
+    }
+
+    /// An artifact's file: `<id>.tar.gz` for one stored before artifacts were committed
+    /// by name (`name` empty), else the committed `name` in the artifacts folder.
+    pub fn artifact_file(&self, id: &str, name: &str) -> PathBuf {
+        if name.is_empty() || name.contains('/') || !name.starts_with(id) {
+            return self.path(Kind::Artifact, id);
+        }
+        self.root.join(Kind::Artifact.dir()).join(name)
+    }
+
+    /// Receives and checks an artifact upload like [`FileStore::save_upload`], and puts
+    /// it in the artifacts folder under a name of its own (`<id>.<random>.tar.gz`),
+    /// not yet the job's: [`crate::store::Store::commit_artifact`] makes it so, checking
+    /// the uploader still holds the job in the same step.
+    pub async fn stage_artifact(&self, id: &str, payload: Multipart) -> ApiResult<PathBuf> {
+        let (tmp, _) = self.receive(Kind::Artifact, id, payload).await?;
+        let staged = self.root.join(Kind::Artifact.dir()).join(format!(
+            "{id}.{}.tar.gz",
+            uuid::Uuid::new_v4().simple()
+        ));
+        if let Err(e) = tokio::fs::rename(&tmp, &staged).await {
+            let _ = tokio::fs::remove_file(&tmp).await;
+            return Err(e.into());
+        }
+        Ok(staged)
+    }
+
+    /// Removes the artifact a commit replaced (`previous`, or the unnamed one).
+    pub async fn drop_replaced_artifact(&self, id: &str, previous: &str) {
+        let old = self.artifact_file(id, previous);
+        if let Err(e) = tokio::fs::remove_file(&old).await
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(job.id = %id, error = %e, "replaced artifact not removed; the retention sweep will");
+        }
+    }
+
+    /// Streams the multipart field `file` to a temporary file and checks it as a gzip
+    /// tar; returns its path and size.
+    async fn receive(
         &self,
         kind: Kind,
         id: &str,
         mut payload: Multipart,
-    ) -> ApiResult<u64> {
+    ) -> ApiResult<(PathBuf, u64)> {
         let tmp = self.root.join("tmp").join(format!(
             "{id}.{}.{}",
             kind.dir(),
@@ -100,8 +144,7 @@ impl FileStore {
             let _ = tokio::fs::remove_file(&tmp).await;
             return Err(e);
         }
-        tokio::fs::rename(&tmp, self.path(kind, id)).await?;
-        Ok(written)
+        Ok((tmp, written))
     }
 
     async fn write_field(&self, tmp: &Path, payload: &mut Multipart) -> ApiResult<u64> {

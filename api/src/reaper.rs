@@ -107,7 +107,7 @@ async fn reap_one(app: &AppState, id: &str) -> ApiResult<bool> {
     let webhook = super::routes::jobs::webhook_of(f[1].as_deref());
     let (state, previous, attempt, agent, reason) = match app
         .store
-        .requeue(id, &queue, app.settings.max_attempts, "agent lost", None)
+        .requeue(id, &queue, app.settings.max_attempts, "agent lost", None, None)
         .await?
     {
         Requeue::Requeued {

@@ -45,6 +45,10 @@
 use serde::Deserialize;
 use std::path::PathBuf;
 
+//! | `TESTFLINGER_LOGIN_WINDOW` | `60` | seconds of the login rate-limit window |
+//! | `TESTFLINGER_LOGIN_ATTEMPTS_PER_ADDRESS` | `30` | logins (`POST /v1/oauth2/token`) one client address may try per window; past it 429 with `Retry-After` |
+//! | `TESTFLINGER_LOGIN_FAILURES_PER_CLIENT` | `10` | failed logins one client id may have per window; past it 429 with `Retry-After` (its refresh and access tokens keep working) |
+//! | `TESTFLINGER_LOGIN_MAX_HASHES` | `2` | secret hashes (bcrypt) computed at once by this replica; more logins wait their turn |
 /// `TESTFLINGER_*` variables that are not server settings (the CLI's, the config path).
 const NOT_SETTINGS: &[&str] = &[
     "config",
@@ -113,6 +117,14 @@ impl std::fmt::Debug for Redacted {
     }
 }
 
+    /// Seconds of the login rate-limit window.
+    pub login_window: u64,
+    /// Logins one client address may try per window.
+    pub login_attempts_per_address: u64,
+    /// Failed logins one client id may have per window.
+    pub login_failures_per_client: u64,
+    /// bcrypt hashes computed at once by this replica.
+    pub login_max_hashes: usize,
 /// Where a webhook host name may not lead unless the allow-list names the address
 /// itself: loopback, link-local (cloud metadata services at 169.254.169.254),
 /// unspecified, multicast and broadcast addresses.
@@ -177,6 +189,10 @@ impl Settings {
             .set_default("max_log_bytes", 1u64 << 30)?
             .set_default(
                 "archive_max_entries",
+    "login_window",
+    "login_attempts_per_address",
+    "login_failures_per_client",
+    "login_max_hashes",
                 testflinger_archive::Limits::DEFAULT_MAX_ENTRIES,
             )?
             .set_default(
@@ -244,6 +260,10 @@ impl Settings {
                         "testflinger-server: warning: unknown setting '{key}' ignored (TESTFLINGER_{})",
                         key.to_ascii_uppercase()
                     );
+            .set_default("login_window", 60)?
+            .set_default("login_attempts_per_address", 30)?
+            .set_default("login_failures_per_client", 10)?
+            .set_default("login_max_hashes", 2)?
                 }
             }
         }
@@ -306,6 +326,12 @@ impl Settings {
             archive_max_entries: testflinger_archive::Limits::DEFAULT_MAX_ENTRIES,
             archive_max_unpacked_bytes: testflinger_archive::Limits::DEFAULT_MAX_UNPACKED_BYTES,
             max_log_bytes: 1 << 30,
+        if self.login_window == 0 || self.login_max_hashes == 0 {
+            return Err(
+                "TESTFLINGER_LOGIN_WINDOW and TESTFLINGER_LOGIN_MAX_HASHES must be at least 1"
+                    .into(),
+            );
+        }
             workers: 2,
             queue_type: "classic".into(),
             reaper_interval_ms: 200,
@@ -343,3 +369,7 @@ impl Settings {
             .collect()
     }
 }
+            login_window: 60,
+            login_attempts_per_address: 30,
+            login_failures_per_client: 10,
+            login_max_hashes: 2,

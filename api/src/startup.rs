@@ -87,7 +87,8 @@ impl Application {
             settings.jwt_signing_key.as_ref().map(|k| k.0.as_str()),
             settings.jwt_leeway,
             settings.access_ttl,
-        ));
+        )
+        .with_max_hashes(settings.login_max_hashes));
         if auth.enabled() {
             bootstrap_admin(&store, &settings).await?;
         } else {
@@ -218,6 +219,8 @@ async fn bootstrap_admin(store: &Store, settings: &Settings) -> anyhow::Result<(
                 email: None,
             },
         )
+                agent_id: None,
+                agent_queues: None,
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     tracing::info!(client_id = id, "bootstrap administrator ready");

@@ -130,6 +130,43 @@ macro_rules! redis_now {
     };
 }
 
+/// Lua prelude: `holder(job_key, leases_key, id, token, agent)`, the one check of a
+/// write about a job by its holder (used by every fenced write, in the same script as the
+/// write, so nothing can slip between the check and the write). Returns the verdict and
+/// the job's attempt:
+/// - with a token (`X-Testflinger-Token`): `ok` when it is the job's fencing token and the
+///   job is not waiting; `stale` otherwise;
+/// - without (upstream's HTTP-polling agents): `ok` only for a job a legacy agent holds
+///   while it runs, and the write renews its lease as a heartbeat would; `token` for a
+///   job held under a lease (a token was needed); `stale` once it is not running;
+/// - `forbidden` when `agent` (the caller's agent identity; empty: not checked) is not
+///   the agent that holds the job (DESIGN.md "Who may do what");
+/// - `unknown` when there is no such job.
+macro_rules! holder_check {
+    () => {
+        r#"
+local function holder(key, leases, id, token, agent)
+  if redis.call('EXISTS', key) == 0 then return 'unknown', 0 end
+  local f = redis.call('HMGET', key, 'fence', 'state', 'legacy', 'lease_ms', 'attempt', 'agent')
+  local attempt = tonumber(f[5]) or 0
+  if token ~= '' then
+    if f[1] ~= token or f[2] == 'waiting' then return 'stale', attempt end
+    if agent ~= '' and f[6] ~= agent then return 'forbidden', attempt end
+    return 'ok', attempt
+  end
+  if f[3] ~= '1' then return 'token', attempt end
+  if f[2] == 'waiting' or f[2] == 'complete' or f[2] == 'cancelled' then return 'stale', attempt end
+  if agent ~= '' and f[6] ~= agent then return 'forbidden', attempt end
+  local t = redis.call('TIME')
+  local lease = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + (tonumber(f[4]) or 0)
+  redis.call('HSET', key, 'lease', lease)
+  redis.call('ZADD', leases, lease, id)
+  return 'ok', attempt
+end
+"#
+    };
+}
+
 mod logs;
 pub use logs::{Batch, CompactionSnapshot, PutFragment, RedisLog};
 
@@ -241,11 +278,12 @@ static HEARTBEAT: LazyLock<Script> = LazyLock::new(|| {
     Script::new(concat!(
         redis_now!(),
         r#"
--- KEYS: job leases ; ARGV: id token lease_ms
+-- KEYS: job leases ; ARGV: id token lease_ms agent
 if redis.call('EXISTS', KEYS[1]) == 0 then return {'unknown'} end
 if redis.call('HGET', KEYS[1], 'fence') ~= ARGV[2] then return {'stale'} end
 local st = redis.call('HGET', KEYS[1], 'state')
 if st == 'waiting' or st == 'complete' then return {'stale'} end
+if ARGV[4] ~= '' and redis.call('HGET', KEYS[1], 'agent') ~= ARGV[4] then return {'forbidden'} end
 local lease = now + tonumber(ARGV[3])
 redis.call('HSET', KEYS[1], 'lease', lease)
 redis.call('ZADD', KEYS[2], lease, ARGV[1])
@@ -264,12 +302,15 @@ static REQUEUE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(concat!(
         redis_now!(),
         r#"
--- KEYS: job leases qpos outbox compact ; ARGV: id max_attempts reason mode(reap|release) token new_fence channel
+-- KEYS: job leases qpos outbox compact ; ARGV: id max_attempts reason mode(reap|release) token new_fence channel agent
 if redis.call('EXISTS', KEYS[1]) == 0 then
   redis.call('ZREM', KEYS[2], ARGV[1]); return {'gone'}
 end
 local st = redis.call('HGET', KEYS[1], 'state')
 if ARGV[4] == 'release' and redis.call('HGET', KEYS[1], 'fence') ~= ARGV[5] then return {'stale'} end
+if ARGV[4] == 'release' and ARGV[8] ~= '' and redis.call('HGET', KEYS[1], 'agent') ~= ARGV[8] then
+  return {'forbidden'}
+end
 if st == 'waiting' or st == 'complete' or st == 'cancelled' then
   redis.call('ZREM', KEYS[2], ARGV[1]); return {'skip', st}
 end
@@ -298,27 +339,51 @@ return {'requeued', st, attempt, agent, ARGV[3]}
     ))
 });
 
-/// Moves a job's state as its holder reports it. The caller passes the states the job
-/// may move from (the state machine lives in `JobState::may_follow`); a job that already
-/// ended keeps its state.
-static SET_STATE: LazyLock<Script> = LazyLock::new(|| {
+/// Checks, inside Redis, that a write about a job comes from its holder (see
+/// [`holder_check!`]); for writes that are not Redis commands (an artifact's upload is
+/// checked again when it is committed, by `ARTIFACT_COMMIT`).
+static WRITE_CHECK: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(concat!(
+        holder_check!(),
+        r#"
+-- KEYS: job leases ; ARGV: id token agent
+local verdict, attempt = holder(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3])
+return {verdict, attempt}
+"#
+    ))
+});
+
+/// An agent's report about its job (`POST /v1/result/<id>`), checked and applied in one
+/// step: the holder check ([`holder_check!`]), then the `status` and `device_info`
+/// fields, then the state moved through the state machine (the caller passes the states
+/// the job may move from, from `JobState::reported_from`; a job that ended keeps its
+/// state) with the time it began (`at_<state>`, ms). Returns `{verdict}` when the check
+/// fails, else `{'set'|'kept'|'refused'|'none', previous state, attempt, agent}`.
+static REPORT: LazyLock<Script> = LazyLock::new(|| {
     Script::new(concat!(
         redis_now!(),
+        holder_check!(),
         r#"
--- KEYS: job leases qpos compact ; ARGV: id token new_state channel from_states...
-if redis.call('EXISTS', KEYS[1]) == 0 then return {'unknown'} end
-if ARGV[2] ~= '' and redis.call('HGET', KEYS[1], 'fence') ~= ARGV[2] then return {'stale'} end
+-- KEYS: job leases qpos compact ; ARGV: id token agent channel new_state nfields [field value]... from_states...
+local verdict, attempt = holder(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3])
+if verdict ~= 'ok' then return {verdict} end
+local nf = tonumber(ARGV[6])
+for i = 0, nf - 1 do
+  redis.call('HSET', KEYS[1], ARGV[7 + 2 * i], ARGV[8 + 2 * i])
+end
 local st = redis.call('HGET', KEYS[1], 'state')
-local new = ARGV[3]
+local holder_agent = redis.call('HGET', KEYS[1], 'agent') or ''
+local new = ARGV[5]
+if new == '' then return {'none', st, attempt, holder_agent} end
 if st == 'complete' or st == 'cancelled' then
   if new == 'complete' or new == 'cancelled' then redis.call('ZREM', KEYS[2], ARGV[1]) end
-  return {'kept', st}
+  return {'kept', st, attempt, holder_agent}
 end
-if st == new then return {'kept', st} end
+if st == new then return {'kept', st, attempt, holder_agent} end
 local allowed = false
-for i = 5, #ARGV do if ARGV[i] == st then allowed = true end end
-if not allowed then return {'refused', st} end
-redis.call('HSET', KEYS[1], 'state', new)
+for i = 7 + 2 * nf, #ARGV do if ARGV[i] == st then allowed = true end end
+if not allowed then return {'refused', st, attempt, holder_agent} end
+redis.call('HSET', KEYS[1], 'state', new, 'at_' .. new, now)
 if new == 'complete' or new == 'cancelled' then
   redis.call('ZREM', KEYS[2], ARGV[1])
   redis.call('ZREM', KEYS[3], ARGV[1])
@@ -326,33 +391,23 @@ if new == 'complete' or new == 'cancelled' then
   redis.call('ZADD', KEYS[4], now, ARGV[1])
   redis.call('PUBLISH', ARGV[4], 'end')
 end
-return {'set', st}
+return {'set', st, attempt, holder_agent}
 "#
     ))
 });
 
-/// Checks that a write about a job comes from its holder, inside Redis. With a token:
-/// the fencing token must match and the job must not be waiting. Without one (upstream's
-/// HTTP-polling agents): only for a job a legacy agent holds and while it runs; the
-/// write renews that agent's lease, as a heartbeat would.
-static WRITE_CHECK: LazyLock<Script> = LazyLock::new(|| {
+/// Makes an uploaded artifact the job's, checked in the same step: the holder check,
+/// then `artifact` set to the staged file's name. Returns `{verdict, previous name}`.
+static ARTIFACT_COMMIT: LazyLock<Script> = LazyLock::new(|| {
     Script::new(concat!(
-        redis_now!(),
+        holder_check!(),
         r#"
--- KEYS: job leases ; ARGV: id token
-if redis.call('EXISTS', KEYS[1]) == 0 then return {'unknown', 0} end
-local f = redis.call('HMGET', KEYS[1], 'fence', 'state', 'legacy', 'lease_ms', 'attempt')
-local attempt = tonumber(f[5]) or 0
-if ARGV[2] ~= '' then
-  if f[1] == ARGV[2] and f[2] ~= 'waiting' then return {'ok', attempt} end
-  return {'stale', attempt}
-end
-if f[3] ~= '1' then return {'token', attempt} end
-if f[2] == 'waiting' or f[2] == 'complete' or f[2] == 'cancelled' then return {'stale', attempt} end
-local lease = now + (tonumber(f[4]) or 0)
-redis.call('HSET', KEYS[1], 'lease', lease)
-redis.call('ZADD', KEYS[2], lease, ARGV[1])
-return {'ok', attempt}
+-- KEYS: job leases ; ARGV: id token agent name
+local verdict, attempt = holder(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3])
+if verdict ~= 'ok' then return {verdict, ''} end
+local previous = redis.call('HGET', KEYS[1], 'artifact') or ''
+redis.call('HSET', KEYS[1], 'artifact', ARGV[4])
+return {'ok', previous}
 "#
     ))
 });
@@ -567,14 +622,22 @@ return 1
     )
 });
 
-/// What [`Store::set_state`] did, with the state the job had before.
+/// What [`Store::report`] did to the state, with the state the job had before.
 #[derive(Debug, Clone, PartialEq)]
 pub enum StateChange {
     Set(String),
-    /// Same state, or the job already ended: nothing changed.
+    /// Same state, no state reported, or the job already ended: nothing changed.
     Kept(String),
     /// The state machine does not allow this move.
     Refused(String),
+}
+
+/// What [`Store::report`] did, with the attempt and the agent holding the job.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Report {
+    pub change: StateChange,
+    pub attempt: u64,
+    pub agent: String,
 }
 
 /// Result of a claim.
@@ -879,12 +942,16 @@ impl Store {
 
     /// Atomically hands a waiting job to `agent` with a lease of `lease_ms` (Redis time).
     /// A `legacy` (HTTP-polling, tokenless) agent's lease is renewed by its writes.
+    ///
+    /// `served`: the queues the calling agent may serve (DESIGN.md "Who may do what");
+    /// a job of another queue is refused with 403 naming it, and nothing changes.
     pub async fn claim(
         &self,
         id: &str,
         agent: &str,
         lease_ms: u64,
         legacy: bool,
+        served: Option<&[String]>,
     ) -> ApiResult<Claim> {
         let k = &self.keys;
         let queue = self
@@ -893,6 +960,18 @@ impl Store {
             .pop()
             .flatten()
             .unwrap_or_default();
+        if let Some(served) = served
+            && !queue.is_empty()
+            && !served.contains(&queue)
+        {
+            return Err(ApiError::Json(
+                actix_web::http::StatusCode::FORBIDDEN,
+                format!(
+                    "job {id} is on queue '{queue}', which agent '{agent}' may not serve (its queues: {}); an admin or manager sets them with agent_queues in /v1/client-permissions",
+                    served.join(", ")
+                ),
+            ));
+        }
         let mut c = self.con();
         let r: redis::Value = CLAIM
             .key(k.job(id))
@@ -952,11 +1031,14 @@ impl Store {
     }
 
     /// Renews a lease. `Ok(Some(cancel_requested))`, or `Ok(None)` when the token is stale.
+    /// `agent`: the caller's agent identity (`None`: not checked); another agent's
+    /// job is refused with 403.
     pub async fn heartbeat(
         &self,
         id: &str,
         token: FenceToken,
         lease_ms: u64,
+        agent: Option<&str>,
     ) -> ApiResult<Option<bool>> {
         let mut c = self.con();
         let r: redis::Value = HEARTBEAT
@@ -965,18 +1047,22 @@ impl Store {
             .arg(id)
             .arg(token.to_string())
             .arg(lease_ms)
+            .arg(agent.unwrap_or_default())
             .invoke_async(&mut c)
             .await?;
         let r = list(r);
         match r.first().map(s).as_deref() {
             Some("ok") => Ok(Some(r.get(1).map(n).unwrap_or(0) == 1)),
             Some("unknown") => Err(ApiError::JobNotFound(id.to_string())),
-            _ => Ok(None),
+            Some("forbidden") => Err(not_holder(id, agent)),
+            Some("stale") => Ok(None),
+            other => Err(unexpected("HEARTBEAT", other)),
         }
     }
 
     /// Reaps (mode reap: only when the lease expired) or releases (mode release: the
     /// holder gives it back, token checked) a running job.
+    /// `holder`: for a release, the caller's agent identity (`None`: not checked).
     pub async fn requeue(
         &self,
         id: &str,
@@ -984,6 +1070,7 @@ impl Store {
         max_attempts: u64,
         reason: &str,
         release_token: Option<FenceToken>,
+        holder: Option<&str>,
     ) -> ApiResult<Requeue> {
         let k = &self.keys;
         let mut c = self.con();
@@ -1004,12 +1091,14 @@ impl Store {
             .arg(release_token.map(|t| t.to_string()).unwrap_or_default())
             .arg(new_fence()?.to_string())
             .arg(self.log_channel(id))
+            .arg(holder.unwrap_or_default())
             .invoke_async(&mut c)
             .await?;
         let r = list(r);
         let get = |i: usize| r.get(i).map(s).unwrap_or_default();
         Ok(match get(0).as_str() {
             "gone" => Requeue::Gone,
+            "forbidden" => return Err(not_holder(id, holder)),
             "stale" => Requeue::Stale,
             "requeued" => Requeue::Requeued {
                 previous: get(1),
@@ -1027,42 +1116,105 @@ impl Store {
         })
     }
 
-    /// Moves `job_state` as an agent reports it, through the state machine of
-    /// [`JobState::reported_from`]. `Err(Stale)` on a stale token; `Ok(None)` for an
-    /// unknown job; otherwise what happened and the previous state.
-    pub async fn set_state(
+    /// An agent's report about job `id`, checked and applied in one step (`REPORT`):
+    /// the holder check, then `fields` (`status`, `device_info`), then `state` moved
+    /// through the state machine of [`JobState::reported_from`] with the time it began.
+    /// 404 for an unknown job, 409 for a stale holder, 403 for another agent's job;
+    /// nothing is written then.
+    pub async fn report(
         &self,
         id: &str,
         queue: &str,
         token: Option<FenceToken>,
-        state: JobState,
-    ) -> ApiResult<Option<StateChange>> {
-        let from = state.reported_from().map_err(|e| {
-            ApiError::Validation(testflinger_common::ValidationError::new("job_state", e))
-        })?;
+        agent: Option<&str>,
+        fields: &[(&str, String)],
+        state: Option<JobState>,
+    ) -> ApiResult<Report> {
+        let from = match state {
+            Some(st) => st.reported_from().map_err(|e| {
+                ApiError::Validation(testflinger_common::ValidationError::new("job_state", e))
+            })?,
+            None => Vec::new(),
+        };
         let k = &self.keys;
         let mut c = self.con();
-        let mut inv = SET_STATE.key(k.job(id));
+        let mut inv = REPORT.key(k.job(id));
         inv.key(k.leases())
             .key(k.qpos(queue))
             .key(k.compact())
             .arg(id)
             .arg(token.map(|t| t.to_string()).unwrap_or_default())
-            .arg(state.as_str())
-            .arg(self.log_channel(id));
+            .arg(agent.unwrap_or_default())
+            .arg(self.log_channel(id))
+            .arg(state.map(|s| s.as_str()).unwrap_or_default())
+            .arg(fields.len());
+        for (f, v) in fields {
+            inv.arg(*f).arg(v);
+        }
         for f in from {
             inv.arg(f.as_str());
         }
         let r: redis::Value = inv.invoke_async(&mut c).await?;
         let r = list(r);
+        let verdict = r.first().map(s).unwrap_or_default();
+        self.holder_verdict(id, &verdict, agent)?;
         let previous = r.get(1).map(s).unwrap_or_default();
-        match r.first().map(s).as_deref() {
-            Some("unknown") => Ok(None),
-            Some("stale") => Err(ApiError::Stale(stale_message(id))),
-            Some("set") => Ok(Some(StateChange::Set(previous))),
-            Some("refused") => Ok(Some(StateChange::Refused(previous))),
-            _ => Ok(Some(StateChange::Kept(previous))),
+        let attempt = r.get(2).map(n).unwrap_or(0);
+        let holder = r.get(3).map(s).unwrap_or_default();
+        let change = match verdict.as_str() {
+            "set" => StateChange::Set(previous),
+            "refused" => StateChange::Refused(previous),
+            "kept" | "none" => StateChange::Kept(previous),
+            other => return Err(unexpected("REPORT", Some(other))),
+        };
+        Ok(Report {
+            change,
+            attempt,
+            agent: holder,
+        })
+    }
+
+    /// The error for a holder check's verdict other than `ok` (see [`holder_check!`]);
+    /// `Ok` for `ok` and for the verdicts of a check that passed.
+    fn holder_verdict(&self, id: &str, verdict: &str, agent: Option<&str>) -> ApiResult<()> {
+        match verdict {
+            "unknown" => Err(ApiError::JobNotFound(id.to_string())),
+            "stale" => Err(ApiError::Stale(stale_message(id))),
+            "forbidden" => Err(not_holder(id, agent)),
+            "token" => Err(ApiError::Stale(format!(
+                "job {id} is held under a lease: writes about it must carry the holder's {} header",
+                testflinger_common::protocol::TOKEN_HEADER
+            ))),
+            _ => Ok(()),
         }
+    }
+
+    /// Makes the staged artifact file `name` job `id`'s artifact if the caller still
+    /// holds the job, in one step (`ARTIFACT_COMMIT`). Returns the name it replaced.
+    pub async fn commit_artifact(
+        &self,
+        id: &str,
+        token: Option<FenceToken>,
+        agent: Option<&str>,
+        name: &str,
+    ) -> ApiResult<String> {
+        let mut c = self.con();
+        let r: redis::Value = ARTIFACT_COMMIT
+            .key(self.keys.job(id))
+            .key(self.keys.leases())
+            .arg(id)
+            .arg(token.map(|t| t.to_string()).unwrap_or_default())
+            .arg(agent.unwrap_or_default())
+            .arg(name)
+            .invoke_async(&mut c)
+            .await?;
+        let r = list(r);
+        let verdict = r.first().map(s).unwrap_or_default();
+        self.holder_verdict(id, &verdict, agent)?;
+        if verdict != "ok" {
+            return Err(unexpected("ARTIFACT_COMMIT", Some(&verdict)));
+        }
+        Ok(r.get(1).map(s).unwrap_or_default())
     }
 
     /// Cancels a job. `None` if unknown; `Some(Err(state))` if already ended;
@@ -1091,25 +1243,29 @@ impl Store {
     }
 
     /// Checks, inside Redis, that a write about job `id` comes from its holder (see
-    /// `WRITE_CHECK`): `Ok(attempt)` when allowed (the attempt the write belongs to),
-    /// `Err(JobNotFound)` (404) when the job is unknown, `Err(Stale)` (409) otherwise.
-    pub async fn check_token(&self, id: &str, token: Option<FenceToken>) -> ApiResult<u64> {
+    /// [`holder_check!`]): `Ok(attempt)` when allowed (the attempt the write belongs
+    /// to), `Err(JobNotFound)` (404) when the job is unknown, 403 when `agent` (the
+    /// caller's identity) does not hold it, `Err(Stale)` (409) otherwise. For a write
+    /// that is not a Redis command: a Redis write checks in its own script.
+    pub async fn check_token(
+        &self,
+        id: &str,
+        token: Option<FenceToken>,
+        agent: Option<&str>,
+    ) -> ApiResult<u64> {
         let mut c = self.con();
         let (r, attempt): (String, u64) = WRITE_CHECK
             .key(self.keys.job(id))
             .key(self.keys.leases())
             .arg(id)
             .arg(token.map(|t| t.to_string()).unwrap_or_default())
+            .arg(agent.unwrap_or_default())
             .invoke_async(&mut c)
             .await?;
+        self.holder_verdict(id, &r, agent)?;
         match r.as_str() {
-            "unknown" => Err(ApiError::JobNotFound(id.to_string())),
             "ok" => Ok(attempt),
-            "token" => Err(ApiError::Stale(format!(
-                "job {id} is held under a lease: writes about it must carry the holder's {} header",
-                testflinger_common::protocol::TOKEN_HEADER
-            ))),
-            _ => Err(ApiError::Stale(stale_message(id))),
+            other => Err(unexpected("WRITE_CHECK", Some(other))),
         }
     }
 
@@ -1505,6 +1661,24 @@ pub fn fragment_score(attempt: u64, n: i64) -> i64 {
 }
 
 /// The 409 message for a write with a stale fencing token.
+/// 403 for a write about a job another agent holds.
+pub fn not_holder(id: &str, agent: Option<&str>) -> ApiError {
+    ApiError::Json(
+        actix_web::http::StatusCode::FORBIDDEN,
+        format!(
+            "job {id} is not held by agent '{}': an agent writes only about the jobs it holds a lease on",
+            agent.unwrap_or_default()
+        ),
+    )
+}
+
+/// A script answered something this code does not know: an error, never a default.
+pub fn unexpected(script: &str, reply: Option<&str>) -> ApiError {
+    ApiError::Internal(anyhow::anyhow!(
+        "unexpected reply from the {script} script: {reply:?}"
+    ))
+}
+
 pub fn stale_message(id: &str) -> String {
     format!(
         "stale fencing token for job {id}: the job was reassigned or released; stop working on it"

@@ -42,9 +42,13 @@ async fn basic_token(lab: &TestLab, id: &str, secret: &str) -> Value {
     r.json().await.expect("json")
 }
 
-/// Creates an agent client and writes its token file; returns the file's path and the
-/// refresh token in it.
-async fn agent_token_file(lab: &TestLab, agent_client: &str) -> (std::path::PathBuf, String) {
+/// Creates an agent client standing for agent `agent_id` (recorded by the admin) and
+/// writes its token file; returns the file's path and the refresh token in it.
+async fn agent_token_file(
+    lab: &TestLab,
+    agent_client: &str,
+    agent_id: &str,
+) -> (std::path::PathBuf, String) {
     let admin = basic_token(lab, "lab-admin", ADMIN_SECRET).await["access_token"]
         .as_str()
         .expect("admin token")
@@ -53,7 +57,7 @@ async fn agent_token_file(lab: &TestLab, agent_client: &str) -> (std::path::Path
         .http
         .put(format!("{}/v1/client-permissions/{agent_client}", lab.base))
         .bearer_auth(&admin)
-        .json(&json!({"client_secret": AGENT_SECRET, "role": "agent"}))
+        .json(&json!({"client_secret": AGENT_SECRET, "role": "agent", "agent_id": agent_id}))
         .send()
         .await
         .expect("create agent client");
@@ -70,7 +74,8 @@ async fn agent_token_file(lab: &TestLab, agent_client: &str) -> (std::path::Path
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_authenticated_agent_runs_jobs_and_its_phases_see_no_credentials() {
     let mut lab = auth_lab("auth-env").await;
-    let (token_file, refresh) = agent_token_file(&lab, "dev-auth-client").await;
+    let agent = format!("dev-auth-{}", &lab.prefix[lab.prefix.len() - 10..]);
+    let (token_file, refresh) = agent_token_file(&lab, "dev-auth-client", &agent).await;
     // The agent's environment holds its broker URI (with the password, as `AMQP_URI`
     // from the lab) and other credentials.
     let agent_env = vec![
@@ -84,7 +89,6 @@ async fn an_authenticated_agent_runs_jobs_and_its_phases_see_no_credentials() {
         ),
         ("LC_TESTFLINGER_PROBE".to_string(), "allowed".to_string()),
     ];
-    let agent = format!("dev-auth-{}", &lab.prefix[lab.prefix.len() - 10..]);
     let i = lab.spawn_agent_with(
         &agent,
         json!({"test_command": "env; echo END-OF-ENV"}),

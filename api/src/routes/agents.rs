@@ -54,7 +54,43 @@ async fn post_agent(
     caller.require(crate::auth::ADMIN_MANAGER_AGENT)?;
     let name = name.into_inner();
     check_name(&name)?;
+    caller.require_agent(&name, "write an agent record")?;
     let a: AgentIn = typed_body(&body)?;
+    // An agent registers only queues it may serve, when an admin or manager set them;
+    // otherwise what it registers is what it serves, and each change is logged.
+    let mut queue_change: Option<String> = None;
+    if let (Some(me), Some(qs)) = (caller.acting_agent(), &a.queues) {
+        if let Some(allowed) = &me.queues
+            && let Some(q) = qs.iter().find(|q| !allowed.contains(q))
+        {
+            return Err(ApiError::Json(
+                StatusCode::FORBIDDEN,
+                format!(
+                    "agent '{name}' may not serve queue '{q}' (its queues, set by an admin or manager: {})",
+                    allowed.join(", ")
+                ),
+            ));
+        }
+        let before: Vec<String> = app
+            .store
+            .agent_record(&name)
+            .await?
+            .get("queues")
+            .and_then(|q| serde_json::from_str(q).ok())
+            .unwrap_or_default();
+        let (mut b, mut n) = (before.clone(), qs.clone());
+        b.sort();
+        n.sort();
+        if b != n {
+            tracing::info!(agent = %name, before = ?before, after = ?qs, "agent changed the queues it serves");
+            queue_change = Some(format!(
+                "{} queues changed by the agent's credential: [{}] -> [{}]",
+                now_iso(),
+                before.join(", "),
+                qs.join(", ")
+            ));
+        }
+    }
     let mut fields: Vec<(&str, String)> = Vec::new();
     for (key, v) in [
         ("identifier", &a.identifier),
@@ -71,10 +107,9 @@ async fn post_agent(
     if let Some(q) = &a.queues {
         fields.push(("queues", json!(q).to_string()));
     }
-    let previous = app
-        .store
-        .put_agent(&name, &fields, a.log.as_deref().unwrap_or_default())
-        .await?;
+    let mut log = a.log.clone().unwrap_or_default();
+    log.extend(queue_change);
+    let previous = app.store.put_agent(&name, &fields, &log).await?;
     // Tell the agent only when its state enters or leaves a blocking one (its own posts
     // of phase states and `waiting` after a job need no echo).
     let blocking = |s: &str| matches!(s, "offline" | "maintenance" | "restart");
@@ -268,6 +303,7 @@ async fn post_provision_log(
     body: web::Bytes,
 ) -> ApiResult<HttpResponse> {
     caller.require(crate::auth::AGENT)?;
+    caller.require_agent(&name, "write a provision log")?;
     let l: ProvisionLogIn = typed_body(&body)?;
     let h = app.store.agent_record(&name).await?;
     if h.is_empty() {

@@ -75,17 +75,63 @@ fn basic_credentials(req: &HttpRequest) -> ApiResult<(String, String)> {
 }
 
 /// `POST /v1/oauth2/token` (HTTP Basic) → access and refresh tokens.
+///
+/// Rate-limited (our rule, DESIGN.md "Who may do what"): at most
+/// `TESTFLINGER_LOGIN_ATTEMPTS_PER_ADDRESS` tries per client address and
+/// `TESTFLINGER_LOGIN_FAILURES_PER_CLIENT` failures per client id in each
+/// `TESTFLINGER_LOGIN_WINDOW`; past either, 429 with `Retry-After` and no hash is
+/// computed. An unknown id costs the same hash as a known one (a decoy), so answers do
+/// not tell which ids exist.
 async fn token(app: web::Data<AppState>, req: HttpRequest) -> ApiResult<HttpResponse> {
     let (id, secret) = basic_credentials(&req)?;
-    let invalid = || unauthorized_text("Invalid client id or secret");
-    let rec = app.store.client(&id).await?.ok_or_else(invalid)?;
-    if rec.secret_hash.is_empty() || !auth::verify_secret(secret, rec.secret_hash.clone()).await? {
-        return Err(invalid());
+    let s = &app.settings;
+    let addr = req
+        .peer_addr()
+        .map(|a| a.ip().to_string())
+        .unwrap_or_else(|| "unknown".into());
+    let (tries, left) = app.store.count_login_attempt(&addr, s.login_window).await?;
+    if tries > s.login_attempts_per_address {
+        return Err(ApiError::TooManyRequests(
+            left,
+            format!(
+                "Too many logins from {addr}: {} per {} s allowed (TESTFLINGER_LOGIN_ATTEMPTS_PER_ADDRESS); retry in {left} s",
+                s.login_attempts_per_address, s.login_window
+            ),
+        ));
     }
-    let access = app.auth.issue(rec.permissions.clone())?;
+    // One login per address at a time; then the attempt counts against the client id
+    // until it succeeds (so parallel guesses cannot all pass the check before any fails).
+    let _turn = app.auth.login_turn(&addr).await;
+    let (failures, left) = app.store.count_login_failure(&id, s.login_window).await?;
+    if failures > s.login_failures_per_client {
+        return Err(ApiError::TooManyRequests(
+            left,
+            format!(
+                "Too many failed logins for this client id: {} per {} s allowed (TESTFLINGER_LOGIN_FAILURES_PER_CLIENT); retry in {left} s",
+                s.login_failures_per_client, s.login_window
+            ),
+        ));
+    }
+    let rec = app.store.client(&id).await?;
+    let stored = rec
+        .as_ref()
+        .map(|r| r.secret_hash.clone())
+        .filter(|h| !h.is_empty());
+    let ok = app.auth.check_secret(secret, stored).await?;
+    let Some(rec) = rec.filter(|_| ok) else {
+        return Err(unauthorized_text("Invalid client id or secret"));
+    };
+    // A good login does not count as a failure.
+    app.store.forgive_login(&id).await?;
+    let access = app.auth.issue(rec.permissions.clone(), rec.generation)?;
     let refresh = auth::new_refresh_token()?;
     app.store
-        .put_refresh(&auth::token_digest(&refresh), &id, auth::REFRESH_TTL)
+        .put_refresh(
+            &auth::token_digest(&refresh),
+            &id,
+            rec.generation,
+            auth::REFRESH_TTL,
+        )
         .await?;
     Ok(HttpResponse::Ok().json(json!({
         "access_token": access,
@@ -117,18 +163,23 @@ async fn refresh(app: web::Data<AppState>, body: web::Bytes) -> ApiResult<HttpRe
     let t = refresh_body(&body)?;
     let invalid =
         || ApiError::BadRequest("Invalid refresh token: unknown, revoked or expired".into());
-    let id = app
+    let (id, generation) = app
         .store
         .refresh_owner(&auth::token_digest(&t))
         .await?
         .ok_or_else(invalid)?;
-    // Permissions are read afresh: changes apply at the next refresh.
-    let rec = app.store.client(&id).await?.ok_or_else(invalid)?;
+    // A token of a client deleted, re-created or changed since it was issued is dead.
+    let rec = app
+        .store
+        .client(&id)
+        .await?
+        .filter(|r| r.generation == generation)
+        .ok_or_else(invalid)?;
     // A refresh token in use stays valid: it expires after REFRESH_TTL unused.
     app.store
-        .put_refresh(&auth::token_digest(&t), &id, auth::REFRESH_TTL)
+        .put_refresh(&auth::token_digest(&t), &id, generation, auth::REFRESH_TTL)
         .await?;
-    let access = app.auth.issue(rec.permissions)?;
+    let access = app.auth.issue(rec.permissions, generation)?;
     Ok(HttpResponse::Ok().json(json!({
         "access_token": access,
         "token_type": "Bearer",
@@ -154,14 +205,20 @@ async fn revoke(
 
 fn client_out(r: &ClientRecord) -> Value {
     let p = &r.permissions;
-    json!({
+    let mut out = json!({
         "client_id": p.client_id,
         "role": p.role,
         "max_priority": p.max_priority,
         "allowed_queues": p.allowed_queues,
         "max_reservation_time": p.max_reservation_time,
         "email": r.email,
-    })
+    });
+    // Our additions, for agent clients only.
+    if p.role == Role::Agent {
+        out["agent_id"] = json!(r.agent_id.as_deref().unwrap_or(&p.client_id));
+        out["agent_queues"] = json!(r.agent_queues);
+    }
+    out
 }
 
 fn check_client_id(id: &str) -> ApiResult<()> {
@@ -215,6 +272,10 @@ struct ClientIn {
     max_reservation_time: Option<BTreeMap<String, u64>>,
     role: Option<String>,
     email: Option<String>,
+    /// Ours: the agent an agent client stands for (default: the client id).
+    agent_id: Option<String>,
+    /// Ours: the queues an agent client may serve (default: those it registers).
+    agent_queues: Option<Vec<String>>,
 }
 
 /// `PUT /v1/client-permissions/<id>` (admin, manager): creates or updates a client.
@@ -292,8 +353,43 @@ async fn put_client(
             "is required when creating a client",
         )));
     }
+    let final_role = role
+        .or(existing.as_ref().map(|e| e.permissions.role))
+        .unwrap_or(Role::Contributor);
+    if (c.agent_id.is_some() || c.agent_queues.is_some()) && final_role != Role::Agent {
+        return Err(ApiError::Validation(ValidationError::new(
+            if c.agent_id.is_some() { "agent_id" } else { "agent_queues" },
+            format!(
+                "only an agent client has an agent identity; this client's role is {}",
+                final_role.as_str()
+            ),
+        )));
+    }
+    if let Some(a) = &c.agent_id
+        && (a.len() > 200 || a.chars().any(char::is_control))
+    {
+        return Err(ApiError::Validation(ValidationError::new(
+            "agent_id",
+            "must be at most 200 printable characters (empty: the client id)",
+        )));
+    }
+    if let Some(qs) = &c.agent_queues {
+        for q in qs {
+            testflinger_common::queue::validate_queue_name(q).map_err(|e| {
+                ApiError::Validation(ValidationError::new("agent_queues", format!("'{q}': {e}")))
+            })?;
+        }
+    }
+    // Only an admin records which agent a credential stands for (a manager could
+    // otherwise hand an agent token another device's identity).
+    if caller.enabled && c.agent_id.is_some() && mine != Role::Admin {
+        return Err(ApiError::Json(
+            StatusCode::FORBIDDEN,
+            "only an admin may record the agent_id of an agent client".into(),
+        ));
+    }
     let secret_hash = match c.client_secret {
-        Some(s) => Some(auth::hash_secret(s).await?),
+        Some(s) => Some(app.auth.hash(s).await?),
         None => None,
     };
     let update = ClientUpdate {
@@ -302,8 +398,11 @@ async fn put_client(
         max_priority: c.max_priority,
         max_reservation_time: c.max_reservation_time,
         email: c.email,
+        agent_id: c.agent_id,
+        agent_queues: c.agent_queues,
     };
     app.store.put_client(&id, &update).await?;
+    tracing::info!(client_id = %id, by = caller.client_id().unwrap_or("anonymous"), "client created or changed: its earlier tokens are revoked");
     let verb = if existing.is_some() {
         "Updated"
     } else {

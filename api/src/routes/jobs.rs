@@ -32,6 +32,8 @@ async fn submit_job(
     caller: crate::auth::Caller,
     body: web::Bytes,
 ) -> ApiResult<HttpResponse> {
+    // Before the body is built into JSON: a job of 200 000 tags is refused at its size.
+    submit::check_bounds(&app, &body)?;
     let value = json_body(&body)?;
     if let Some(raw) = value.get("job_id")
         && raw
@@ -296,6 +298,12 @@ async fn post_events(
     let Some(queue) = f[0].clone() else {
         return Err(ApiError::JobNotFound(id));
     };
+    // An agent relays the events of a job it holds only.
+    if let Some(me) = super::acting_agent_id(&caller)
+        && f[2].as_deref() != Some(me)
+    {
+        return Err(crate::store::not_holder(&id, Some(me)));
+    }
     if webhook_of(f[1].as_deref()).as_deref() != Some(e.job_status_webhook.as_str()) {
         return Err(ApiError::Json(
             StatusCode::FORBIDDEN,
@@ -343,6 +351,13 @@ async fn get_attachments(
 ) -> ApiResult<HttpResponse> {
     caller.require(crate::auth::AGENT)?;
     let id = parse_id(&id, true)?.to_string();
+    // An agent reads the attachments of a job it holds only.
+    if let Some(me) = super::acting_agent_id(&caller) {
+        let f = app.store.job_fields(&id, &["agent"]).await?;
+        if f[0].as_deref() != Some(me) {
+            return Err(crate::store::not_holder(&id, Some(me)));
+        }
+    }
     stream_file(&app, Kind::Attachments, &id, "application/gzip", None).await
 }
 
@@ -354,12 +369,41 @@ pub async fn stream_file(
     content_type: &str,
     content_encoding: Option<&str>,
 ) -> ApiResult<HttpResponse> {
-    let path = app.files.path(kind, id);
-    let file = match tokio::fs::File::open(&path).await {
+    let file = match tokio::fs::File::open(app.files.path(kind, id)).await {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(ApiError::NoContent),
         Err(e) => return Err(e.into()),
     };
+    stream_open_file(file, content_type, content_encoding).await
+}
+
+/// The file of job `id`'s committed artifact (see `FileStore::stage_artifact`), if any.
+pub async fn open_artifact(app: &AppState, id: &str) -> ApiResult<Option<tokio::fs::File>> {
+    // Read the name again once if the file went: a new upload replaced it meanwhile.
+    for _ in 0..2 {
+        let name = app.store.job_fields(id, &["artifact"]).await?[0]
+            .clone()
+            .unwrap_or_default();
+        match tokio::fs::File::open(app.files.artifact_file(id, &name)).await {
+            Ok(f) => return Ok(Some(f)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(None)
+}
+
+/// Streams job `id`'s artifact (gzip tar, sent undecoded as upstream does), or 204.
+pub async fn stream_artifact(app: &AppState, id: &str) -> ApiResult<HttpResponse> {
+    let file = open_artifact(app, id).await?.ok_or(ApiError::NoContent)?;
+    stream_open_file(file, "application/x-tar", Some("gzip")).await
+}
+
+async fn stream_open_file(
+    file: tokio::fs::File,
+    content_type: &str,
+    content_encoding: Option<&str>,
+) -> ApiResult<HttpResponse> {
     let len = file.metadata().await?.len();
     let mut resp = HttpResponse::Ok();
     resp.content_type(content_type.to_string());
@@ -531,6 +575,18 @@ async fn legacy_next_job(
     let agent = agent_cookie(&req)
         .ok_or_else(|| ApiError::Text(StatusCode::UNAUTHORIZED, "Agent not identified".into()))?;
     tracing::Span::current().record("agent", agent.as_str());
+    caller.require_agent(&agent, "take a job (cookie agent_name)")?;
+    if let Some(served) = super::served_queues(&app, &caller).await?
+        && let Some(q) = q.queue.iter().find(|q| !served.contains(q))
+    {
+        return Err(ApiError::Json(
+            StatusCode::FORBIDDEN,
+            format!(
+                "agent '{agent}' may not serve queue '{q}' (its queues: {}); an admin or manager sets them with agent_queues in /v1/client-permissions",
+                served.join(", ")
+            ),
+        ));
+    }
     // Visit queues in the order of their best waiting job (priority, then age).
     let heads = app.store.queue_heads(&q.queue).await?;
     let mut order: Vec<(f64, &String)> = heads.into_iter().zip(q.queue.iter()).collect();
@@ -549,7 +605,7 @@ async fn legacy_next_job(
                 continue;
             };
             let lease_ms = legacy_lease_ms(&app, &id).await?;
-            let mut claim = app.store.claim(&id, &agent, lease_ms, true).await?;
+            let mut claim = app.store.claim(&id, &agent, lease_ms, true, None).await?;
             if let Some(job) = claim.job.as_mut() {
                 super::secrets::resolve(&app, job, &id, &format!("{id}:{}", claim.attempt)).await?;
             }

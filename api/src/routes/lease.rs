@@ -31,9 +31,11 @@ async fn claim(
         return Err(ApiError::BadRequest("agent_id must not be empty".into()));
     }
     tracing::Span::current().record("agent", r.agent_id.as_str());
+    caller.require_agent(&r.agent_id, "claim")?;
+    let served = super::served_queues(&app, &caller).await?;
     let mut c = app
         .store
-        .claim(&id, &r.agent_id, app.lease_ms(), false)
+        .claim(&id, &r.agent_id, app.lease_ms(), false, served.as_deref())
         .await?;
     if let Some(job) = c.job.as_mut() {
         super::secrets::resolve(&app, job, &id, &format!("{id}:{}", c.attempt)).await?;
@@ -91,7 +93,9 @@ async fn heartbeat(
     caller.require(crate::auth::AGENT)?;
     let id = parse_id(&id, false)?.to_string();
     let r: LeaseRequest = typed_body(&body)?;
-    match app.store.heartbeat(&id, r.token, app.lease_ms()).await? {
+    caller.require_agent(&r.agent_id, "heartbeat")?;
+    let me = super::acting_agent_id(&caller);
+    match app.store.heartbeat(&id, r.token, app.lease_ms(), me).await? {
         Some(cancel) => Ok(HttpResponse::Ok().json(HeartbeatResponse {
             cancel_requested: cancel,
             lease_ttl: app.settings.lease_ttl,
@@ -110,6 +114,7 @@ async fn release(
     caller.require(crate::auth::AGENT)?;
     let id = parse_id(&id, false)?.to_string();
     let r: LeaseRequest = typed_body(&body)?;
+    caller.require_agent(&r.agent_id, "release")?;
     let f = app.store.job_fields(&id, &["queue", "def"]).await?;
     let Some(queue) = f[0].clone() else {
         return Err(ApiError::JobNotFound(id));
@@ -126,6 +131,7 @@ async fn release(
             app.settings.max_attempts,
             &reason,
             Some(r.token),
+            super::acting_agent_id(&caller),
         )
         .await?
     {

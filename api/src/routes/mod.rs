@@ -12,6 +12,7 @@ pub mod secrets;
 
 use crate::error::{ApiError, ApiResult};
 use actix_web::http::StatusCode;
+use crate::state::AppState;
 use actix_web::{HttpRequest, HttpResponse, web};
 use testflinger_common::JobId;
 use testflinger_common::protocol::{FenceToken, TOKEN_HEADER};
@@ -134,6 +135,33 @@ pub fn token(req: &HttpRequest) -> ApiResult<Option<FenceToken>> {
                 .map_err(|e| ApiError::BadRequest(format!("{TOKEN_HEADER}: {e}")))
         }
     }
+}
+
+/// The queues the calling agent may serve (DESIGN.md "Who may do what"), or `None`
+/// when not checked (auth off, or an admin or manager acting for any agent): those an
+/// admin or manager set for its credential (`agent_queues`), else those its own agent
+/// record lists (what it registered).
+pub async fn served_queues(
+    app: &AppState,
+    caller: &crate::auth::Caller,
+) -> ApiResult<Option<Vec<String>>> {
+    let Some(me) = caller.acting_agent() else {
+        return Ok(None);
+    };
+    if let Some(q) = &me.queues {
+        return Ok(Some(q.clone()));
+    }
+    let rec = app.store.agent_record(&me.agent_id).await?;
+    Ok(Some(
+        rec.get("queues")
+            .and_then(|q| serde_json::from_str::<Vec<String>>(q).ok())
+            .unwrap_or_default(),
+    ))
+}
+
+/// The caller's agent identity when it is checked (an `agent` token with auth on).
+pub fn acting_agent_id(caller: &crate::auth::Caller) -> Option<&str> {
+    caller.acting_agent().map(|a| a.agent_id.as_str())
 }
 
 /// Parses a JSON body with a clear 400 for malformed JSON.

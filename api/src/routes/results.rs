@@ -3,7 +3,6 @@
 use super::{ok_text, parse_id, token, typed_body};
 use crate::error::{ApiError, ApiResult};
 use crate::events;
-use crate::files::Kind;
 use crate::state::AppState;
 use crate::store::{Fragment, StateChange};
 use actix_multipart::Multipart;
@@ -65,15 +64,11 @@ async fn post_result(
             ))
         })?),
     };
-    let f = app
-        .store
-        .job_fields(&id, &["queue", "attempt", "agent", "def", "reason"])
-        .await?;
+    let f = app.store.job_fields(&id, &["queue", "def"]).await?;
     // Upstream accepts and drops a result for an unknown job; we say so (404).
     let Some(queue) = f[0].clone() else {
         return Err(ApiError::JobNotFound(id));
     };
-    app.store.check_token(&id, tok).await?;
     let mut fields: Vec<(&str, String)> = Vec::new();
     if let Some(status) = &r.status {
         let m: Map<String, Value> = status
@@ -85,47 +80,47 @@ async fn post_result(
     if let Some(di) = &r.device_info {
         fields.push(("device_info", Value::Object(di.clone()).to_string()));
     }
-    if !fields.is_empty() {
-        app.store.set_job_fields(&id, &fields).await?;
-    }
-    if let Some(state) = new_state {
-        match app.store.set_state(&id, &queue, tok, state).await? {
-            Some(StateChange::Set(previous)) => {
-                let attempt = f[1].as_deref().and_then(|a| a.parse().ok()).unwrap_or(0);
-                // When each state began, for the phase durations of the web UI.
-                app.store
-                    .set_job_fields(
-                        &id,
-                        &[(&format!("at_{state}"), crate::store::now_ms().to_string())],
-                    )
-                    .await?;
-                if state.is_terminal() {
-                    // Its log moves to the file store now rather than at the next pass.
-                    app.logs.compact_now.notify_one();
-                }
-                events::emit(
-                    &app,
-                    &id,
-                    &queue,
-                    state.as_str(),
-                    Some(&previous),
-                    attempt,
-                    f[2].as_deref(),
-                    None,
-                    super::jobs::webhook_of(f[3].as_deref()),
-                );
+    // The holder check and the writes are one script: a stale holder's report is
+    // never applied, even one racing a requeue.
+    let report = app
+        .store
+        .report(
+            &id,
+            &queue,
+            tok,
+            super::acting_agent_id(&caller),
+            &fields,
+            new_state,
+        )
+        .await?;
+    match (report.change, new_state) {
+        (StateChange::Set(previous), Some(state)) => {
+            if state.is_terminal() {
+                // Its log moves to the file store now rather than at the next pass.
+                app.logs.compact_now.notify_one();
             }
-            // 422, never 409: an agent takes 409 to mean "lease lost" and stops the job.
-            Some(StateChange::Refused(previous)) => {
-                return Err(ApiError::Json(
-                    StatusCode::UNPROCESSABLE_ENTITY,
-                    format!(
-                        "job_state: job {id} cannot move from '{previous}' to '{state}'; states only move forward (waiting, running, setup, provision, firmware_update, test, allocate, allocated, reserve, cleanup, complete)"
-                    ),
-                ));
-            }
-            _ => {}
+            events::emit(
+                &app,
+                &id,
+                &queue,
+                state.as_str(),
+                Some(&previous),
+                report.attempt,
+                Some(report.agent.as_str()).filter(|a| !a.is_empty()),
+                None,
+                super::jobs::webhook_of(f[1].as_deref()),
+            );
         }
+        // 422, never 409: an agent takes 409 to mean "lease lost" and stops the job.
+        (StateChange::Refused(previous), Some(state)) => {
+            return Err(ApiError::Json(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                format!(
+                    "job_state: job {id} cannot move from '{previous}' to '{state}'; states only move forward (waiting, running, setup, provision, firmware_update, test, allocate, allocated, reserve, cleanup, complete)"
+                ),
+            ));
+        }
+        _ => {}
     }
     Ok(ok_text())
 }
@@ -265,8 +260,10 @@ async fn post_log(
             testflinger_common::ValidationError::new("timestamp", "not a valid ISO 8601 datetime"),
         ));
     };
-    // 404 for an unknown job (upstream accepts and drops the fragment).
-    let attempt = app.store.check_token(&id, tok).await?;
+    // 404 for an unknown job (upstream accepts and drops the fragment). Checked again,
+    // with the write, when the fragment is stored.
+    let me = super::acting_agent_id(&caller);
+    let attempt = app.store.check_token(&id, tok, me).await?;
     let frag = Fragment {
         n: crate::store::fragment_score(attempt, l.fragment_number),
         attempt: attempt.max(1),
@@ -296,6 +293,7 @@ async fn post_log(
             cap,
             &notice,
             crate::logs::LATE_DELAY_MS,
+            (tok, me),
         )
         .await?;
     if stored == crate::store::PutFragment::Truncated {
@@ -534,7 +532,11 @@ async fn post_artifact(
 ) -> ApiResult<HttpResponse> {
     caller.require(crate::auth::AGENT)?;
     let id = parse_id(&id, true)?.to_string();
-    app.store.check_token(&id, token(&req)?).await?;
+    let tok = token(&req)?;
+    let me = super::acting_agent_id(&caller);
+    // Checked first so that a stale holder's upload is refused before it is read, and
+    // again when it is committed (the commit and its check are one step).
+    app.store.check_token(&id, tok, me).await?;
     if let Some(len) = req
         .headers()
         .get("content-length")
@@ -547,12 +549,25 @@ async fn post_artifact(
             app.files.max_bytes
         )));
     }
-    app.files.save_upload(Kind::Artifact, &id, payload).await?;
-    Ok(ok_text())
+    let staged = app.files.stage_artifact(&id, payload).await?;
+    let name = staged
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    match app.store.commit_artifact(&id, tok, me, &name).await {
+        Ok(previous) => {
+            app.files.drop_replaced_artifact(&id, &previous).await;
+            Ok(ok_text())
+        }
+        Err(e) => {
+            let _ = tokio::fs::remove_file(&staged).await;
+            Err(e)
+        }
+    }
 }
 
 #[tracing::instrument(skip_all, fields(job.id = %id))]
 async fn get_artifact(app: web::Data<AppState>, id: web::Path<String>) -> ApiResult<HttpResponse> {
     let id = parse_id(&id, true)?.to_string();
-    super::jobs::stream_file(&app, Kind::Artifact, &id, "application/x-tar", Some("gzip")).await
+    super::jobs::stream_artifact(&app, &id).await
 }

@@ -2,10 +2,17 @@
 //!
 //! Keys (under the store's prefix; none of them expires with the job retention):
 //! - `client:<id>`: hash `secret_hash` (bcrypt), `role`, `max_priority` (JSON object),
-//!   `max_reservation_time` (JSON object), `email`;
+//!   `max_reservation_time` (JSON object), `email`, `generation` (see
+//!   [`ClientRecord::generation`]), for an agent client `agent_id` and `agent_queues`
+//!   (JSON list);
+//! - `clientgen`: the counter generations are drawn from (never reset, so a re-created
+//!   id never gets an old generation back);
+//! - `login:addr:<address>`, `login:fail:<client id>`: login rate-limit counters,
+//!   expiring with their window;
 //! - `clientq:<id>`: set of the restricted queues the client may submit to;
 //! - `clients`: set of client ids;
-//! - `refresh:<sha256 of the token>`: the client id, expiring with the token;
+//! - `refresh:<sha256 of the token>`: `<generation> <client id>` (a bare client id,
+//!   written by older servers, reads as generation 0), expiring with the token;
 //! - `restricted`: set of restricted queue names; `rqowners:<q>`: set of their owners;
 //! - `regqueues`: queues an agent or operator registered (with auth on, only those get a
 //!   broker queue); `parked:<q>`: waiting jobs of an unregistered queue, moved to the
@@ -14,8 +21,43 @@
 use super::{Keys, Store};
 use crate::auth::{Permissions, Role};
 use crate::error::ApiResult;
-use redis::AsyncCommands;
+use redis::{AsyncCommands, Script};
 use std::collections::{BTreeMap, HashMap};
+use std::sync::LazyLock;
+
+/// Creates or changes a client and gives it a new token generation from the global
+/// counter. KEYS: client clients clientgen; ARGV: id, then field value pairs.
+static PUT_CLIENT: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local g = redis.call('INCR', KEYS[3])
+redis.call('HSET', KEYS[1], 'generation', g)
+if #ARGV > 1 then redis.call('HSET', KEYS[1], unpack(ARGV, 2)) end
+redis.call('SADD', KEYS[2], ARGV[1])
+return g
+"#,
+    )
+});
+
+/// Counts one event in a fixed window: returns the count and the seconds left of the
+/// window. KEYS: counter; ARGV: window seconds.
+static COUNT_IN_WINDOW: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local n = redis.call('INCR', KEYS[1])
+if n == 1 or redis.call('TTL', KEYS[1]) < 0 then redis.call('EXPIRE', KEYS[1], ARGV[1]) end
+return {n, redis.call('TTL', KEYS[1])}
+"#,
+    )
+});
+
+/// What [`Store::client_token_state`] reads on each authenticated request.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TokenState {
+    pub generation: u64,
+    pub agent_id: Option<String>,
+    pub agent_queues: Option<Vec<String>>,
+}
 
 impl Keys {
     pub fn client(&self, id: &str) -> String {
@@ -26,6 +68,15 @@ impl Keys {
     }
     pub fn clients(&self) -> String {
         format!("{}:clients", self.p)
+    }
+    pub fn client_generation(&self) -> String {
+        format!("{}:clientgen", self.p)
+    }
+    pub fn login_address(&self, addr: &str) -> String {
+        format!("{}:login:addr:{addr}", self.p)
+    }
+    pub fn login_failures(&self, id: &str) -> String {
+        format!("{}:login:fail:{id}", self.p)
     }
     pub fn refresh(&self, digest: &str) -> String {
         format!("{}:refresh:{digest}", self.p)
@@ -50,6 +101,18 @@ pub struct ClientRecord {
     pub secret_hash: String,
     pub email: Option<String>,
     pub permissions: Permissions,
+    /// The client's token generation: drawn anew from a counter that never repeats
+    /// whenever the client is created or changed. Tokens carry the generation they were
+    /// issued under and are refused once it moved (or the client is gone), so deleting
+    /// or changing a client ends its access and refresh tokens at once (DESIGN.md "Who
+    /// may do what"). 0 for a record written by an older server.
+    pub generation: u64,
+    /// For an agent client: the agent it stands for, when an admin recorded one (else
+    /// the client id).
+    pub agent_id: Option<String>,
+    /// For an agent client: the queues an admin or manager let it serve (`None`: none
+    /// set, so the queues its agent record lists).
+    pub agent_queues: Option<Vec<String>>,
 }
 
 /// Changes to a client (`PUT /v1/client-permissions/<id>`); `None` keeps the value.
@@ -60,6 +123,10 @@ pub struct ClientUpdate {
     pub max_priority: Option<BTreeMap<String, i64>>,
     pub max_reservation_time: Option<BTreeMap<String, u64>>,
     pub email: Option<String>,
+    /// The agent an agent client stands for; `Some("")` removes it (the client id again).
+    pub agent_id: Option<String>,
+    /// The queues an agent client may serve; `Some(vec![])` removes them.
+    pub agent_queues: Option<Vec<String>>,
 }
 
 impl Store {
@@ -83,6 +150,15 @@ impl Store {
             .get("max_reservation_time")
             .and_then(|v| serde_json::from_str(v).ok());
         Ok(Some(ClientRecord {
+            generation: h
+                .get("generation")
+                .and_then(|g| g.parse().ok())
+                .unwrap_or(0),
+            agent_id: h.get("agent_id").filter(|a| !a.is_empty()).cloned(),
+            agent_queues: h
+                .get("agent_queues")
+                .and_then(|q| serde_json::from_str::<Vec<String>>(q).ok())
+                .filter(|q| !q.is_empty()),
             secret_hash: h.get("secret_hash").cloned().unwrap_or_default(),
             email: h.get("email").filter(|e| !e.is_empty()).cloned(),
             permissions: Permissions {
@@ -106,8 +182,63 @@ impl Store {
         Ok(ids)
     }
 
-    /// Creates or updates a client with the given fields.
-    pub async fn put_client(&self, id: &str, u: &ClientUpdate) -> ApiResult<()> {
+    /// The token state of client `id` (its generation and agent identity), or `None`
+    /// when there is no such client. One round trip; read on every authenticated
+    /// request.
+    pub async fn client_token_state(&self, id: &str) -> ApiResult<Option<TokenState>> {
+        let mut c = self.con();
+        let f: Vec<Option<String>> = redis::cmd("HMGET")
+            .arg(self.keys.client(id))
+            .arg(&["role", "generation", "agent_id", "agent_queues"])
+            .query_async(&mut c)
+            .await?;
+        let get = |i: usize| f.get(i).cloned().flatten();
+        if get(0).is_none() {
+            return Ok(None);
+        }
+        Ok(Some(TokenState {
+            generation: get(1).and_then(|g| g.parse().ok()).unwrap_or(0),
+            agent_id: get(2).filter(|a| !a.is_empty()),
+            agent_queues: get(3)
+                .and_then(|q| serde_json::from_str::<Vec<String>>(&q).ok())
+                .filter(|q| !q.is_empty()),
+        }))
+    }
+
+    /// Counts a login attempt from `addr` in the current window; returns the attempts
+    /// so far and the seconds left of the window.
+    pub async fn count_login_attempt(&self, addr: &str, window: u64) -> ApiResult<(u64, u64)> {
+        self.count_in_window(&self.keys.login_address(addr), window)
+            .await
+    }
+
+    /// Counts a login of client `id` (known or not) in the current window before its
+    /// secret is checked ([`Store::forgive_login`] takes it back when it succeeds).
+    pub async fn count_login_failure(&self, id: &str, window: u64) -> ApiResult<(u64, u64)> {
+        self.count_in_window(&self.keys.login_failures(id), window)
+            .await
+    }
+
+    /// Takes back the count of a login of client `id` that succeeded.
+    pub async fn forgive_login(&self, id: &str) -> ApiResult<()> {
+        let mut c = self.con();
+        let _: i64 = c.decr(self.keys.login_failures(id), 1).await?;
+        Ok(())
+    }
+
+    async fn count_in_window(&self, key: &str, window: u64) -> ApiResult<(u64, u64)> {
+        let mut c = self.con();
+        let (n, ttl): (u64, i64) = COUNT_IN_WINDOW
+            .key(key)
+            .arg(window)
+            .invoke_async(&mut c)
+            .await?;
+        Ok((n, ttl.max(0) as u64))
+    }
+
+    /// Creates or updates a client with the given fields and gives it a new token
+    /// generation (ending the tokens issued before). Returns the new generation.
+    pub async fn put_client(&self, id: &str, u: &ClientUpdate) -> ApiResult<u64> {
         let mut fields: Vec<(&str, String)> = Vec::new();
         if let Some(h) = &u.secret_hash {
             fields.push(("secret_hash", h.clone()));
@@ -124,14 +255,22 @@ impl Store {
         if let Some(e) = &u.email {
             fields.push(("email", e.clone()));
         }
-        let mut c = self.con();
-        let mut p = redis::pipe();
-        p.atomic().sadd(self.keys.clients(), id).ignore();
-        if !fields.is_empty() {
-            p.hset_multiple(self.keys.client(id), &fields).ignore();
+        if let Some(a) = &u.agent_id {
+            fields.push(("agent_id", a.clone()));
         }
-        let _: () = p.query_async(&mut c).await?;
-        Ok(())
+        if let Some(q) = &u.agent_queues {
+            fields.push(("agent_queues", serde_json::json!(q).to_string()));
+        }
+        let mut c = self.con();
+        let mut inv = PUT_CLIENT.key(self.keys.client(id));
+        inv.key(self.keys.clients())
+            .key(self.keys.client_generation())
+            .arg(id);
+        for (k, v) in &fields {
+            inv.arg(*k).arg(v);
+        }
+        let generation: u64 = inv.invoke_async(&mut c).await?;
+        Ok(generation)
     }
 
     /// Deletes a client, its restricted-queue grants and ownerships. False if unknown.
@@ -152,19 +291,34 @@ impl Store {
         Ok(deleted == 1)
     }
 
-    /// Stores a refresh token's digest for `client_id`, expiring after `ttl_secs`.
-    pub async fn put_refresh(&self, digest: &str, client_id: &str, ttl_secs: u64) -> ApiResult<()> {
+    /// Stores a refresh token's digest for `client_id` at its token `generation`,
+    /// expiring after `ttl_secs`.
+    pub async fn put_refresh(
+        &self,
+        digest: &str,
+        client_id: &str,
+        generation: u64,
+        ttl_secs: u64,
+    ) -> ApiResult<()> {
         let mut c = self.con();
         let _: () = c
-            .set_ex(self.keys.refresh(digest), client_id, ttl_secs)
+            .set_ex(
+                self.keys.refresh(digest),
+                format!("{generation} {client_id}"),
+                ttl_secs,
+            )
             .await?;
         Ok(())
     }
 
-    /// The client a live refresh token belongs to.
-    pub async fn refresh_owner(&self, digest: &str) -> ApiResult<Option<String>> {
+    /// The client a live refresh token belongs to and the generation it was issued at.
+    pub async fn refresh_owner(&self, digest: &str) -> ApiResult<Option<(String, u64)>> {
         let mut c = self.con();
-        Ok(c.get(self.keys.refresh(digest)).await?)
+        let v: Option<String> = c.get(self.keys.refresh(digest)).await?;
+        Ok(v.map(|v| match v.split_once(' ') {
+            Some((g, id)) => (id.to_string(), g.parse().unwrap_or(u64::MAX)),
+            None => (v, 0),
+        }))
     }
 
     /// Revokes a refresh token; false if it was unknown (or already revoked, or expired).

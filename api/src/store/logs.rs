@@ -20,6 +20,7 @@ use crate::error::ApiResult;
 use futures_util::StreamExt;
 use redis::Script;
 use std::sync::LazyLock;
+use testflinger_common::protocol::FenceToken;
 
 /// Books a fragment against the job's log of this type, before it is stored: unless
 /// the log reached its cap, counts its bytes (`lb_<type>`, replacing a fragment already
@@ -28,11 +29,17 @@ use std::sync::LazyLock;
 /// already there) or `unknown` (no such job). The fragment itself never passes through
 /// Lua: copying a 1 MiB member into and out of a script cost about 3 ms of Redis time
 /// per fragment (measured), which halved the stream scenario's throughput.
+///
+/// Checks the writer holds the job first ([`holder_check!`]), returning its verdict
+/// (`stale`, `token`, `forbidden`) when not; the `MULTI` that stores the fragment checks
+/// again, in the same step as the store (see `GUARD_BEFORE`).
 static RESERVE_FRAGMENT: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
+    Script::new(concat!(
+        holder_check!(),
         r#"
--- KEYS: log job ; ARGV: n data_len cap log_type
-if redis.call('EXISTS', KEYS[2]) == 0 then return 'unknown' end
+-- KEYS: log job leases ; ARGV: n data_len cap log_type id token agent
+local verdict = holder(KEYS[2], KEYS[3], ARGV[5], ARGV[6], ARGV[7])
+if verdict ~= 'ok' then return verdict end
 local lt = ARGV[4]
 local used = tonumber(redis.call('HGET', KEYS[2], 'lb_' .. lt) or '0') or 0
 local old = redis.call('ZRANGEBYSCORE', KEYS[1], ARGV[1], ARGV[1])
@@ -52,17 +59,43 @@ end
 if len - oldlen ~= 0 then redis.call('HINCRBY', KEYS[2], 'lb_' .. lt, len - oldlen) end
 redis.call('HINCRBY', KEYS[2], 'lw', 1)
 return outcome
-"#,
-    )
+"#
+    ))
 });
 
-/// Runs in the same `MULTI` as the fragment's `ZADD`: a fragment for a job that ended
-/// or was compacted already (a late one: the agent's spool delivering after the end)
-/// schedules the job for compaction again `late_delay_ms` from now; then wakes the
-/// job's streams. KEYS: job compact; ARGV: channel id late_delay_ms log_type.
+/// First command of the `MULTI` that stores a fragment: the holder check again, now in
+/// the same atomic step as the store (the holder may have lost the job since
+/// `RESERVE_FRAGMENT`). When the check fails, the log is moved aside (`RENAME`, O(1)) so
+/// that the `ZADD` that follows lands in an empty set, which `AFTER_FRAGMENT` drops
+/// before it puts the log back: the fragment is never applied, and its data never
+/// passes through Lua. KEYS: job leases log hold; ARGV: id token agent.
+const GUARD_BEFORE: &str = concat!(
+    holder_check!(),
+    r#"
+local verdict = holder(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3])
+if verdict == 'ok' then return 1 end
+if redis.call('EXISTS', KEYS[3]) == 1 then redis.call('RENAME', KEYS[3], KEYS[4]) end
+return 0
+"#
+);
+
+/// Runs in the same `MULTI` as the fragment's `ZADD`, after it. When `GUARD_BEFORE`
+/// refused the write (the same check, same answer: nothing ran in between), drops what
+/// the `ZADD` made and puts the log back, returning 0. Otherwise: a fragment for a job
+/// that ended or was compacted already (a late one: the agent's spool delivering after
+/// the end) schedules the job for compaction again `late_delay_ms` from now; then wakes
+/// the job's streams; returns 1.
+/// KEYS: job compact leases log hold; ARGV: channel id late_delay_ms log_type token agent.
 const AFTER_FRAGMENT: &str = concat!(
     redis_now!(),
+    holder_check!(),
     r#"
+local verdict = holder(KEYS[1], KEYS[3], ARGV[2], ARGV[5], ARGV[6])
+if verdict ~= 'ok' then
+  redis.call('DEL', KEYS[4])
+  if redis.call('EXISTS', KEYS[5]) == 1 then redis.call('RENAME', KEYS[5], KEYS[4]) end
+  return 0
+end
 local f = redis.call('HMGET', KEYS[1], 'state', 'lc')
 if f[1] == 'complete' or f[1] == 'cancelled' or f[2] == '1' then
   redis.call('ZADD', KEYS[2], now + tonumber(ARGV[3]), ARGV[2])
@@ -143,6 +176,11 @@ impl Store {
     /// says so and later fragments are dropped. Expires with the retention; publishes on
     /// the job's channel. A fragment for a job that ended schedules it for compaction
     /// again `late_delay_ms` after the last such fragment.
+    ///
+    /// `holder`: the writer's fencing token and agent identity; the fragment is stored
+    /// only if they hold the job, checked in the same atomic step as the store (409,
+    /// 403 otherwise, as [`Store::check_token`]).
+    #[allow(clippy::too_many_arguments)]
     pub async fn put_fragment(
         &self,
         id: &str,
@@ -151,31 +189,54 @@ impl Store {
         cap: u64,
         notice: &Fragment,
         late_delay_ms: u64,
+        holder: (Option<FenceToken>, Option<&str>),
     ) -> ApiResult<PutFragment> {
         let mut c = self.con();
         let log = self.keys.log(id, log_type);
+        let token = holder.0.map(|t| t.to_string()).unwrap_or_default();
+        let agent = holder.1.unwrap_or_default();
         let r: String = RESERVE_FRAGMENT
             .key(&log)
             .key(self.keys.job(id))
+            .key(self.keys.leases())
             .arg(f.n)
             .arg(f.data.len())
             .arg(cap)
             .arg(log_type)
+            .arg(id)
+            .arg(&token)
+            .arg(agent)
             .invoke_async(&mut c)
             .await?;
         let outcome = match r.as_str() {
             "stored" => PutFragment::Stored,
             "truncated" => PutFragment::Truncated,
             "dropped" => PutFragment::Dropped,
-            _ => PutFragment::Unknown,
+            "unknown" => PutFragment::Unknown,
+            verdict => {
+                self.holder_verdict(id, verdict, holder.1)?;
+                return Err(super::unexpected("RESERVE_FRAGMENT", Some(verdict)));
+            }
         };
         let member = match outcome {
             PutFragment::Stored => f.to_member(),
             PutFragment::Truncated => notice.to_member(),
             PutFragment::Dropped | PutFragment::Unknown => return Ok(outcome),
         };
-        let _: () = redis::pipe()
+        let hold = format!("{log}:hold");
+        let (applied,): (i64,) = redis::pipe()
             .atomic()
+            .cmd("EVAL")
+            .arg(GUARD_BEFORE)
+            .arg(4)
+            .arg(self.keys.job(id))
+            .arg(self.keys.leases())
+            .arg(&log)
+            .arg(&hold)
+            .arg(id)
+            .arg(&token)
+            .arg(agent)
+            .ignore()
             .cmd("ZREMRANGEBYSCORE")
             .arg(&log)
             .arg(f.n)
@@ -192,16 +253,26 @@ impl Store {
             .ignore()
             .cmd("EVAL")
             .arg(AFTER_FRAGMENT)
-            .arg(2)
+            .arg(5)
             .arg(self.keys.job(id))
             .arg(self.keys.compact())
+            .arg(self.keys.leases())
+            .arg(&log)
+            .arg(&hold)
             .arg(self.log_channel(id))
             .arg(id)
             .arg(late_delay_ms)
             .arg(log_type)
-            .ignore()
+            .arg(&token)
+            .arg(agent)
             .query_async(&mut c)
             .await?;
+        if applied != 1 {
+            // The holder lost the job between the booking and the store: refused, with
+            // the check's own answer (409 stale, 403 another agent's, 404 gone).
+            self.check_token(id, holder.0, holder.1).await?;
+            return Err(crate::error::ApiError::Stale(super::stale_message(id)));
+        }
         Ok(outcome)
     }
 

@@ -538,7 +538,7 @@ async fn job(app: web::Data<AppState>, req: HttpRequest, id: web::Path<String>) 
         o.remove("job_id");
     }
     let yaml = serde_saphyr::to_string(&def).unwrap_or_else(|e| format!("# cannot render: {e}"));
-    let artifact = tokio::fs::try_exists(app.files.path(crate::files::Kind::Artifact, &id))
+    let artifact = crate::routes::jobs::open_artifact(&app, &id)
         .await
         .unwrap_or(false);
     let mut logs = Vec::new();

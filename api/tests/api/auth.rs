@@ -9,11 +9,11 @@ use std::time::Duration;
 use testflinger_api::settings::Redacted;
 use testflinger_broker::OutgoingMessage;
 
-const ADMIN: &str = "admin-of-test";
-const ADMIN_SECRET: &str = "admin-secret-123456";
-const SECRET: &str = "a-long-client-secret";
+pub(crate) const ADMIN: &str = "admin-of-test";
+pub(crate) const ADMIN_SECRET: &str = "admin-secret-123456";
+pub(crate) const SECRET: &str = "a-long-client-secret";
 
-async fn auth_app(consumer: bool) -> TestApp {
+pub(crate) async fn auth_app(consumer: bool) -> TestApp {
     let app = TestApp::spawn_with(|s| {
         s.jwt_signing_key = Some(Redacted("test-signing-key-0123456789".into()));
         s.admin_id = ADMIN.into();
@@ -33,7 +33,7 @@ async fn auth_app(consumer: bool) -> TestApp {
 }
 
 /// Sends a request with an optional bearer token and JSON body.
-async fn call(
+pub(crate) async fn call(
     app: &TestApp,
     method: Method,
     path: &str,
@@ -54,7 +54,7 @@ async fn call(
     b.send().await.expect("request")
 }
 
-async fn token_response(app: &TestApp, id: &str, secret: &str) -> Response {
+pub(crate) async fn token_response(app: &TestApp, id: &str, secret: &str) -> Response {
     let basic = base64::engine::general_purpose::STANDARD.encode(format!("{id}:{secret}"));
     app.http
         .post(app.url("/v1/oauth2/token"))
@@ -64,13 +64,13 @@ async fn token_response(app: &TestApp, id: &str, secret: &str) -> Response {
         .expect("token")
 }
 
-async fn tokens(app: &TestApp, id: &str, secret: &str) -> Value {
+pub(crate) async fn tokens(app: &TestApp, id: &str, secret: &str) -> Value {
     let r = token_response(app, id, secret).await;
     assert_eq!(r.status(), 200, "token for {id}");
     r.json().await.expect("json")
 }
 
-async fn access(app: &TestApp, id: &str, secret: &str) -> String {
+pub(crate) async fn access(app: &TestApp, id: &str, secret: &str) -> String {
     tokens(app, id, secret).await["access_token"]
         .as_str()
         .expect("access_token")
@@ -78,7 +78,7 @@ async fn access(app: &TestApp, id: &str, secret: &str) -> String {
 }
 
 /// Creates a client with `body` (plus the common secret) as the admin.
-async fn client(app: &TestApp, admin: &str, id: &str, mut body: Value) -> String {
+pub(crate) async fn client(app: &TestApp, admin: &str, id: &str, mut body: Value) -> String {
     body["client_secret"] = json!(SECRET);
     let r = call(
         app,
@@ -98,7 +98,7 @@ async fn client(app: &TestApp, admin: &str, id: &str, mut body: Value) -> String
 
 /// A unique agent name whose control queue (declared by the API when the agent
 /// registers with auth on) is deleted at cleanup.
-fn agent_name(app: &TestApp, tag: &str) -> String {
+pub(crate) fn agent_name(app: &TestApp, tag: &str) -> String {
     let n = crate::helpers::unique(tag);
     app.queues
         .lock()
@@ -107,11 +107,11 @@ fn agent_name(app: &TestApp, tag: &str) -> String {
     n
 }
 
-async fn submit_as(app: &TestApp, bearer: Option<&str>, job: Value) -> Response {
+pub(crate) async fn submit_as(app: &TestApp, bearer: Option<&str>, job: Value) -> Response {
     call(app, Method::POST, "/v1/job", bearer, Some(job)).await
 }
 
-async fn job_id(r: Response) -> String {
+pub(crate) async fn job_id(r: Response) -> String {
     let status = r.status();
     let v: Value = r.json().await.expect("json");
     assert_eq!(status, 200, "{v}");
@@ -123,8 +123,29 @@ async fn agent_routes_answer_401_anonymous_and_403_to_contributors() {
     let app = auth_app(false).await;
     let admin = access(&app, ADMIN, ADMIN_SECRET).await;
     let contributor = client(&app, &admin, "contrib", json!({})).await;
-    let agent = client(&app, &admin, "agent-1", json!({"role": "agent"})).await;
+    // The agent credential stands for agent "a" (the name `call` sends in its cookie),
+    // which serves the queue.
+    let agent = client(
+        &app,
+        &admin,
+        "agent-1",
+        json!({"role": "agent", "agent_id": "a"}),
+    )
+    .await;
     let q = app.queue("authq");
+    app.queues
+        .lock()
+        .expect("lock")
+        .push(testflinger_broker::topology::control_queue("a"));
+    let r = call(
+        &app,
+        Method::POST,
+        "/v1/agents/data/a",
+        Some(&agent),
+        Some(json!({"queues": [q]})),
+    )
+    .await;
+    assert_eq!(r.status(), 200, "the agent registers its queue");
     let id = job_id(submit_as(&app, None, json!({"job_queue": q})).await).await;
     let tok = "0".repeat(32);
     let routes: Vec<(Method, String, Value)> = vec![
@@ -469,7 +490,14 @@ async fn submissions_are_checked_for_priority_reservation_and_restricted_queues(
         json!({"max_priority": {"*": 10}, "max_reservation_time": {"*": 86400}}),
     )
     .await;
-    let agent = client(&app, &admin, "agent-2", json!({"role": "agent"})).await;
+    let name = agent_name(&app, "rq-agent");
+    let agent = client(
+        &app,
+        &admin,
+        "agent-2",
+        json!({"role": "agent", "agent_id": name}),
+    )
+    .await;
     let q = app.queue("perm");
     // Priority: anonymous 401, not allowed 403, allowed 200.
     let job = json!({"job_queue": q, "job_priority": 5});
@@ -502,7 +530,6 @@ async fn submissions_are_checked_for_priority_reservation_and_restricted_queues(
     )
     .await;
     assert_eq!(r.status(), 404, "no agent serves the queue yet");
-    let name = agent_name(&app, "rq-agent");
     let r = call(
         &app,
         Method::POST,
@@ -712,7 +739,14 @@ async fn secrets_are_namespaced_by_the_authenticated_client() {
     let admin = access(&app, ADMIN, ADMIN_SECRET).await;
     let alice = client(&app, &admin, "alice", json!({})).await;
     let bob = client(&app, &admin, "bob", json!({})).await;
-    let agent = client(&app, &admin, "agent-3", json!({"role": "agent"})).await;
+    let sec_agent = agent_name(&app, "sec-agent");
+    let agent = client(
+        &app,
+        &admin,
+        "agent-3",
+        json!({"role": "agent", "agent_id": sec_agent}),
+    )
+    .await;
     let value = json!({"value": "alice-secret-value"});
     let r = call(
         &app,
@@ -758,9 +792,18 @@ async fn secrets_are_namespaced_by_the_authenticated_client() {
     let r = call(
         &app,
         Method::POST,
+        &format!("/v1/agents/data/{sec_agent}"),
+        Some(&agent),
+        Some(json!({"queues": [q]})),
+    )
+    .await;
+    assert_eq!(r.status(), 200, "the agent registers its queue");
+    let r = call(
+        &app,
+        Method::POST,
         &format!("/v1/job/{id}/claim"),
         Some(&agent),
-        Some(json!({"agent_id": "sec-agent"})),
+        Some(json!({"agent_id": sec_agent})),
     )
     .await;
     let claim: Value = r.json().await.expect("json");
@@ -887,7 +930,14 @@ async fn an_allowed_webhook_host_name_that_resolves_to_a_blocked_address_is_not_
 async fn a_submit_to_an_unregistered_queue_creates_no_broker_queue_until_an_agent_serves_it() {
     let app = auth_app(false).await;
     let admin = access(&app, ADMIN, ADMIN_SECRET).await;
-    let agent = client(&app, &admin, "agent-4", json!({"role": "agent"})).await;
+    let name = agent_name(&app, "reg-agent");
+    let agent = client(
+        &app,
+        &admin,
+        "agent-4",
+        json!({"role": "agent", "agent_id": name}),
+    )
+    .await;
     let q = app.queue("unregistered");
     let id = job_id(submit_as(&app, None, json!({"job_queue": q})).await).await;
     assert_eq!(app.result(&id).await["job_state"], "waiting");
@@ -898,7 +948,6 @@ async fn a_submit_to_an_unregistered_queue_creates_no_broker_queue_until_an_agen
         "a broker queue was declared for an unregistered name"
     );
     // An agent registers the queue: the job is published to a new broker queue.
-    let name = agent_name(&app, "reg-agent");
     let r = call(
         &app,
         Method::POST,

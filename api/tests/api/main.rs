@@ -5,6 +5,8 @@ mod helpers;
 
 mod agents;
 mod auth;
+mod authority;
+mod bounds;
 mod broker_submit;
 mod delivery;
 mod errors;
