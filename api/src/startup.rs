@@ -127,6 +127,8 @@ impl Application {
                 .wrap(middleware::NormalizePath::new(
                     middleware::TrailingSlash::MergeOnly,
                 ))
+                // Outermost: CSP, nosniff, framing on every answer (ui::headers).
+                .wrap(middleware::from_fn(crate::ui::headers::security_headers))
                 .route("/metrics", web::get().to(crate::metrics::metrics))
                 .configure(crate::routes::configure)
                 .configure(crate::ui::configure)

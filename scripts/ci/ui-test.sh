@@ -2,6 +2,8 @@
 # The web UI in a real browser: starts a lab (API + one fake agent) on its own port,
 # Redis prefix and vhost, runs scripts/ci/ui/browser-test.cjs (playwright-core + Debian's
 # chromium, headless), and stops the lab. Screenshots go to target/ui-screenshots/.
+# Every page visited must carry a Content-Security-Policy and cause no CSP violation in
+# the browser; the /docs pages are checked too when docs/book is built (scripts/docs build).
 # Bounded: the browser test is killed after 4 minutes.
 set -euo pipefail
 

@@ -8,7 +8,11 @@
 //! tail ends) and flips the job's state without a reload. Data goes through
 //! [`viewer::Viewer`], the one point that decides what a viewer may see. Reads are
 //! bounded pages of sorted-set indexes ([`data`]).
+//!
+//! No page holds an inline script, style or event handler: every HTML answer carries a
+//! strict `Content-Security-Policy` ([`headers`]).
 
+pub mod headers;
 pub mod viewer;
 mod views;
 

@@ -18,6 +18,7 @@ mod log_store;
 mod logs;
 mod openapi;
 mod ui;
+mod ui_headers;
 mod unknown_jobs;
 
 // Documentation: the settings reference and the /docs site.

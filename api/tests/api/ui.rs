@@ -40,18 +40,18 @@ fn unescape(body: &str) -> String {
 }
 
 /// Sets up one agent serving a fresh queue, one running job with output, one waiting job.
-struct World {
-    queue: String,
-    agent: String,
-    running: String,
-    waiting: String,
-    marker: String,
-    tag: String,
+pub(crate) struct World {
+    pub(crate) queue: String,
+    pub(crate) agent: String,
+    pub(crate) running: String,
+    pub(crate) waiting: String,
+    pub(crate) marker: String,
+    pub(crate) tag: String,
     /// The running job's fencing token.
-    token: String,
+    pub(crate) token: String,
 }
 
-async fn world(app: &TestApp) -> World {
+pub(crate) async fn world(app: &TestApp) -> World {
     let queue = app.queue("ui");
     let agent = unique("ui-agent");
     let tag = unique("tag");
