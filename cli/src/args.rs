@@ -321,6 +321,13 @@ pub enum AdminSet {
         max_reservation_time: Vec<String>,
         #[arg(long)]
         email: Option<String>,
+        /// For an agent client: the agent it stands for (default: the client id; admin only).
+        #[arg(long)]
+        agent_id: Option<String>,
+        /// For an agent client: a queue it may serve, repeatable (default: the queues it
+        /// registers); `--agent-queue ''` alone removes them.
+        #[arg(long = "agent-queue")]
+        agent_queues: Vec<String>,
     },
     /// Restrict a queue to a client (repeat for more owners).
     #[command(name = "restricted-queue")]

@@ -136,8 +136,17 @@ pub async fn admin(ctx: &Ctx, cmd: AdminCmd) -> anyhow::Result<ExitCode> {
             max_priority,
             max_reservation_time,
             email,
+            agent_id,
+            agent_queues,
         }) => {
             let mut body = Map::new();
+            if let Some(a) = agent_id {
+                body.insert("agent_id".into(), json!(a));
+            }
+            if !agent_queues.is_empty() {
+                let qs: Vec<&String> = agent_queues.iter().filter(|q| !q.is_empty()).collect();
+                body.insert("agent_queues".into(), json!(qs));
+            }
             if let Some(s) = client_secret {
                 body.insert("client_secret".into(), json!(s));
             }
