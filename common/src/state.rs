@@ -183,7 +183,33 @@ string_enum!(
 );
 
 impl AgentState {
-    /// States in which an agent takes no new job.
+    /// The one availability rule, for everything that counts agents (the server's
+    /// estimates and views, the CLI's queue status and submit check, the web UI): an
+    /// agent in this state takes new jobs, now (`waiting`) or once its job ends (a
+    /// phase state). `offline`, `maintenance` and `restart` (an operator's), `lost` (the
+    /// server's: its lease expired) and `unknown` take none.
+    pub fn takes_jobs(self) -> bool {
+        !matches!(
+            self,
+            AgentState::Offline
+                | AgentState::Maintenance
+                | AgentState::Restart
+                | AgentState::Lost
+                | AgentState::Unknown
+        )
+    }
+
+    /// [`AgentState::takes_jobs`] for a state as stored in an agent record; a missing,
+    /// empty or unknown one takes no job.
+    pub fn record_takes_jobs(raw: Option<&str>) -> bool {
+        raw.and_then(|s| s.parse::<AgentState>().ok())
+            .is_some_and(AgentState::takes_jobs)
+    }
+
+    /// The part of the rule an agent applies to itself: an operator holds it (`offline`,
+    /// `maintenance`), so it takes no job until released. (`restart` makes it restart
+    /// once idle, and `lost` is the server's guess about it: a live agent that reads
+    /// either goes on.)
     pub fn blocks_jobs(self) -> bool {
         matches!(self, AgentState::Offline | AgentState::Maintenance)
     }
@@ -220,6 +246,34 @@ mod tests {
                 .iter()
                 .all(|s| *s == JobState::Running)
         );
+    }
+
+    #[test]
+    fn one_availability_rule() {
+        let takes: Vec<&str> = AgentState::ALL
+            .iter()
+            .filter(|s| s.takes_jobs())
+            .map(|s| s.as_str())
+            .collect();
+        assert_eq!(
+            takes,
+            [
+                "waiting",
+                "setup",
+                "provision",
+                "firmware_update",
+                "test",
+                "allocate",
+                "allocated",
+                "reserve",
+                "cleanup"
+            ]
+        );
+        assert!(!AgentState::record_takes_jobs(None));
+        assert!(!AgentState::record_takes_jobs(Some("")));
+        assert!(!AgentState::record_takes_jobs(Some("bogus")));
+        assert!(AgentState::record_takes_jobs(Some("test")));
+        assert!(AgentState::ALL.iter().all(|s| !s.blocks_jobs() || !s.takes_jobs()));
     }
 
     #[test]

@@ -69,16 +69,12 @@ pub fn availability(agent: &Value) -> Availability {
         .get("job_id")
         .and_then(Value::as_str)
         .is_some_and(|j| !j.is_empty());
-    match agent
-        .get("state")
-        .and_then(Value::as_str)
-        .unwrap_or("unknown")
-    {
-        "waiting" if holds_job => Availability::Busy,
-        "waiting" => Availability::Idle,
-        "offline" | "maintenance" | "restart" | "lost" | "unknown" | "" => {
-            Availability::Unavailable
-        }
+    let state = agent.get("state").and_then(Value::as_str);
+    if !testflinger_common::AgentState::record_takes_jobs(state) {
+        return Availability::Unavailable;
+    }
+    match state {
+        Some("waiting") if !holds_job => Availability::Idle,
         _ => Availability::Busy,
     }
 }
