@@ -2,6 +2,7 @@
 
 use crate::error::{ApiError, ApiResult};
 use crate::state::AppState;
+use crate::store::percentile;
 use actix_web::http::StatusCode;
 use actix_web::{HttpRequest, HttpResponse, web};
 use serde_json::{Map, Value, json};
@@ -67,17 +68,6 @@ async fn queue_jobs(app: web::Data<AppState>, queue: web::Path<String>) -> ApiRe
     Ok(HttpResponse::Ok().json(out))
 }
 
-/// Linear-interpolated percentile of sorted samples (numpy's default method).
-pub fn percentile(sorted: &[f64], pct: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    let rank = pct / 100.0 * (sorted.len() - 1) as f64;
-    let lo = rank.floor() as usize;
-    let hi = rank.ceil() as usize;
-    sorted[lo] + (sorted[hi] - sorted[lo]) * (rank - lo as f64)
-}
-
 #[derive(serde::Deserialize)]
 struct WaitQuery {
     #[serde(default)]
@@ -104,15 +94,4 @@ async fn wait_times(app: web::Data<AppState>, req: HttpRequest) -> ApiResult<Htt
         out.insert(queue, Value::Object(m));
     }
     Ok(HttpResponse::Ok().json(out))
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn percentiles() {
-        let s = [1.0, 2.0, 3.0, 4.0];
-        assert_eq!(super::percentile(&s, 50.0), 2.5);
-        assert_eq!(super::percentile(&s, 0.0), 1.0);
-        assert_eq!(super::percentile(&s, 100.0), 4.0);
-    }
 }

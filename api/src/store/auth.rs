@@ -51,6 +51,32 @@ return {n, redis.call('TTL', KEYS[1])}
     )
 });
 
+/// Reads a secret for a claim. A single-use (`ephemeral`) secret is handed to one claim
+/// only: the first read moves it under the claim (`<job>:<attempt>`), so the same claim
+/// retried gets it again and any other claim gets nothing.
+static TAKE_SECRET: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+-- KEYS: secret used ; ARGV: claim ttl_s
+local raw = redis.call('GET', KEYS[1])
+if raw then
+  local ok, rec = pcall(cjson.decode, raw)
+  if ok and type(rec) == 'table' and rec['ephemeral'] == true then
+    redis.call('DEL', KEYS[1])
+    redis.call('SET', KEYS[2], ARGV[1] .. '\n' .. raw, 'EX', ARGV[2])
+  end
+  return raw
+end
+local used = redis.call('GET', KEYS[2])
+if used then
+  local nl = string.find(used, '\n', 1, true)
+  if nl and string.sub(used, 1, nl - 1) == ARGV[1] then return string.sub(used, nl + 1) end
+end
+return false
+"#,
+    )
+});
+
 /// What [`Store::client_token_state`] reads on each authenticated request.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct TokenState {
@@ -470,5 +496,24 @@ impl Store {
     pub async fn secret_exists(&self, client: &str, path: &str) -> ApiResult<bool> {
         let mut c = self.con();
         Ok(c.exists(self.keys.secret(client, path)).await?)
+    }
+
+    /// A secret's stored record (JSON) for the claim `claim` (`<job>:<attempt>`), see
+    /// `TAKE_SECRET`; `None` when there is none for this claim.
+    pub async fn take_secret(
+        &self,
+        client: &str,
+        path: &str,
+        claim: &str,
+    ) -> ApiResult<Option<String>> {
+        let mut c = self.con();
+        let r: Option<String> = TAKE_SECRET
+            .key(self.keys.secret(client, path))
+            .key(format!("{}:secretused:{client}/{path}", self.keys.p))
+            .arg(claim)
+            .arg(3600)
+            .invoke_async(&mut c)
+            .await?;
+        Ok(r)
     }
 }

@@ -3,11 +3,81 @@
 
 use super::{Store, now_iso, now_ms};
 use crate::error::ApiResult;
-use redis::AsyncCommands;
+use redis::{AsyncCommands, Script};
 use std::collections::{BTreeMap, HashMap};
+use std::sync::LazyLock;
 
 /// Agent log lines and provision log entries kept per agent.
 const AGENT_LOG_KEPT: isize = 100;
+
+static UPDATE_AGENT: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV))
+return 1
+"#,
+    )
+});
+
+/// How many recent jobs the index [`super::Keys::agent_jobs`] keeps per agent.
+pub const AGENT_JOBS_KEPT: isize = 100;
+
+impl Store {
+    /// Every registered agent's record (`agent:<name>` hash), oldest registration first:
+    /// `(name, fields)`; a record that expired comes back empty.
+    pub async fn agent_records(
+        &self,
+    ) -> ApiResult<Vec<(String, std::collections::HashMap<String, String>)>> {
+        let k = &self.keys;
+        let mut c = self.con();
+        let names: Vec<String> = c.zrange(k.agents(), 0, -1).await?;
+        if names.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut p = redis::pipe();
+        for n in &names {
+            p.hgetall(k.agent(n));
+        }
+        let rows: Vec<std::collections::HashMap<String, String>> = p.query_async(&mut c).await?;
+        Ok(names.into_iter().zip(rows).collect())
+    }
+
+    /// Sets fields of an agent's record if the agent registered; never creates one.
+    pub async fn update_agent_if_known(
+        &self,
+        name: &str,
+        fields: &[(&str, &str)],
+    ) -> ApiResult<bool> {
+        if fields.is_empty() {
+            return Ok(false);
+        }
+        let mut inv = UPDATE_AGENT.key(self.keys.agent(name));
+        for (k, v) in fields {
+            inv.arg(*k).arg(*v);
+        }
+        let mut c = self.con();
+        let r: i64 = inv.invoke_async(&mut c).await?;
+        Ok(r == 1)
+    }
+
+    /// Adds a granted claim to the agent's recent-jobs index ([`super::Keys::agent_jobs`]),
+    /// keeping the newest [`AGENT_JOBS_KEPT`]; the index expires with the retention.
+    pub async fn note_agent_job(&self, agent: &str, id: &str) -> ApiResult<()> {
+        let key = self.keys.agent_jobs(agent);
+        let mut c = self.con();
+        let _: () = redis::pipe()
+            .zadd(&key, id, now_ms())
+            .ignore()
+            .zremrangebyrank(&key, 0, -(AGENT_JOBS_KEPT + 1))
+            .ignore()
+            .expire(&key, self.retention as i64)
+            .ignore()
+            .query_async(&mut c)
+            .await?;
+        Ok(())
+    }
+}
 
 impl Store {
     /// Writes an agent's record (`fields`, plus `name` and `updated_at`), lists it in
@@ -197,5 +267,27 @@ impl Store {
     pub async fn lease_count(&self) -> ApiResult<u64> {
         let mut c = self.con();
         Ok(c.zcard(self.keys.leases()).await?)
+    }
+}
+
+/// Linear-interpolated percentile of sorted samples (numpy's default method).
+pub fn percentile(sorted: &[f64], pct: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let rank = pct / 100.0 * (sorted.len() - 1) as f64;
+    let lo = rank.floor() as usize;
+    let hi = rank.ceil() as usize;
+    sorted[lo] + (sorted[hi] - sorted[lo]) * (rank - lo as f64)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn percentiles() {
+        let s = [1.0, 2.0, 3.0, 4.0];
+        assert_eq!(super::percentile(&s, 50.0), 2.5);
+        assert_eq!(super::percentile(&s, 0.0), 1.0);
+        assert_eq!(super::percentile(&s, 100.0), 4.0);
     }
 }

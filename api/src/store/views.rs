@@ -429,7 +429,7 @@ impl WaitStats {
             return None;
         }
         s.sort_by(f64::total_cmp);
-        let p = |x| crate::routes::queues::percentile(&s, x);
+        let p = |x| super::percentile(&s, x);
         Some(WaitStats {
             samples: s.len(),
             p50: p(50.0),
