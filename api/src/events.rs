@@ -6,19 +6,37 @@
 //! the queue in order on one channel, so a subscriber sees one job's events in the order
 //! the changes happened (per API replica). Webhook calls are serialised per job, so a
 //! receiver gets the same order; a slow receiver delays only its own job's events.
+//!
+//! Bounds: nothing here grows with what clients send. The publishing queue holds at most
+//! [`BACKLOG`] events and [`BACKLOG_BYTES`] bytes; webhook calls wait in one queue per
+//! job with calls pending (its delivery task ends when the queue is empty), at most
+//! [`WEBHOOK_JOB_BACKLOG`] per job and `TESTFLINGER_WEBHOOK_BACKLOG` (calls being made
+//! included) and [`WEBHOOK_BACKLOG_BYTES`] bytes all jobs together, so the delivery
+//! tasks are bounded too. An event past a bound is dropped, logged, and counted in
+//! `/metrics` (`testflinger_events_dropped_total`, `testflinger_webhook_dropped_total`).
 
 use crate::settings::Settings;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use testflinger_broker::topology::{EVENTS_EXCHANGE, event_routing_key};
 use testflinger_broker::{Broker, OutgoingMessage};
 use testflinger_common::protocol::JobEvent;
 use tokio::sync::mpsc;
 
-/// Most events waiting to be published before new ones are dropped (with a warning).
-const BACKLOG: usize = 100_000;
+/// Most events waiting to be published before new ones are dropped (counted).
+pub const BACKLOG: usize = 100_000;
+/// Most bytes of events (and their webhook bodies) waiting to be published.
+pub const BACKLOG_BYTES: usize = 64 << 20;
+/// Default of `TESTFLINGER_WEBHOOK_BACKLOG`: most webhook calls waiting or being made,
+/// all jobs together.
+pub const DEFAULT_WEBHOOK_BACKLOG: usize = 1000;
+/// Most webhook calls waiting for one job (besides the one being made).
+pub const WEBHOOK_JOB_BACKLOG: usize = 64;
+/// Most bytes of webhook calls (URL and body) waiting, all jobs together.
+pub const WEBHOOK_BACKLOG_BYTES: usize = 64 << 20;
 /// Publisher slot used for events, so they share one channel and keep their order.
 const EVENTS_SLOT: usize = 0;
 
@@ -29,14 +47,47 @@ struct Queued {
     body: Vec<u8>,
     /// `(url, body)` PUT to the job's webhook after the message.
     webhook: Option<(String, Vec<u8>)>,
-    /// The job's last message: its webhook task may end after it.
-    terminal: bool,
+}
+
+impl Queued {
+    fn bytes(&self) -> usize {
+        self.body.len() + self.webhook.as_ref().map_or(0, |(u, b)| u.len() + b.len())
+    }
+}
+
+/// What was dropped and what waits, for `/metrics`.
+#[derive(Debug, Default)]
+pub struct EventStats {
+    events_dropped: AtomicU64,
+    webhook_dropped: AtomicU64,
+    /// Bytes in the publishing queue.
+    queued_bytes: AtomicUsize,
+    /// Webhook calls waiting or being made.
+    webhook_waiting: AtomicUsize,
+}
+
+impl EventStats {
+    /// Events not published because the publishing queue was full.
+    pub fn events_dropped(&self) -> u64 {
+        self.events_dropped.load(Ordering::Relaxed)
+    }
+
+    /// Webhook calls not made because a webhook queue was full.
+    pub fn webhook_dropped(&self) -> u64 {
+        self.webhook_dropped.load(Ordering::Relaxed)
+    }
+
+    /// Webhook calls waiting or being made now.
+    pub fn webhook_waiting(&self) -> usize {
+        self.webhook_waiting.load(Ordering::Relaxed)
+    }
 }
 
 /// Where state changes are reported. Cheap to clone.
 #[derive(Clone, Debug)]
 pub struct EventSink {
     tx: mpsc::Sender<Queued>,
+    stats: Arc<EventStats>,
 }
 
 impl EventSink {
@@ -47,12 +98,35 @@ impl EventSink {
         settings: Arc<Settings>,
     ) -> (EventSink, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(BACKLOG);
-        let task = tokio::spawn(run(rx, broker, http, settings));
-        (EventSink { tx }, task)
+        let stats = Arc::new(EventStats::default());
+        let task = tokio::spawn(run(rx, broker, http, settings, stats.clone()));
+        (EventSink { tx, stats }, task)
+    }
+
+    pub fn stats(&self) -> &EventStats {
+        &self.stats
+    }
+
+    /// Queues `q` unless the queue is full (then it is dropped and counted). Never waits.
+    fn enqueue(&self, q: Queued) {
+        let bytes = q.bytes();
+        let before = self.stats.queued_bytes.fetch_add(bytes, Ordering::Relaxed);
+        let job = q.job_id.clone();
+        let refused = if before + bytes > BACKLOG_BYTES {
+            Some("the events backlog is full (bytes)".to_string())
+        } else {
+            self.tx.try_send(q).err().map(|e| e.to_string())
+        };
+        if let Some(e) = refused {
+            self.stats.queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
+            self.stats.events_dropped.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(job.id = %job, error = %e, "job event dropped");
+        }
     }
 }
 
-/// Reports a state change. Never blocks; drops the event (logged) if the backlog is full.
+/// Reports a state change. Never blocks; drops the event (logged, counted) if the backlog
+/// is full.
 #[allow(clippy::too_many_arguments)]
 pub fn emit(
     app: &crate::state::AppState,
@@ -79,16 +153,12 @@ pub fn emit(
         reason: reason.filter(|r| !r.is_empty()).map(str::to_string),
     };
     let body = serde_json::to_vec(&event).unwrap_or_default();
-    let queued = Queued {
+    app.events.enqueue(Queued {
         job_id: event.job_id.clone(),
         routing_key: event_routing_key(&event.job_queue, &event.job_state),
         webhook: webhook.map(|url| (url, body.clone())),
         body,
-        terminal: matches!(event.job_state.as_str(), "complete" | "cancelled"),
-    };
-    if let Err(e) = app.events.tx.try_send(queued) {
-        tracing::warn!(job.id = %job_id, error = %e, "job event dropped");
-    }
+    });
 }
 
 /// One phase event as upstream's agent reports it (`POST /v1/job/<id>/events`).
@@ -129,11 +199,8 @@ pub fn relay_agent_events(
             routing_key: event_routing_key(queue, &format!("event.{}", e.event_name)),
             body: serde_json::to_vec(&body).unwrap_or_default(),
             webhook: if i + 1 == n { webhook.clone() } else { None },
-            terminal: false,
         };
-        if let Err(err) = app.events.tx.try_send(queued) {
-            tracing::warn!(job.id = %job_id, error = %err, "agent event dropped");
-        }
+        app.events.enqueue(queued);
     }
 }
 
@@ -142,11 +209,13 @@ async fn run(
     broker: Broker,
     http: reqwest::Client,
     settings: Arc<Settings>,
+    stats: Arc<EventStats>,
 ) {
     let allowed = settings.webhook_hosts();
-    let mut hooks: HashMap<String, mpsc::UnboundedSender<(String, Vec<u8>)>> = HashMap::new();
+    let hooks = Arc::new(Mutex::new(Hooks::default()));
     let mut batch: Vec<Queued> = Vec::with_capacity(256);
     while rx.recv_many(&mut batch, 256).await > 0 {
+        let bytes: usize = batch.iter().map(Queued::bytes).sum();
         if settings.events {
             let msgs: Vec<OutgoingMessage<'_>> = batch
                 .iter()
@@ -171,18 +240,114 @@ async fn run(
                 tracing::warn!(job.id = %q.job_id, "webhook host not in TESTFLINGER_WEBHOOK_ALLOWED_HOSTS; event not sent");
                 continue;
             }
-            let job = q.job_id.clone();
-            let tx = hooks.entry(job.clone()).or_insert_with(|| {
-                let (tx, rx) = mpsc::unbounded_channel();
-                tokio::spawn(deliver_in_order(http.clone(), job.clone(), rx));
-                tx
-            });
-            if tx.send((url, body)).is_err() {
-                hooks.remove(&job);
-            } else if q.terminal {
-                // Dropping the sender lets the job's task finish after its last event.
-                hooks.remove(&job);
+            let call = Call { url, body };
+            let queued = Hooks::push(&hooks, &q.job_id, call, settings.webhook_backlog, &stats);
+            match queued {
+                Pushed::Queued => {}
+                Pushed::Start => {
+                    tokio::spawn(deliver_in_order(
+                        http.clone(),
+                        q.job_id,
+                        hooks.clone(),
+                        stats.clone(),
+                    ));
+                }
+                Pushed::Dropped(why) => {
+                    stats.webhook_dropped.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(job.id = %q.job_id, reason = why, "webhook event dropped");
+                }
             }
+        }
+        stats.queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
+    }
+}
+
+/// One webhook call.
+struct Call {
+    url: String,
+    body: Vec<u8>,
+}
+
+impl Call {
+    fn bytes(&self) -> usize {
+        self.url.len() + self.body.len()
+    }
+}
+
+/// Webhook calls waiting, per job with calls pending. A job is here while its delivery
+/// task runs; the task removes it when it finds its queue empty (under the lock, so a
+/// call is either seen by that task or starts a new one).
+#[derive(Default)]
+struct Hooks {
+    jobs: HashMap<String, VecDeque<Call>>,
+    /// Calls waiting or being made, all jobs together.
+    waiting: usize,
+    /// Their bytes.
+    bytes: usize,
+}
+
+enum Pushed {
+    /// Behind the job's other calls: its task will make it.
+    Queued,
+    /// The job's first call: start its task.
+    Start,
+    /// A bound was reached: the call is not made.
+    Dropped(&'static str),
+}
+
+impl Hooks {
+    fn push(
+        hooks: &Mutex<Hooks>,
+        job: &str,
+        call: Call,
+        backlog: usize,
+        stats: &EventStats,
+    ) -> Pushed {
+        let Ok(mut h) = hooks.lock() else {
+            return Pushed::Dropped("webhook queue unavailable");
+        };
+        if h.waiting >= backlog {
+            return Pushed::Dropped("TESTFLINGER_WEBHOOK_BACKLOG calls are waiting");
+        }
+        if h.bytes + call.bytes() > WEBHOOK_BACKLOG_BYTES {
+            return Pushed::Dropped("the webhook backlog is full (bytes)");
+        }
+        let bytes = call.bytes();
+        let pushed = match h.jobs.get_mut(job) {
+            Some(calls) if calls.len() >= WEBHOOK_JOB_BACKLOG => {
+                return Pushed::Dropped("this job's webhook calls are full");
+            }
+            Some(calls) => {
+                calls.push_back(call);
+                Pushed::Queued
+            }
+            None => {
+                h.jobs.insert(job.to_string(), VecDeque::from([call]));
+                Pushed::Start
+            }
+        };
+        h.waiting += 1;
+        h.bytes += bytes;
+        stats.webhook_waiting.store(h.waiting, Ordering::Relaxed);
+        pushed
+    }
+
+    /// The job's next call, or `None` (and the job removed) when it has none.
+    fn next(hooks: &Mutex<Hooks>, job: &str) -> Option<Call> {
+        let mut h = hooks.lock().ok()?;
+        let call = h.jobs.get_mut(job).and_then(VecDeque::pop_front);
+        if call.is_none() {
+            h.jobs.remove(job);
+        }
+        call
+    }
+
+    /// A call was made (or given up): it no longer counts.
+    fn done(hooks: &Mutex<Hooks>, bytes: usize, stats: &EventStats) {
+        if let Ok(mut h) = hooks.lock() {
+            h.waiting = h.waiting.saturating_sub(1);
+            h.bytes = h.bytes.saturating_sub(bytes);
+            stats.webhook_waiting.store(h.waiting, Ordering::Relaxed);
         }
     }
 }
@@ -321,13 +486,16 @@ pub fn webhook_allowed(allowed: &[String], url: &str) -> bool {
     })
 }
 
+/// Makes one job's webhook calls in order; ends when it has none left.
 async fn deliver_in_order(
     http: reqwest::Client,
     job: String,
-    mut rx: mpsc::UnboundedReceiver<(String, Vec<u8>)>,
+    hooks: Arc<Mutex<Hooks>>,
+    stats: Arc<EventStats>,
 ) {
-    while let Some((url, body)) = rx.recv().await {
-        deliver(&http, &url, &body, &job).await;
+    while let Some(call) = Hooks::next(&hooks, &job) {
+        deliver(&http, &call.url, &call.body, &job).await;
+        Hooks::done(&hooks, call.bytes(), &stats);
     }
 }
 
@@ -356,6 +524,54 @@ async fn deliver(http: &reqwest::Client, url: &str, body: &[u8], job_id: &str) {
 
 #[cfg(test)]
 mod tests {
+    use super::{Call, EventStats, Hooks, Pushed, WEBHOOK_JOB_BACKLOG};
+    use std::sync::Mutex;
+
+    fn call() -> Call {
+        Call {
+            url: "http://ci.example/hook".into(),
+            body: b"{}".to_vec(),
+        }
+    }
+
+    #[test]
+    fn webhook_calls_are_bounded_per_job_and_in_all() {
+        let hooks = Mutex::new(Hooks::default());
+        let stats = EventStats::default();
+        // One job: its first call starts its task, then at most WEBHOOK_JOB_BACKLOG wait.
+        let mut kept = 0;
+        for _ in 0..WEBHOOK_JOB_BACKLOG + 10 {
+            match Hooks::push(&hooks, "j", call(), 1000, &stats) {
+                Pushed::Start | Pushed::Queued => kept += 1,
+                Pushed::Dropped(_) => {}
+            }
+        }
+        assert_eq!(kept, WEBHOOK_JOB_BACKLOG);
+        // Many jobs: one task each, never more than the backlog.
+        let hooks = Mutex::new(Hooks::default());
+        let started = (0..100)
+            .filter(|i| {
+                matches!(
+                    Hooks::push(&hooks, &format!("j{i}"), call(), 10, &stats),
+                    Pushed::Start
+                )
+            })
+            .count();
+        assert_eq!(started, 10);
+        assert_eq!(hooks.lock().expect("lock").jobs.len(), 10);
+        assert_eq!(stats.webhook_waiting(), 10);
+        // A job's task takes its calls, then leaves; the slot is free once a call is made.
+        let c = Hooks::next(&hooks, "j3").expect("its call");
+        assert!(Hooks::next(&hooks, "j3").is_none());
+        assert_eq!(hooks.lock().expect("lock").jobs.len(), 9);
+        Hooks::done(&hooks, c.bytes(), &stats);
+        assert_eq!(stats.webhook_waiting(), 9);
+        assert!(matches!(
+            Hooks::push(&hooks, "new", call(), 10, &stats),
+            Pushed::Start
+        ));
+    }
+
     #[test]
     fn allow_list() {
         let allowed = vec!["ci.example".to_string(), "127.0.0.1:8080".to_string()];

@@ -1,5 +1,10 @@
 //! Prometheus metrics at `GET /metrics` (text format 0.0.4): counters kept in memory by
 //! this replica, and gauges read from Redis at scrape time (shared by all replicas).
+//!
+//! A counter's label values come from clients (a queue name is whatever a job names), so
+//! each counter keeps at most `TESTFLINGER_METRICS_MAX_LABEL_VALUES` of them (first come,
+//! first kept); later values are counted under [`OTHER`]. The map never holds more than
+//! that many series per counter, plus `other`, whatever clients send.
 
 use crate::error::ApiResult;
 use crate::state::AppState;
@@ -8,10 +13,22 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::Mutex;
 
+/// Default of `TESTFLINGER_METRICS_MAX_LABEL_VALUES`.
+pub const DEFAULT_MAX_LABEL_VALUES: usize = 1000;
+/// The label value counting what comes past a counter's bound.
+pub const OTHER: &str = "other";
+
 /// Counters of one API replica.
 #[derive(Debug, Default)]
 pub struct Metrics {
-    counters: Mutex<BTreeMap<(&'static str, String), u64>>,
+    counters: Mutex<Counters>,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    values: BTreeMap<(&'static str, String), u64>,
+    /// Label values each counter holds, [`OTHER`] left out.
+    labels: BTreeMap<&'static str, usize>,
 }
 
 const HELP: &[(&str, &str)] = &[
@@ -36,11 +53,33 @@ const HELP: &[(&str, &str)] = &[
 ];
 
 impl Metrics {
-    /// Adds one to counter `name` with the single label value `label`.
+    /// Adds one to counter `name` with the single label value `label`, a counter of at
+    /// most [`DEFAULT_MAX_LABEL_VALUES`] values (for labels the code chooses).
     pub fn inc(&self, name: &'static str, label: &str) {
-        if let Ok(mut c) = self.counters.lock() {
-            *c.entry((name, label.to_string())).or_insert(0) += 1;
+        self.inc_bounded(name, label, DEFAULT_MAX_LABEL_VALUES);
+    }
+
+    /// Adds one to counter `name` with label value `label`, or with [`OTHER`] when the
+    /// counter already holds `max` other values (for labels a client chooses).
+    pub fn inc_bounded(&self, name: &'static str, label: &str, max: usize) {
+        let Ok(mut c) = self.counters.lock() else {
+            return;
+        };
+        let key = (name, label.to_string());
+        if let Some(v) = c.values.get_mut(&key) {
+            *v += 1;
+            return;
         }
+        let held = c.labels.entry(name).or_insert(0);
+        let key = if label == OTHER {
+            key
+        } else if *held < max {
+            *held += 1;
+            key
+        } else {
+            (name, OTHER.to_string())
+        };
+        *c.values.entry(key).or_insert(0) += 1;
     }
 
     fn label_key(name: &str) -> &'static str {
@@ -56,7 +95,7 @@ impl Metrics {
         let Ok(c) = self.counters.lock() else { return };
         for (name, help) in HELP {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
-            for ((n, label), v) in c.iter().filter(|((n, _), _)| n == name) {
+            for ((n, label), v) in c.values.iter().filter(|((n, _), _)| n == name) {
                 let _ = writeln!(
                     out,
                     "{n}{{{}=\"{}\"}} {v}",
@@ -71,8 +110,9 @@ impl Metrics {
         self.counters
             .lock()
             .map(|c| {
-                c.keys()
-                    .filter(|(n, _)| *n == "testflinger_jobs_total")
+                c.values
+                    .keys()
+                    .filter(|(n, q)| *n == "testflinger_jobs_total" && q != OTHER)
                     .map(|(_, q)| q.clone())
                     .collect()
             })
@@ -125,6 +165,22 @@ pub async fn metrics(app: web::Data<AppState>) -> ApiResult<HttpResponse> {
     for (s, n) in by_state {
         let _ = writeln!(out, "testflinger_agents{{state=\"{}\"}} {n}", escape(&s));
     }
+    let ev = app.events.stats();
+    let _ = writeln!(
+        out,
+        "# HELP testflinger_events_dropped_total Job events not published because the events backlog was full.\n# TYPE testflinger_events_dropped_total counter\ntestflinger_events_dropped_total {}",
+        ev.events_dropped()
+    );
+    let _ = writeln!(
+        out,
+        "# HELP testflinger_webhook_dropped_total Webhook calls not made because the webhook backlog was full.\n# TYPE testflinger_webhook_dropped_total counter\ntestflinger_webhook_dropped_total {}",
+        ev.webhook_dropped()
+    );
+    let _ = writeln!(
+        out,
+        "# HELP testflinger_webhook_backlog Webhook calls waiting or being made.\n# TYPE testflinger_webhook_backlog gauge\ntestflinger_webhook_backlog {}",
+        ev.webhook_waiting()
+    );
     let leases = app.store.lease_count().await?;
     let _ = writeln!(
         out,
@@ -133,4 +189,39 @@ pub async fn metrics(app: web::Data<AppState>) -> ApiResult<HttpResponse> {
     Ok(HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4; charset=utf-8")
         .body(out))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn label_values_are_bounded_then_counted_as_other() {
+        let m = Metrics::default();
+        for i in 0..50 {
+            m.inc_bounded("testflinger_jobs_total", &format!("q{i}"), 10);
+        }
+        m.inc_bounded("testflinger_jobs_total", "q3", 10);
+        m.inc("testflinger_claims_total", "granted");
+        let mut out = String::new();
+        m.render_counters(&mut out);
+        let series: Vec<&str> = out
+            .lines()
+            .filter(|l| l.starts_with("testflinger_jobs_total{"))
+            .collect();
+        assert_eq!(series.len(), 11, "{out}");
+        assert!(
+            out.contains("testflinger_jobs_total{queue=\"other\"} 40"),
+            "{out}"
+        );
+        assert!(
+            out.contains("testflinger_jobs_total{queue=\"q3\"} 2"),
+            "{out}"
+        );
+        assert!(
+            out.contains("testflinger_claims_total{outcome=\"granted\"} 1"),
+            "{out}"
+        );
+        assert_eq!(m.queues_seen().len(), 10);
+    }
 }

@@ -34,21 +34,27 @@
 //! | `TESTFLINGER_DISCONNECT_TIMEOUT_MS` | `1000` | time a closing connection gets to end (unread body discarded meanwhile) |
 //! | `TESTFLINGER_LARGE_BODY_BYTES` | `1048576` | bodies this large or larger count against `TESTFLINGER_MAX_LARGE_BODIES` |
 //! | `TESTFLINGER_MAX_LARGE_BODIES` | `16` | large bodies read at once (all workers); one more gets 503 with `Retry-After` |
+//! | `TESTFLINGER_MAX_JOB_TAGS` | `100` | most `tags` of a submitted job (422 past it) |
+//! | `TESTFLINGER_MAX_JOB_TAG_CHARS` | `128` | most characters of one tag (422 past it) |
+//! | `TESTFLINGER_MAX_JOB_FIELD_BYTES` | `1048576` | most bytes of JSON in one top-level field of a submitted job (`test_data`, `provision_data`, ...; 422 past it) |
+//! | `TESTFLINGER_METRICS_MAX_LABEL_VALUES` | `1000` | most label values (queues) per counter in `/metrics`; later ones are counted under `other` |
+//! | `TESTFLINGER_WEBHOOK_BACKLOG` | `1000` | most webhook calls waiting, all jobs together (at most 64 per job); past it events are dropped and counted |
 //! | `TESTFLINGER_LOG_FORMAT` | `text` | `text` or `json` |
 //! | `JWT_SIGNING_KEY` | unset | turns authentication on; the HS256 key of access tokens (upstream's name) |
 //! | `TESTFLINGER_ACCESS_TTL` | `600` | seconds an access token is valid (upstream: 10 minutes) |
 //! | `JWT_LEEWAY` | `5` | seconds of clock skew tolerated on token expiry (upstream's name) |
 //! | `TESTFLINGER_ADMIN_ID` | `testflinger-admin` | the bootstrap administrator's client id |
 //! | `TESTFLINGER_ADMIN_SECRET` | unset | its secret; with auth on, the client is created (or its secret reset) at start-up |
-//! | `TESTFLINGER_DOCS_DIR` | `docs/book` | built documentation site, served under `/docs` if present |
-
-use serde::Deserialize;
-use std::path::PathBuf;
-
 //! | `TESTFLINGER_LOGIN_WINDOW` | `60` | seconds of the login rate-limit window |
 //! | `TESTFLINGER_LOGIN_ATTEMPTS_PER_ADDRESS` | `30` | logins (`POST /v1/oauth2/token`) one client address may try per window; past it 429 with `Retry-After` |
 //! | `TESTFLINGER_LOGIN_FAILURES_PER_CLIENT` | `10` | failed logins one client id may have per window; past it 429 with `Retry-After` (its refresh and access tokens keep working) |
 //! | `TESTFLINGER_LOGIN_MAX_HASHES` | `2` | secret hashes (bcrypt) computed at once by this replica; more logins wait their turn |
+//! | `TESTFLINGER_DOCS_DIR` | `docs/book` | built documentation site, served under `/docs` if present |
+
+use serde::Deserialize;
+use std::path::PathBuf;
+use testflinger_common::job::JobBounds;
+
 /// `TESTFLINGER_*` variables that are not server settings (the CLI's, the config path).
 const NOT_SETTINGS: &[&str] = &[
     "config",
@@ -93,6 +99,16 @@ pub struct Settings {
     pub send_timeout_ms: u64,
     pub large_body_bytes: u64,
     pub max_large_bodies: usize,
+    /// Most `tags` of a submitted job.
+    pub max_job_tags: usize,
+    /// Most characters of one tag.
+    pub max_job_tag_chars: usize,
+    /// Most bytes of JSON in one top-level field of a submitted job.
+    pub max_job_field_bytes: usize,
+    /// Most label values per counter in `/metrics` (then `other`).
+    pub metrics_max_label_values: usize,
+    /// Most webhook calls waiting, all jobs together.
+    pub webhook_backlog: usize,
     pub log_format: String,
     #[serde(default)]
     pub jwt_signing_key: Option<Redacted>,
@@ -101,6 +117,14 @@ pub struct Settings {
     pub admin_id: String,
     #[serde(default)]
     pub admin_secret: Option<Redacted>,
+    /// Seconds of the login rate-limit window.
+    pub login_window: u64,
+    /// Logins one client address may try per window.
+    pub login_attempts_per_address: u64,
+    /// Failed logins one client id may have per window.
+    pub login_failures_per_client: u64,
+    /// bcrypt hashes computed at once by this replica.
+    pub login_max_hashes: usize,
     /// The built documentation site (`scripts/docs build`), served under `/docs` when
     /// it holds an `index.html`.
     pub docs_dir: PathBuf,
@@ -117,14 +141,6 @@ impl std::fmt::Debug for Redacted {
     }
 }
 
-    /// Seconds of the login rate-limit window.
-    pub login_window: u64,
-    /// Logins one client address may try per window.
-    pub login_attempts_per_address: u64,
-    /// Failed logins one client id may have per window.
-    pub login_failures_per_client: u64,
-    /// bcrypt hashes computed at once by this replica.
-    pub login_max_hashes: usize,
 /// Where a webhook host name may not lead unless the allow-list names the address
 /// itself: loopback, link-local (cloud metadata services at 169.254.169.254),
 /// unspecified, multicast and broadcast addresses.
@@ -162,12 +178,21 @@ const KNOWN: &[&str] = &[
     "send_timeout_ms",
     "large_body_bytes",
     "max_large_bodies",
+    "max_job_tags",
+    "max_job_tag_chars",
+    "max_job_field_bytes",
+    "metrics_max_label_values",
+    "webhook_backlog",
     "log_format",
     "jwt_signing_key",
     "jwt_leeway",
     "access_ttl",
     "admin_id",
     "admin_secret",
+    "login_window",
+    "login_attempts_per_address",
+    "login_failures_per_client",
+    "login_max_hashes",
     "docs_dir",
 ];
 
@@ -189,10 +214,6 @@ impl Settings {
             .set_default("max_log_bytes", 1u64 << 30)?
             .set_default(
                 "archive_max_entries",
-    "login_window",
-    "login_attempts_per_address",
-    "login_failures_per_client",
-    "login_max_hashes",
                 testflinger_archive::Limits::DEFAULT_MAX_ENTRIES,
             )?
             .set_default(
@@ -221,10 +242,28 @@ impl Settings {
             .set_default("send_timeout_ms", 60_000)?
             .set_default("large_body_bytes", 1u64 << 20)?
             .set_default("max_large_bodies", 16)?
+            .set_default("max_job_tags", JobBounds::DEFAULT_MAX_TAGS as u64)?
+            .set_default("max_job_tag_chars", JobBounds::DEFAULT_MAX_TAG_CHARS as u64)?
+            .set_default(
+                "max_job_field_bytes",
+                JobBounds::DEFAULT_MAX_FIELD_BYTES as u64,
+            )?
+            .set_default(
+                "metrics_max_label_values",
+                crate::metrics::DEFAULT_MAX_LABEL_VALUES as u64,
+            )?
+            .set_default(
+                "webhook_backlog",
+                crate::events::DEFAULT_WEBHOOK_BACKLOG as u64,
+            )?
             .set_default("log_format", "text")?
             .set_default("jwt_leeway", 5)?
             .set_default("access_ttl", crate::auth::ACCESS_TTL)?
             .set_default("admin_id", crate::auth::DEFAULT_ADMIN_ID)?
+            .set_default("login_window", 60)?
+            .set_default("login_attempts_per_address", 30)?
+            .set_default("login_failures_per_client", 10)?
+            .set_default("login_max_hashes", 2)?
             .set_default("docs_dir", "docs/book")?;
         if let Ok(path) = std::env::var("TESTFLINGER_CONFIG") {
             b = b.add_source(config::File::with_name(&path));
@@ -260,10 +299,6 @@ impl Settings {
                         "testflinger-server: warning: unknown setting '{key}' ignored (TESTFLINGER_{})",
                         key.to_ascii_uppercase()
                     );
-            .set_default("login_window", 60)?
-            .set_default("login_attempts_per_address", 30)?
-            .set_default("login_failures_per_client", 10)?
-            .set_default("login_max_hashes", 2)?
                 }
             }
         }
@@ -291,8 +326,21 @@ impl Settings {
         if self.redis_prefix.is_empty() || self.redis_prefix.contains(char::is_whitespace) {
             return Err("TESTFLINGER_REDIS_PREFIX must be non-empty without spaces".into());
         }
+        if self.login_window == 0 || self.login_max_hashes == 0 {
+            return Err(
+                "TESTFLINGER_LOGIN_WINDOW and TESTFLINGER_LOGIN_MAX_HASHES must be at least 1"
+                    .into(),
+            );
+        }
         if self.max_large_bodies == 0 {
             return Err("TESTFLINGER_MAX_LARGE_BODIES must be at least 1".into());
+        }
+        if self.max_job_tag_chars == 0
+            || self.max_job_field_bytes < 1024
+            || self.metrics_max_label_values == 0
+            || self.webhook_backlog == 0
+        {
+            return Err("TESTFLINGER_MAX_JOB_TAG_CHARS, TESTFLINGER_METRICS_MAX_LABEL_VALUES and TESTFLINGER_WEBHOOK_BACKLOG must be at least 1, TESTFLINGER_MAX_JOB_FIELD_BYTES at least 1024".into());
         }
         if self.header_timeout_ms == 0 || self.body_timeout_ms == 0 {
             return Err("TESTFLINGER_HEADER_TIMEOUT_MS and TESTFLINGER_BODY_TIMEOUT_MS must be at least 1 (milliseconds)".into());
@@ -326,12 +374,6 @@ impl Settings {
             archive_max_entries: testflinger_archive::Limits::DEFAULT_MAX_ENTRIES,
             archive_max_unpacked_bytes: testflinger_archive::Limits::DEFAULT_MAX_UNPACKED_BYTES,
             max_log_bytes: 1 << 30,
-        if self.login_window == 0 || self.login_max_hashes == 0 {
-            return Err(
-                "TESTFLINGER_LOGIN_WINDOW and TESTFLINGER_LOGIN_MAX_HASHES must be at least 1"
-                    .into(),
-            );
-        }
             workers: 2,
             queue_type: "classic".into(),
             reaper_interval_ms: 200,
@@ -351,13 +393,31 @@ impl Settings {
             send_timeout_ms: 60_000,
             large_body_bytes: 1 << 20,
             max_large_bodies: 16,
+            max_job_tags: JobBounds::DEFAULT_MAX_TAGS,
+            max_job_tag_chars: JobBounds::DEFAULT_MAX_TAG_CHARS,
+            max_job_field_bytes: JobBounds::DEFAULT_MAX_FIELD_BYTES,
+            metrics_max_label_values: crate::metrics::DEFAULT_MAX_LABEL_VALUES,
+            webhook_backlog: crate::events::DEFAULT_WEBHOOK_BACKLOG,
             log_format: "text".into(),
             jwt_signing_key: None,
             jwt_leeway: 5,
             access_ttl: crate::auth::ACCESS_TTL,
             admin_id: crate::auth::DEFAULT_ADMIN_ID.into(),
             admin_secret: None,
+            login_window: 60,
+            login_attempts_per_address: 30,
+            login_failures_per_client: 10,
+            login_max_hashes: 2,
             docs_dir: PathBuf::from("docs/book"),
+        }
+    }
+
+    /// The bounds of a submitted job ([`testflinger_common::job::check_bounds`]).
+    pub fn job_bounds(&self) -> JobBounds {
+        JobBounds {
+            max_tags: self.max_job_tags,
+            max_tag_chars: self.max_job_tag_chars,
+            max_field_bytes: self.max_job_field_bytes,
         }
     }
 
@@ -369,7 +429,3 @@ impl Settings {
             .collect()
     }
 }
-            login_window: 60,
-            login_attempts_per_address: 30,
-            login_failures_per_client: 10,
-            login_max_hashes: 2,

@@ -30,6 +30,11 @@ pub async fn admit(
     forced_id: Option<JobId>,
     caller: &Caller,
 ) -> ApiResult<JobId> {
+    // Both paths come here with the JSON already read; `POST /v1/job` checks its raw body
+    // first as well, before building it.
+    let text = serde_json::to_vec(&body).map_err(|e| ApiError::Internal(e.into()))?;
+    check_bounds(app, &text)?;
+    drop(text);
     let job = Job::from_value(body).map_err(ApiError::Validation)?;
     let restricted = caller.enabled && app.store.is_restricted(&job.job_queue).await?;
     caller.check_submission(&job, restricted)?;
@@ -88,10 +93,12 @@ pub async fn admit(
     if !attach {
         publish_new(app, &id_str, &job.job_queue, job.priority(), &def, &tags).await?;
     }
-    app.metrics.inc("testflinger_jobs_total", &job.job_queue);
+    let labels = app.settings.metrics_max_label_values;
+    app.metrics
+        .inc_bounded("testflinger_jobs_total", &job.job_queue, labels);
     if job.reserve_data.is_some() {
         app.metrics
-            .inc("testflinger_reservations_total", &job.job_queue);
+            .inc_bounded("testflinger_reservations_total", &job.job_queue, labels);
     }
     events::emit(
         app,
@@ -105,6 +112,16 @@ pub async fn admit(
         job.job_status_webhook.clone(),
     );
     Ok(id)
+}
+
+/// Refuses (422, naming the field, what was given, the limit and its setting) a job
+/// past the size bounds of the settings (`TESTFLINGER_MAX_JOB_TAGS`,
+/// `TESTFLINGER_MAX_JOB_TAG_CHARS`, `TESTFLINGER_MAX_JOB_FIELD_BYTES`), from its JSON
+/// text, without building it. Every submission passes here ([`admit`]); `POST /v1/job`
+/// also calls it on its body before reading it, so a refused body is never built.
+pub fn check_bounds(app: &AppState, text: &[u8]) -> ApiResult<()> {
+    testflinger_common::job::check_bounds(text, &app.settings.job_bounds())
+        .map_err(ApiError::Validation)
 }
 
 /// Publishes a just-recorded job (it is in the outbox). Confirmed: off the outbox.
