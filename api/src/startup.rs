@@ -219,10 +219,10 @@ async fn bootstrap_admin(store: &Store, settings: &Settings) -> anyhow::Result<(
                 max_priority: Some([("*".to_string(), 1_000_000)].into()),
                 max_reservation_time: Some([("*".to_string(), 30 * 24 * 3600)].into()),
                 email: None,
-            },
-        )
                 agent_id: None,
                 agent_queues: None,
+            },
+        )
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     tracing::info!(client_id = id, "bootstrap administrator ready");

@@ -544,7 +544,9 @@ async fn job(app: web::Data<AppState>, req: HttpRequest, id: web::Path<String>) 
     let yaml = serde_saphyr::to_string(&def).unwrap_or_else(|e| format!("# cannot render: {e}"));
     let artifact = crate::routes::jobs::open_artifact(&app, &id)
         .await
-        .unwrap_or(false);
+        .ok()
+        .flatten()
+        .is_some();
     let mut logs = Vec::new();
     for (log_type, label) in [("output", "Output"), ("serial", "Serial console")] {
         let (frags, truncated) =
