@@ -1,5 +1,6 @@
 //! Errors at the HTTP edge, sorted by what the caller can do about them.
 
+use crate::store::StoreError;
 use actix_web::http::StatusCode;
 use actix_web::{HttpResponse, ResponseError};
 use serde_json::json;
@@ -53,7 +54,7 @@ pub enum ApiError {
 /// Redis answers that mean "not now" rather than "wrong": the data set is loading
 /// (after a restart, from the AOF), a replica is read-only (failover), memory is full,
 /// a script is busy, or the server is shutting down or in cluster transition.
-const TRANSIENT_REDIS_CODES: &[&str] = &[
+pub(crate) const TRANSIENT_REDIS_CODES: &[&str] = &[
     "LOADING",
     "READONLY",
     "OOM",
@@ -64,18 +65,33 @@ const TRANSIENT_REDIS_CODES: &[&str] = &[
     "NOREPLICAS",
 ];
 
-impl From<redis::RedisError> for ApiError {
-    fn from(e: redis::RedisError) -> Self {
-        if e.is_io_error()
-            || e.is_timeout()
-            || e.is_connection_dropped()
-            || e.is_connection_refusal()
-            || e.code().is_some_and(|c| TRANSIENT_REDIS_CODES.contains(&c))
-        {
-            ApiError::Unavailable(format!("state store (Redis) unavailable: {e}"))
-        } else {
-            ApiError::Internal(anyhow::Error::new(e).context("redis command failed"))
+/// The one mapping of the store's errors to answers, at the edge: each keeps the status
+/// and message the API gave when the store built them itself.
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Unavailable(_) => ApiError::Unavailable(e.to_string()),
+            StoreError::Redis(r) => {
+                ApiError::Internal(anyhow::Error::new(r).context("redis command failed"))
+            }
+            StoreError::JobNotFound(id) => ApiError::JobNotFound(id),
+            StoreError::Stale(_) | StoreError::TokenRequired(_) => ApiError::Stale(e.to_string()),
+            StoreError::NotHolder { .. } | StoreError::QueueNotServed { .. } => {
+                ApiError::Json(StatusCode::FORBIDDEN, e.to_string())
+            }
+            StoreError::BadState(v) => ApiError::Validation(v),
+            StoreError::UnexpectedReply { .. }
+            | StoreError::BadRecord { .. }
+            | StoreError::Random
+            | StoreError::Serialization(_) => ApiError::Internal(anyhow::Error::new(e)),
         }
+    }
+}
+
+/// The web UI's pages map the store's errors the same way.
+impl From<StoreError> for crate::ui::UiError {
+    fn from(e: StoreError) -> Self {
+        crate::ui::UiError::Api(e.into())
     }
 }
 

@@ -394,7 +394,7 @@ pub async fn compact_job(app: &AppState, id: &str) -> ApiResult<bool> {
     let snap = app.store.compaction_snapshot(id).await?;
     match snap.state.as_deref() {
         // Expired: nothing to keep; `finish_compaction` drops what is left.
-        None => return app.store.finish_compaction(id, &snap).await,
+        None => return Ok(app.store.finish_compaction(id, &snap).await?),
         Some("complete" | "cancelled") => {}
         Some(_) => {
             app.store.drop_compaction(id).await?;
@@ -436,7 +436,7 @@ pub async fn compact_job(app: &AppState, id: &str) -> ApiResult<bool> {
             blocking("writing a compacted log", move || w.finish()).await?;
         }
     }
-    app.store.finish_compaction(id, &snap).await
+    Ok(app.store.finish_compaction(id, &snap).await?)
 }
 
 /// One pass over the jobs due for compaction; returns how many it looked at.

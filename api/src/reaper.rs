@@ -40,7 +40,7 @@ pub async fn run(app: AppState) {
 /// sorted sets that list them do not).
 pub async fn sweep_indexes(app: &AppState) -> ApiResult<usize> {
     let cutoff = now_ms() - (app.settings.retention as i64) * 1000;
-    app.store.sweep_index_entries(cutoff).await
+    Ok(app.store.sweep_index_entries(cutoff).await?)
 }
 
 /// One pass: returns how many jobs it requeued or ended. Holds the reaper lock; takes
@@ -274,5 +274,5 @@ pub async fn republish(app: &AppState, id: &str) -> ApiResult<()> {
         let boost = i64::from(attempt > 0);
         crate::submit::publish(app, id, &queue, prio + boost, &def).await?;
     }
-    app.store.outbox_done(id).await
+    Ok(app.store.outbox_done(id).await?)
 }

@@ -138,7 +138,7 @@ pub async fn publish_new(
     tags: &[String],
 ) -> ApiResult<()> {
     match publish(app, id, queue, priority, def).await {
-        Ok(()) => app.store.outbox_done(id).await,
+        Ok(()) => Ok(app.store.outbox_done(id).await?),
         Err(ApiError::Unconfirmed(e)) => {
             tracing::warn!(job.id = %id, error = %e, "publish outcome unclear: the job stays recorded and is published again");
             Ok(())
@@ -166,7 +166,7 @@ pub async fn publish(
 ) -> ApiResult<()> {
     if app.auth.enabled() && !app.store.is_registered(queue).await? {
         tracing::info!(job.id = %id, queue, "queue not registered by any agent: the job waits in Redis");
-        return app.store.park(id, queue).await;
+        return Ok(app.store.park(id, queue).await?);
     }
     let body = serde_json::to_vec(def).map_err(|e| ApiError::Internal(e.into()))?;
     app.broker

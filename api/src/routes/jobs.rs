@@ -302,7 +302,7 @@ async fn post_events(
     if let Some(me) = super::acting_agent_id(&caller)
         && f[2].as_deref() != Some(me)
     {
-        return Err(crate::store::not_holder(&id, Some(me)));
+        return Err(crate::store::not_holder(&id, Some(me)).into());
     }
     if webhook_of(f[1].as_deref()).as_deref() != Some(e.job_status_webhook.as_str()) {
         return Err(ApiError::Json(
@@ -355,7 +355,7 @@ async fn get_attachments(
     if let Some(me) = super::acting_agent_id(&caller) {
         let f = app.store.job_fields(&id, &["agent"]).await?;
         if f[0].as_deref() != Some(me) {
-            return Err(crate::store::not_holder(&id, Some(me)));
+            return Err(crate::store::not_holder(&id, Some(me)).into());
         }
     }
     stream_file(&app, Kind::Attachments, &id, "application/gzip", None).await

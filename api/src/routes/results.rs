@@ -561,7 +561,7 @@ async fn post_artifact(
         }
         Err(e) => {
             let _ = tokio::fs::remove_file(&staged).await;
-            Err(e)
+            Err(e.into())
         }
     }
 }

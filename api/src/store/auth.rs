@@ -18,9 +18,8 @@
 //!   broker queue); `parked:<q>`: waiting jobs of an unregistered queue, moved to the
 //!   outbox when the queue is registered.
 
-use super::{Keys, Store};
+use super::{Keys, Store, StoreResult};
 use crate::auth::{Permissions, Role};
-use crate::error::ApiResult;
 use redis::{AsyncCommands, Script};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::LazyLock;
@@ -157,7 +156,7 @@ pub struct ClientUpdate {
 
 impl Store {
     /// The client `id`, with its allowed queues; `None` if unknown.
-    pub async fn client(&self, id: &str) -> ApiResult<Option<ClientRecord>> {
+    pub async fn client(&self, id: &str) -> StoreResult<Option<ClientRecord>> {
         let mut c = self.con();
         let (h, queues): (HashMap<String, String>, Vec<String>) = redis::pipe()
             .hgetall(self.keys.client(id))
@@ -201,7 +200,7 @@ impl Store {
     }
 
     /// Every client id, sorted.
-    pub async fn client_ids(&self) -> ApiResult<Vec<String>> {
+    pub async fn client_ids(&self) -> StoreResult<Vec<String>> {
         let mut c = self.con();
         let mut ids: Vec<String> = c.smembers(self.keys.clients()).await?;
         ids.sort();
@@ -211,7 +210,7 @@ impl Store {
     /// The token state of client `id` (its generation and agent identity), or `None`
     /// when there is no such client. One round trip; read on every authenticated
     /// request.
-    pub async fn client_token_state(&self, id: &str) -> ApiResult<Option<TokenState>> {
+    pub async fn client_token_state(&self, id: &str) -> StoreResult<Option<TokenState>> {
         let mut c = self.con();
         let f: Vec<Option<String>> = redis::cmd("HMGET")
             .arg(self.keys.client(id))
@@ -233,26 +232,26 @@ impl Store {
 
     /// Counts a login attempt from `addr` in the current window; returns the attempts
     /// so far and the seconds left of the window.
-    pub async fn count_login_attempt(&self, addr: &str, window: u64) -> ApiResult<(u64, u64)> {
+    pub async fn count_login_attempt(&self, addr: &str, window: u64) -> StoreResult<(u64, u64)> {
         self.count_in_window(&self.keys.login_address(addr), window)
             .await
     }
 
     /// Counts a login of client `id` (known or not) in the current window before its
     /// secret is checked ([`Store::forgive_login`] takes it back when it succeeds).
-    pub async fn count_login_failure(&self, id: &str, window: u64) -> ApiResult<(u64, u64)> {
+    pub async fn count_login_failure(&self, id: &str, window: u64) -> StoreResult<(u64, u64)> {
         self.count_in_window(&self.keys.login_failures(id), window)
             .await
     }
 
     /// Takes back the count of a login of client `id` that succeeded.
-    pub async fn forgive_login(&self, id: &str) -> ApiResult<()> {
+    pub async fn forgive_login(&self, id: &str) -> StoreResult<()> {
         let mut c = self.con();
         let _: i64 = c.decr(self.keys.login_failures(id), 1).await?;
         Ok(())
     }
 
-    async fn count_in_window(&self, key: &str, window: u64) -> ApiResult<(u64, u64)> {
+    async fn count_in_window(&self, key: &str, window: u64) -> StoreResult<(u64, u64)> {
         let mut c = self.con();
         let (n, ttl): (u64, i64) = COUNT_IN_WINDOW
             .key(key)
@@ -264,7 +263,7 @@ impl Store {
 
     /// Creates or updates a client with the given fields and gives it a new token
     /// generation (ending the tokens issued before). Returns the new generation.
-    pub async fn put_client(&self, id: &str, u: &ClientUpdate) -> ApiResult<u64> {
+    pub async fn put_client(&self, id: &str, u: &ClientUpdate) -> StoreResult<u64> {
         let mut fields: Vec<(&str, String)> = Vec::new();
         if let Some(h) = &u.secret_hash {
             fields.push(("secret_hash", h.clone()));
@@ -300,7 +299,7 @@ impl Store {
     }
 
     /// Deletes a client, its restricted-queue grants and ownerships. False if unknown.
-    pub async fn delete_client(&self, id: &str) -> ApiResult<bool> {
+    pub async fn delete_client(&self, id: &str) -> StoreResult<bool> {
         let mut c = self.con();
         let queues: Vec<String> = c.smembers(self.keys.client_queues(id)).await?;
         let mut p = redis::pipe();
@@ -325,7 +324,7 @@ impl Store {
         client_id: &str,
         generation: u64,
         ttl_secs: u64,
-    ) -> ApiResult<()> {
+    ) -> StoreResult<()> {
         let mut c = self.con();
         let _: () = c
             .set_ex(
@@ -338,7 +337,7 @@ impl Store {
     }
 
     /// The client a live refresh token belongs to and the generation it was issued at.
-    pub async fn refresh_owner(&self, digest: &str) -> ApiResult<Option<(String, u64)>> {
+    pub async fn refresh_owner(&self, digest: &str) -> StoreResult<Option<(String, u64)>> {
         let mut c = self.con();
         let v: Option<String> = c.get(self.keys.refresh(digest)).await?;
         Ok(v.map(|v| match v.split_once(' ') {
@@ -348,20 +347,20 @@ impl Store {
     }
 
     /// Revokes a refresh token; false if it was unknown (or already revoked, or expired).
-    pub async fn revoke_refresh(&self, digest: &str) -> ApiResult<bool> {
+    pub async fn revoke_refresh(&self, digest: &str) -> StoreResult<bool> {
         let mut c = self.con();
         let n: i64 = c.del(self.keys.refresh(digest)).await?;
         Ok(n == 1)
     }
 
     /// Whether `queue` is restricted.
-    pub async fn is_restricted(&self, queue: &str) -> ApiResult<bool> {
+    pub async fn is_restricted(&self, queue: &str) -> StoreResult<bool> {
         let mut c = self.con();
         Ok(c.sismember(self.keys.restricted(), queue).await?)
     }
 
     /// Restricted queues with their owners, sorted by queue.
-    pub async fn restricted_queues(&self) -> ApiResult<Vec<(String, Vec<String>)>> {
+    pub async fn restricted_queues(&self) -> StoreResult<Vec<(String, Vec<String>)>> {
         let mut c = self.con();
         let mut queues: Vec<String> = c.smembers(self.keys.restricted()).await?;
         queues.sort();
@@ -374,7 +373,7 @@ impl Store {
     }
 
     /// The owners of a restricted queue, sorted.
-    pub async fn restricted_owners(&self, queue: &str) -> ApiResult<Vec<String>> {
+    pub async fn restricted_owners(&self, queue: &str) -> StoreResult<Vec<String>> {
         let mut c = self.con();
         let mut owners: Vec<String> = c.smembers(self.keys.restricted_owners(queue)).await?;
         owners.sort();
@@ -382,7 +381,7 @@ impl Store {
     }
 
     /// Marks `queue` restricted and lets `client_id` submit to it.
-    pub async fn restrict_queue(&self, queue: &str, client_id: &str) -> ApiResult<()> {
+    pub async fn restrict_queue(&self, queue: &str, client_id: &str) -> StoreResult<()> {
         let mut c = self.con();
         let _: () = redis::pipe()
             .atomic()
@@ -399,7 +398,7 @@ impl Store {
 
     /// Lifts the restriction of `queue` entirely (upstream deletes the record) and takes
     /// the queue from every owner's allowed queues. False if it was not restricted.
-    pub async fn unrestrict_queue(&self, queue: &str) -> ApiResult<bool> {
+    pub async fn unrestrict_queue(&self, queue: &str) -> StoreResult<bool> {
         let owners = self.restricted_owners(queue).await?;
         let mut c = self.con();
         let mut p = redis::pipe();
@@ -417,7 +416,7 @@ impl Store {
     /// Registers job queues (an agent serves them, or an operator declared them) and
     /// hands their parked jobs to the outbox (scored 0: published at the next pass).
     /// Returns how many jobs were unparked.
-    pub async fn register_queues(&self, queues: &[String]) -> ApiResult<usize> {
+    pub async fn register_queues(&self, queues: &[String]) -> StoreResult<usize> {
         if queues.is_empty() {
             return Ok(0);
         }
@@ -442,14 +441,14 @@ impl Store {
     }
 
     /// Whether a job queue was registered.
-    pub async fn is_registered(&self, queue: &str) -> ApiResult<bool> {
+    pub async fn is_registered(&self, queue: &str) -> StoreResult<bool> {
         let mut c = self.con();
         Ok(c.sismember(self.keys.registered_queues(), queue).await?)
     }
 
     /// Parks a waiting job of an unregistered queue: off the outbox until the queue is
     /// registered. Parked jobs expire with the retention.
-    pub async fn park(&self, id: &str, queue: &str) -> ApiResult<()> {
+    pub async fn park(&self, id: &str, queue: &str) -> StoreResult<()> {
         let mut c = self.con();
         let _: () = redis::pipe()
             .atomic()
@@ -471,7 +470,7 @@ impl Store {
         path: &str,
         record: &str,
         ttl_secs: u64,
-    ) -> ApiResult<()> {
+    ) -> StoreResult<()> {
         let mut c = self.con();
         let _: () = c
             .set_ex(self.keys.secret(client, path), record, ttl_secs)
@@ -480,20 +479,20 @@ impl Store {
     }
 
     /// Deletes a secret; whether it existed.
-    pub async fn delete_secret(&self, client: &str, path: &str) -> ApiResult<bool> {
+    pub async fn delete_secret(&self, client: &str, path: &str) -> StoreResult<bool> {
         let mut c = self.con();
         let n: i64 = c.del(self.keys.secret(client, path)).await?;
         Ok(n == 1)
     }
 
     /// A secret's stored record (JSON), if it exists.
-    pub async fn get_secret(&self, client: &str, path: &str) -> ApiResult<Option<String>> {
+    pub async fn get_secret(&self, client: &str, path: &str) -> StoreResult<Option<String>> {
         let mut c = self.con();
         Ok(c.get(self.keys.secret(client, path)).await?)
     }
 
     /// Whether a secret exists.
-    pub async fn secret_exists(&self, client: &str, path: &str) -> ApiResult<bool> {
+    pub async fn secret_exists(&self, client: &str, path: &str) -> StoreResult<bool> {
         let mut c = self.con();
         Ok(c.exists(self.keys.secret(client, path)).await?)
     }
@@ -505,7 +504,7 @@ impl Store {
         client: &str,
         path: &str,
         claim: &str,
-    ) -> ApiResult<Option<String>> {
+    ) -> StoreResult<Option<String>> {
         let mut c = self.con();
         let r: Option<String> = TAKE_SECRET
             .key(self.keys.secret(client, path))

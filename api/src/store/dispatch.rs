@@ -1,8 +1,7 @@
 //! Dispatch: the outbox, the reaper's clock and expired leases, the reconciler's reads
 //! (runnable waiting jobs, queue heads), index sweeps, named locks, attachment waits.
 
-use super::{Store, now_ms};
-use crate::error::ApiResult;
+use super::{Store, StoreResult, now_ms};
 use redis::{AsyncCommands, Script};
 use std::sync::LazyLock;
 
@@ -82,7 +81,7 @@ return 1
 impl Store {
     /// Marks `agent` lost because its lease on `job_id` expired, unless its record has
     /// moved on (see `MARK_LOST`). Returns whether it was marked.
-    pub async fn mark_agent_lost(&self, agent: &str, job_id: &str) -> ApiResult<bool> {
+    pub async fn mark_agent_lost(&self, agent: &str, job_id: &str) -> StoreResult<bool> {
         let mut c = self.con();
         let r: i64 = MARK_LOST
             .key(self.keys.agent(agent))
@@ -95,7 +94,11 @@ impl Store {
 
     /// The reaper's clock (Redis time, ms) and how many leases it extended because the
     /// previous pass is older than `gap_ms` (see `REAPER_CLOCK`).
-    pub async fn reaper_clock(&self, gap_ms: u64, default_lease_ms: u64) -> ApiResult<(i64, u64)> {
+    pub async fn reaper_clock(
+        &self,
+        gap_ms: u64,
+        default_lease_ms: u64,
+    ) -> StoreResult<(i64, u64)> {
         let mut c = self.con();
         let r: (i64, u64) = REAPER_CLOCK
             .key(self.keys.leases())
@@ -109,13 +112,18 @@ impl Store {
     }
 
     /// Running jobs whose lease ended before `now` (Redis ms), at most `limit`.
-    pub async fn expired_leases(&self, now: i64, limit: usize) -> ApiResult<Vec<String>> {
+    pub async fn expired_leases(&self, now: i64, limit: usize) -> StoreResult<Vec<String>> {
         self.due(&self.keys.leases(), now, limit).await
     }
 
     /// Members of the sorted set `key` scored `until` or less, lowest first, at most
     /// `limit` (a schedule: leases, compactions).
-    pub(crate) async fn due(&self, key: &str, until: i64, limit: usize) -> ApiResult<Vec<String>> {
+    pub(crate) async fn due(
+        &self,
+        key: &str,
+        until: i64,
+        limit: usize,
+    ) -> StoreResult<Vec<String>> {
         let mut c = self.con();
         let ids: Vec<String> = redis::cmd("ZRANGEBYSCORE")
             .arg(key)
@@ -131,7 +139,7 @@ impl Store {
 
     /// Jobs in the outbox that entered it before `before_ms` (Redis ms; use `i64::MAX`
     /// for all), oldest first, at most `limit`.
-    pub async fn outbox(&self, before_ms: i64, limit: usize) -> ApiResult<Vec<String>> {
+    pub async fn outbox(&self, before_ms: i64, limit: usize) -> StoreResult<Vec<String>> {
         let mut c = self.con();
         let ids: Vec<String> = redis::cmd("ZRANGEBYSCORE")
             .arg(self.keys.outbox())
@@ -146,14 +154,14 @@ impl Store {
     }
 
     /// Takes a job off the outbox: its message was confirmed (or it needs none now).
-    pub async fn outbox_done(&self, id: &str) -> ApiResult<()> {
+    pub async fn outbox_done(&self, id: &str) -> StoreResult<()> {
         let mut c = self.con();
         let _: () = c.zrem(self.keys.outbox(), id).await?;
         Ok(())
     }
 
     /// Puts a job in the outbox, to be published (again) by the reconciler.
-    pub async fn outbox_add(&self, id: &str) -> ApiResult<()> {
+    pub async fn outbox_add(&self, id: &str) -> StoreResult<()> {
         let mut c = self.con();
         let _: () = c.zadd(self.keys.outbox(), id, now_ms()).await?;
         Ok(())
@@ -161,7 +169,7 @@ impl Store {
 
     /// The waiting jobs of `queue` that are ready to run (not waiting for attachments),
     /// in position order, at most `limit`: the jobs that should each have a message.
-    pub async fn runnable_waiting(&self, queue: &str, limit: usize) -> ApiResult<Vec<String>> {
+    pub async fn runnable_waiting(&self, queue: &str, limit: usize) -> StoreResult<Vec<String>> {
         let mut c = self.con();
         let ids: Vec<String> = c
             .zrange(self.keys.qpos(queue), 0, limit as isize - 1)
@@ -188,7 +196,7 @@ impl Store {
     }
 
     /// Queues that have waiting jobs in their position index.
-    pub async fn queues_with_waiting(&self) -> ApiResult<Vec<(String, u64)>> {
+    pub async fn queues_with_waiting(&self) -> StoreResult<Vec<(String, u64)>> {
         let mut c = self.con();
         let pattern = self.keys.qpos("*");
         let strip = self.keys.qpos("");
@@ -214,7 +222,7 @@ impl Store {
 
     /// The score of each queue's best waiting job (lower is better: priority, then
     /// submit order); `f64::MAX` for a queue with none.
-    pub async fn queue_heads(&self, queues: &[String]) -> ApiResult<Vec<f64>> {
+    pub async fn queue_heads(&self, queues: &[String]) -> StoreResult<Vec<f64>> {
         let mut c = self.con();
         let mut pipe = redis::pipe();
         for queue in queues {
@@ -234,7 +242,7 @@ impl Store {
     /// Removes index entries of jobs created before `cutoff_ms` or whose record expired
     /// (job hashes expire by themselves; the sorted sets that list them do not). Returns
     /// how many entries went.
-    pub async fn sweep_index_entries(&self, cutoff_ms: i64) -> ApiResult<usize> {
+    pub async fn sweep_index_entries(&self, cutoff_ms: i64) -> StoreResult<usize> {
         let k = &self.keys;
         let mut c = self.con();
         let mut removed: usize = redis::cmd("ZREMRANGEBYSCORE")
@@ -283,7 +291,7 @@ impl Store {
         &self,
         cutoff_ms: i64,
         reason: &str,
-    ) -> ApiResult<Vec<(String, String)>> {
+    ) -> StoreResult<Vec<(String, String)>> {
         let mut c = self.con();
         let ids: Vec<String> = redis::cmd("ZRANGEBYSCORE")
             .arg(self.keys.attach_wait())
@@ -318,7 +326,7 @@ impl Store {
     }
 
     /// Takes or renews a named lock held by `me` for `ttl_ms`; true when held.
-    pub async fn hold_lock(&self, name: &str, me: &str, ttl_ms: u64) -> ApiResult<bool> {
+    pub async fn hold_lock(&self, name: &str, me: &str, ttl_ms: u64) -> StoreResult<bool> {
         let mut c = self.con();
         let held: i64 = LOCK
             .key(format!("{}:{name}", self.keys.p))

@@ -1,7 +1,6 @@
 //! Jobs: submit (create), read, position, cancel, search, delete.
 
-use super::{Store, list, n, now_iso, now_ms, s};
-use crate::error::ApiResult;
+use super::{Reply, Store, StoreResult, now_iso, now_ms};
 use redis::{AsyncCommands, Script};
 use serde_json::{Map, Value};
 use std::sync::LazyLock;
@@ -134,10 +133,10 @@ impl Store {
         attach_waiting: bool,
         tags: &[String],
         owner: &str,
-    ) -> ApiResult<Created> {
+    ) -> StoreResult<Created> {
         let k = &self.keys;
         let mut c = self.con();
-        let tags_json = serde_json::to_string(tags).unwrap_or_else(|_| "[]".into());
+        let tags_json = serde_json::to_string(tags)?;
         let r: redis::Value = SUBMIT
             .key(k.job(id))
             .key(k.qpos(queue))
@@ -158,10 +157,12 @@ impl Store {
             .arg(owner)
             .invoke_async(&mut c)
             .await?;
-        let r = list(r);
-        let created = r.first().map(n).unwrap_or(0) == 1;
-        let state = r.get(1).map(s).unwrap_or_default();
-        let existing_def = r.get(2).map(s).unwrap_or_default();
+        let r = Reply::new("SUBMIT", r)?;
+        let (created, state, existing_def) = match r.count(0)? {
+            1 => (true, r.text(1)?, String::new()),
+            0 => (false, r.text(1)?, r.text(2)?),
+            _ => return Err(r.error()),
+        };
         if created {
             let mut p = redis::pipe();
             p.zadd(k.job_queues(), queue, now_ms()).ignore();
@@ -180,7 +181,7 @@ impl Store {
     }
 
     /// Removes a job that could not be queued (no half-written job stays behind).
-    pub async fn delete_job(&self, id: &str, queue: &str, tags: &[String]) -> ApiResult<()> {
+    pub async fn delete_job(&self, id: &str, queue: &str, tags: &[String]) -> StoreResult<()> {
         let k = &self.keys;
         let mut c = self.con();
         let _: i64 = UNSUBMIT
@@ -202,7 +203,7 @@ impl Store {
         Ok(())
     }
 
-    pub async fn get_job(&self, id: &str) -> ApiResult<Option<JobRecord>> {
+    pub async fn get_job(&self, id: &str) -> StoreResult<Option<JobRecord>> {
         let mut c = self.con();
         let h: std::collections::HashMap<String, String> = c.hgetall(self.keys.job(id)).await?;
         if h.is_empty() {
@@ -231,7 +232,7 @@ impl Store {
 
     /// The 0-based position of a waiting job in its queue; `None` when the job is
     /// unknown, not waiting, or not in the index.
-    pub async fn position(&self, id: &str) -> ApiResult<Option<i64>> {
+    pub async fn position(&self, id: &str) -> StoreResult<Option<i64>> {
         let mut c = self.con();
         let r: i64 = POSITION
             .key(self.keys.job(id))
@@ -248,7 +249,7 @@ impl Store {
         &self,
         id: &str,
         queue: &str,
-    ) -> ApiResult<Option<Result<(String, String), String>>> {
+    ) -> StoreResult<Option<Result<(String, String), String>>> {
         let mut c = self.con();
         let r: redis::Value = CANCEL
             .key(self.keys.job(id))
@@ -258,12 +259,12 @@ impl Store {
             .arg(self.log_channel(id))
             .invoke_async(&mut c)
             .await?;
-        let r = list(r);
-        let get = |i: usize| r.get(i).map(s).unwrap_or_default();
-        Ok(match get(0).as_str() {
+        let r = Reply::new("CANCEL", r)?;
+        Ok(match r.verdict()?.as_str() {
             "unknown" => None,
-            "done" => Some(Err(get(1))),
-            _ => Some(Ok((get(1), get(2)))),
+            "done" => Some(Err(r.text(1)?)),
+            "cancelled" => Some(Ok((r.text(1)?, r.text(2)?))),
+            _ => return Err(r.error()),
         })
     }
 
@@ -274,7 +275,7 @@ impl Store {
         &self,
         tags: &[String],
         all: bool,
-    ) -> ApiResult<Vec<(String, String, String, i64)>> {
+    ) -> StoreResult<Vec<(String, String, String, i64)>> {
         let k = &self.keys;
         let mut c = self.con();
         let ids: Vec<String> = if tags.is_empty() {
@@ -310,7 +311,7 @@ impl Store {
 
     /// How many of an agent's cumulative event list were relayed before; records that
     /// `seen` are relayed now. `None` for an unknown job.
-    pub async fn advance_agent_events(&self, id: &str, seen: u64) -> ApiResult<Option<u64>> {
+    pub async fn advance_agent_events(&self, id: &str, seen: u64) -> StoreResult<Option<u64>> {
         let mut c = self.con();
         let old: i64 = ADVANCE
             .key(self.keys.job(id))

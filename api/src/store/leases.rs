@@ -1,8 +1,7 @@
 //! Leases: claim, heartbeat, requeue (reap or release), and the holder's writes (the
 //! write check, the report, the artifact commit), each checked and applied in one script.
 
-use super::{Store, list, n, new_fence, not_holder, now_iso, s, stale_message, unexpected};
-use crate::error::{ApiError, ApiResult};
+use super::{Reply, Store, StoreError, StoreResult, new_fence, not_holder, now_iso, unexpected};
 use redis::Script;
 use serde_json::Value;
 use std::sync::LazyLock;
@@ -256,7 +255,7 @@ impl Store {
         lease_ms: u64,
         legacy: bool,
         served: Option<&[String]>,
-    ) -> ApiResult<Claim> {
+    ) -> StoreResult<Claim> {
         let k = &self.keys;
         let queue = self
             .job_fields(id, &["queue"])
@@ -268,13 +267,12 @@ impl Store {
             && !queue.is_empty()
             && !served.contains(&queue)
         {
-            return Err(ApiError::Json(
-                actix_web::http::StatusCode::FORBIDDEN,
-                format!(
-                    "job {id} is on queue '{queue}', which agent '{agent}' may not serve (its queues: {}); an admin or manager sets them with agent_queues in /v1/client-permissions",
-                    served.join(", ")
-                ),
-            ));
+            return Err(StoreError::QueueNotServed {
+                id: id.to_string(),
+                queue,
+                agent: agent.to_string(),
+                served: served.to_vec(),
+            });
         }
         let mut c = self.con();
         let r: redis::Value = CLAIM
@@ -292,14 +290,15 @@ impl Store {
             .arg(new_fence()?.to_string())
             .invoke_async(&mut c)
             .await?;
-        let r = list(r);
-        let outcome = match r.first().map(s).as_deref() {
-            Some("granted") => ClaimOutcome::Granted,
-            Some("cancelled") => ClaimOutcome::Cancelled,
-            Some("finished") => ClaimOutcome::Finished,
-            Some("excluded") => ClaimOutcome::Excluded,
-            Some("unknown") => ClaimOutcome::Unknown,
-            _ => ClaimOutcome::Owned,
+        let r = Reply::new("CLAIM", r)?;
+        let outcome = match r.verdict()?.as_str() {
+            "granted" => ClaimOutcome::Granted,
+            "cancelled" => ClaimOutcome::Cancelled,
+            "finished" => ClaimOutcome::Finished,
+            "excluded" => ClaimOutcome::Excluded,
+            "unknown" => ClaimOutcome::Unknown,
+            "owned" => ClaimOutcome::Owned,
+            _ => return Err(r.error()),
         };
         if outcome != ClaimOutcome::Granted {
             return Ok(Claim {
@@ -309,19 +308,21 @@ impl Store {
                 job: None,
             });
         }
-        let attempt = r.get(1).map(n).unwrap_or(0);
-        let token = r
-            .get(2)
-            .map(s)
-            .unwrap_or_default()
+        let attempt = r.count(1)?;
+        let fence = r.text(2)?;
+        let token = fence
             .parse::<FenceToken>()
-            .map_err(|e| ApiError::Internal(anyhow::anyhow!("stored fence of {id}: {e}")))?;
-        let mut job: Value =
-            serde_json::from_str(&r.get(3).map(s).unwrap_or_default()).unwrap_or(Value::Null);
+            .map_err(|e| StoreError::BadRecord {
+                id: id.to_string(),
+                field: "fence",
+                value: fence.clone(),
+                why: e.to_string(),
+            })?;
+        let mut job: Value = serde_json::from_str(&r.text(3)?).unwrap_or(Value::Null);
         if let Some(o) = job.as_object_mut() {
             o.insert("job_id".into(), Value::String(id.to_string()));
             o.insert("started_at".into(), Value::String(now_iso()));
-            let attach = r.get(4).map(s).unwrap_or_default();
+            let attach = r.text(4)?;
             if !attach.is_empty() {
                 o.insert("attachments_status".into(), Value::String(attach));
             }
@@ -343,7 +344,7 @@ impl Store {
         token: FenceToken,
         lease_ms: u64,
         agent: Option<&str>,
-    ) -> ApiResult<Option<bool>> {
+    ) -> StoreResult<Option<bool>> {
         let mut c = self.con();
         let r: redis::Value = HEARTBEAT
             .key(self.keys.job(id))
@@ -354,13 +355,13 @@ impl Store {
             .arg(agent.unwrap_or_default())
             .invoke_async(&mut c)
             .await?;
-        let r = list(r);
-        match r.first().map(s).as_deref() {
-            Some("ok") => Ok(Some(r.get(1).map(n).unwrap_or(0) == 1)),
-            Some("unknown") => Err(ApiError::JobNotFound(id.to_string())),
-            Some("forbidden") => Err(not_holder(id, agent)),
-            Some("stale") => Ok(None),
-            other => Err(unexpected("HEARTBEAT", other)),
+        let r = Reply::new("HEARTBEAT", r)?;
+        match r.verdict()?.as_str() {
+            "ok" => Ok(Some(r.count(1)? == 1)),
+            "unknown" => Err(StoreError::JobNotFound(id.to_string())),
+            "forbidden" => Err(not_holder(id, agent)),
+            "stale" => Ok(None),
+            _ => Err(r.error()),
         }
     }
 
@@ -375,7 +376,7 @@ impl Store {
         reason: &str,
         release_token: Option<FenceToken>,
         holder: Option<&str>,
-    ) -> ApiResult<Requeue> {
+    ) -> StoreResult<Requeue> {
         let k = &self.keys;
         let mut c = self.con();
         let r: redis::Value = REQUEUE
@@ -398,25 +399,25 @@ impl Store {
             .arg(holder.unwrap_or_default())
             .invoke_async(&mut c)
             .await?;
-        let r = list(r);
-        let get = |i: usize| r.get(i).map(s).unwrap_or_default();
-        Ok(match get(0).as_str() {
+        let r = Reply::new("REQUEUE", r)?;
+        Ok(match r.verdict()?.as_str() {
             "gone" => Requeue::Gone,
             "forbidden" => return Err(not_holder(id, holder)),
             "stale" => Requeue::Stale,
+            "skip" => Requeue::Skip,
             "requeued" => Requeue::Requeued {
-                previous: get(1),
-                attempt: r.get(2).map(n).unwrap_or(0),
-                agent: get(3),
-                reason: get(4),
+                previous: r.text(1)?,
+                attempt: r.count(2)?,
+                agent: r.text(3)?,
+                reason: r.text(4)?,
             },
             "ended" => Requeue::Ended {
-                previous: get(1),
-                attempt: r.get(2).map(n).unwrap_or(0),
-                agent: get(3),
-                reason: get(4),
+                previous: r.text(1)?,
+                attempt: r.count(2)?,
+                agent: r.text(3)?,
+                reason: r.text(4)?,
             },
-            _ => Requeue::Skip,
+            _ => return Err(r.error()),
         })
     }
 
@@ -433,10 +434,10 @@ impl Store {
         agent: Option<&str>,
         fields: &[(&str, String)],
         state: Option<JobState>,
-    ) -> ApiResult<Report> {
+    ) -> StoreResult<Report> {
         let from = match state {
             Some(st) => st.reported_from().map_err(|e| {
-                ApiError::Validation(testflinger_common::ValidationError::new("job_state", e))
+                StoreError::BadState(testflinger_common::ValidationError::new("job_state", e))
             })?,
             None => Vec::new(),
         };
@@ -459,41 +460,36 @@ impl Store {
             inv.arg(f.as_str());
         }
         let r: redis::Value = inv.invoke_async(&mut c).await?;
-        let r = list(r);
-        let verdict = r.first().map(s).unwrap_or_default();
+        let r = Reply::new("REPORT", r)?;
+        let verdict = r.verdict()?;
         self.holder_verdict(id, &verdict, agent)?;
-        let previous = r.get(1).map(s).unwrap_or_default();
-        let attempt = r.get(2).map(n).unwrap_or(0);
-        let holder = r.get(3).map(s).unwrap_or_default();
         let change = match verdict.as_str() {
-            "set" => StateChange::Set(previous),
-            "refused" => StateChange::Refused(previous),
-            "kept" | "none" => StateChange::Kept(previous),
-            other => return Err(unexpected("REPORT", Some(other))),
+            "set" => StateChange::Set(r.text(1)?),
+            "refused" => StateChange::Refused(r.text(1)?),
+            "kept" | "none" => StateChange::Kept(r.text(1)?),
+            _ => return Err(r.error()),
         };
         Ok(Report {
             change,
-            attempt,
-            agent: holder,
+            attempt: r.count(2)?,
+            agent: r.text(3)?,
         })
     }
 
-    /// The error for a holder check's verdict other than `ok` (see [`holder_check!`]);
-    /// `Ok` for `ok` and for the verdicts of a check that passed.
+    /// The error for a holder check's verdict that refuses the write (see
+    /// [`holder_check!`]); `Ok` for any other verdict (`ok`, or the verdicts of a check
+    /// that passed), which the caller then matches.
     pub(super) fn holder_verdict(
         &self,
         id: &str,
         verdict: &str,
         agent: Option<&str>,
-    ) -> ApiResult<()> {
+    ) -> StoreResult<()> {
         match verdict {
-            "unknown" => Err(ApiError::JobNotFound(id.to_string())),
-            "stale" => Err(ApiError::Stale(stale_message(id))),
+            "unknown" => Err(StoreError::JobNotFound(id.to_string())),
+            "stale" => Err(StoreError::Stale(id.to_string())),
             "forbidden" => Err(not_holder(id, agent)),
-            "token" => Err(ApiError::Stale(format!(
-                "job {id} is held under a lease: writes about it must carry the holder's {} header",
-                testflinger_common::protocol::TOKEN_HEADER
-            ))),
+            "token" => Err(StoreError::TokenRequired(id.to_string())),
             _ => Ok(()),
         }
     }
@@ -506,7 +502,7 @@ impl Store {
         token: Option<FenceToken>,
         agent: Option<&str>,
         name: &str,
-    ) -> ApiResult<String> {
+    ) -> StoreResult<String> {
         let mut c = self.con();
         let r: redis::Value = ARTIFACT_COMMIT
             .key(self.keys.job(id))
@@ -517,13 +513,13 @@ impl Store {
             .arg(name)
             .invoke_async(&mut c)
             .await?;
-        let r = list(r);
-        let verdict = r.first().map(s).unwrap_or_default();
+        let r = Reply::new("ARTIFACT_COMMIT", r)?;
+        let verdict = r.verdict()?;
         self.holder_verdict(id, &verdict, agent)?;
-        if verdict != "ok" {
-            return Err(unexpected("ARTIFACT_COMMIT", Some(&verdict)));
+        match verdict.as_str() {
+            "ok" => r.text(1),
+            _ => Err(r.error()),
         }
-        Ok(r.get(1).map(s).unwrap_or_default())
     }
 
     /// Checks, inside Redis, that a write about job `id` comes from its holder (see
@@ -536,7 +532,7 @@ impl Store {
         id: &str,
         token: Option<FenceToken>,
         agent: Option<&str>,
-    ) -> ApiResult<u64> {
+    ) -> StoreResult<u64> {
         let mut c = self.con();
         let (r, attempt): (String, u64) = WRITE_CHECK
             .key(self.keys.job(id))

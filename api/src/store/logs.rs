@@ -15,8 +15,7 @@
 //! publishes on the channel `logev:<id>` (payload: the log type, or `end`), which one
 //! subscriber per server fans out to its SSE streams.
 
-use super::{Fragment, Store};
-use crate::error::ApiResult;
+use super::{Fragment, Store, StoreResult};
 use futures_util::StreamExt;
 use redis::Script;
 use std::sync::LazyLock;
@@ -190,7 +189,7 @@ impl Store {
         notice: &Fragment,
         late_delay_ms: u64,
         holder: (Option<FenceToken>, Option<&str>),
-    ) -> ApiResult<PutFragment> {
+    ) -> StoreResult<PutFragment> {
         let mut c = self.con();
         let log = self.keys.log(id, log_type);
         let token = holder.0.map(|t| t.to_string()).unwrap_or_default();
@@ -271,7 +270,7 @@ impl Store {
             // The holder lost the job between the booking and the store: refused, with
             // the check's own answer (409 stale, 403 another agent's, 404 gone).
             self.check_token(id, holder.0, holder.1).await?;
-            return Err(crate::error::ApiError::Stale(super::stale_message(id)));
+            return Err(super::StoreError::Stale(id.to_string()));
         }
         Ok(outcome)
     }
@@ -285,7 +284,7 @@ impl Store {
         log_type: &str,
         from: i64,
         limit: Option<Batch>,
-    ) -> ApiResult<RedisLog> {
+    ) -> StoreResult<RedisLog> {
         if let Some(b) = limit {
             return self.log_batch(id, log_type, from, b).await;
         }
@@ -322,7 +321,7 @@ impl Store {
         log_type: &str,
         from: i64,
         b: Batch,
-    ) -> ApiResult<RedisLog> {
+    ) -> StoreResult<RedisLog> {
         let mut c = self.con();
         let key = self.keys.log(id, log_type);
         let job = self.keys.job(id);
@@ -396,7 +395,7 @@ impl Store {
         id: &str,
         log_type: &str,
         max: usize,
-    ) -> ApiResult<(RedisLog, usize)> {
+    ) -> StoreResult<(RedisLog, usize)> {
         let key = self.keys.log(id, log_type);
         let mut c = self.con();
         let (lc, total, members): (Option<String>, usize, Vec<String>) = redis::pipe()
@@ -421,12 +420,12 @@ impl Store {
     }
 
     /// Jobs due for compaction at `now_ms` (client clock), oldest first, at most `limit`.
-    pub async fn due_compactions(&self, now_ms: i64, limit: usize) -> ApiResult<Vec<String>> {
+    pub async fn due_compactions(&self, now_ms: i64, limit: usize) -> StoreResult<Vec<String>> {
         self.due(&self.keys.compact(), now_ms, limit).await
     }
 
     /// Schedules (again) a job's compaction at `due_ms` (client clock).
-    pub async fn schedule_compaction(&self, id: &str, due_ms: i64) -> ApiResult<()> {
+    pub async fn schedule_compaction(&self, id: &str, due_ms: i64) -> StoreResult<()> {
         let mut c = self.con();
         let _: () = redis::cmd("ZADD")
             .arg(self.keys.compact())
@@ -438,7 +437,7 @@ impl Store {
     }
 
     /// The job's state and write counter, before a compaction reads its fragments.
-    pub async fn compaction_snapshot(&self, id: &str) -> ApiResult<CompactionSnapshot> {
+    pub async fn compaction_snapshot(&self, id: &str) -> StoreResult<CompactionSnapshot> {
         let f = self.job_fields(id, &["state", "lw"]).await?;
         Ok(CompactionSnapshot {
             state: f[0].clone(),
@@ -447,7 +446,7 @@ impl Store {
     }
 
     /// Takes a job off the compaction set without compacting it (not ended).
-    pub async fn drop_compaction(&self, id: &str) -> ApiResult<()> {
+    pub async fn drop_compaction(&self, id: &str) -> StoreResult<()> {
         let mut c = self.con();
         let _: () = redis::cmd("ZREM")
             .arg(self.keys.compact())
@@ -459,7 +458,11 @@ impl Store {
 
     /// See `FINISH_COMPACTION`: true when the job's fragments left Redis, false when a
     /// fragment was written since `snap` (compact again later).
-    pub async fn finish_compaction(&self, id: &str, snap: &CompactionSnapshot) -> ApiResult<bool> {
+    pub async fn finish_compaction(
+        &self,
+        id: &str,
+        snap: &CompactionSnapshot,
+    ) -> StoreResult<bool> {
         let mut c = self.con();
         let r: i64 = FINISH_COMPACTION
             .key(self.keys.job(id))
@@ -478,7 +481,7 @@ impl Store {
     /// ends when the connection drops.
     pub async fn log_events(
         &self,
-    ) -> ApiResult<impl futures_util::Stream<Item = String> + Send + use<>> {
+    ) -> StoreResult<impl futures_util::Stream<Item = String> + Send + use<>> {
         let mut ps = self.client.get_async_pubsub().await?;
         let pattern = format!("{}:logev:*", self.keys.p);
         ps.psubscribe(&pattern).await?;

@@ -15,7 +15,6 @@
 //! web UI: `agentjobs:<agent>` (an agent's recent jobs by claim time), `jobqueues` (queues
 //! ever submitted to), and `at_<state>` fields of `job:<id>` (when each state began, ms).
 
-use crate::error::{ApiError, ApiResult};
 use redis::AsyncCommands;
 use redis::aio::ConnectionManager;
 use serde_json::Value;
@@ -166,12 +165,15 @@ end
 
 mod auth;
 mod dispatch;
+mod error;
 mod jobs;
 mod leases;
 mod logs;
 mod registry;
 pub mod views;
 pub use auth::{ClientRecord, ClientUpdate};
+use error::unexpected;
+pub use error::{StoreError, StoreResult, not_holder, stale_message};
 pub use jobs::{Created, JobRecord};
 pub use leases::{Claim, Report, Requeue, StateChange};
 pub use logs::{Batch, CompactionSnapshot, PutFragment, RedisLog};
@@ -233,41 +235,75 @@ impl std::fmt::Debug for Store {
     }
 }
 
-fn s(v: &redis::Value) -> String {
-    match v {
-        redis::Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
-        redis::Value::SimpleString(t) => t.clone(),
-        redis::Value::Int(i) => i.to_string(),
-        _ => String::new(),
-    }
+/// A script's array reply, read strictly: an element missing or of the wrong kind is
+/// [`StoreError::UnexpectedReply`] naming the script and the whole reply, never a default.
+struct Reply {
+    script: &'static str,
+    items: Vec<redis::Value>,
 }
 
-fn n(v: &redis::Value) -> u64 {
-    match v {
-        redis::Value::Int(i) => u64::try_from(*i).unwrap_or(0),
-        other => s(other).parse().unwrap_or(0),
+impl Reply {
+    fn new(script: &'static str, v: redis::Value) -> StoreResult<Reply> {
+        match v {
+            redis::Value::Array(items) => Ok(Reply { script, items }),
+            other => Err(unexpected(script, Some(&format!("{other:?}")))),
+        }
     }
-}
 
-fn list(v: redis::Value) -> Vec<redis::Value> {
-    match v {
-        redis::Value::Array(items) => items,
-        _ => Vec::new(),
+    fn error(&self) -> StoreError {
+        unexpected(self.script, Some(&format!("{:?}", self.items)))
+    }
+
+    /// Element `i` as text (a string or an integer).
+    fn text(&self, i: usize) -> StoreResult<String> {
+        match self.items.get(i) {
+            Some(redis::Value::BulkString(b)) => Ok(String::from_utf8_lossy(b).into_owned()),
+            Some(redis::Value::SimpleString(t)) => Ok(t.clone()),
+            Some(redis::Value::Int(n)) => Ok(n.to_string()),
+            _ => Err(self.error()),
+        }
+    }
+
+    /// Element `i` as a count (an integer, or a string of one).
+    fn count(&self, i: usize) -> StoreResult<u64> {
+        match self.items.get(i) {
+            Some(redis::Value::Int(n)) => u64::try_from(*n).map_err(|_| self.error()),
+            Some(_) => self.text(i)?.parse().map_err(|_| self.error()),
+            None => Err(self.error()),
+        }
+    }
+
+    /// Element `i` as a signed integer.
+    fn int(&self, i: usize) -> StoreResult<i64> {
+        match self.items.get(i) {
+            Some(redis::Value::Int(n)) => Ok(*n),
+            Some(_) => self.text(i)?.parse().map_err(|_| self.error()),
+            None => Err(self.error()),
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    /// The first element, the script's verdict.
+    fn verdict(&self) -> StoreResult<String> {
+        self.text(0)
     }
 }
 
 /// A fresh fencing token: 128 bits from the system's random source.
-pub fn new_fence() -> ApiResult<FenceToken> {
+pub fn new_fence() -> StoreResult<FenceToken> {
     Ok(FenceToken::from_bytes(random_bytes::<16>()?))
 }
 
 /// `N` bytes from the system's random source (ring's `SystemRandom`).
-pub fn random_bytes<const N: usize>() -> ApiResult<[u8; N]> {
+pub fn random_bytes<const N: usize>() -> StoreResult<[u8; N]> {
     use ring::rand::SecureRandom;
     let mut b = [0u8; N];
     ring::rand::SystemRandom::new()
         .fill(&mut b)
-        .map_err(|_| ApiError::Internal(anyhow::anyhow!("the system random source failed")))?;
+        .map_err(|_| StoreError::Random)?;
     Ok(b)
 }
 
@@ -348,13 +384,13 @@ impl Store {
         Some((aof, fsync))
     }
 
-    pub async fn ping(&self) -> ApiResult<()> {
+    pub async fn ping(&self) -> StoreResult<()> {
         let mut c = self.con();
         let _: String = redis::cmd("PING").query_async(&mut c).await?;
         Ok(())
     }
 
-    pub async fn job_fields(&self, id: &str, fields: &[&str]) -> ApiResult<Vec<Option<String>>> {
+    pub async fn job_fields(&self, id: &str, fields: &[&str]) -> StoreResult<Vec<Option<String>>> {
         let mut c = self.con();
         let v: Vec<Option<String>> = redis::cmd("HMGET")
             .arg(self.keys.job(id))
@@ -364,7 +400,7 @@ impl Store {
         Ok(v)
     }
 
-    pub async fn set_job_fields(&self, id: &str, fields: &[(&str, String)]) -> ApiResult<()> {
+    pub async fn set_job_fields(&self, id: &str, fields: &[(&str, String)]) -> StoreResult<()> {
         let mut c = self.con();
         let _: () = c.hset_multiple(self.keys.job(id), fields).await?;
         Ok(())
@@ -379,29 +415,4 @@ pub const ATTEMPT_STRIDE: i64 = 1_000_000_000;
 /// Where fragment `n` of `attempt` is stored (its score and its public id).
 pub fn fragment_score(attempt: u64, n: i64) -> i64 {
     (attempt.max(1) as i64 - 1) * ATTEMPT_STRIDE + n
-}
-
-/// The 409 message for a write with a stale fencing token.
-/// 403 for a write about a job another agent holds.
-pub fn not_holder(id: &str, agent: Option<&str>) -> ApiError {
-    ApiError::Json(
-        actix_web::http::StatusCode::FORBIDDEN,
-        format!(
-            "job {id} is not held by agent '{}': an agent writes only about the jobs it holds a lease on",
-            agent.unwrap_or_default()
-        ),
-    )
-}
-
-/// A script answered something this code does not know: an error, never a default.
-pub fn unexpected(script: &str, reply: Option<&str>) -> ApiError {
-    ApiError::Internal(anyhow::anyhow!(
-        "unexpected reply from the {script} script: {reply:?}"
-    ))
-}
-
-pub fn stale_message(id: &str) -> String {
-    format!(
-        "stale fencing token for job {id}: the job was reassigned or released; stop working on it"
-    )
 }

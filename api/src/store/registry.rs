@@ -1,8 +1,7 @@
 //! Agents, advertised queues and images, queue job lists, wait-time samples and gauges:
 //! the records the agents and queues routes and `/metrics` read and write.
 
-use super::{Store, now_iso, now_ms};
-use crate::error::ApiResult;
+use super::{Store, StoreResult, now_iso, now_ms};
 use redis::{AsyncCommands, Script};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::LazyLock;
@@ -28,7 +27,7 @@ impl Store {
     /// `(name, fields)`; a record that expired comes back empty.
     pub async fn agent_records(
         &self,
-    ) -> ApiResult<Vec<(String, std::collections::HashMap<String, String>)>> {
+    ) -> StoreResult<Vec<(String, std::collections::HashMap<String, String>)>> {
         let k = &self.keys;
         let mut c = self.con();
         let names: Vec<String> = c.zrange(k.agents(), 0, -1).await?;
@@ -48,7 +47,7 @@ impl Store {
         &self,
         name: &str,
         fields: &[(&str, &str)],
-    ) -> ApiResult<bool> {
+    ) -> StoreResult<bool> {
         if fields.is_empty() {
             return Ok(false);
         }
@@ -63,7 +62,7 @@ impl Store {
 
     /// Adds a granted claim to the agent's recent-jobs index ([`super::Keys::agent_jobs`]),
     /// keeping the newest [`AGENT_JOBS_KEPT`]; the index expires with the retention.
-    pub async fn note_agent_job(&self, agent: &str, id: &str) -> ApiResult<()> {
+    pub async fn note_agent_job(&self, agent: &str, id: &str) -> StoreResult<()> {
         let key = self.keys.agent_jobs(agent);
         let mut c = self.con();
         let _: () = redis::pipe()
@@ -88,7 +87,7 @@ impl Store {
         name: &str,
         fields: &[(&str, String)],
         log: &[String],
-    ) -> ApiResult<Option<String>> {
+    ) -> StoreResult<Option<String>> {
         let k = &self.keys;
         let retention = self.retention_secs();
         let mut all: Vec<(&str, String)> =
@@ -110,13 +109,13 @@ impl Store {
     }
 
     /// One agent's record; empty when unknown.
-    pub async fn agent_record(&self, name: &str) -> ApiResult<HashMap<String, String>> {
+    pub async fn agent_record(&self, name: &str) -> StoreResult<HashMap<String, String>> {
         let mut c = self.con();
         Ok(c.hgetall(self.keys.agent(name)).await?)
     }
 
     /// Drops names from the `agents` list (their records expired).
-    pub async fn forget_agents(&self, names: &[String]) -> ApiResult<()> {
+    pub async fn forget_agents(&self, names: &[String]) -> StoreResult<()> {
         if names.is_empty() {
             return Ok(());
         }
@@ -133,7 +132,7 @@ impl Store {
         entry: &str,
         streak_type: &str,
         streak_count: i64,
-    ) -> ApiResult<()> {
+    ) -> StoreResult<()> {
         let k = &self.keys;
         let mut c = self.con();
         let _: () = redis::pipe()
@@ -157,7 +156,7 @@ impl Store {
     }
 
     /// Sets advertised queues' descriptions.
-    pub async fn advertise_queues(&self, items: &[(String, String)]) -> ApiResult<()> {
+    pub async fn advertise_queues(&self, items: &[(String, String)]) -> StoreResult<()> {
         if items.is_empty() {
             return Ok(());
         }
@@ -174,13 +173,13 @@ impl Store {
     }
 
     /// Advertised queues and their descriptions.
-    pub async fn advertised_queues(&self) -> ApiResult<BTreeMap<String, String>> {
+    pub async fn advertised_queues(&self) -> StoreResult<BTreeMap<String, String>> {
         let mut c = self.con();
         Ok(c.hgetall(self.keys.queues()).await?)
     }
 
     /// Stores each queue's advertised images (JSON object name -> provision data).
-    pub async fn put_images(&self, by_queue: &[(String, String)]) -> ApiResult<()> {
+    pub async fn put_images(&self, by_queue: &[(String, String)]) -> StoreResult<()> {
         if by_queue.is_empty() {
             return Ok(());
         }
@@ -196,14 +195,14 @@ impl Store {
     }
 
     /// A queue's advertised images (JSON), if any.
-    pub async fn images(&self, queue: &str) -> ApiResult<Option<String>> {
+    pub async fn images(&self, queue: &str) -> StoreResult<Option<String>> {
         let mut c = self.con();
         Ok(c.get(self.keys.images(queue)).await?)
     }
 
     /// A queue's jobs (oldest first) as `(id, state, created_at)`; ids whose record
     /// expired are dropped from the list.
-    pub async fn queue_jobs(&self, queue: &str) -> ApiResult<Vec<(String, String, String)>> {
+    pub async fn queue_jobs(&self, queue: &str) -> StoreResult<Vec<(String, String, String)>> {
         let k = &self.keys;
         let mut c = self.con();
         let ids: Vec<String> = c.zrange(k.qjobs(queue), 0, -1).await?;
@@ -231,7 +230,7 @@ impl Store {
 
     /// Wait-time samples (seconds) of `queues`, or of every queue that has some when
     /// `queues` is empty.
-    pub async fn wait_samples(&self, queues: Vec<String>) -> ApiResult<Vec<(String, Vec<f64>)>> {
+    pub async fn wait_samples(&self, queues: Vec<String>) -> StoreResult<Vec<(String, Vec<f64>)>> {
         let k = &self.keys;
         let mut c = self.con();
         let queues: Vec<String> = if queues.is_empty() {
@@ -251,7 +250,7 @@ impl Store {
     }
 
     /// Waiting jobs per queue (the position index's size).
-    pub async fn waiting_counts(&self, queues: &[String]) -> ApiResult<Vec<u64>> {
+    pub async fn waiting_counts(&self, queues: &[String]) -> StoreResult<Vec<u64>> {
         if queues.is_empty() {
             return Ok(Vec::new());
         }
@@ -264,7 +263,7 @@ impl Store {
     }
 
     /// How many jobs are held under a lease.
-    pub async fn lease_count(&self) -> ApiResult<u64> {
+    pub async fn lease_count(&self) -> StoreResult<u64> {
         let mut c = self.con();
         Ok(c.zcard(self.keys.leases()).await?)
     }

@@ -3,8 +3,7 @@
 //! records on that page, in one pipelined round trip; no query walks every job.
 //! Agents and queues are read whole: there are as many as devices, not as jobs.
 
-use super::Store;
-use crate::error::ApiResult;
+use super::{Reply, Store, StoreResult};
 use redis::{AsyncCommands, Script};
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -70,7 +69,7 @@ pub fn is_terminal(state: &str) -> bool {
 }
 
 /// The rows of `ids`, in that order, skipping jobs whose record is gone. One round trip.
-pub async fn job_rows(store: &Store, ids: &[String]) -> ApiResult<Vec<JobRow>> {
+pub async fn job_rows(store: &Store, ids: &[String]) -> StoreResult<Vec<JobRow>> {
     if ids.is_empty() {
         return Ok(Vec::new());
     }
@@ -102,7 +101,7 @@ pub struct JobDetail {
 }
 
 /// A job's record, or `None` when unknown.
-pub async fn job_detail(store: &Store, id: &str) -> ApiResult<Option<JobDetail>> {
+pub async fn job_detail(store: &Store, id: &str) -> StoreResult<Option<JobDetail>> {
     let mut c = store.con();
     let h: HashMap<String, String> = c.hgetall(store.keys.job(id)).await?;
     if !h.contains_key("state") {
@@ -236,7 +235,7 @@ pub async fn job_page(
     f: &JobFilter,
     from: usize,
     limit: usize,
-) -> ApiResult<JobPage> {
+) -> StoreResult<JobPage> {
     let k = &store.keys;
     let mut inv = PAGE.key(match &f.queue {
         Some(q) => k.qjobs(q),
@@ -250,26 +249,19 @@ pub async fn job_page(
         inv.arg(s);
     }
     let mut c = store.con();
-    let r: Vec<redis::Value> = inv.invoke_async(&mut c).await?;
-    let int = |i: usize| -> i64 {
-        r.get(i)
-            .and_then(|v| redis::from_redis_value(v.clone()).ok())
-            .unwrap_or(0)
-    };
-    let ids: Vec<String> = r
-        .iter()
-        .skip(4)
-        .filter_map(|v| redis::from_redis_value(v.clone()).ok())
-        .collect();
-    let next = int(2);
+    let r = Reply::new("PAGE", inv.invoke_async(&mut c).await?)?;
+    let ids = (4..r.len())
+        .map(|i| r.text(i))
+        .collect::<StoreResult<Vec<String>>>()?;
+    let next = r.int(2)?;
     // Only a state filter can end a page early without filling it.
-    let capped = int(3) == 1 && !f.states.is_empty() && ids.len() < limit;
+    let capped = r.int(3)? == 1 && !f.states.is_empty() && ids.len() < limit;
     Ok(JobPage {
         rows: job_rows(store, &ids).await?,
-        next: (next >= 0).then_some(next as usize),
-        scanned: int(1) as usize,
+        next: usize::try_from(next).ok(),
+        scanned: r.count(1)? as usize,
         capped,
-        total: int(0) as usize,
+        total: r.count(0)? as usize,
     })
 }
 
@@ -321,7 +313,7 @@ impl AgentRow {
 }
 
 /// Every registered agent, by name. Read-only (unlike the API's list, it does not prune).
-pub async fn agents(store: &Store) -> ApiResult<Vec<AgentRow>> {
+pub async fn agents(store: &Store) -> StoreResult<Vec<AgentRow>> {
     let mut out: Vec<AgentRow> = store
         .agent_records()
         .await?
@@ -363,7 +355,7 @@ pub async fn agent_detail(
     store: &Store,
     name: &str,
     jobs: usize,
-) -> ApiResult<Option<AgentDetail>> {
+) -> StoreResult<Option<AgentDetail>> {
     let k = &store.keys;
     let mut c = store.con();
     let (h, log, prov, ids): (
@@ -460,7 +452,7 @@ pub async fn queues(
     store: &Store,
     agents: &[AgentRow],
     running: &[JobRow],
-) -> ApiResult<Vec<QueueRow>> {
+) -> StoreResult<Vec<QueueRow>> {
     let k = &store.keys;
     let mut c = store.con();
     let (described, submitted, sampled): (HashMap<String, String>, Vec<String>, Vec<String>) =
@@ -487,7 +479,7 @@ pub async fn queue_rows(
     described: &HashMap<String, String>,
     agents: &[AgentRow],
     running: &[JobRow],
-) -> ApiResult<Vec<QueueRow>> {
+) -> StoreResult<Vec<QueueRow>> {
     if names.is_empty() {
         return Ok(Vec::new());
     }
@@ -524,7 +516,7 @@ pub async fn queue_rows(
 }
 
 /// The jobs the agents hold now (their `job_id`, when that job has not ended).
-pub async fn running_jobs(store: &Store, agents: &[AgentRow]) -> ApiResult<Vec<JobRow>> {
+pub async fn running_jobs(store: &Store, agents: &[AgentRow]) -> StoreResult<Vec<JobRow>> {
     let ids: Vec<String> = agents
         .iter()
         .filter(|a| !a.job_id.is_empty())
@@ -557,7 +549,7 @@ pub async fn queue_detail(
     agents: &[AgentRow],
     waiting: usize,
     recent: usize,
-) -> ApiResult<QueueDetail> {
+) -> StoreResult<QueueDetail> {
     let k = &store.keys;
     let mut c = store.con();
     let (description, head, recent_ids, submitted): (
