@@ -13,9 +13,12 @@
 //!   `<rundir>/<phase>.pgid`; an agent starting kills the groups it recorded whose
 //!   processes still carry their marker (never another agent's sharing the directory).
 //!
-//! Signals go to the group through `kill(1)`: the workspace forbids `unsafe`, and std
-//! has no safe `killpg`.
+//! Signals go to the group with `nix`'s safe `killpg` (the workspace forbids `unsafe`,
+//! and std has no `killpg`).
 
+use nix::errno::Errno;
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
 use std::collections::BTreeMap;
 use std::io;
 use std::os::fd::OwnedFd;
@@ -109,52 +112,48 @@ impl ProcessTree {
     /// removing the keys it added), so the group gets the rest of the grace to finish.
     pub async fn kill_tree(&mut self, grace: Duration) -> io::Result<ExitStatus> {
         let deadline = tokio::time::Instant::now() + grace;
-        signal_group(self.pgid, "TERM").await;
+        signal_group(self.pgid, Signal::SIGTERM);
         let status = match tokio::time::timeout_at(deadline, self.child.wait()).await {
             Ok(s) => s?,
             Err(_) => {
-                signal_group(self.pgid, "KILL").await;
+                signal_group(self.pgid, Signal::SIGKILL);
                 self.child.wait().await?
             }
         };
-        while tokio::time::Instant::now() < deadline && group_alive(self.pgid).await {
+        while tokio::time::Instant::now() < deadline && group_alive(self.pgid) {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         // What ignored SIGTERM (or outlived the grace) goes now.
-        signal_group(self.pgid, "KILL").await;
+        signal_group(self.pgid, Signal::SIGKILL);
         Ok(status)
     }
 }
 
-/// Whether any process of group `pgid` is still there (`kill -0 -- -PGID`).
-pub async fn group_alive(pgid: u32) -> bool {
-    Command::new("kill")
-        .arg("-0")
-        .arg("--")
-        .arg(format!("-{pgid}"))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .await
-        .is_ok_and(|s| s.success())
+/// The group id `pgid` as `killpg` takes it; `None` for 0 and 1 (our own group, and
+/// "every process" to `kill(2)`) and for what does not fit a pid.
+fn group_pid(pgid: u32) -> Option<Pid> {
+    i32::try_from(pgid)
+        .ok()
+        .filter(|p| *p > 1)
+        .map(Pid::from_raw)
 }
 
-/// Sends `signal` (a name such as `TERM`) to every process of group `pgid`.
-/// Best effort: a group that is already gone is fine.
-pub async fn signal_group(pgid: u32, signal: &str) {
-    let r = Command::new("kill")
-        .arg("-s")
-        .arg(signal)
-        .arg("--")
-        .arg(format!("-{pgid}"))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .await;
-    if let Err(e) = r {
-        tracing::warn!(pgid, signal, error = %e, "could not run kill(1)");
+/// Whether any process of group `pgid` is still there (`killpg(pgid, 0)`: the group
+/// exists and may be signalled).
+pub fn group_alive(pgid: u32) -> bool {
+    group_pid(pgid).is_some_and(|g| killpg(g, None).is_ok())
+}
+
+/// Sends `signal` to every process of group `pgid`. Best effort: a group that is
+/// already gone (`ESRCH`) is fine; any other error is logged.
+pub fn signal_group(pgid: u32, signal: Signal) {
+    let Some(group) = group_pid(pgid) else {
+        tracing::warn!(pgid, %signal, "not a phase's process group; no signal sent");
+        return;
+    };
+    match killpg(group, signal) {
+        Ok(()) | Err(Errno::ESRCH) => {}
+        Err(e) => tracing::warn!(pgid, %signal, error = %e, "cannot signal the process group"),
     }
 }
 
@@ -328,21 +327,9 @@ pub fn watchdog_main(grace: Duration) {
     }
 }
 
-fn kill_blocking(pgid: u32, signal: &str) {
-    let _ = std::process::Command::new("kill")
-        .arg("-s")
-        .arg(signal)
-        .arg("--")
-        .arg(format!("-{pgid}"))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status();
-}
-
 /// SIGTERM to group `pgid`, SIGKILL after `grace` if any member still lives.
 pub fn kill_group_blocking(pgid: u32, grace: Duration) {
-    kill_blocking(pgid, "TERM");
+    signal_group(pgid, Signal::SIGTERM);
     let end = std::time::Instant::now() + grace;
     while std::time::Instant::now() < end {
         if group_members(pgid).is_empty() {
@@ -350,7 +337,7 @@ pub fn kill_group_blocking(pgid: u32, grace: Duration) {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    kill_blocking(pgid, "KILL");
+    signal_group(pgid, Signal::SIGKILL);
 }
 
 /// The live (not zombie) processes of group `pgid`, from `/proc`.

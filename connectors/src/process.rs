@@ -2,6 +2,8 @@
 //! `test_cmds`. Nothing else from the job is ever handed to a shell.
 
 use crate::error::{ConnectorError, Result};
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
 use std::os::unix::process::ExitStatusExt;
 use std::process::ExitStatus;
 use std::time::Duration;
@@ -48,12 +50,13 @@ pub async fn run_bounded(mut cmd: Command, limit: Duration, what: &str) -> Resul
             Ok(Outcome::Exited(exit_code(status)))
         }
         Err(_) => {
-            if let Some(pid) = child.id() {
-                // `kill` the program: the crate forbids unsafe, so no libc::kill.
-                let _ = Command::new("kill")
-                    .args(["-KILL", "--", &format!("-{pid}")])
-                    .status()
-                    .await;
+            // The group id is the child's pid (`process_group(0)`). `nix`'s safe
+            // `killpg` (the crate forbids unsafe); ESRCH (the group is gone) is fine, and
+            // the child itself is killed below in any case.
+            if let Some(pgid) = child.id().and_then(|p| i32::try_from(p).ok())
+                && pgid > 1
+            {
+                let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
             }
             let _ = child.kill().await;
             Ok(Outcome::TimedOut)

@@ -375,27 +375,23 @@ impl Redis {
     }
 }
 
-/// Sends a signal to one process id through `kill(1)` (the workspace forbids `unsafe`).
-pub fn signal_pid(pid: u32, signal: &str) -> bool {
-    std::process::Command::new("kill")
-        .arg("-s")
-        .arg(signal)
-        .arg(pid.to_string())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
+/// The signal named `signal` without its `SIG` (`"TERM"`, `"KILL"`), and `pid` as
+/// `nix` takes it.
+fn signal_and_pid(pid: u32, signal: &str) -> Option<(nix::unistd::Pid, nix::sys::signal::Signal)> {
+    let signal = format!("SIG{signal}").parse().ok()?;
+    let pid = i32::try_from(pid).ok().filter(|p| *p > 1)?;
+    Some((nix::unistd::Pid::from_raw(pid), signal))
 }
 
-/// Sends a signal to a process group.
+/// Sends a signal to one process id with `nix`'s safe kill(2) (the workspace forbids
+/// `unsafe`). `false` when it was not delivered (ESRCH: already gone).
+pub fn signal_pid(pid: u32, signal: &str) -> bool {
+    signal_and_pid(pid, signal)
+        .is_some_and(|(pid, signal)| nix::sys::signal::kill(pid, signal).is_ok())
+}
+
+/// Sends a signal to a process group (`killpg`); `false` as for [`signal_pid`].
 pub fn signal_group(pgid: u32, signal: &str) -> bool {
-    std::process::Command::new("kill")
-        .arg("-s")
-        .arg(signal)
-        .arg("--")
-        .arg(format!("-{pgid}"))
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
+    signal_and_pid(pgid, signal)
+        .is_some_and(|(pgid, signal)| nix::sys::signal::killpg(pgid, signal).is_ok())
 }

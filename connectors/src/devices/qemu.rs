@@ -208,14 +208,13 @@ impl Vm {
             let _ = std::fs::remove_file(self.path(PID_FILE));
             return false;
         };
-        for (signal, wait) in [("TERM", 10), ("KILL", 5)] {
-            let _ = Command::new("kill")
-                .args(["-s", signal, "--", &pid.to_string()])
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status()
-                .await;
+        use nix::sys::signal::Signal;
+        for (signal, wait) in [(Signal::SIGTERM, 10), (Signal::SIGKILL, 5)] {
+            // `nix`'s safe kill(2) (no `unsafe` here). An error is ESRCH (the VM is gone
+            // already) or EPERM (the pid is no longer ours): the wait below decides.
+            if let Ok(pid) = i32::try_from(pid) {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal);
+            }
             let deadline = Instant::now() + Duration::from_secs(wait);
             while self.pid().is_some() && Instant::now() < deadline {
                 tokio::time::sleep(Duration::from_millis(100)).await;
