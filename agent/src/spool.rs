@@ -390,12 +390,8 @@ pub async fn deliver(
         spool.delivered.send_replace(seq + 1);
     };
     while let Some(seq) = pending.recv().await {
-        let path = entry_path(&dir, seq);
-        let mut size = std::fs::metadata(&path).map_or(0, |m| m.len());
-        let entry = match std::fs::read(&path)
-            .map_err(|e| e.to_string())
-            .and_then(|b| serde_json::from_slice::<Entry>(&b).map_err(|e| e.to_string()))
-        {
+        let (path, mut size, entry) = read_entry(&dir, seq);
+        let entry = match entry {
             Ok(e) => e,
             Err(e) => {
                 tracing::error!(entry = %path.display(), error = %e, "unreadable spool entry; skipping it");
@@ -455,6 +451,17 @@ pub async fn deliver(
     }
     remove(&dir);
     Delivered::All
+}
+
+/// Spooled entry `seq` of `dir`: its path, the bytes it takes on disk, and the entry
+/// (or why it cannot be read).
+fn read_entry(dir: &Path, seq: u64) -> (PathBuf, u64, Result<Entry, String>) {
+    let path = entry_path(dir, seq);
+    let size = std::fs::metadata(&path).map_or(0, |m| m.len());
+    let entry = std::fs::read(&path)
+        .map_err(|e| e.to_string())
+        .and_then(|b| serde_json::from_slice::<Entry>(&b).map_err(|e| e.to_string()));
+    (path, size, entry)
 }
 
 async fn send(
