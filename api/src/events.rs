@@ -94,7 +94,7 @@ impl EventSink {
     /// Starts the publishing task; it ends when every sink is dropped.
     pub fn start(
         broker: Broker,
-        http: reqwest::Client,
+        http: WebhookClients,
         settings: Arc<Settings>,
     ) -> (EventSink, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(BACKLOG);
@@ -207,7 +207,7 @@ pub fn relay_agent_events(
 async fn run(
     mut rx: mpsc::Receiver<Queued>,
     broker: Broker,
-    http: reqwest::Client,
+    http: WebhookClients,
     settings: Arc<Settings>,
     stats: Arc<EventStats>,
 ) {
@@ -417,19 +417,14 @@ pub struct WebhookResolver {
 }
 
 impl WebhookResolver {
-    pub fn new(settings: &Settings) -> WebhookResolver {
-        let listed = settings
-            .webhook_hosts()
-            .iter()
-            .filter_map(|h| {
-                let bare = |s: &str| {
-                    s.trim_start_matches('[')
-                        .trim_end_matches(']')
-                        .parse::<IpAddr>()
-                        .ok()
-                };
-                bare(h).or_else(|| h.rsplit_once(':').and_then(|(host, _)| bare(host)))
-            })
+    /// The resolver of connections to `port`: it lets through the addresses the
+    /// allow-list names without a port, and those it names with this very port
+    /// (`127.0.0.1:8080` exempts 127.0.0.1 from the blocked ranges on port 8080 only).
+    pub fn for_port(settings: &Settings, port: Option<u16>) -> WebhookResolver {
+        let listed = listed_addresses(settings)
+            .into_iter()
+            .filter(|(_, p)| p.is_none() || *p == port)
+            .map(|(ip, _)| ip)
             .collect();
         WebhookResolver {
             blocked: Arc::new(parse_nets(&settings.webhook_blocked_nets).unwrap_or_default()),
@@ -468,6 +463,71 @@ impl reqwest::dns::Resolve for WebhookResolver {
     }
 }
 
+/// The addresses the allow-list names, each with the port it names (if any).
+fn listed_addresses(settings: &Settings) -> Vec<(IpAddr, Option<u16>)> {
+    let bare = |s: &str| {
+        s.trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<IpAddr>()
+            .ok()
+    };
+    settings
+        .webhook_hosts()
+        .iter()
+        .filter_map(|h| match bare(h) {
+            Some(ip) => Some((ip, None)),
+            None => {
+                let (host, port) = h.rsplit_once(':')?;
+                Some((bare(host)?, Some(port.parse().ok()?)))
+            }
+        })
+        .collect()
+}
+
+/// The webhook HTTP clients (no redirect followed, 10 s timeout), one per port: a
+/// connection to a host name goes through the resolver of its URL's port
+/// ([`WebhookResolver::for_port`]), so an allow-list entry naming an address with a
+/// port exempts that address on that port only, whatever other entry names a host
+/// that resolves to it. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct WebhookClients {
+    by_port: Arc<std::collections::HashMap<u16, reqwest::Client>>,
+    other: reqwest::Client,
+}
+
+impl WebhookClients {
+    pub fn new(settings: &Settings) -> Result<WebhookClients, reqwest::Error> {
+        let client = |port: Option<u16>| {
+            reqwest::Client::builder()
+                .timeout(Duration::from_secs(10))
+                .redirect(reqwest::redirect::Policy::none())
+                .dns_resolver(Arc::new(WebhookResolver::for_port(settings, port)))
+                .build()
+        };
+        let mut by_port = std::collections::HashMap::new();
+        for (_, port) in listed_addresses(settings) {
+            if let Some(p) = port
+                && !by_port.contains_key(&p)
+            {
+                by_port.insert(p, client(Some(p))?);
+            }
+        }
+        Ok(WebhookClients {
+            by_port: Arc::new(by_port),
+            other: client(None)?,
+        })
+    }
+
+    /// The client for a call to `url`.
+    pub fn for_url(&self, url: &str) -> &reqwest::Client {
+        reqwest::Url::parse(url)
+            .ok()
+            .and_then(|u| u.port_or_known_default())
+            .and_then(|p| self.by_port.get(&p))
+            .unwrap_or(&self.other)
+    }
+}
+
 /// Whether `url`'s host (or `host:port`) is in the allow-list.
 pub fn webhook_allowed(allowed: &[String], url: &str) -> bool {
     let Ok(u) = reqwest::Url::parse(url) else {
@@ -488,13 +548,13 @@ pub fn webhook_allowed(allowed: &[String], url: &str) -> bool {
 
 /// Makes one job's webhook calls in order; ends when it has none left.
 async fn deliver_in_order(
-    http: reqwest::Client,
+    http: WebhookClients,
     job: String,
     hooks: Arc<Mutex<Hooks>>,
     stats: Arc<EventStats>,
 ) {
     while let Some(call) = Hooks::next(&hooks, &job) {
-        deliver(&http, &call.url, &call.body, &job).await;
+        deliver(http.for_url(&call.url), &call.url, &call.body, &job).await;
         Hooks::done(&hooks, call.bytes(), &stats);
     }
 }

@@ -60,12 +60,7 @@ impl Application {
         // Webhooks only: a redirect would let a webhook host send us anywhere, past the
         // allow-list, so none is followed; host names are resolved by a resolver that
         // drops blocked addresses (TESTFLINGER_WEBHOOK_BLOCKED_NETS).
-        let http = reqwest::Client::builder()
-            .timeout(std::time::Duration::from_secs(10))
-            .redirect(reqwest::redirect::Policy::none())
-            .dns_resolver(Arc::new(crate::events::WebhookResolver::new(&settings)))
-            .build()
-            .context("http client")?;
+        let http = crate::events::WebhookClients::new(&settings).context("http client")?;
         let listener = match listener {
             Some(l) => l,
             None => TcpListener::bind(&settings.bind)
@@ -83,12 +78,14 @@ impl Application {
         }
         let port = listener.local_addr()?.port();
         let workers = settings.workers;
-        let auth = Arc::new(crate::auth::Auth::new(
-            settings.jwt_signing_key.as_ref().map(|k| k.0.as_str()),
-            settings.jwt_leeway,
-            settings.access_ttl,
-        )
-        .with_max_hashes(settings.login_max_hashes));
+        let auth = Arc::new(
+            crate::auth::Auth::new(
+                settings.jwt_signing_key.as_ref().map(|k| k.0.as_str()),
+                settings.jwt_leeway,
+                settings.access_ttl,
+            )
+            .with_max_hashes(settings.login_max_hashes),
+        );
         if auth.enabled() {
             bootstrap_admin(&store, &settings).await?;
         } else {

@@ -11,7 +11,8 @@ pub struct AppState {
     pub broker: Broker,
     pub files: FileStore,
     pub settings: std::sync::Arc<Settings>,
-    pub http: reqwest::Client,
+    /// Webhook calls only (see [`crate::events::WebhookClients`]).
+    pub http: crate::events::WebhookClients,
     pub events: crate::events::EventSink,
     pub metrics: std::sync::Arc<crate::metrics::Metrics>,
     /// Authentication and roles (off without `JWT_SIGNING_KEY`).

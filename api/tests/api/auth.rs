@@ -927,6 +927,39 @@ async fn an_allowed_webhook_host_name_that_resolves_to_a_blocked_address_is_not_
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn an_allow_listed_address_with_a_port_is_exempt_on_that_port_only() {
+    // The allow-list names 127.0.0.1 with the port of one receiver, and `localhost`
+    // (which resolves to 127.0.0.1, a blocked address) without a port. A webhook to
+    // `localhost` on another port must not reach 127.0.0.1 through the first entry.
+    let (listed, listed_hits) = fixed_server("HTTP/1.1 200 OK", String::new());
+    let (other, other_hits) = fixed_server("HTTP/1.1 200 OK", String::new());
+    let app =
+        TestApp::spawn_with(|s| s.webhook_allowed_hosts = format!("127.0.0.1:{listed},localhost"))
+            .await;
+    let q = app.queue("port");
+    app.submit(
+        json!({"job_queue": q, "job_status_webhook": format!("http://localhost:{other}/hook")}),
+    )
+    .await;
+    // The listed port through the name is delivered (the check is per port, not off).
+    app.submit(
+        json!({"job_queue": q, "job_status_webhook": format!("http://localhost:{listed}/hook")}),
+    )
+    .await;
+    app.wait_for(10, "the call to the listed port", || async {
+        (listed_hits.load(std::sync::atomic::Ordering::SeqCst) > 0).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        other_hits.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "a host name reached a blocked address on a port the allow-list does not name for it"
+    );
+    app.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_submit_to_an_unregistered_queue_creates_no_broker_queue_until_an_agent_serves_it() {
     let app = auth_app(false).await;
     let admin = access(&app, ADMIN, ADMIN_SECRET).await;
