@@ -15,10 +15,10 @@
 use crate::error::{ApiError, ApiResult};
 use actix_web::http::StatusCode;
 use actix_web::{FromRequest, HttpRequest, dev::Payload, web};
+use futures_util::future::LocalBoxFuture;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-use futures_util::future::LocalBoxFuture;
 use testflinger_common::Job;
 
 /// Default lifetime of an access token, seconds (upstream: 10 minutes).
@@ -150,7 +150,8 @@ pub struct Auth {
     decoy: tokio::sync::OnceCell<String>,
     /// One login hashed at a time per client address: a flood from one address holds
     /// at most one hashing slot, so logins from elsewhere are not queued behind it.
-    per_address: std::sync::Mutex<std::collections::HashMap<String, std::sync::Arc<tokio::sync::Mutex<()>>>>,
+    per_address:
+        std::sync::Mutex<std::collections::HashMap<String, std::sync::Arc<tokio::sync::Mutex<()>>>>,
 }
 
 /// A client address's login turn (see [`Auth::login_turn`]); frees its entry on drop.
@@ -164,7 +165,8 @@ impl Drop for LoginTurn<'_> {
     fn drop(&mut self) {
         self.lock = None;
         if let Ok(mut m) = self.auth.per_address.lock()
-            && m.get(&self.addr).is_some_and(|l| std::sync::Arc::strong_count(l) == 1)
+            && m.get(&self.addr)
+                .is_some_and(|l| std::sync::Arc::strong_count(l) == 1)
         {
             m.remove(&self.addr);
         }
@@ -338,7 +340,10 @@ impl Caller {
     /// The caller given a raw `Authorization` header value (or none), checked against
     /// the client's record: a token of a client deleted or changed since it was issued
     /// (its generation moved) is refused with 401, as an expired one is.
-    pub async fn authenticate(app: &crate::state::AppState, header: Option<&str>) -> ApiResult<Caller> {
+    pub async fn authenticate(
+        app: &crate::state::AppState,
+        header: Option<&str>,
+    ) -> ApiResult<Caller> {
         let (mut caller, generation) = Caller::from_authorization(&app.auth, header)?;
         let Some(p) = &caller.perms else {
             return Ok(caller);

@@ -143,7 +143,10 @@ impl ResponseError for ApiError {
                 "message": format!("Validation error: {v}"),
             })),
             ApiError::TooManyRequests(secs, m) => HttpResponse::build(status)
-                .insert_header((actix_web::http::header::RETRY_AFTER, secs.max(&1).to_string()))
+                .insert_header((
+                    actix_web::http::header::RETRY_AFTER,
+                    secs.max(&1).to_string(),
+                ))
                 .json(json!({"detail": {}, "message": m})),
             ApiError::Internal(e) => {
                 tracing::error!(error = ?e, "internal error");

@@ -90,10 +90,10 @@ impl FileStore {
     /// the uploader still holds the job in the same step.
     pub async fn stage_artifact(&self, id: &str, payload: Multipart) -> ApiResult<PathBuf> {
         let (tmp, _) = self.receive(Kind::Artifact, id, payload).await?;
-        let staged = self.root.join(Kind::Artifact.dir()).join(format!(
-            "{id}.{}.tar.gz",
-            uuid::Uuid::new_v4().simple()
-        ));
+        let staged = self
+            .root
+            .join(Kind::Artifact.dir())
+            .join(format!("{id}.{}.tar.gz", uuid::Uuid::new_v4().simple()));
         if let Err(e) = tokio::fs::rename(&tmp, &staged).await {
             let _ = tokio::fs::remove_file(&tmp).await;
             return Err(e.into());

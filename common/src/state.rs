@@ -273,7 +273,11 @@ mod tests {
         assert!(!AgentState::record_takes_jobs(Some("")));
         assert!(!AgentState::record_takes_jobs(Some("bogus")));
         assert!(AgentState::record_takes_jobs(Some("test")));
-        assert!(AgentState::ALL.iter().all(|s| !s.blocks_jobs() || !s.takes_jobs()));
+        assert!(
+            AgentState::ALL
+                .iter()
+                .all(|s| !s.blocks_jobs() || !s.takes_jobs())
+        );
     }
 
     #[test]

@@ -358,7 +358,11 @@ async fn put_client(
         .unwrap_or(Role::Contributor);
     if (c.agent_id.is_some() || c.agent_queues.is_some()) && final_role != Role::Agent {
         return Err(ApiError::Validation(ValidationError::new(
-            if c.agent_id.is_some() { "agent_id" } else { "agent_queues" },
+            if c.agent_id.is_some() {
+                "agent_id"
+            } else {
+                "agent_queues"
+            },
             format!(
                 "only an agent client has an agent identity; this client's role is {}",
                 final_role.as_str()

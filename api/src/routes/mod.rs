@@ -11,8 +11,8 @@ pub mod results;
 pub mod secrets;
 
 use crate::error::{ApiError, ApiResult};
-use actix_web::http::StatusCode;
 use crate::state::AppState;
+use actix_web::http::StatusCode;
 use actix_web::{HttpRequest, HttpResponse, web};
 use testflinger_common::JobId;
 use testflinger_common::protocol::{FenceToken, TOKEN_HEADER};
