@@ -22,7 +22,7 @@ async fn read_pid(lab: &TestLab, file: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_kills_the_whole_process_tree_quickly() {
     let mut lab = TestLab::start("cancel").await;
-    let dir = lab.dir.path().display().to_string();
+    let dir = lab.dir().display().to_string();
     lab.spawn_agent(
         "dev-cancel",
         json!({

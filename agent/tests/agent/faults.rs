@@ -20,7 +20,7 @@ fn short_lease(secs: u64) -> ServerOpts {
 /// A test phase that leaves a background child and waits; its shell's pid is the
 /// phase's process group id.
 fn phase_with_child(lab: &TestLab, name: &str) -> String {
-    let dir = lab.dir.path().display();
+    let dir = lab.dir().display();
     format!(
         "sleep 600 & echo $! > {dir}/{name}-child.pid; echo $$ > {dir}/{name}-shell.pid; echo started; wait"
     )
@@ -531,7 +531,7 @@ async fn an_excluded_agent_takes_the_next_job_instead_of_starving() {
 async fn output_written_while_the_agent_was_not_scheduled_is_kept() {
     let mut lab = TestLab::start_with("drainstall", ServerOpts::default()).await;
     let lines = 3000;
-    let dir = lab.dir.path().display().to_string();
+    let dir = lab.dir().display().to_string();
     let cmd = format!(
         "A=$PPID; echo $A > {dir}/parent.pid; \
          ( sleep 0.3; kill -STOP $A; sleep 2.2; kill -CONT $A ) & \

@@ -3,42 +3,11 @@
 
 use reqwest::StatusCode;
 use serde_json::{Value, json};
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
-use testflinger_broker::{Broker, BrokerConfig};
-
-pub fn amqp_uri() -> String {
-    std::env::var("AMQP_URI").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
-}
-
-pub fn redis_url() -> String {
-    std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/".into())
-}
-
-/// The server binary, built next to this test binary (`cargo build -p testflinger-api`).
-fn server_binary() -> PathBuf {
-    let exe = std::env::current_exe().expect("current exe");
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target profile dir");
-    let bin = dir.join("testflinger-server");
-    assert!(
-        bin.exists(),
-        "{} is missing: build it first with `cargo build -p testflinger-api --bin testflinger-server` in the same target dir",
-        bin.display()
-    );
-    bin
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
+use testflinger_testing::{Agent, Server, short_id, write_agent_config};
+pub use testflinger_testing::{amqp_uri, redis_url};
 
 /// Server settings a test may change.
 #[derive(Debug, Clone)]
@@ -62,30 +31,32 @@ impl Default for ServerOpts {
     }
 }
 
+impl ServerOpts {
+    fn env(&self) -> Vec<(String, String)> {
+        let mut env: Vec<(String, String)> = [
+            ("TESTFLINGER_LEASE_TTL", self.lease_ttl.to_string()),
+            ("TESTFLINGER_REAPER_INTERVAL_MS", self.reaper_ms.to_string()),
+            ("TESTFLINGER_QUEUE_TYPE", self.queue_type.to_string()),
+            ("TESTFLINGER_RETENTION", "1800".to_string()),
+            ("TESTFLINGER_WORKERS", "2".to_string()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        env.extend(self.env.iter().cloned());
+        env
+    }
+}
+
 pub struct TestLab {
     pub prefix: String,
     pub queue: String,
-    pub dir: tempfile::TempDir,
     pub base: String,
     pub http: reqwest::Client,
-    server: Child,
-    port: u16,
-    opts: ServerOpts,
-    agents: Vec<AgentProc>,
-    queues: Vec<String>,
-}
-
-/// A spawned agent process.
-pub struct AgentProc {
-    pub name: String,
-    pub child: Child,
-    pub log: PathBuf,
-}
-
-impl AgentProc {
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
+    // Dropped in this order: the agents, then the server (which removes its Redis keys,
+    // queues and temp dir).
+    agents: Vec<Agent>,
+    server: Server,
 }
 
 impl TestLab {
@@ -95,76 +66,48 @@ impl TestLab {
 
     pub async fn start_with(name: &str, opts: ServerOpts) -> TestLab {
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let suffix = uuid::Uuid::new_v4().simple().to_string()[..10].to_string();
+        let suffix = short_id();
         let prefix = format!("tfagent-{name}-{suffix}");
         let queue = format!("agent-test-{name}-{suffix}");
-        let dir = tempfile::tempdir().expect("tempdir");
-        let data = dir.path().join("data");
-        std::fs::create_dir_all(&data).expect("data dir");
+        let server = tokio::task::block_in_place(|| Server::start(&prefix, opts.env()));
+        server.own_queue(&queue);
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(20))
             .build()
             .expect("http client");
-        let mut last_err = String::new();
-        for _ in 0..3 {
-            let port = free_port();
-            let mut server = spawn_server(dir.path(), &prefix, port, &opts, false);
-            let base = format!("http://127.0.0.1:{port}");
-            match wait_ready(&http, &base, &mut server, dir.path()).await {
-                Ok(()) => {
-                    return TestLab {
-                        prefix,
-                        queue: queue.clone(),
-                        dir,
-                        base,
-                        http,
-                        server,
-                        port,
-                        opts,
-                        agents: Vec::new(),
-                        queues: vec![queue],
-                    };
-                }
-                Err(e) => {
-                    last_err = e;
-                    let _ = server.kill();
-                    let _ = server.wait();
-                }
-            }
+        TestLab {
+            prefix,
+            queue,
+            base: server.url.clone(),
+            http,
+            agents: Vec::new(),
+            server,
         }
-        panic!("testflinger-server did not start: {last_err}");
+    }
+
+    /// The lab's directory (agent configs, run dirs, logs; the server's `server.log`).
+    pub fn dir(&self) -> &Path {
+        self.server.dir.path()
+    }
+
+    /// What the server has logged.
+    pub fn server_log(&self) -> String {
+        self.server.log()
     }
 
     /// SIGKILLs the server (the API is down until [`TestLab::restart_server`]).
     pub fn stop_server(&mut self) {
-        let _ = self.server.kill();
-        let _ = self.server.wait();
+        self.server.stop();
     }
 
     /// Starts the server again on the same port, prefix and data dir; waits until it
     /// answers.
     pub async fn restart_server(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let mut server =
-                spawn_server(self.dir.path(), &self.prefix, self.port, &self.opts, true);
-            match wait_ready(&self.http, &self.base, &mut server, self.dir.path()).await {
-                Ok(()) => {
-                    self.server = server;
-                    return;
-                }
-                Err(e) => {
-                    let _ = server.kill();
-                    let _ = server.wait();
-                    assert!(Instant::now() < deadline, "server did not restart: {e}");
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                }
-            }
-        }
+        tokio::task::block_in_place(|| self.server.restart());
     }
 
     pub fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
+        self.dir().join(name)
     }
 
     /// Writes an agent config (defaults + `extra` keys) and returns its path.
@@ -184,15 +127,8 @@ impl TestLab {
         if let (Some(o), Value::Object(e)) = (cfg.as_object_mut(), extra) {
             o.extend(e);
         }
-        // JSON flow style is YAML.
-        let mut yaml = String::new();
-        if let Value::Object(o) = &cfg {
-            for (k, v) in o {
-                yaml.push_str(&format!("{k}: {v}\n"));
-            }
-        }
         let path = self.path(&format!("{agent}.yaml"));
-        std::fs::write(&path, yaml).expect("write agent config");
+        write_agent_config(&path, &cfg);
         path
     }
 
@@ -212,46 +148,34 @@ impl TestLab {
     ) -> usize {
         let cfg = self.agent_config(agent, extra);
         let log = self.path(&format!("{agent}-{}.log", self.agents.len()));
-        let file = std::fs::File::create(&log).expect("agent log");
-        let child = Command::new(env!("CARGO_BIN_EXE_testflinger-agent"))
-            .arg("-c")
-            .arg(&cfg)
-            .args(args)
-            .env("RUST_LOG", "testflinger_agent=debug,info")
-            .env("AMQP_URI", amqp_uri())
-            .envs(env.iter().cloned())
-            .stdout(Stdio::null())
-            .stderr(file)
-            .spawn()
-            .expect("spawn agent");
-        self.agents.push(AgentProc {
-            name: agent.to_string(),
-            child,
-            log,
-        });
+        let mut env = env.to_vec();
+        env.insert(
+            0,
+            ("RUST_LOG".into(), "testflinger_agent=debug,info".into()),
+        );
+        self.agents
+            .push(Agent::start_with(agent, &cfg, &log, args, &env));
         self.agents.len() - 1
     }
 
     /// Another queue of this test, deleted with the lab.
     pub fn extra_queue(&mut self, suffix: &str) -> String {
         let q = format!("{}-{suffix}", self.queue);
-        self.queues.push(q.clone());
+        self.server.own_queue(&q);
         q
     }
 
-    pub fn agent(&mut self, i: usize) -> &mut AgentProc {
+    pub fn agent(&mut self, i: usize) -> &mut Agent {
         &mut self.agents[i]
     }
 
     pub fn agent_log(&self, i: usize) -> String {
-        std::fs::read_to_string(&self.agents[i].log).unwrap_or_default()
+        self.agents[i].log_text()
     }
 
     /// SIGKILL: the agent dies without releasing anything.
     pub fn kill_agent(&mut self, i: usize) {
-        let a = &mut self.agents[i];
-        let _ = a.child.kill();
-        let _ = a.child.wait();
+        self.agents[i].kill();
     }
 
     /// SIGTERM, then waits up to `within` for the process to exit; returns its status.
@@ -443,56 +367,6 @@ impl TestLab {
     }
 }
 
-fn spawn_server(dir: &Path, prefix: &str, port: u16, opts: &ServerOpts, append: bool) -> Child {
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(append)
-        .write(true)
-        .truncate(!append)
-        .open(dir.join("server.log"))
-        .expect("server log");
-    Command::new(server_binary())
-        .env("AMQP_URI", amqp_uri())
-        .env("REDIS_URL", redis_url())
-        .env("DATA_PATH", dir.join("data"))
-        .env("TESTFLINGER_BIND", format!("127.0.0.1:{port}"))
-        .env("TESTFLINGER_REDIS_PREFIX", prefix)
-        .env("TESTFLINGER_LEASE_TTL", opts.lease_ttl.to_string())
-        .env("TESTFLINGER_REAPER_INTERVAL_MS", opts.reaper_ms.to_string())
-        .env("TESTFLINGER_QUEUE_TYPE", opts.queue_type)
-        .env("TESTFLINGER_RETENTION", "1800")
-        .env("TESTFLINGER_SUBMIT_CONSUMER", "false")
-        .env("TESTFLINGER_WORKERS", "2")
-        .env("RUST_LOG", "info")
-        .envs(opts.env.clone())
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("spawn testflinger-server")
-}
-
-async fn wait_ready(
-    http: &reqwest::Client,
-    base: &str,
-    server: &mut Child,
-    dir: &Path,
-) -> Result<(), String> {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while Instant::now() < deadline {
-        if let Ok(Some(status)) = server.try_wait() {
-            let log = std::fs::read_to_string(dir.join("server.log")).unwrap_or_default();
-            return Err(format!("server exited with {status}: {log}"));
-        }
-        if let Ok(r) = http.get(format!("{base}/v1/")).send().await
-            && r.status().is_success()
-        {
-            return Ok(());
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    Err("no answer within 20 s".into())
-}
-
 fn is_phase(v: &Value) -> bool {
     matches!(
         v.as_str(),
@@ -513,60 +387,6 @@ pub async fn wait_pid_gone(pid: &str, within: Duration) -> bool {
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
     false
-}
-
-impl Drop for TestLab {
-    fn drop(&mut self) {
-        for a in &mut self.agents {
-            let _ = a.child.kill();
-            let _ = a.child.wait();
-        }
-        let _ = self.server.kill();
-        let _ = self.server.wait();
-        let queues = std::mem::take(&mut self.queues);
-        let prefix = self.prefix.clone();
-        // Own runtime on another thread: Drop may run inside the test's runtime.
-        let _ = std::thread::spawn(move || {
-            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            else {
-                return;
-            };
-            rt.block_on(async move {
-                if let Ok(b) = Broker::new(BrokerConfig::new(amqp_uri())) {
-                    for q in &queues {
-                        let _ = b.delete_queue(q).await;
-                    }
-                }
-                if let Ok(client) = redis::Client::open(redis_url())
-                    && let Ok(mut con) = client.get_multiplexed_async_connection().await
-                {
-                    let mut cursor: u64 = 0;
-                    loop {
-                        let r: Result<(u64, Vec<String>), _> = redis::cmd("SCAN")
-                            .arg(cursor)
-                            .arg("MATCH")
-                            .arg(format!("{prefix}*"))
-                            .arg("COUNT")
-                            .arg(500)
-                            .query_async(&mut con)
-                            .await;
-                        let Ok((next, keys)) = r else { break };
-                        if !keys.is_empty() {
-                            let _: Result<(), _> =
-                                redis::cmd("DEL").arg(&keys).query_async(&mut con).await;
-                        }
-                        if next == 0 {
-                            break;
-                        }
-                        cursor = next;
-                    }
-                }
-            });
-        })
-        .join();
-    }
 }
 
 /// A loopback TCP proxy in front of the API that can stop forwarding: after

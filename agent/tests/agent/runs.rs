@@ -7,6 +7,7 @@ use flate2::write::GzEncoder;
 use serde_json::json;
 use std::io::Read;
 use std::time::{Duration, Instant};
+use testflinger_testing::peak_rss_kib;
 
 const LONG: Duration = Duration::from_secs(30);
 
@@ -377,24 +378,12 @@ async fn serial_logs_keep_characters_across_fragment_boundaries() {
     let agent_log = lab.agent_log(0);
     assert!(agent_log.contains("registered"), "{agent_log}");
     assert!(!agent_log.contains('\x1b'), "escape codes in the agent log");
-    let server_log = std::fs::read_to_string(lab.dir.path().join("server.log")).unwrap_or_default();
+    let server_log = lab.server_log();
     assert!(!server_log.is_empty());
     assert!(
         !server_log.contains('\x1b'),
         "escape codes in the server log"
     );
-}
-
-/// Peak resident memory (`VmHWM`) of process `pid`, in KiB.
-fn peak_rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmHWM:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        })
-        .unwrap_or(0)
 }
 
 /// Submits a job with attachments, uploads a harmless archive, then puts `stored` in

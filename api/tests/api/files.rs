@@ -252,14 +252,7 @@ async fn a_job_whose_attachments_never_come_is_cancelled_with_a_reason() {
 
 /// The test process's peak resident memory (`VmHWM` of /proc/self/status), in KiB.
 pub fn peak_rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmHWM:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        })
-        .unwrap_or(0)
+    testflinger_testing::peak_rss_kib(std::process::id())
 }
 
 async fn upload_attachments(app: &TestApp, id: &str, gz: Vec<u8>) -> (u16, String) {

@@ -1,28 +1,23 @@
 use reqwest::{Client, Response};
 use serde_json::{Value, json};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use testflinger_api::settings::Settings;
 use testflinger_api::startup::Application;
 use testflinger_api::state::AppState;
 use testflinger_broker::Broker;
+use testflinger_testing::Cleanup;
+pub use testflinger_testing::{PrivateRedis, unique};
 
 pub struct TestApp {
     pub base: String,
     pub http: Client,
     pub state: AppState,
     pub prefix: String,
+    /// This test's queues: deleted by [`TestApp::cleanup`], else on drop.
     pub queues: std::sync::Mutex<Vec<String>>,
-    data: PathBuf,
     handle: actix_web::dev::ServerHandle,
-}
-
-pub fn unique(tag: &str) -> String {
-    format!(
-        "t-{tag}-{}",
-        &uuid::Uuid::new_v4().simple().to_string()[..10]
-    )
+    /// Removes the Redis keys, the data dir and the queues left in `queues` on drop.
+    guard: Cleanup,
 }
 
 impl TestApp {
@@ -35,6 +30,10 @@ impl TestApp {
         let data = std::env::temp_dir().join(&prefix);
         let mut s = Settings::for_tests(&prefix, data.clone());
         f(&mut s);
+        let guard = Cleanup::new()
+            .amqp(&s.amqp_uri)
+            .redis_prefix(&s.redis_url, &prefix)
+            .dir(data);
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         let app = Application::build(s, Some(listener))
             .await
@@ -52,8 +51,8 @@ impl TestApp {
             state,
             prefix,
             queues: std::sync::Mutex::new(Vec::new()),
-            data,
             handle,
+            guard,
         }
     }
 
@@ -143,104 +142,23 @@ impl TestApp {
         }
     }
 
-    /// Removes this test's queues, Redis keys and files.
+    /// Removes this test's queues (through the app's broker connection) and stops the
+    /// app; dropping it then removes its Redis keys and files.
     pub async fn cleanup(self) {
-        let queues: Vec<String> = self.queues.lock().expect("lock").clone();
+        let queues: Vec<String> = std::mem::take(&mut *self.queues.lock().expect("lock"));
         for q in &queues {
             let _ = self.state.broker.delete_queue(q).await;
         }
-        let mut c = self.state.store.con();
-        let keys: Vec<String> = redis::cmd("KEYS")
-            .arg(format!("{}:*", self.prefix))
-            .query_async(&mut c)
-            .await
-            .unwrap_or_default();
-        if !keys.is_empty() {
-            let _: redis::RedisResult<()> = redis::cmd("DEL").arg(keys).query_async(&mut c).await;
-        }
-        let _ = std::fs::remove_dir_all(&self.data);
         self.handle.stop(false).await;
     }
 }
 
-/// A `redis-server` of this test's own: a free port, its own directory, killed on drop.
-pub struct PrivateRedis {
-    pub child: Child,
-    pub port: u16,
-    pub dir: tempfile::TempDir,
-}
-
-impl PrivateRedis {
-    /// Starts one on a free port with `extra` arguments and waits until it answers.
-    pub fn start(extra: &[&str]) -> PrivateRedis {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .expect("bind")
-            .local_addr()
-            .expect("addr")
-            .port();
-        Self::start_on(port, extra)
-    }
-
-    /// [`PrivateRedis::start`] on a given port (a Redis coming back where it was).
-    pub fn start_on(port: u16, extra: &[&str]) -> PrivateRedis {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let mut r = PrivateRedis {
-            child: Self::spawn(port, dir.path(), extra),
-            port,
-            dir,
-        };
-        r.wait_ready();
-        r
-    }
-
-    pub fn spawn(port: u16, dir: &std::path::Path, extra: &[&str]) -> Child {
-        Command::new("redis-server")
-            .args([
-                "--bind",
-                "127.0.0.1",
-                "--port",
-                &port.to_string(),
-                "--save",
-                "",
-            ])
-            .arg("--dir")
-            .arg(dir)
-            .args(extra)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server (Debian package redis-server) must be installed")
-    }
-
-    pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/", self.port)
-    }
-
-    /// Waits until the server answers PING with PONG (not LOADING).
-    pub fn wait_ready(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline {
-            if self.cli(&["PING"]).trim() == "PONG" {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        panic!("private redis on port {} did not start", self.port);
-    }
-
-    pub fn cli(&self, args: &[&str]) -> String {
-        let out = Command::new("redis-cli")
-            .args(["-p", &self.port.to_string()])
-            .args(args)
-            .output()
-            .expect("redis-cli");
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-}
-
-impl Drop for PrivateRedis {
+impl Drop for TestApp {
+    /// Without [`TestApp::cleanup`] (a failed test), the guard deletes the queues too.
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        let queues = std::mem::take(&mut *self.queues.lock().unwrap_or_else(|e| e.into_inner()));
+        for q in queues {
+            self.guard.queue(q);
+        }
     }
 }

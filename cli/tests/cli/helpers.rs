@@ -8,51 +8,12 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::Mutex;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
+use testflinger_testing::{Agent, Holder, Server, http_client, runtime, write_agent_config};
 
 /// Upper bound for any one CLI run in a test.
 pub const CLI_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// The directory holding the built binaries (the test binary's `target/<profile>`).
-pub fn bin_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_testflinger"))
-        .parent()
-        .expect("binary dir")
-        .to_path_buf()
-}
-
-pub fn built_binary(name: &str) -> PathBuf {
-    let path = bin_dir().join(name);
-    assert!(
-        path.exists(),
-        "{} is missing: build it first with `cargo build -p {}` in the same target dir",
-        path.display(),
-        if name == "testflinger-server" {
-            "testflinger-api"
-        } else {
-            name
-        }
-    );
-    path
-}
-
-fn amqp_uri() -> String {
-    std::env::var("AMQP_URI").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
-}
-
-fn redis_url() -> String {
-    std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/".into())
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
-}
-
-pub fn short_id() -> String {
-    uuid::Uuid::new_v4().simple().to_string()[..10].to_string()
-}
+pub use testflinger_testing::short_id;
 
 /// What a CLI run printed and how it ended.
 #[derive(Debug)]
@@ -90,14 +51,14 @@ pub struct TestEnv {
     pub rt: tokio::runtime::Runtime,
     pub http: reqwest::Client,
     pub url: String,
-    pub prefix: String,
+    /// The CLI's home: its config (`xdg/`), its working dir (`work/`), agents' files.
     pub dir: tempfile::TempDir,
-    server: Child,
-    children: Mutex<Vec<Child>>,
-    queues: Mutex<Vec<String>>,
-    broker: testflinger_broker::Broker,
-    /// Fencing tokens of the jobs this test holds as their agent.
-    tokens: Mutex<std::collections::HashMap<String, String>>,
+    /// The jobs this test holds as their agent.
+    holder: Holder,
+    // Dropped in this order: the agents, then the server (which removes its Redis keys,
+    // queues and temp dir).
+    agents: Mutex<Vec<Agent>>,
+    server: Server,
 }
 
 impl TestEnv {
@@ -108,89 +69,20 @@ impl TestEnv {
 
     /// Like [`TestEnv::start`], with extra server environment (e.g. `JWT_SIGNING_KEY`).
     pub fn start_with_env(extra: &[(&str, &str)]) -> TestEnv {
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
         let dir = tempfile::tempdir().expect("tempdir");
-        for sub in ["data", "xdg", "work"] {
+        for sub in ["xdg", "work"] {
             std::fs::create_dir_all(dir.path().join(sub)).expect("mkdir");
         }
-        let prefix = format!("tfclitest-{}", short_id());
-        let port = free_port();
-        let url = format!("http://127.0.0.1:{port}");
-        let log = std::fs::File::create(dir.path().join("server.log")).expect("server log");
-        let server = Command::new(built_binary("testflinger-server"))
-            .env("AMQP_URI", amqp_uri())
-            .env("REDIS_URL", redis_url())
-            .env("DATA_PATH", dir.path().join("data"))
-            .env("TESTFLINGER_BIND", format!("127.0.0.1:{port}"))
-            .env("TESTFLINGER_REDIS_PREFIX", &prefix)
-            .env_remove("TESTFLINGER_CONFIG")
-            .envs(extra.iter().copied())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawn testflinger-server");
-        let broker = {
-            let _guard = rt.enter();
-            testflinger_broker::Broker::new(testflinger_broker::BrokerConfig::new(amqp_uri()))
-                .expect("broker client")
-        };
-        // No idle pooled connections: this client only runs inside `block_on`, so it never
-        // sees the server close an idle connection (after its keep-alive, 5 s) and would
-        // reuse a dead one (hyper's IncompleteMessage).
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(20))
-            .pool_max_idle_per_host(0)
-            .build()
-            .expect("http client");
-        let mut env = TestEnv {
-            rt,
-            http,
-            url,
-            prefix,
+        let server = Server::start(&format!("tfclitest-{}", short_id()), extra.iter().copied());
+        TestEnv {
+            rt: runtime(),
+            http: http_client(Duration::from_secs(20)),
+            url: server.url.clone(),
             dir,
+            holder: Holder::new("cli-test-agent"),
+            agents: Mutex::new(Vec::new()),
             server,
-            children: Mutex::new(Vec::new()),
-            queues: Mutex::new(Vec::new()),
-            broker,
-            tokens: Mutex::new(std::collections::HashMap::new()),
-        };
-        env.wait_ready();
-        env
-    }
-
-    fn wait_ready(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Ok(Some(status)) = self.server.try_wait() {
-                panic!(
-                    "testflinger-server exited ({status}): {}",
-                    self.server_log()
-                );
-            }
-            let ok = self.rt.block_on(async {
-                match self.http.get(format!("{}/v1/", self.url)).send().await {
-                    Ok(r) => r.status().is_success(),
-                    Err(_) => false,
-                }
-            });
-            if ok {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "testflinger-server did not answer within 30 s: {}",
-                self.server_log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
         }
-    }
-
-    pub fn server_log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
     }
 
     pub fn xdg(&self) -> PathBuf {
@@ -204,7 +96,7 @@ impl TestEnv {
     /// A queue name no other test uses; deleted from RabbitMQ when the env drops.
     pub fn queue(&self, tag: &str) -> String {
         let q = format!("tfcli-{tag}-{}", short_id());
-        self.queues.lock().expect("lock").push(q.clone());
+        self.server.own_queue(&q);
         q
     }
 
@@ -315,14 +207,17 @@ impl TestEnv {
     }
 
     pub fn post_json(&self, path: &str, body: &Value) -> (u16, String) {
+        self.post(path, None, body)
+    }
+
+    /// POSTs JSON, with the fencing token `token` if given.
+    fn post(&self, path: &str, token: Option<&str>, body: &Value) -> (u16, String) {
+        let mut req = self.http.post(format!("{}{path}", self.url)).json(body);
+        if let Some(token) = token {
+            req = req.header("X-Testflinger-Token", token);
+        }
         self.rt.block_on(async {
-            let resp = self
-                .http
-                .post(format!("{}{path}", self.url))
-                .json(body)
-                .send()
-                .await
-                .expect("POST");
+            let resp = req.send().await.expect("POST");
             let status = resp.status().as_u16();
             (status, resp.text().await.unwrap_or_default())
         })
@@ -351,39 +246,13 @@ impl TestEnv {
     /// returns the fencing token its writes carry: the server accepts writes about a
     /// job from its holder only.
     pub fn hold(&self, job_id: &str) -> String {
-        if let Some(t) = self.tokens.lock().expect("lock").get(job_id) {
-            return t.clone();
-        }
-        let (status, body) = self.post_json(
-            &format!("/v1/job/{job_id}/claim"),
-            &json!({"agent_id": "cli-test-agent"}),
-        );
-        assert_eq!(status, 200, "claim: {body}");
-        let v: Value = serde_json::from_str(&body).expect("claim json");
-        assert_eq!(v["outcome"], "granted", "claim: {body}");
-        let token = v["token"].as_str().expect("token").to_string();
-        self.tokens
-            .lock()
-            .expect("lock")
-            .insert(job_id.to_string(), token.clone());
-        token
+        self.rt
+            .block_on(self.holder.token(&self.http, &self.url, job_id))
     }
 
     /// POSTs JSON as the holder of `job_id`.
     fn post_as_holder(&self, job_id: &str, path: &str, body: &Value) -> (u16, String) {
-        let token = self.hold(job_id);
-        self.rt.block_on(async {
-            let resp = self
-                .http
-                .post(format!("{}{path}", self.url))
-                .header("X-Testflinger-Token", token)
-                .json(body)
-                .send()
-                .await
-                .expect("POST");
-            let status = resp.status().as_u16();
-            (status, resp.text().await.unwrap_or_default())
-        })
+        self.post(path, Some(&self.hold(job_id)), body)
     }
 
     /// Posts one output fragment as the job's (test) agent does.
@@ -440,40 +309,6 @@ impl TestEnv {
         let out = self.run(&["submit", "-q", &name]);
         out.assert_ok();
         out.stdout.trim().to_string()
-    }
-}
-
-impl Drop for TestEnv {
-    fn drop(&mut self) {
-        for mut c in self
-            .children
-            .lock()
-            .map(|mut c| std::mem::take(&mut *c))
-            .unwrap_or_default()
-        {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        let _ = self.server.kill();
-        let _ = self.server.wait();
-        let queues = self.queues.lock().map(|q| q.clone()).unwrap_or_default();
-        let broker = self.broker.clone();
-        self.rt.block_on(async {
-            for q in queues {
-                let _ = tokio::time::timeout(Duration::from_secs(5), broker.delete_queue(&q)).await;
-            }
-        });
-        if let Ok(client) = redis::Client::open(redis_url())
-            && let Ok(mut con) = client.get_connection()
-        {
-            let keys: Vec<String> = redis::cmd("KEYS")
-                .arg(format!("{}*", self.prefix))
-                .query(&mut con)
-                .unwrap_or_default();
-            for chunk in keys.chunks(500) {
-                let _: Result<(), _> = redis::cmd("DEL").arg(chunk).query(&mut con);
-            }
-        }
     }
 }
 
@@ -657,19 +492,10 @@ impl TestEnv {
             "setup_command": "echo setting up the device",
             "test_command": test_command,
         });
-        // JSON is YAML.
         let path = base.join("agent.yaml");
-        std::fs::write(&path, config.to_string()).expect("agent config");
-        let log = std::fs::File::create(base.join("agent.log")).expect("agent log");
-        let child = Command::new(built_binary("testflinger-agent"))
-            .arg("-c")
-            .arg(&path)
-            .env("AMQP_URI", amqp_uri())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawn testflinger-agent");
-        self.children.lock().expect("lock").push(child);
+        write_agent_config(&path, &config);
+        let agent = Agent::start(&name, &path, &base.join("agent.log"));
+        self.agents.lock().expect("lock").push(agent);
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let resp = self.get(&format!("/v1/queues/{queue}/agents"));

@@ -4,30 +4,9 @@
 use crate::api::ApiServer;
 use crate::support::{BIN, wait_until};
 use serde_json::json;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::time::Duration;
-
-pub fn agent_bin() -> PathBuf {
-    let p = Path::new(BIN).with_file_name("testflinger-agent");
-    assert!(
-        p.exists(),
-        "{} not found: build it first with `cargo build --workspace --bins`",
-        p.display()
-    );
-    p
-}
-
-pub struct Agent {
-    pub child: Child,
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use testflinger_testing::Agent;
 
 fn start_agent(
     dir: &Path,
@@ -63,16 +42,7 @@ fn start_agent(
     );
     let path = home.join("agent.yaml");
     std::fs::write(&path, config).expect("agent config");
-    let log = std::fs::File::create(home.join("agent.log")).expect("log");
-    let child = Command::new(agent_bin())
-        .arg("-c")
-        .arg(&path)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("start testflinger-agent");
-    Agent { child }
+    Agent::start(name, &path, &home.join("agent.log"))
 }
 
 #[test]

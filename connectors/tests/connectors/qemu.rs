@@ -7,7 +7,6 @@
 //! cores).
 
 use crate::api::ApiServer;
-use crate::multi_agents::{Agent, agent_bin};
 use crate::support::{
     BIN, Run, code, collect, keygen, run_bounded, stderr, stdout, wait_child, wait_until,
 };
@@ -19,6 +18,7 @@ use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
+use testflinger_testing::Agent;
 
 static VM_LOCK: Mutex<()> = Mutex::new(());
 
@@ -188,16 +188,7 @@ fn start_qemu_agent(dir: &Path, name: &str, url: &str, queue: &str, device: &Qem
     );
     let path = home.join("agent.yaml");
     std::fs::write(&path, agent).expect("agent config");
-    let log = std::fs::File::create(home.join("agent.log")).expect("log");
-    let child = Command::new(agent_bin())
-        .arg("-c")
-        .arg(&path)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("start testflinger-agent");
-    Agent { child }
+    Agent::start(name, &path, &home.join("agent.log"))
 }
 
 #[test]

@@ -6,6 +6,7 @@ use crate::support::{
 use serde_json::json;
 use std::process::Stdio;
 use std::time::Duration;
+use testflinger_testing::Agent;
 
 #[test]
 fn raw_keys_are_installed_until_sigterm_then_removed() {
@@ -189,7 +190,7 @@ fn reserve_agent(
     sshd: &Sshd,
     api: &crate::api::ApiServer,
     queue: &str,
-) -> (crate::multi_agents::Agent, std::path::PathBuf) {
+) -> (Agent, std::path::PathBuf) {
     use crate::support::BIN;
     let home = sshd.dir.path().join("agent");
     std::fs::create_dir_all(&home).expect("agent dir");
@@ -222,24 +223,7 @@ fn reserve_agent(
     let path = home.join("agent.yaml");
     std::fs::write(&path, config).expect("agent config");
     let log = home.join("agent.log");
-    (start_agent_with(&path, &log), log)
-}
-
-fn start_agent_with(config: &std::path::Path, log: &std::path::Path) -> crate::multi_agents::Agent {
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)
-        .expect("log");
-    let child = std::process::Command::new(crate::multi_agents::agent_bin())
-        .arg("-c")
-        .arg(config)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(file)
-        .spawn()
-        .expect("start testflinger-agent");
-    crate::multi_agents::Agent { child }
+    (Agent::start(&name, &path, &log), log)
 }
 
 /// Issue 14.1: whatever ends a reservation run by a real agent (a cancel, its timeout,
@@ -277,7 +261,7 @@ fn every_end_of_a_reservation_leaves_authorized_keys_as_it_was() {
                 api.cancel(&id);
                 // The same agent starts again (same id, same run directories).
                 let config = log.with_file_name("agent.yaml");
-                agent = start_agent_with(&config, &log);
+                agent = Agent::start(&agent.name, &config, &log);
             }
             _ => {
                 let _ = std::process::Command::new("kill")

@@ -127,11 +127,7 @@ pub fn collect(mut r: impl Read + Send + 'static) -> Arc<Mutex<String>> {
     buf
 }
 
-/// A loopback port nothing listens on (bound, then released).
-pub fn free_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr").port()
-}
+pub use testflinger_testing::free_port;
 
 pub fn current_user() -> String {
     let out = Command::new("id").arg("-un").output().expect("id");
