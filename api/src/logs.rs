@@ -392,10 +392,10 @@ impl AttemptWriter {
 /// compaction set) or a fragment came meanwhile (the caller schedules it again).
 pub async fn compact_job(app: &AppState, id: &str) -> ApiResult<bool> {
     let snap = app.store.compaction_snapshot(id).await?;
-    match snap.state.as_deref() {
+    match snap.state {
         // Expired: nothing to keep; `finish_compaction` drops what is left.
         None => return Ok(app.store.finish_compaction(id, &snap).await?),
-        Some("complete" | "cancelled") => {}
+        Some(state) if state.is_terminal() => {}
         Some(_) => {
             app.store.drop_compaction(id).await?;
             return Ok(false);

@@ -5,12 +5,12 @@
 //! outbox (jobs whose wake-up message is not confirmed), and a reconciler republishes
 //! waiting jobs whose broker queue lost their messages. It sweeps expired files too.
 
-use crate::error::{ApiError, ApiResult};
+use crate::error::ApiResult;
 use crate::events;
 use crate::state::AppState;
-use crate::store::{Requeue, now_ms};
-use serde_json::Value;
+use crate::store::{AttachState, Requeue, now_ms};
 use std::time::{Duration, Instant};
+use testflinger_common::JobState;
 
 /// Runs until the task is dropped.
 pub async fn run(app: AppState) {
@@ -102,12 +102,21 @@ async fn expire_attachment_waits(app: &AppState, now: i64) {
 }
 
 async fn reap_one(app: &AppState, id: &str) -> ApiResult<bool> {
-    let f = app.store.job_fields(id, &["queue", "def"]).await?;
-    let queue = f[0].clone().unwrap_or_default();
-    let webhook = super::routes::jobs::webhook_of(f[1].as_deref());
+    // An unknown job still goes through `requeue`, which takes it off the leases.
+    let (queue, webhook) = match app.store.job_summary(id).await? {
+        Some(job) => (job.queue.clone(), job.webhook()),
+        None => (String::new(), None),
+    };
     let (state, previous, attempt, agent, reason) = match app
         .store
-        .requeue(id, &queue, app.settings.max_attempts, "agent lost", None, None)
+        .requeue(
+            id,
+            &queue,
+            app.settings.max_attempts,
+            "agent lost",
+            None,
+            None,
+        )
         .await?
     {
         Requeue::Requeued {
@@ -147,7 +156,7 @@ async fn reap_one(app: &AppState, id: &str) -> ApiResult<bool> {
         id,
         &queue,
         state,
-        Some(&previous),
+        Some(previous.as_str()),
         attempt,
         Some(&agent),
         Some(&reason),
@@ -257,22 +266,12 @@ pub async fn run_reconciler(app: AppState, interval: Duration) {
 /// the outbox. A requeued job (attempt > 0) is published one priority level up, so it
 /// keeps its place ahead of the jobs that queued behind it instead of going to the tail.
 pub async fn republish(app: &AppState, id: &str) -> ApiResult<()> {
-    let f = app
-        .store
-        .job_fields(id, &["queue", "prio", "def", "state", "attach", "attempt"])
-        .await?;
-    if f[3].as_deref() == Some("waiting") && f[4].as_deref() != Some("waiting") {
-        let queue = f[0]
-            .clone()
-            .ok_or_else(|| ApiError::Internal(anyhow::anyhow!("job {id} has no queue")))?;
-        let prio: i64 = f[1].as_deref().and_then(|p| p.parse().ok()).unwrap_or(0);
-        let attempt: u64 = f[5].as_deref().and_then(|p| p.parse().ok()).unwrap_or(0);
-        let def: Value = f[2]
-            .as_deref()
-            .and_then(|d| serde_json::from_str(d).ok())
-            .unwrap_or(Value::Null);
-        let boost = i64::from(attempt > 0);
-        crate::submit::publish(app, id, &queue, prio + boost, &def).await?;
+    if let Some(job) = app.store.job_summary(id).await?
+        && job.state == JobState::Waiting
+        && job.attach != AttachState::Waiting
+    {
+        let boost = i64::from(job.attempt > 0);
+        crate::submit::publish(app, id, &job.queue, job.priority + boost, &job.def).await?;
     }
     Ok(app.store.outbox_done(id).await?)
 }

@@ -75,7 +75,7 @@ pub async fn admit(
     let (mut id, mut def, created) = create(id).await?;
     if !created.created {
         let same = serde_json::from_str::<Value>(&created.existing_def).ok() == Some(def.clone());
-        let ended = created.state == "complete" || created.state == "cancelled";
+        let ended = created.state.is_terminal();
         if same && !ended {
             // A retry: the job is durable in Redis; the outbox or the reconciler publishes
             // it if its first publish never completed.

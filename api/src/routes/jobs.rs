@@ -6,11 +6,13 @@ use crate::error::{ApiError, ApiResult};
 use crate::events;
 use crate::files::Kind;
 use crate::state::AppState;
+use crate::store::AttachState;
 use crate::submit;
 use actix_multipart::Multipart;
 use actix_web::http::StatusCode;
 use actix_web::{HttpRequest, HttpResponse, web};
 use serde_json::{Value, json};
+use testflinger_common::JobState;
 use testflinger_common::protocol::ClaimOutcome;
 use tokio_util::io::ReaderStream;
 
@@ -116,32 +118,26 @@ async fn action(
 /// (nothing changed), `Err(JobNotFound)` (404) when it is unknown; only the job's owner, a manager or an admin may
 /// cancel it (see [`check_owner`]: 401/403 otherwise).
 pub async fn cancel_job(app: &AppState, caller: &crate::auth::Caller, id: &str) -> ApiResult<bool> {
-    let f = app
-        .store
-        .job_fields(id, &["queue", "attempt", "def", "owner"])
-        .await?;
-    let Some(queue) = f[0].clone() else {
+    let Some(job) = app.store.job_summary(id).await? else {
         return Err(ApiError::JobNotFound(id.to_string()));
     };
-    check_owner(caller, f[3].as_deref(), "cancel")?;
-    match app.store.cancel(id, &queue).await? {
+    check_owner(caller, Some(&job.owner), "cancel")?;
+    match app.store.cancel(id, &job.queue).await? {
         None | Some(Err(_)) => Ok(false),
         Some(Ok((previous, agent))) => {
-            let attempt = f[1].as_deref().and_then(|a| a.parse().ok()).unwrap_or(0);
-            if !agent.is_empty() && previous != "waiting" {
+            if !agent.is_empty() && previous != JobState::Waiting {
                 lease_notify_cancel(app, &agent, id).await;
             }
-            let webhook = webhook_of(f[2].as_deref());
             events::emit(
                 app,
                 id,
-                &queue,
+                &job.queue,
                 "cancelled",
-                Some(&previous),
-                attempt,
+                Some(previous.as_str()),
+                job.attempt,
                 Some(&agent),
                 None,
-                webhook,
+                job.webhook(),
             );
             Ok(true)
         }
@@ -166,12 +162,6 @@ pub fn check_owner(caller: &crate::auth::Caller, owner: Option<&str>, what: &str
     ))
 }
 
-/// The `job_status_webhook` of a stored definition.
-pub fn webhook_of(def: Option<&str>) -> Option<String> {
-    let v: Value = serde_json::from_str(def?).ok()?;
-    v.get("job_status_webhook")?.as_str().map(str::to_string)
-}
-
 /// Tells the holder of a running job, over the broker, that it was cancelled. Best
 /// effort: the heartbeat answer carries the same news.
 async fn lease_notify_cancel(app: &AppState, agent: &str, id: &str) {
@@ -192,30 +182,20 @@ async fn post_attachments(
     payload: Multipart,
 ) -> ApiResult<HttpResponse> {
     let id = parse_id(&id, true)?.to_string();
-    let f = app
-        .store
-        .job_fields(&id, &["state", "attach", "queue", "prio", "def", "owner"])
-        .await?;
-    if f[0].is_none() {
+    let Some(job) = app.store.job_summary(&id).await? else {
         return Err(ApiError::JobNotFound(id));
-    }
-    check_owner(&caller, f[5].as_deref(), "upload attachments for")?;
-    let not_valid = || {
-        ApiError::Text(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            format!("Job {id} is not valid\n"),
-        )
     };
-    let (Some(state), attach) = (f[0].clone(), f[1].clone().unwrap_or_default()) else {
-        return Err(not_valid());
-    };
-    if attach == "complete" {
+    check_owner(&caller, Some(&job.owner), "upload attachments for")?;
+    if job.attach == AttachState::Complete {
         return Ok(ok_text());
     }
-    if state != "waiting" {
-        return Err(not_valid());
+    if job.state != JobState::Waiting {
+        return Err(ApiError::Text(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("Job {id} is not valid\n"),
+        ));
     }
-    if attach != "waiting" {
+    if job.attach != AttachState::Waiting {
         return Err(ApiError::Text(
             StatusCode::UNPROCESSABLE_ENTITY,
             format!("Job {id} not awaiting attachments\n"),
@@ -224,39 +204,29 @@ async fn post_attachments(
     app.files
         .save_upload(Kind::Attachments, &id, payload)
         .await?;
-    app.store
-        .set_job_fields(&id, &[("attach", "complete".into())])
-        .await?;
-    let queue = f[2].clone().unwrap_or_default();
-    let prio = f[3].as_deref().and_then(|p| p.parse().ok()).unwrap_or(0);
-    let def: Value = f[4]
-        .as_deref()
-        .and_then(|d| serde_json::from_str(d).ok())
-        .unwrap_or(Value::Null);
+    app.store.set_attach(&id, AttachState::Complete).await?;
     app.store.outbox_add(&id).await?;
-    match submit::publish(&app, &id, &queue, prio, &def).await {
+    match submit::publish(&app, &id, &job.queue, job.priority, &job.def).await {
         Ok(()) => app.store.outbox_done(&id).await?,
         // Sent, not confirmed: the outbox publishes it again.
         Err(ApiError::Unconfirmed(_)) => {}
         Err(e) => {
             // Not queued: let the client retry the upload.
             app.store.outbox_done(&id).await?;
-            app.store
-                .set_job_fields(&id, &[("attach", "waiting".into())])
-                .await?;
+            app.store.set_attach(&id, AttachState::Waiting).await?;
             return Err(e);
         }
     }
     events::emit(
         &app,
         &id,
-        &queue,
+        &job.queue,
         "waiting",
         None,
         0,
         None,
         Some("attachments received"),
-        webhook_of(f[4].as_deref()),
+        job.webhook(),
     );
     Ok(ok_text())
 }
@@ -291,20 +261,16 @@ async fn post_events(
     let value = json_body(&body)?;
     let e: EventsIn =
         testflinger_common::job::deserialize(value.clone()).map_err(ApiError::Validation)?;
-    let f = app
-        .store
-        .job_fields(&id, &["queue", "def", "agent"])
-        .await?;
-    let Some(queue) = f[0].clone() else {
+    let Some(job) = app.store.job_summary(&id).await? else {
         return Err(ApiError::JobNotFound(id));
     };
     // An agent relays the events of a job it holds only.
     if let Some(me) = super::acting_agent_id(&caller)
-        && f[2].as_deref() != Some(me)
+        && job.agent.as_deref() != Some(me)
     {
         return Err(crate::store::not_holder(&id, Some(me)).into());
     }
-    if webhook_of(f[1].as_deref()).as_deref() != Some(e.job_status_webhook.as_str()) {
+    if job.webhook().as_deref() != Some(e.job_status_webhook.as_str()) {
         return Err(ApiError::Json(
             StatusCode::FORBIDDEN,
             "job_status_webhook: not this job's job_status_webhook; events are relayed to the job's own webhook only".into(),
@@ -325,8 +291,12 @@ async fn post_events(
     if let Some(o) = forward.as_object_mut() {
         o.remove("job_status_webhook");
     }
-    let agent = e.agent_id.clone().or_else(|| f[2].clone());
-    let queue = e.job_queue.clone().filter(|q| *q == queue).unwrap_or(queue);
+    let agent = e.agent_id.clone().or(job.agent);
+    let queue = e
+        .job_queue
+        .clone()
+        .filter(|q| *q == job.queue)
+        .unwrap_or(job.queue);
     events::relay_agent_events(
         &app,
         &id,
@@ -352,11 +322,10 @@ async fn get_attachments(
     caller.require(crate::auth::AGENT)?;
     let id = parse_id(&id, true)?.to_string();
     // An agent reads the attachments of a job it holds only.
-    if let Some(me) = super::acting_agent_id(&caller) {
-        let f = app.store.job_fields(&id, &["agent"]).await?;
-        if f[0].as_deref() != Some(me) {
-            return Err(crate::store::not_holder(&id, Some(me)).into());
-        }
+    if let Some(me) = super::acting_agent_id(&caller)
+        && app.store.job_agent(&id).await?.as_deref() != Some(me)
+    {
+        return Err(crate::store::not_holder(&id, Some(me)).into());
     }
     stream_file(&app, Kind::Attachments, &id, "application/gzip", None).await
 }
@@ -381,9 +350,7 @@ pub async fn stream_file(
 pub async fn open_artifact(app: &AppState, id: &str) -> ApiResult<Option<tokio::fs::File>> {
     // Read the name again once if the file went: a new upload replaced it meanwhile.
     for _ in 0..2 {
-        let name = app.store.job_fields(id, &["artifact"]).await?[0]
-            .clone()
-            .unwrap_or_default();
+        let name = app.store.job_artifact(id).await?;
         match tokio::fs::File::open(app.files.artifact_file(id, &name)).await {
             Ok(f) => return Ok(Some(f)),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
@@ -604,7 +571,9 @@ async fn legacy_next_job(
                 msg.reject().await?;
                 continue;
             };
-            let lease_ms = legacy_lease_ms(&app, &id).await?;
+            // The definition gives the lease and, once granted, the webhook.
+            let def = app.store.job_def(&id).await?.unwrap_or(Value::Null);
+            let lease_ms = legacy_lease_ms(&app, &def);
             let mut claim = app.store.claim(&id, &agent, lease_ms, true, None).await?;
             if let Some(job) = claim.job.as_mut() {
                 super::secrets::resolve(&app, job, &id, &format!("{id}:{}", claim.attempt)).await?;
@@ -628,7 +597,6 @@ async fn legacy_next_job(
                         .and_then(|j| j.get("job_queue"))
                         .and_then(Value::as_str)
                     {
-                        let f = app.store.job_fields(&id, &["def"]).await?;
                         events::emit(
                             &app,
                             &id,
@@ -638,7 +606,9 @@ async fn legacy_next_job(
                             claim.attempt,
                             Some(&agent),
                             None,
-                            webhook_of(f[0].as_deref()),
+                            def.get("job_status_webhook")
+                                .and_then(Value::as_str)
+                                .map(str::to_string),
                         );
                     }
                     return Ok(HttpResponse::Ok().json(claim.job.unwrap_or(Value::Null)));
@@ -664,12 +634,7 @@ async fn legacy_next_job(
 /// own timeouts allow (upstream's defaults: `global_timeout` 4 h, `output_timeout` 15
 /// min, plus a reservation's `timeout`), so the lease spans those: past them the agent is
 /// surely gone and the reaper requeues the job.
-async fn legacy_lease_ms(app: &AppState, id: &str) -> ApiResult<u64> {
-    let def = app.store.job_fields(id, &["def"]).await?;
-    let def: Value = def[0]
-        .as_deref()
-        .and_then(|d| serde_json::from_str(d).ok())
-        .unwrap_or(Value::Null);
+fn legacy_lease_ms(app: &AppState, def: &Value) -> u64 {
     let secs = |v: Option<&Value>, default: u64| v.and_then(Value::as_u64).unwrap_or(default);
     let global = secs(def.get("global_timeout"), 4 * 3600);
     let output = secs(def.get("output_timeout"), 15 * 60);
@@ -677,7 +642,7 @@ async fn legacy_lease_ms(app: &AppState, id: &str) -> ApiResult<u64> {
         .get("reserve_data")
         .map(|r| secs(r.get("timeout"), 3600))
         .unwrap_or(0);
-    Ok((global + output + reserve).max(app.settings.lease_ttl) * 1000)
+    (global + output + reserve).max(app.settings.lease_ttl) * 1000
 }
 
 fn message_job_id(body: &[u8]) -> Option<String> {

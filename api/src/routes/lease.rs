@@ -46,8 +46,8 @@ async fn claim(
         app.store.outbox_add(&id).await?;
     }
     if c.outcome == ClaimOutcome::Granted {
-        let f = app.store.job_fields(&id, &["queue", "def"]).await?;
-        let queue = f[0].clone().unwrap_or_default();
+        let job = app.store.job_summary(&id).await?;
+        let queue = job.as_ref().map(|j| j.queue.as_str()).unwrap_or_default();
         // Shown in the agent's record, if it registered (a zombie must not invent one).
         app.store
             .update_agent_if_known(&r.agent_id, &[("job_id", &id)])
@@ -56,13 +56,13 @@ async fn claim(
         events::emit(
             &app,
             &id,
-            &queue,
+            queue,
             "running",
             Some("waiting"),
             c.attempt,
             Some(&r.agent_id),
             None,
-            super::jobs::webhook_of(f[1].as_deref()),
+            job.as_ref().and_then(|j| j.webhook()),
         );
     }
     let granted = c.outcome == ClaimOutcome::Granted;
@@ -95,7 +95,11 @@ async fn heartbeat(
     let r: LeaseRequest = typed_body(&body)?;
     caller.require_agent(&r.agent_id, "heartbeat")?;
     let me = super::acting_agent_id(&caller);
-    match app.store.heartbeat(&id, r.token, app.lease_ms(), me).await? {
+    match app
+        .store
+        .heartbeat(&id, r.token, app.lease_ms(), me)
+        .await?
+    {
         Some(cancel) => Ok(HttpResponse::Ok().json(HeartbeatResponse {
             cancel_requested: cancel,
             lease_ttl: app.settings.lease_ttl,
@@ -115,10 +119,10 @@ async fn release(
     let id = parse_id(&id, false)?.to_string();
     let r: LeaseRequest = typed_body(&body)?;
     caller.require_agent(&r.agent_id, "release")?;
-    let f = app.store.job_fields(&id, &["queue", "def"]).await?;
-    let Some(queue) = f[0].clone() else {
+    let Some(job) = app.store.job_summary(&id).await? else {
         return Err(ApiError::JobNotFound(id));
     };
+    let queue = &job.queue;
     let reason = r
         .reason
         .clone()
@@ -127,7 +131,7 @@ async fn release(
         .store
         .requeue(
             &id,
-            &queue,
+            queue,
             app.settings.max_attempts,
             &reason,
             Some(r.token),
@@ -148,13 +152,13 @@ async fn release(
             events::emit(
                 &app,
                 &id,
-                &queue,
+                queue,
                 "waiting",
-                Some(&previous),
+                Some(previous.as_str()),
                 attempt,
                 Some(&agent),
                 Some(&reason),
-                super::jobs::webhook_of(f[1].as_deref()),
+                job.webhook(),
             );
             Ok(super::ok_text())
         }
@@ -168,13 +172,13 @@ async fn release(
             events::emit(
                 &app,
                 &id,
-                &queue,
+                queue,
                 "complete",
-                Some(&previous),
+                Some(previous.as_str()),
                 attempt,
                 Some(&agent),
                 Some(&reason),
-                super::jobs::webhook_of(f[1].as_deref()),
+                job.webhook(),
             );
             Ok(super::ok_text())
         }

@@ -64,11 +64,11 @@ async fn post_result(
             ))
         })?),
     };
-    let f = app.store.job_fields(&id, &["queue", "def"]).await?;
     // Upstream accepts and drops a result for an unknown job; we say so (404).
-    let Some(queue) = f[0].clone() else {
+    let Some(job) = app.store.job_summary(&id).await? else {
         return Err(ApiError::JobNotFound(id));
     };
+    let queue = &job.queue;
     let mut fields: Vec<(&str, String)> = Vec::new();
     if let Some(status) = &r.status {
         let m: Map<String, Value> = status
@@ -86,7 +86,7 @@ async fn post_result(
         .store
         .report(
             &id,
-            &queue,
+            queue,
             tok,
             super::acting_agent_id(&caller),
             &fields,
@@ -102,13 +102,13 @@ async fn post_result(
             events::emit(
                 &app,
                 &id,
-                &queue,
+                queue,
                 state.as_str(),
-                Some(&previous),
+                Some(previous.as_str()),
                 report.attempt,
                 Some(report.agent.as_str()).filter(|a| !a.is_empty()),
                 None,
-                super::jobs::webhook_of(f[1].as_deref()),
+                job.webhook(),
             );
         }
         // 422, never 409: an agent takes 409 to mean "lease lost" and stops the job.
@@ -421,7 +421,7 @@ async fn stream_log(
         Some(raw) => Some(fragment_number("start_fragment", raw)?),
     };
     let start = from_header.or(from_query).unwrap_or(0);
-    if app.store.job_fields(&id, &["state"]).await?[0].is_none() {
+    if app.store.job_state(&id).await?.is_none() {
         return Err(ApiError::NoContent);
     }
     struct S {
@@ -481,17 +481,8 @@ async fn stream_log(
                 }
                 return Some((Ok(web::Bytes::from(out)), st));
             }
-            let state = st
-                .app
-                .store
-                .job_fields(&st.id, &["state"])
-                .await
-                .ok()
-                .and_then(|v| v.into_iter().next().flatten());
-            let terminal = state
-                .as_deref()
-                .and_then(JobState::parse_lenient)
-                .is_none_or(JobState::is_terminal);
+            let state = st.app.store.job_state(&st.id).await.ok().flatten();
+            let terminal = state.is_none_or(JobState::is_terminal);
             if terminal {
                 // One last look, so fragments posted just before the end are not lost.
                 let one = crate::store::Batch {

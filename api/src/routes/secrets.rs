@@ -159,13 +159,7 @@ pub async fn resolve(app: &AppState, job: &mut Value, id: &str, claim: &str) -> 
     else {
         return Ok(());
     };
-    let owner = app
-        .store
-        .job_fields(id, &["owner"])
-        .await?
-        .pop()
-        .flatten()
-        .unwrap_or_default();
+    let owner = app.store.job_owner(id).await?;
     let namespace = if owner.is_empty() {
         ANONYMOUS
     } else {

@@ -304,12 +304,7 @@ impl Store {
             .await?;
         let mut out = Vec::new();
         for id in ids {
-            let queue = self
-                .job_fields(&id, &["queue"])
-                .await?
-                .pop()
-                .flatten()
-                .unwrap_or_default();
+            let queue = self.job_queue(&id).await?.unwrap_or_default();
             let done: i64 = EXPIRE_ATTACH
                 .key(self.keys.job(&id))
                 .key(self.keys.qpos(&queue))

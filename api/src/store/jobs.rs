@@ -1,9 +1,11 @@
 //! Jobs: submit (create), read, position, cancel, search, delete.
 
+use super::records::parse_state;
 use super::{Reply, Store, StoreResult, now_iso, now_ms};
 use redis::{AsyncCommands, Script};
-use serde_json::{Map, Value};
+use serde_json::Value;
 use std::sync::LazyLock;
+use testflinger_common::JobState;
 
 static SUBMIT: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
@@ -90,31 +92,13 @@ return old
     )
 });
 
-/// A job's record as stored.
-#[derive(Debug, Clone, Default)]
-pub struct JobRecord {
-    pub def: Value,
-    pub queue: String,
-    pub state: String,
-    pub created_at: String,
-    pub attempt: u64,
-    pub fence: String,
-    pub agent: String,
-    pub started_at: String,
-    pub reason: String,
-    pub status: Map<String, Value>,
-    pub device_info: Option<Value>,
-    pub attach: String,
-    pub priority: i64,
-}
-
 /// What [`Store::create_job`] did.
 #[derive(Debug, Clone)]
 pub struct Created {
     /// False when a job with this id existed already (then nothing was written).
     pub created: bool,
     /// The job's state (the existing job's, when not created).
-    pub state: String,
+    pub state: JobState,
     /// The existing job's stored definition (JSON), when not created.
     pub existing_def: String,
 }
@@ -159,8 +143,8 @@ impl Store {
             .await?;
         let r = Reply::new("SUBMIT", r)?;
         let (created, state, existing_def) = match r.count(0)? {
-            1 => (true, r.text(1)?, String::new()),
-            0 => (false, r.text(1)?, r.text(2)?),
+            1 => (true, parse_state(id, &r.text(1)?)?, String::new()),
+            0 => (false, parse_state(id, &r.text(1)?)?, r.text(2)?),
             _ => return Err(r.error()),
         };
         if created {
@@ -203,33 +187,6 @@ impl Store {
         Ok(())
     }
 
-    pub async fn get_job(&self, id: &str) -> StoreResult<Option<JobRecord>> {
-        let mut c = self.con();
-        let h: std::collections::HashMap<String, String> = c.hgetall(self.keys.job(id)).await?;
-        if h.is_empty() {
-            return Ok(None);
-        }
-        let g = |k: &str| h.get(k).cloned().unwrap_or_default();
-        let num = |k: &str| g(k).parse::<u64>().unwrap_or(0);
-        Ok(Some(JobRecord {
-            def: serde_json::from_str(&g("def")).unwrap_or(Value::Null),
-            queue: g("queue"),
-            state: g("state"),
-            created_at: g("created_at"),
-            attempt: num("attempt"),
-            fence: g("fence"),
-            agent: g("agent"),
-            started_at: g("started_at"),
-            reason: g("reason"),
-            status: serde_json::from_str(&g("status")).unwrap_or_default(),
-            device_info: h
-                .get("device_info")
-                .and_then(|d| serde_json::from_str(d).ok()),
-            attach: g("attach"),
-            priority: g("prio").parse().unwrap_or(0),
-        }))
-    }
-
     /// The 0-based position of a waiting job in its queue; `None` when the job is
     /// unknown, not waiting, or not in the index.
     pub async fn position(&self, id: &str) -> StoreResult<Option<i64>> {
@@ -244,12 +201,12 @@ impl Store {
     }
 
     /// Cancels a job. `None` if unknown; `Some(Err(state))` if already ended;
-    /// `Some(Ok((previous, agent)))` when cancelled now.
+    /// `Some(Ok((previous, agent)))` when cancelled now (`agent` empty when none held it).
     pub async fn cancel(
         &self,
         id: &str,
         queue: &str,
-    ) -> StoreResult<Option<Result<(String, String), String>>> {
+    ) -> StoreResult<Option<Result<(JobState, String), JobState>>> {
         let mut c = self.con();
         let r: redis::Value = CANCEL
             .key(self.keys.job(id))
@@ -262,8 +219,8 @@ impl Store {
         let r = Reply::new("CANCEL", r)?;
         Ok(match r.verdict()?.as_str() {
             "unknown" => None,
-            "done" => Some(Err(r.text(1)?)),
-            "cancelled" => Some(Ok((r.text(1)?, r.text(2)?))),
+            "done" => Some(Err(parse_state(id, &r.text(1)?)?)),
+            "cancelled" => Some(Ok((parse_state(id, &r.text(1)?)?, r.text(2)?))),
             _ => return Err(r.error()),
         })
     }

@@ -1,6 +1,7 @@
 //! Leases: claim, heartbeat, requeue (reap or release), and the holder's writes (the
 //! write check, the report, the artifact commit), each checked and applied in one script.
 
+use super::records::{AttachState, parse_state};
 use super::{Reply, Store, StoreError, StoreResult, new_fence, not_holder, now_iso, unexpected};
 use redis::Script;
 use serde_json::Value;
@@ -198,11 +199,11 @@ return {'ok', previous}
 /// What [`Store::report`] did to the state, with the state the job had before.
 #[derive(Debug, Clone, PartialEq)]
 pub enum StateChange {
-    Set(String),
+    Set(JobState),
     /// Same state, no state reported, or the job already ended: nothing changed.
-    Kept(String),
+    Kept(JobState),
     /// The state machine does not allow this move.
-    Refused(String),
+    Refused(JobState),
 }
 
 /// What [`Store::report`] did, with the attempt and the agent holding the job.
@@ -229,13 +230,13 @@ pub enum Requeue {
     Skip,
     Stale,
     Requeued {
-        previous: String,
+        previous: JobState,
         attempt: u64,
         agent: String,
         reason: String,
     },
     Ended {
-        previous: String,
+        previous: JobState,
         attempt: u64,
         agent: String,
         reason: String,
@@ -257,12 +258,7 @@ impl Store {
         served: Option<&[String]>,
     ) -> StoreResult<Claim> {
         let k = &self.keys;
-        let queue = self
-            .job_fields(id, &["queue"])
-            .await?
-            .pop()
-            .flatten()
-            .unwrap_or_default();
+        let queue = self.job_queue(id).await?.unwrap_or_default();
         if let Some(served) = served
             && !queue.is_empty()
             && !served.contains(&queue)
@@ -322,9 +318,9 @@ impl Store {
         if let Some(o) = job.as_object_mut() {
             o.insert("job_id".into(), Value::String(id.to_string()));
             o.insert("started_at".into(), Value::String(now_iso()));
-            let attach = r.text(4)?;
-            if !attach.is_empty() {
-                o.insert("attachments_status".into(), Value::String(attach));
+            let attach = AttachState::parse(id, Some(&r.text(4)?))?;
+            if attach != AttachState::None {
+                o.insert("attachments_status".into(), attach.as_str().into());
             }
         }
         Ok(Claim {
@@ -406,13 +402,13 @@ impl Store {
             "stale" => Requeue::Stale,
             "skip" => Requeue::Skip,
             "requeued" => Requeue::Requeued {
-                previous: r.text(1)?,
+                previous: parse_state(id, &r.text(1)?)?,
                 attempt: r.count(2)?,
                 agent: r.text(3)?,
                 reason: r.text(4)?,
             },
             "ended" => Requeue::Ended {
-                previous: r.text(1)?,
+                previous: parse_state(id, &r.text(1)?)?,
                 attempt: r.count(2)?,
                 agent: r.text(3)?,
                 reason: r.text(4)?,
@@ -463,10 +459,11 @@ impl Store {
         let r = Reply::new("REPORT", r)?;
         let verdict = r.verdict()?;
         self.holder_verdict(id, &verdict, agent)?;
+        let previous = || -> StoreResult<JobState> { parse_state(id, &r.text(1)?) };
         let change = match verdict.as_str() {
-            "set" => StateChange::Set(r.text(1)?),
-            "refused" => StateChange::Refused(r.text(1)?),
-            "kept" | "none" => StateChange::Kept(r.text(1)?),
+            "set" => StateChange::Set(previous()?),
+            "refused" => StateChange::Refused(previous()?),
+            "kept" | "none" => StateChange::Kept(previous()?),
             _ => return Err(r.error()),
         };
         Ok(Report {

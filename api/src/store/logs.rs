@@ -159,7 +159,8 @@ pub struct RedisLog {
 /// fragments are.
 #[derive(Debug, Clone, Default)]
 pub struct CompactionSnapshot {
-    pub state: Option<String>,
+    /// `None` when the job's record is gone.
+    pub state: Option<testflinger_common::JobState>,
     pub writes: String,
 }
 
@@ -438,10 +439,17 @@ impl Store {
 
     /// The job's state and write counter, before a compaction reads its fragments.
     pub async fn compaction_snapshot(&self, id: &str) -> StoreResult<CompactionSnapshot> {
-        let f = self.job_fields(id, &["state", "lw"]).await?;
+        let mut c = self.con();
+        let (state, writes): (Option<String>, Option<String>) = redis::cmd("HMGET")
+            .arg(self.keys.job(id))
+            .arg(&["state", "lw"])
+            .query_async(&mut c)
+            .await?;
         Ok(CompactionSnapshot {
-            state: f[0].clone(),
-            writes: f[1].clone().unwrap_or_else(|| "0".into()),
+            state: state
+                .map(|s| super::records::parse_state(id, &s))
+                .transpose()?,
+            writes: writes.unwrap_or_else(|| "0".into()),
         })
     }
 

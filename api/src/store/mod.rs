@@ -169,14 +169,16 @@ mod error;
 mod jobs;
 mod leases;
 mod logs;
+mod records;
 mod registry;
 pub mod views;
 pub use auth::{ClientRecord, ClientUpdate};
 use error::unexpected;
 pub use error::{StoreError, StoreResult, not_holder, stale_message};
-pub use jobs::{Created, JobRecord};
+pub use jobs::Created;
 pub use leases::{Claim, Report, Requeue, StateChange};
 pub use logs::{Batch, CompactionSnapshot, PutFragment, RedisLog};
+pub use records::{AttachState, JobRecord, JobSummary};
 pub use registry::{AGENT_JOBS_KEPT, percentile};
 
 /// One log fragment as stored (member of the sorted set `log:<id>:<type>`, scored by
@@ -390,7 +392,9 @@ impl Store {
         Ok(())
     }
 
-    pub async fn job_fields(&self, id: &str, fields: &[&str]) -> StoreResult<Vec<Option<String>>> {
+    /// Fields of a job's record by name, in one `HMGET`: the store's own reads build
+    /// their typed records from it (see `records.rs`).
+    async fn job_fields(&self, id: &str, fields: &[&str]) -> StoreResult<Vec<Option<String>>> {
         let mut c = self.con();
         let v: Vec<Option<String>> = redis::cmd("HMGET")
             .arg(self.keys.job(id))
@@ -400,6 +404,8 @@ impl Store {
         Ok(v)
     }
 
+    /// Sets fields of a job's record as given (raw: for tools and tests; the API's
+    /// writes go through the typed methods).
     pub async fn set_job_fields(&self, id: &str, fields: &[(&str, String)]) -> StoreResult<()> {
         let mut c = self.con();
         let _: () = c.hset_multiple(self.keys.job(id), fields).await?;

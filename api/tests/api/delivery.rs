@@ -7,13 +7,13 @@ use serde_json::{Value, json};
 use std::time::{Duration, Instant};
 
 async fn job_field(app: &TestApp, id: &str, field: &str) -> Option<String> {
-    app.state
-        .store
-        .job_fields(id, &[field])
+    let mut c = app.state.store.con();
+    redis::cmd("HGET")
+        .arg(app.state.store.keys.job(id))
+        .arg(field)
+        .query_async(&mut c)
         .await
         .expect("redis")
-        .pop()
-        .flatten()
 }
 
 /// A job held by a live agent that renews every lease/3 survives a Redis outage twice as
