@@ -9,8 +9,8 @@
 use crate::error::ApiResult;
 use crate::state::AppState;
 use actix_web::{HttpResponse, web};
-use std::collections::BTreeMap;
-use std::fmt::Write as _;
+use prometheus::{Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Mutex;
 
 /// Default of `TESTFLINGER_METRICS_MAX_LABEL_VALUES`.
@@ -18,39 +18,69 @@ pub const DEFAULT_MAX_LABEL_VALUES: usize = 1000;
 /// The label value counting what comes past a counter's bound.
 pub const OTHER: &str = "other";
 
-/// Counters of one API replica.
-#[derive(Debug, Default)]
-pub struct Metrics {
-    counters: Mutex<Counters>,
-}
-
-#[derive(Debug, Default)]
-struct Counters {
-    values: BTreeMap<(&'static str, String), u64>,
-    /// Label values each counter holds, [`OTHER`] left out.
-    labels: BTreeMap<&'static str, usize>,
-}
-
-const HELP: &[(&str, &str)] = &[
-    ("testflinger_jobs_total", "Jobs accepted, by queue."),
+/// The counters of one API replica: name, help, label.
+const COUNTERS: &[(&str, &str, &str)] = &[
+    (
+        "testflinger_jobs_total",
+        "Jobs accepted, by queue.",
+        "queue",
+    ),
     (
         "testflinger_reservations_total",
         "Accepted jobs with reserve_data, by queue.",
+        "queue",
     ),
-    ("testflinger_claims_total", "Claim answers, by outcome."),
+    (
+        "testflinger_claims_total",
+        "Claim answers, by outcome.",
+        "outcome",
+    ),
     (
         "testflinger_reaped_total",
         "Jobs whose lease expired, by what the reaper did.",
+        "action",
     ),
     (
         "testflinger_broker_submissions_total",
         "Messages from the submit queue, by result.",
+        "result",
     ),
     (
         "testflinger_log_compactions_total",
         "Ended jobs' logs moved from Redis to the file store, by result (done, failed).",
+        "result",
     ),
 ];
+
+/// Counters of one API replica, kept by the `prometheus` crate (its registry and text
+/// encoder: the exposition format is theirs, not ours).
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    counters: BTreeMap<&'static str, IntCounterVec>,
+    /// Label values each counter holds, [`OTHER`] left out (the bound).
+    labels: Mutex<BTreeMap<&'static str, BTreeSet<String>>>,
+}
+
+impl Default for Metrics {
+    fn default() -> Metrics {
+        let registry = Registry::new();
+        let mut counters = BTreeMap::new();
+        for (name, help, label) in COUNTERS {
+            // A name, help and label of ours: always valid.
+            if let Ok(c) = IntCounterVec::new(Opts::new(*name, *help), &[label])
+                && registry.register(Box::new(c.clone())).is_ok()
+            {
+                counters.insert(*name, c);
+            }
+        }
+        Metrics {
+            registry,
+            counters,
+            labels: Mutex::default(),
+        }
+    }
+}
 
 impl Metrics {
     /// Adds one to counter `name` with the single label value `label`, a counter of at
@@ -62,94 +92,77 @@ impl Metrics {
     /// Adds one to counter `name` with label value `label`, or with [`OTHER`] when the
     /// counter already holds `max` other values (for labels a client chooses).
     pub fn inc_bounded(&self, name: &'static str, label: &str, max: usize) {
-        let Ok(mut c) = self.counters.lock() else {
+        let Some(counter) = self.counters.get(name) else {
+            tracing::debug!(name, "no such counter");
             return;
         };
-        let key = (name, label.to_string());
-        if let Some(v) = c.values.get_mut(&key) {
-            *v += 1;
+        let Ok(mut labels) = self.labels.lock() else {
             return;
-        }
-        let held = c.labels.entry(name).or_insert(0);
-        let key = if label == OTHER {
-            key
-        } else if *held < max {
-            *held += 1;
-            key
+        };
+        let held = labels.entry(name).or_default();
+        let label = if label == OTHER || held.contains(label) {
+            label
+        } else if held.len() < max {
+            held.insert(label.to_string());
+            label
         } else {
-            (name, OTHER.to_string())
+            OTHER
         };
-        *c.values.entry(key).or_insert(0) += 1;
+        counter.with_label_values(&[label]).inc();
     }
 
-    fn label_key(name: &str) -> &'static str {
-        match name {
-            "testflinger_jobs_total" | "testflinger_reservations_total" => "queue",
-            "testflinger_claims_total" => "outcome",
-            "testflinger_reaped_total" => "action",
-            _ => "result",
-        }
-    }
-
-    fn render_counters(&self, out: &mut String) {
-        let Ok(c) = self.counters.lock() else { return };
-        for (name, help) in HELP {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
-            for ((n, label), v) in c.values.iter().filter(|((n, _), _)| n == name) {
-                let _ = writeln!(
-                    out,
-                    "{n}{{{}=\"{}\"}} {v}",
-                    Self::label_key(n),
-                    escape(label)
-                );
-            }
-        }
-    }
-
+    /// The queues this replica counted jobs for ([`OTHER`] left out).
     fn queues_seen(&self) -> Vec<String> {
-        self.counters
+        self.labels
             .lock()
-            .map(|c| {
-                c.values
-                    .keys()
-                    .filter(|(n, q)| *n == "testflinger_jobs_total" && q != OTHER)
-                    .map(|(_, q)| q.clone())
-                    .collect()
+            .map(|l| {
+                l.get("testflinger_jobs_total")
+                    .map(|s| s.iter().cloned().collect())
+                    .unwrap_or_default()
             })
             .unwrap_or_default()
     }
+
+    /// The counters in the Prometheus text format.
+    fn render_counters(&self, out: &mut Vec<u8>) {
+        let _ = prometheus::TextEncoder::new().encode(&self.registry.gather(), out);
+    }
 }
 
-fn escape(s: &str) -> String {
-    s.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
+/// Registers a metric of a scrape's own registry (a name and help of ours: always valid).
+fn scrape_metric<M: prometheus::core::Collector + Clone + 'static>(
+    registry: &Registry,
+    metric: prometheus::Result<M>,
+) -> Option<M> {
+    let m = metric.ok()?;
+    registry.register(Box::new(m.clone())).ok()?;
+    Some(m)
 }
 
+/// `GET /metrics`: this replica's counters, then gauges read from Redis now (shared by
+/// all replicas), in the Prometheus text format 0.0.4.
 pub async fn metrics(app: web::Data<AppState>) -> ApiResult<HttpResponse> {
-    let mut out = String::new();
-    app.metrics.render_counters(&mut out);
+    let scrape = Registry::new();
     // Waiting jobs of every queue this replica saw or an agent advertises.
     let advertised: Vec<String> = app.store.advertised_queues().await?.into_keys().collect();
     let mut queues: Vec<String> = app.metrics.queues_seen();
     queues.extend(advertised);
     queues.sort();
     queues.dedup();
-    let _ = writeln!(
-        out,
-        "# HELP testflinger_queue_waiting_jobs Jobs waiting in a queue.\n# TYPE testflinger_queue_waiting_jobs gauge"
-    );
-    if !queues.is_empty() {
+    if let Some(g) = scrape_metric(
+        &scrape,
+        IntGaugeVec::new(
+            Opts::new("testflinger_queue_waiting_jobs", "Jobs waiting in a queue."),
+            &["queue"],
+        ),
+    ) && !queues.is_empty()
+    {
         let counts = app.store.waiting_counts(&queues).await?;
         for (q, n) in queues.iter().zip(counts) {
-            let _ = writeln!(
-                out,
-                "testflinger_queue_waiting_jobs{{queue=\"{}\"}} {n}",
-                escape(q)
-            );
+            g.with_label_values(&[q.as_str()]).set(n as i64);
         }
     }
-    let mut by_state: BTreeMap<String, u64> = BTreeMap::new();
+    let mut by_state: BTreeMap<String, i64> = BTreeMap::new();
     for a in crate::routes::agents::all_agents(&app).await? {
         let s = a
             .get("state")
@@ -158,34 +171,54 @@ pub async fn metrics(app: web::Data<AppState>) -> ApiResult<HttpResponse> {
             .to_string();
         *by_state.entry(s).or_insert(0) += 1;
     }
-    let _ = writeln!(
-        out,
-        "# HELP testflinger_agents Known agents, by state.\n# TYPE testflinger_agents gauge"
-    );
-    for (s, n) in by_state {
-        let _ = writeln!(out, "testflinger_agents{{state=\"{}\"}} {n}", escape(&s));
+    if let Some(g) = scrape_metric(
+        &scrape,
+        IntGaugeVec::new(
+            Opts::new("testflinger_agents", "Known agents, by state."),
+            &["state"],
+        ),
+    ) {
+        for (s, n) in by_state {
+            g.with_label_values(&[s.as_str()]).set(n);
+        }
     }
     let ev = app.events.stats();
-    let _ = writeln!(
-        out,
-        "# HELP testflinger_events_dropped_total Job events not published because the events backlog was full.\n# TYPE testflinger_events_dropped_total counter\ntestflinger_events_dropped_total {}",
-        ev.events_dropped()
-    );
-    let _ = writeln!(
-        out,
-        "# HELP testflinger_webhook_dropped_total Webhook calls not made because the webhook backlog was full.\n# TYPE testflinger_webhook_dropped_total counter\ntestflinger_webhook_dropped_total {}",
-        ev.webhook_dropped()
-    );
-    let _ = writeln!(
-        out,
-        "# HELP testflinger_webhook_backlog Webhook calls waiting or being made.\n# TYPE testflinger_webhook_backlog gauge\ntestflinger_webhook_backlog {}",
-        ev.webhook_waiting()
-    );
+    for (name, help, value) in [
+        (
+            "testflinger_events_dropped_total",
+            "Job events not published because the events backlog was full.",
+            ev.events_dropped(),
+        ),
+        (
+            "testflinger_webhook_dropped_total",
+            "Webhook calls not made because the webhook backlog was full.",
+            ev.webhook_dropped(),
+        ),
+    ] {
+        if let Some(c) = scrape_metric(&scrape, IntCounter::new(name, help)) {
+            c.inc_by(value);
+        }
+    }
     let leases = app.store.lease_count().await?;
-    let _ = writeln!(
-        out,
-        "# HELP testflinger_running_leases Jobs held under a lease.\n# TYPE testflinger_running_leases gauge\ntestflinger_running_leases {leases}"
-    );
+    for (name, help, value) in [
+        (
+            "testflinger_webhook_backlog",
+            "Webhook calls waiting or being made.",
+            ev.webhook_waiting() as i64,
+        ),
+        (
+            "testflinger_running_leases",
+            "Jobs held under a lease.",
+            leases as i64,
+        ),
+    ] {
+        if let Some(g) = scrape_metric(&scrape, IntGauge::new(name, help)) {
+            g.set(value);
+        }
+    }
+    let mut out = Vec::new();
+    app.metrics.render_counters(&mut out);
+    let _ = prometheus::TextEncoder::new().encode(&scrape.gather(), &mut out);
     Ok(HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4; charset=utf-8")
         .body(out))
@@ -203,8 +236,9 @@ mod tests {
         }
         m.inc_bounded("testflinger_jobs_total", "q3", 10);
         m.inc("testflinger_claims_total", "granted");
-        let mut out = String::new();
+        let mut out = Vec::new();
         m.render_counters(&mut out);
+        let out = String::from_utf8(out).unwrap_or_default();
         let series: Vec<&str> = out
             .lines()
             .filter(|l| l.starts_with("testflinger_jobs_total{"))
