@@ -1,6 +1,5 @@
 //! The templates (askama, `api/templates/`) and the display-ready values they show.
 
-use super::human_secs;
 use crate::store::views::{AgentRow, Fragment, JobRow, Provision, QueueRow};
 use askama::Template;
 
@@ -426,4 +425,18 @@ pub struct QueuePage {
     pub running: Vec<JobView>,
     pub recent: Vec<JobView>,
     pub agents: Vec<AgentView>,
+}
+
+/// Seconds in words: `42 s`, `3 min 5 s`, `2 h 10 min`.
+pub fn human_secs(s: f64) -> String {
+    let s = if s.is_finite() && s > 0.0 {
+        s.round() as u64
+    } else {
+        0
+    };
+    match s {
+        0..60 => format!("{s} s"),
+        60..3600 => format!("{} min {} s", s / 60, s % 60),
+        _ => format!("{} h {} min", s / 3600, (s % 3600) / 60),
+    }
 }
