@@ -11,7 +11,7 @@ use testflinger_broker::{Incoming, OutgoingMessage};
 use testflinger_common::JobId;
 
 /// Consumes the submit queue until the task is dropped, reconnecting with back-off.
-pub async fn run(app: AppState) {
+pub async fn run(app: AppState, shutdown: tokio_util::sync::CancellationToken) {
     let mut backoff = Duration::from_millis(200);
     loop {
         match app
@@ -21,20 +21,33 @@ pub async fn run(app: AppState) {
         {
             Ok(mut consumer) => {
                 backoff = Duration::from_millis(200);
-                while let Some(item) = consumer.next().await {
+                loop {
+                    // At shutdown the message in hand is finished (admitted and acked);
+                    // unacked ones go back to the queue when the channel closes.
+                    let item = tokio::select! {
+                        _ = shutdown.cancelled() => None,
+                        item = consumer.next() => item,
+                    };
                     match item {
-                        Ok(msg) => handle(&app, msg).await,
-                        Err(e) => {
+                        Some(Ok(msg)) => handle(&app, msg).await,
+                        Some(Err(e)) => {
                             tracing::warn!(error = %e, "submit consumer error");
                             break;
                         }
+                        None => break,
                     }
                 }
                 consumer.close().await;
+                if shutdown.is_cancelled() {
+                    return;
+                }
             }
             Err(e) => tracing::debug!(error = %e, "submit queue not consumable yet"),
         }
-        tokio::time::sleep(backoff).await;
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(backoff) => {}
+        }
         backoff = (backoff * 2).min(Duration::from_secs(10));
     }
 }
@@ -113,7 +126,7 @@ async fn admit_message(app: &AppState, msg: &Incoming) -> Result<JobId, ApiError
         .find(|(k, _)| k.eq_ignore_ascii_case("authorization"))
         .map(|(_, v)| v.as_str());
     let caller = crate::auth::Caller::authenticate(app, header).await?;
-    crate::submit::admit(app, value, forced, &caller).await
+    app.jobs.admit(value, forced, &caller).await
 }
 
 fn describe(e: &ApiError) -> (String, Value) {

@@ -14,15 +14,11 @@
 
 use crate::error::{ApiError, ApiResult};
 use actix_web::http::StatusCode;
-use actix_web::{FromRequest, HttpRequest, dev::Payload, web};
-use futures_util::future::LocalBoxFuture;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
 use testflinger_common::Job;
 
-/// Default lifetime of an access token, seconds (upstream: 10 minutes).
-pub const ACCESS_TTL: u64 = 600;
+pub use crate::settings::{ACCESS_TTL, DEFAULT_ADMIN_ID};
 /// Lifetime of an unused refresh token, seconds (upstream: 6 days); each use renews it.
 pub const REFRESH_TTL: u64 = 6 * 24 * 3600;
 /// Reservations up to this many seconds need no permission (upstream: 6 hours).
@@ -31,100 +27,10 @@ pub const FREE_RESERVATION: u64 = 6 * 3600;
 pub const DEFAULT_RESERVATION: u64 = 3600;
 /// bcrypt cost of stored secrets (upstream: Python bcrypt's default, 12).
 pub const BCRYPT_COST: u32 = 12;
-/// The bootstrap administrator's client id when `TESTFLINGER_ADMIN_ID` is not set.
-pub const DEFAULT_ADMIN_ID: &str = "testflinger-admin";
 
-/// A client's role. Upstream's four.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum Role {
-    Admin,
-    Manager,
-    #[default]
-    Contributor,
-    Agent,
-}
-
-impl Role {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Role::Admin => "admin",
-            Role::Manager => "manager",
-            Role::Contributor => "contributor",
-            Role::Agent => "agent",
-        }
-    }
-
-    /// Roles a client of this role may hand out: an admin any; a manager any but admin;
-    /// others none.
-    pub fn may_grant(self, other: Role) -> bool {
-        match self {
-            Role::Admin => true,
-            Role::Manager => other != Role::Admin,
-            _ => false,
-        }
-    }
-}
-
-impl std::str::FromStr for Role {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Role, String> {
-        match s {
-            "admin" => Ok(Role::Admin),
-            "manager" => Ok(Role::Manager),
-            "contributor" => Ok(Role::Contributor),
-            "agent" => Ok(Role::Agent),
-            other => Err(format!(
-                "'{other}' is not a role; one of admin, manager, contributor, agent"
-            )),
-        }
-    }
-}
-
-/// Roles of upstream's route table.
-pub const AGENT: &[Role] = &[Role::Agent];
-pub const ADMIN_MANAGER: &[Role] = &[Role::Admin, Role::Manager];
-pub const ADMIN_MANAGER_AGENT: &[Role] = &[Role::Admin, Role::Manager, Role::Agent];
-pub const ADMIN: &[Role] = &[Role::Admin];
-/// Authenticated users (not agents): secrets.
-pub const USERS: &[Role] = &[Role::Admin, Role::Manager, Role::Contributor];
-
-/// What a client may do; carried in its access token (claim `permissions`).
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct Permissions {
-    pub client_id: String,
-    #[serde(default)]
-    pub role: Role,
-    /// Highest `job_priority` per queue; `*` for every queue.
-    #[serde(default)]
-    pub max_priority: BTreeMap<String, i64>,
-    /// Restricted queues this client may submit to.
-    #[serde(default)]
-    pub allowed_queues: Vec<String>,
-    /// Longest reservation in seconds per queue; `*` for every queue.
-    #[serde(default)]
-    pub max_reservation_time: BTreeMap<String, u64>,
-}
-
-/// The one agent (device) an `agent` credential stands for (our rule, DESIGN.md "Who
-/// may do what"): its `agent_id` (the client record's `agent_id`, recorded by an admin,
-/// else the client id) and the queues an admin or manager let it serve (`None`: none
-/// set, so the queues its own agent record lists).
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct AgentIdentity {
-    pub agent_id: String,
-    pub queues: Option<Vec<String>>,
-}
-
-impl Permissions {
-    fn limit<T: Copy + Ord>(map: &BTreeMap<String, T>, queue: &str) -> Option<T> {
-        [map.get(queue), map.get("*")]
-            .into_iter()
-            .flatten()
-            .copied()
-            .max()
-    }
-}
+pub use crate::roles::{
+    ADMIN, ADMIN_MANAGER, ADMIN_MANAGER_AGENT, AGENT, AgentIdentity, Permissions, Role, USERS,
+};
 
 #[derive(Debug, Serialize, Deserialize)]
 struct Claims {
@@ -337,44 +243,6 @@ impl Caller {
         }
     }
 
-    /// The caller given a raw `Authorization` header value (or none), checked against
-    /// the client's record: a token of a client deleted or changed since it was issued
-    /// (its generation moved) is refused with 401, as an expired one is.
-    pub async fn authenticate(
-        app: &crate::state::AppState,
-        header: Option<&str>,
-    ) -> ApiResult<Caller> {
-        let (mut caller, generation) = Caller::from_authorization(&app.auth, header)?;
-        let Some(p) = &caller.perms else {
-            return Ok(caller);
-        };
-        let Some(current) = app.store.client_token_state(&p.client_id).await? else {
-            return Err(ApiError::Json(
-                StatusCode::UNAUTHORIZED,
-                format!(
-                    "Token has been revoked: client '{}' no longer exists",
-                    p.client_id
-                ),
-            ));
-        };
-        if current.generation != generation {
-            return Err(ApiError::Json(
-                StatusCode::UNAUTHORIZED,
-                format!(
-                    "Token has been revoked: client '{}' was changed since it was issued; get a new one at /v1/oauth2/token",
-                    p.client_id
-                ),
-            ));
-        }
-        if p.role == Role::Agent {
-            caller.agent = Some(AgentIdentity {
-                agent_id: current.agent_id.unwrap_or_else(|| p.client_id.clone()),
-                queues: current.agent_queues,
-            });
-        }
-        Ok(caller)
-    }
-
     /// The caller given a raw `Authorization` header value (or none), from the token
     /// alone, with the generation the token was issued under; see
     /// [`Caller::authenticate`] for the check against the client record.
@@ -511,24 +379,6 @@ impl Caller {
             }
         }
         Ok(())
-    }
-}
-
-impl FromRequest for Caller {
-    type Error = ApiError;
-    type Future = LocalBoxFuture<'static, Result<Caller, ApiError>>;
-
-    fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
-        let Some(app) = req.app_data::<web::Data<crate::state::AppState>>().cloned() else {
-            return Box::pin(async {
-                Err(ApiError::Internal(anyhow::anyhow!("no application state")))
-            });
-        };
-        let header = req
-            .headers()
-            .get(actix_web::http::header::AUTHORIZATION)
-            .map(|v| v.to_str().unwrap_or("(not text)").to_string());
-        Box::pin(async move { Caller::authenticate(&app, header.as_deref()).await })
     }
 }
 

@@ -51,20 +51,6 @@ pub enum ApiError {
     Internal(#[from] anyhow::Error),
 }
 
-/// Redis answers that mean "not now" rather than "wrong": the data set is loading
-/// (after a restart, from the AOF), a replica is read-only (failover), memory is full,
-/// a script is busy, or the server is shutting down or in cluster transition.
-pub(crate) const TRANSIENT_REDIS_CODES: &[&str] = &[
-    "LOADING",
-    "READONLY",
-    "OOM",
-    "BUSY",
-    "MASTERDOWN",
-    "TRYAGAIN",
-    "CLUSTERDOWN",
-    "NOREPLICAS",
-];
-
 /// The one mapping of the store's errors to answers, at the edge: each keeps the status
 /// and message the API gave when the store built them itself.
 impl From<StoreError> for ApiError {
@@ -85,13 +71,6 @@ impl From<StoreError> for ApiError {
             | StoreError::Random
             | StoreError::Serialization(_) => ApiError::Internal(anyhow::Error::new(e)),
         }
-    }
-}
-
-/// The web UI's pages map the store's errors the same way.
-impl From<StoreError> for crate::ui::UiError {
-    fn from(e: StoreError) -> Self {
-        crate::ui::UiError::Api(e.into())
     }
 }
 

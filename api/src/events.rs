@@ -15,6 +15,7 @@
 //! tasks are bounded too. An event past a bound is dropped, logged, and counted in
 //! `/metrics` (`testflinger_events_dropped_total`, `testflinger_webhook_dropped_total`).
 
+use crate::net::{Net, parse_nets};
 use crate::settings::Settings;
 use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
@@ -32,7 +33,7 @@ pub const BACKLOG: usize = 100_000;
 pub const BACKLOG_BYTES: usize = 64 << 20;
 /// Default of `TESTFLINGER_WEBHOOK_BACKLOG`: most webhook calls waiting or being made,
 /// all jobs together.
-pub const DEFAULT_WEBHOOK_BACKLOG: usize = 1000;
+pub use crate::settings::DEFAULT_WEBHOOK_BACKLOG;
 /// Most webhook calls waiting for one job (besides the one being made).
 pub const WEBHOOK_JOB_BACKLOG: usize = 64;
 /// Most bytes of webhook calls (URL and body) waiting, all jobs together.
@@ -88,19 +89,65 @@ impl EventStats {
 pub struct EventSink {
     tx: mpsc::Sender<Queued>,
     stats: Arc<EventStats>,
+    /// `TESTFLINGER_EVENTS`: publish to `testflinger.events` (webhooks are called anyway).
+    enabled: bool,
+}
+
+/// A job's change of state as a use case decided it (`crate::jobs`): what
+/// [`EventSink::publish`] reports, on `testflinger.events` and to the job's webhook.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Transition {
+    pub job_id: String,
+    pub queue: String,
+    pub state: testflinger_common::JobState,
+    pub previous: Option<testflinger_common::JobState>,
+    pub attempt: u64,
+    pub agent: Option<String>,
+    pub reason: Option<String>,
+    /// The job's `job_status_webhook`, if it has one.
+    pub webhook: Option<String>,
 }
 
 impl EventSink {
-    /// Starts the publishing task; it ends when every sink is dropped.
+    /// Starts the publishing task. It ends when every sink is dropped or `close` is
+    /// cancelled; then it first publishes what is queued (later events are dropped and
+    /// counted).
     pub fn start(
         broker: Broker,
         http: WebhookClients,
         settings: Arc<Settings>,
+        close: tokio_util::sync::CancellationToken,
     ) -> (EventSink, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(BACKLOG);
         let stats = Arc::new(EventStats::default());
-        let task = tokio::spawn(run(rx, broker, http, settings, stats.clone()));
-        (EventSink { tx, stats }, task)
+        let enabled = settings.events;
+        let task = tokio::spawn(run(rx, broker, http, settings, stats.clone(), close));
+        (EventSink { tx, stats, enabled }, task)
+    }
+
+    /// Reports a state change. Never blocks; drops the event (logged, counted) if the
+    /// backlog is full.
+    pub fn publish(&self, t: &Transition) {
+        if !self.enabled && t.webhook.is_none() {
+            return;
+        }
+        let event = JobEvent {
+            job_id: t.job_id.clone(),
+            job_queue: t.queue.clone(),
+            job_state: t.state.as_str().to_string(),
+            previous_state: t.previous.map(|p| p.as_str().to_string()),
+            attempt: t.attempt,
+            agent_id: t.agent.clone().filter(|a| !a.is_empty()),
+            timestamp: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            reason: t.reason.clone().filter(|r| !r.is_empty()),
+        };
+        let body = serde_json::to_vec(&event).unwrap_or_default();
+        self.enqueue(Queued {
+            job_id: event.job_id.clone(),
+            routing_key: event_routing_key(&event.job_queue, &event.job_state),
+            webhook: t.webhook.clone().map(|url| (url, body.clone())),
+            body,
+        });
     }
 
     pub fn stats(&self) -> &EventStats {
@@ -125,42 +172,6 @@ impl EventSink {
     }
 }
 
-/// Reports a state change. Never blocks; drops the event (logged, counted) if the backlog
-/// is full.
-#[allow(clippy::too_many_arguments)]
-pub fn emit(
-    app: &crate::state::AppState,
-    job_id: &str,
-    queue: &str,
-    state: &str,
-    previous: Option<&str>,
-    attempt: u64,
-    agent: Option<&str>,
-    reason: Option<&str>,
-    webhook: Option<String>,
-) {
-    if !app.settings.events && webhook.is_none() {
-        return;
-    }
-    let event = JobEvent {
-        job_id: job_id.to_string(),
-        job_queue: queue.to_string(),
-        job_state: state.to_string(),
-        previous_state: previous.filter(|p| !p.is_empty()).map(str::to_string),
-        attempt,
-        agent_id: agent.filter(|a| !a.is_empty()).map(str::to_string),
-        timestamp: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
-        reason: reason.filter(|r| !r.is_empty()).map(str::to_string),
-    };
-    let body = serde_json::to_vec(&event).unwrap_or_default();
-    app.events.enqueue(Queued {
-        job_id: event.job_id.clone(),
-        routing_key: event_routing_key(&event.job_queue, &event.job_state),
-        webhook: webhook.map(|url| (url, body.clone())),
-        body,
-    });
-}
-
 /// One phase event as upstream's agent reports it (`POST /v1/job/<id>/events`).
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -177,7 +188,7 @@ pub struct AgentEvent {
 /// the agent's post without `job_status_webhook`) is PUT once to the job's webhook when
 /// it is given and its host is allowed. Never blocks.
 pub fn relay_agent_events(
-    app: &crate::state::AppState,
+    sink: &EventSink,
     job_id: &str,
     queue: &str,
     agent: Option<&str>,
@@ -200,7 +211,7 @@ pub fn relay_agent_events(
             body: serde_json::to_vec(&body).unwrap_or_default(),
             webhook: if i + 1 == n { webhook.clone() } else { None },
         };
-        app.events.enqueue(queued);
+        sink.enqueue(queued);
     }
 }
 
@@ -210,11 +221,23 @@ async fn run(
     http: WebhookClients,
     settings: Arc<Settings>,
     stats: Arc<EventStats>,
+    close: tokio_util::sync::CancellationToken,
 ) {
     let allowed = settings.webhook_hosts();
     let hooks = Arc::new(Mutex::new(Hooks::default()));
     let mut batch: Vec<Queued> = Vec::with_capacity(256);
-    while rx.recv_many(&mut batch, 256).await > 0 {
+    loop {
+        let n = tokio::select! {
+            n = rx.recv_many(&mut batch, 256) => n,
+            // Closing: no new event is taken; the ones queued are still received.
+            _ = close.cancelled(), if !rx.is_closed() => {
+                rx.close();
+                continue;
+            }
+        };
+        if n == 0 {
+            break;
+        }
         let bytes: usize = batch.iter().map(Queued::bytes).sum();
         if settings.events {
             let msgs: Vec<OutgoingMessage<'_>> = batch
@@ -350,58 +373,6 @@ impl Hooks {
             stats.webhook_waiting.store(h.waiting, Ordering::Relaxed);
         }
     }
-}
-
-/// An address range in CIDR notation (`10.0.0.0/8`, `fe80::/10`; a bare address is a
-/// range of one).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Net {
-    addr: IpAddr,
-    prefix: u8,
-}
-
-impl Net {
-    /// Whether `ip` is in the range (IPv4-mapped IPv6 addresses count as IPv4).
-    pub fn contains(&self, ip: IpAddr) -> bool {
-        match (self.addr, ip.to_canonical()) {
-            (IpAddr::V4(net), IpAddr::V4(ip)) => {
-                let mask = u32::MAX
-                    .checked_shl(32 - u32::from(self.prefix))
-                    .unwrap_or(0);
-                u32::from(net) & mask == u32::from(ip) & mask
-            }
-            (IpAddr::V6(net), IpAddr::V6(ip)) => {
-                let mask = u128::MAX
-                    .checked_shl(128 - u32::from(self.prefix))
-                    .unwrap_or(0);
-                u128::from(net) & mask == u128::from(ip) & mask
-            }
-            _ => false,
-        }
-    }
-}
-
-/// Parses a comma-separated list of ranges (`TESTFLINGER_WEBHOOK_BLOCKED_NETS`). The
-/// error names the entry and the accepted shape.
-pub fn parse_nets(list: &str) -> Result<Vec<Net>, String> {
-    let mut out = Vec::new();
-    for raw in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-        let bad = || {
-            format!(
-                "'{raw}' is not an address range; expected ADDRESS/PREFIX such as 10.0.0.0/8 or fe80::/10"
-            )
-        };
-        let (a, p) = raw.split_once('/').unwrap_or((raw, ""));
-        let addr: IpAddr = a.parse().map_err(|_| bad())?;
-        let max = if addr.is_ipv4() { 32 } else { 128 };
-        let prefix = if p.is_empty() {
-            max
-        } else {
-            p.parse::<u8>().ok().filter(|n| *n <= max).ok_or_else(bad)?
-        };
-        out.push(Net { addr, prefix });
-    }
-    Ok(out)
 }
 
 /// The webhook client's DNS resolver: resolves with the system resolver, then keeps only

@@ -101,6 +101,25 @@ impl FileStore {
         Ok(staged)
     }
 
+    /// The file of job `id`'s committed artifact (see [`FileStore::stage_artifact`]), if
+    /// any. Reads the name again once if the file went: a new upload replaced it
+    /// meanwhile.
+    pub async fn open_artifact(
+        &self,
+        store: &crate::store::Store,
+        id: &str,
+    ) -> ApiResult<Option<tokio::fs::File>> {
+        for _ in 0..2 {
+            let name = store.job_artifact(id).await?;
+            match tokio::fs::File::open(self.artifact_file(id, &name)).await {
+                Ok(f) => return Ok(Some(f)),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(None)
+    }
+
     /// Removes the artifact a commit replaced (`previous`, or the unnamed one).
     pub async fn drop_replaced_artifact(&self, id: &str, previous: &str) {
         let old = self.artifact_file(id, previous);

@@ -17,20 +17,24 @@
 //! - [`ui`]: the server-rendered web UI (HTML pages, live job log).
 
 pub mod admission;
+pub mod agents;
 pub mod auth;
 pub mod docs_site;
 pub mod error;
 pub mod events;
+pub mod extract;
 pub mod files;
+pub mod jobs;
 pub mod limits;
 pub mod logs;
 pub mod metrics;
+pub mod net;
 pub mod reaper;
+pub mod roles;
 pub mod routes;
 pub mod settings;
 pub mod startup;
 pub mod state;
 pub mod store;
-pub mod submit;
 pub mod telemetry;
 pub mod ui;

@@ -18,8 +18,8 @@
 
 use crate::error::{ApiError, ApiResult};
 use crate::files::FileStore;
-use crate::state::AppState;
-use crate::store::{ATTEMPT_STRIDE, Batch, Fragment, now_ms};
+use crate::metrics::Metrics;
+use crate::store::{ATTEMPT_STRIDE, Batch, Fragment, Store, now_ms};
 use futures_util::StreamExt;
 use std::collections::{BTreeMap, HashMap};
 use std::io::{BufRead, BufReader, BufWriter, Seek, SeekFrom, Write};
@@ -27,6 +27,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{Notify, watch};
+use tokio_util::sync::CancellationToken;
 
 /// Most fragments one SSE event batch carries.
 pub const SSE_BATCH_FRAGMENTS: usize = 200;
@@ -89,17 +90,18 @@ async fn blocking<T: Send + 'static>(
 /// (all when `None`; a batch's byte bound counts the stored JSON of each fragment), from
 /// Redis and, once the job was compacted, its files.
 pub async fn read(
-    app: &AppState,
+    store: &Store,
+    files: &FileStore,
     id: &str,
     log_type: &str,
     from: i64,
     limit: Option<Batch>,
 ) -> ApiResult<Vec<Fragment>> {
-    let r = app.store.log_fragments(id, log_type, from, limit).await?;
+    let r = store.log_fragments(id, log_type, from, limit).await?;
     if !r.compacted {
         return Ok(r.fragments);
     }
-    let files = app.files.clone();
+    let files = files.clone();
     let (id, lt) = (id.to_string(), log_type.to_string());
     let on_disk = blocking("reading a compacted log", move || {
         read_files(&files, &id, &lt, from, limit)
@@ -115,17 +117,18 @@ pub async fn read(
 /// `max_bytes` of `log_data` (at least the newest one), and whether older ones were left
 /// out.
 pub async fn tail(
-    app: &AppState,
+    store: &Store,
+    files: &FileStore,
     id: &str,
     log_type: &str,
     max: usize,
     max_bytes: usize,
 ) -> ApiResult<(Vec<Fragment>, bool)> {
-    let (r, total) = app.store.log_newest(id, log_type, max).await?;
+    let (r, total) = store.log_newest(id, log_type, max).await?;
     let mut cut = total > r.fragments.len();
     let mut all: BTreeMap<i64, Fragment> = BTreeMap::new();
     if r.compacted {
-        let files = app.files.clone();
+        let files = files.clone();
         let (id, lt) = (id.to_string(), log_type.to_string());
         // JSON escaping can double the text; a window twice the byte budget holds it.
         let window = (max_bytes as u64) * 2 + 64 * 1024;
@@ -390,14 +393,14 @@ impl AttemptWriter {
 /// Compacts one ended job's fragments into the file store (see the module docs).
 /// True when its fragments left Redis; false when the job is not ended (taken off the
 /// compaction set) or a fragment came meanwhile (the caller schedules it again).
-pub async fn compact_job(app: &AppState, id: &str) -> ApiResult<bool> {
-    let snap = app.store.compaction_snapshot(id).await?;
+pub async fn compact_job(store: &Store, files: &FileStore, id: &str) -> ApiResult<bool> {
+    let snap = store.compaction_snapshot(id).await?;
     match snap.state {
         // Expired: nothing to keep; `finish_compaction` drops what is left.
-        None => return Ok(app.store.finish_compaction(id, &snap).await?),
+        None => return Ok(store.finish_compaction(id, &snap).await?),
         Some(state) if state.is_terminal() => {}
         Some(_) => {
-            app.store.drop_compaction(id).await?;
+            store.drop_compaction(id).await?;
             return Ok(false);
         }
     }
@@ -405,14 +408,13 @@ pub async fn compact_job(app: &AppState, id: &str) -> ApiResult<bool> {
         let mut from = 0;
         let mut writer: Option<AttemptWriter> = None;
         loop {
-            let chunk = app
-                .store
+            let chunk = store
                 .log_fragments(id, lt, from, Some(COMPACT_CHUNK))
                 .await?
                 .fragments;
             let Some(last) = chunk.last() else { break };
             from = last.n + 1;
-            let files = app.files.clone();
+            let files = files.clone();
             let job = id.to_string();
             writer = blocking("writing a compacted log", move || {
                 let mut w = writer;
@@ -436,29 +438,22 @@ pub async fn compact_job(app: &AppState, id: &str) -> ApiResult<bool> {
             blocking("writing a compacted log", move || w.finish()).await?;
         }
     }
-    Ok(app.store.finish_compaction(id, &snap).await?)
+    Ok(store.finish_compaction(id, &snap).await?)
 }
 
 /// One pass over the jobs due for compaction; returns how many it looked at.
-pub async fn compact_due(app: &AppState) -> ApiResult<usize> {
-    let ids = app.store.due_compactions(now_ms(), COMPACT_BATCH).await?;
+pub async fn compact_due(store: &Store, files: &FileStore, metrics: &Metrics) -> ApiResult<usize> {
+    let ids = store.due_compactions(now_ms(), COMPACT_BATCH).await?;
     for id in &ids {
-        match compact_job(app, id).await {
-            Ok(true) => app.metrics.inc("testflinger_log_compactions_total", "done"),
+        match compact_job(store, files, id).await {
+            Ok(true) => metrics.inc("testflinger_log_compactions_total", "done"),
             Ok(false) => {
-                app.store
-                    .schedule_compaction(id, now_ms() + 1000)
-                    .await
-                    .ok();
+                store.schedule_compaction(id, now_ms() + 1000).await.ok();
             }
             Err(e) => {
                 tracing::warn!(job.id = %id, error = %e, "could not compact the job's log; retrying in 5 s");
-                app.metrics
-                    .inc("testflinger_log_compactions_total", "failed");
-                app.store
-                    .schedule_compaction(id, now_ms() + 5000)
-                    .await
-                    .ok();
+                metrics.inc("testflinger_log_compactions_total", "failed");
+                store.schedule_compaction(id, now_ms() + 5000).await.ok();
             }
         }
     }
@@ -466,16 +461,23 @@ pub async fn compact_due(app: &AppState) -> ApiResult<usize> {
 }
 
 /// The compactor: runs when a job ends (poked through [`Logs::compact_now`]) and every
-/// `reaper_interval_ms`. Runs until the task is dropped.
-pub async fn run_compactor(app: AppState) {
-    let interval = Duration::from_millis(app.settings.reaper_interval_ms.max(50));
+/// `interval`. Ends at `shutdown`, after the pass under way.
+pub async fn run_compactor(
+    store: Store,
+    files: FileStore,
+    metrics: std::sync::Arc<Metrics>,
+    logs: Logs,
+    interval: Duration,
+    shutdown: CancellationToken,
+) {
     loop {
         tokio::select! {
-            _ = app.logs.compact_now.notified() => {}
+            _ = shutdown.cancelled() => return,
+            _ = logs.compact_now.notified() => {}
             _ = tokio::time::sleep(interval) => {}
         }
         loop {
-            match compact_due(&app).await {
+            match compact_due(&store, &files, &metrics).await {
                 Ok(n) if n >= COMPACT_BATCH => continue,
                 Ok(_) => break,
                 Err(e) => {
@@ -574,16 +576,22 @@ impl Drop for Follow {
 }
 
 /// The server's one pub/sub subscriber: relays log events to [`LogEvents`]; reconnects
-/// after a drop (waking every stream, which then reads what it missed). Runs until the
-/// task is dropped.
-pub async fn run_subscriber(app: AppState) {
+/// after a drop (waking every stream, which then reads what it missed). Ends at
+/// `shutdown`.
+pub async fn run_subscriber(store: Store, logs: Logs, shutdown: CancellationToken) {
     loop {
-        match app.store.log_events().await {
+        match store.log_events().await {
             Ok(stream) => {
-                app.logs.events.wake_all();
+                logs.events.wake_all();
                 let mut stream = std::pin::pin!(stream);
-                while let Some(id) = stream.next().await {
-                    app.logs.events.wake(&id);
+                loop {
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        next = stream.next() => match next {
+                            Some(id) => logs.events.wake(&id),
+                            None => break,
+                        },
+                    }
                 }
                 tracing::warn!("the log event subscription dropped; reconnecting");
             }
@@ -591,7 +599,10 @@ pub async fn run_subscriber(app: AppState) {
                 tracing::warn!(error = %e, "cannot subscribe to log events; retrying in 1 s")
             }
         }
-        app.logs.events.wake_all();
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        logs.events.wake_all();
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
     }
 }

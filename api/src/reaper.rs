@@ -6,19 +6,21 @@
 //! waiting jobs whose broker queue lost their messages. It sweeps expired files too.
 
 use crate::error::ApiResult;
-use crate::events;
+use crate::jobs::requeue::Cause;
 use crate::state::AppState;
-use crate::store::{AttachState, Requeue, now_ms};
+use crate::store::now_ms;
 use std::time::{Duration, Instant};
-use testflinger_common::JobState;
 
-/// Runs until the task is dropped.
-pub async fn run(app: AppState) {
+/// Runs until `shutdown`, after the pass under way.
+pub async fn run(app: AppState, shutdown: tokio_util::sync::CancellationToken) {
     let me = uuid::Uuid::new_v4().to_string();
     let interval = Duration::from_millis(app.settings.reaper_interval_ms.max(50));
     let mut last_sweep = Instant::now();
     loop {
-        tokio::time::sleep(interval).await;
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(interval) => {}
+        }
         match tick(&app, &me, interval).await {
             Ok(n) if n > 0 => tracing::info!(reaped = n, "reaper requeued or ended jobs"),
             Ok(_) => {}
@@ -74,95 +76,16 @@ pub async fn tick(app: &AppState, me: &str, interval: Duration) -> ApiResult<usi
     Ok(n)
 }
 
-/// Cancels jobs whose attachments never came within `attachments_timeout`: no job waits
-/// for an upload forever (a client that died between submit and upload leaves one).
+/// Cancels jobs whose attachments never came within `attachments_timeout`.
 async fn expire_attachment_waits(app: &AppState, now: i64) {
-    let secs = app.settings.attachments_timeout;
-    let reason = format!("attachments were not uploaded within {secs} s");
-    let cutoff = now - (secs as i64) * 1000;
-    match app.store.expire_attachment_waits(cutoff, &reason).await {
-        Ok(jobs) => {
-            for (id, queue) in jobs {
-                tracing::warn!(job.id = %id, "{reason}: job cancelled");
-                events::emit(
-                    app,
-                    &id,
-                    &queue,
-                    "cancelled",
-                    Some("waiting"),
-                    0,
-                    None,
-                    Some(&reason),
-                    None,
-                );
-            }
-        }
-        Err(e) => tracing::warn!(error = %e, "could not expire attachment waits"),
+    let cutoff = now - (app.settings.attachments_timeout as i64) * 1000;
+    if let Err(e) = app.jobs.expire_attachment_waits(cutoff).await {
+        tracing::warn!(error = %e, "could not expire attachment waits");
     }
 }
 
 async fn reap_one(app: &AppState, id: &str) -> ApiResult<bool> {
-    // An unknown job still goes through `requeue`, which takes it off the leases.
-    let (queue, webhook) = match app.store.job_summary(id).await? {
-        Some(job) => (job.queue.clone(), job.webhook()),
-        None => (String::new(), None),
-    };
-    let (state, previous, attempt, agent, reason) = match app
-        .store
-        .requeue(
-            id,
-            &queue,
-            app.settings.max_attempts,
-            "agent lost",
-            None,
-            None,
-        )
-        .await?
-    {
-        Requeue::Requeued {
-            previous,
-            attempt,
-            agent,
-            reason,
-        } => {
-            app.metrics.inc("testflinger_reaped_total", "requeued");
-            tracing::warn!(job.id = %id, agent = %agent, attempt, "lease expired: job requeued");
-            ("waiting", previous, attempt, agent, reason)
-        }
-        Requeue::Ended {
-            previous,
-            attempt,
-            agent,
-            reason,
-        } => {
-            app.metrics.inc("testflinger_reaped_total", "ended");
-            tracing::warn!(job.id = %id, agent = %agent, attempt, "lease expired: job ended");
-            ("complete", previous, attempt, agent, reason)
-        }
-        _ => return Ok(false),
-    };
-    if !agent.is_empty()
-        && let Err(e) = app.store.mark_agent_lost(&agent, id).await
-    {
-        tracing::warn!(agent, error = %e, "could not mark agent lost");
-    }
-    if state == "waiting"
-        && let Err(e) = republish(app, id).await
-    {
-        tracing::warn!(job.id = %id, error = %e, "requeued job not yet republished; the outbox keeps it");
-    }
-    events::emit(
-        app,
-        id,
-        &queue,
-        state,
-        Some(previous.as_str()),
-        attempt,
-        Some(&agent),
-        Some(&reason),
-        webhook,
-    );
-    Ok(true)
+    Ok(app.jobs.requeue(id, Cause::LeaseExpired).await?.is_some())
 }
 
 /// How long a job stays in the outbox before the reconciler publishes it again: longer
@@ -244,11 +167,18 @@ pub async fn reconcile_queues(
 
 /// Runs [`reconcile_queues`] every `interval` while this replica holds the reaper lock's
 /// turn (any replica may run it: duplicates are harmless, but one is enough).
-pub async fn run_reconciler(app: AppState, interval: Duration) {
+pub async fn run_reconciler(
+    app: AppState,
+    interval: Duration,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
     let me = uuid::Uuid::new_v4().to_string();
     let mut short = std::collections::HashSet::new();
     loop {
-        tokio::time::sleep(interval).await;
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(interval) => {}
+        }
         let ttl = interval.as_millis() as u64 * 2;
         if !matches!(app.store.hold_lock("reconciler", &me, ttl).await, Ok(true)) {
             continue;
@@ -266,12 +196,5 @@ pub async fn run_reconciler(app: AppState, interval: Duration) {
 /// the outbox. A requeued job (attempt > 0) is published one priority level up, so it
 /// keeps its place ahead of the jobs that queued behind it instead of going to the tail.
 pub async fn republish(app: &AppState, id: &str) -> ApiResult<()> {
-    if let Some(job) = app.store.job_summary(id).await?
-        && job.state == JobState::Waiting
-        && job.attach != AttachState::Waiting
-    {
-        let boost = i64::from(job.attempt > 0);
-        crate::submit::publish(app, id, &job.queue, job.priority + boost, &job.def).await?;
-    }
-    Ok(app.store.outbox_done(id).await?)
+    app.jobs.republish(id).await
 }

@@ -130,6 +130,15 @@ pub struct Settings {
     pub docs_dir: PathBuf,
 }
 
+/// Default of `TESTFLINGER_METRICS_MAX_LABEL_VALUES`.
+pub const DEFAULT_MAX_LABEL_VALUES: usize = 1000;
+/// Default of `TESTFLINGER_WEBHOOK_BACKLOG`.
+pub const DEFAULT_WEBHOOK_BACKLOG: usize = 1000;
+/// Default lifetime of an access token, seconds (upstream: 10 minutes).
+pub const ACCESS_TTL: u64 = 600;
+/// The bootstrap administrator's client id when `TESTFLINGER_ADMIN_ID` is not set.
+pub const DEFAULT_ADMIN_ID: &str = "testflinger-admin";
+
 /// A setting that must not appear in logs or `Debug` output (keys, secrets).
 #[derive(Clone, Deserialize, PartialEq, Eq)]
 #[serde(transparent)]
@@ -248,18 +257,12 @@ impl Settings {
                 "max_job_field_bytes",
                 JobBounds::DEFAULT_MAX_FIELD_BYTES as u64,
             )?
-            .set_default(
-                "metrics_max_label_values",
-                crate::metrics::DEFAULT_MAX_LABEL_VALUES as u64,
-            )?
-            .set_default(
-                "webhook_backlog",
-                crate::events::DEFAULT_WEBHOOK_BACKLOG as u64,
-            )?
+            .set_default("metrics_max_label_values", DEFAULT_MAX_LABEL_VALUES as u64)?
+            .set_default("webhook_backlog", DEFAULT_WEBHOOK_BACKLOG as u64)?
             .set_default("log_format", "text")?
             .set_default("jwt_leeway", 5)?
-            .set_default("access_ttl", crate::auth::ACCESS_TTL)?
-            .set_default("admin_id", crate::auth::DEFAULT_ADMIN_ID)?
+            .set_default("access_ttl", ACCESS_TTL)?
+            .set_default("admin_id", DEFAULT_ADMIN_ID)?
             .set_default("login_window", 60)?
             .set_default("login_attempts_per_address", 30)?
             .set_default("login_failures_per_client", 10)?
@@ -345,7 +348,7 @@ impl Settings {
         if self.header_timeout_ms == 0 || self.body_timeout_ms == 0 {
             return Err("TESTFLINGER_HEADER_TIMEOUT_MS and TESTFLINGER_BODY_TIMEOUT_MS must be at least 1 (milliseconds)".into());
         }
-        crate::events::parse_nets(&self.webhook_blocked_nets)
+        crate::net::parse_nets(&self.webhook_blocked_nets)
             .map_err(|e| format!("TESTFLINGER_WEBHOOK_BLOCKED_NETS: {e}"))?;
         if !self.submit_queue.starts_with("testflinger.") {
             return Err("TESTFLINGER_SUBMIT_QUEUE must start with 'testflinger.'".into());
@@ -396,13 +399,13 @@ impl Settings {
             max_job_tags: JobBounds::DEFAULT_MAX_TAGS,
             max_job_tag_chars: JobBounds::DEFAULT_MAX_TAG_CHARS,
             max_job_field_bytes: JobBounds::DEFAULT_MAX_FIELD_BYTES,
-            metrics_max_label_values: crate::metrics::DEFAULT_MAX_LABEL_VALUES,
-            webhook_backlog: crate::events::DEFAULT_WEBHOOK_BACKLOG,
+            metrics_max_label_values: DEFAULT_MAX_LABEL_VALUES,
+            webhook_backlog: DEFAULT_WEBHOOK_BACKLOG,
             log_format: "text".into(),
             jwt_signing_key: None,
             jwt_leeway: 5,
-            access_ttl: crate::auth::ACCESS_TTL,
-            admin_id: crate::auth::DEFAULT_ADMIN_ID.into(),
+            access_ttl: ACCESS_TTL,
+            admin_id: DEFAULT_ADMIN_ID.into(),
             admin_secret: None,
             login_window: 60,
             login_attempts_per_address: 30,

@@ -11,13 +11,20 @@ use anyhow::Context;
 use std::net::TcpListener;
 use std::sync::Arc;
 use testflinger_broker::{Broker, BrokerConfig};
+use tokio_util::sync::CancellationToken;
 
 pub struct Application {
     port: u16,
     server: Server,
     pub state: AppState,
     background: Vec<tokio::task::JoinHandle<()>>,
+    events_task: tokio::task::JoinHandle<()>,
+    events_close: CancellationToken,
+    shutdown: CancellationToken,
 }
+
+/// How long shutdown waits for each background task, and for the queued events.
+pub const DRAIN: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl Application {
     /// Connects to Redis, prepares the broker client and the file store, binds.
@@ -94,8 +101,24 @@ impl Application {
             );
         }
         let settings = Arc::new(settings);
-        let (events, events_task) =
-            crate::events::EventSink::start(broker.clone(), http.clone(), settings.clone());
+        let events_close = CancellationToken::new();
+        let (events, events_task) = crate::events::EventSink::start(
+            broker.clone(),
+            http.clone(),
+            settings.clone(),
+            events_close.clone(),
+        );
+        let metrics = Arc::new(crate::metrics::Metrics::default());
+        let logs = crate::logs::Logs::default();
+        let jobs = crate::jobs::Jobs {
+            store: store.clone(),
+            broker: broker.clone(),
+            events: events.clone(),
+            settings: settings.clone(),
+            metrics: metrics.clone(),
+            auth_enabled: auth.enabled(),
+            compact_now: logs.compact_now.clone(),
+        };
         let state = AppState {
             store,
             broker,
@@ -103,9 +126,10 @@ impl Application {
             settings,
             http,
             events,
-            metrics: Arc::default(),
+            metrics,
             auth,
-            logs: crate::logs::Logs::default(),
+            logs,
+            jobs,
         };
         let data = web::Data::new(state.clone());
         let docs_dir = state.settings.docs_dir.clone();
@@ -126,7 +150,7 @@ impl Application {
                 ))
                 // Outermost: CSP, nosniff, framing on every answer (ui::headers).
                 .wrap(middleware::from_fn(crate::ui::headers::security_headers))
-                .route("/metrics", web::get().to(crate::metrics::metrics))
+                .route("/metrics", web::get().to(crate::routes::metrics::metrics))
                 .configure(crate::routes::configure)
                 .configure(crate::ui::configure)
                 .configure(|cfg| crate::docs_site::configure(cfg, &docs_dir))
@@ -145,25 +169,46 @@ impl Application {
                 tracing::warn!(error = %e, "RabbitMQ not reachable yet; submissions answer 503 until it is");
             }
         });
+        // Shutdown is an input of every background task (as in mini-redis): each ends
+        // between passes when it is cancelled, and `run_until_stopped` waits for them.
+        let shutdown = CancellationToken::new();
+        let interval = std::time::Duration::from_millis(state.settings.reaper_interval_ms.max(50));
         let mut background = vec![
             warm_up,
-            events_task,
-            tokio::spawn(crate::reaper::run(state.clone())),
-            tokio::spawn(crate::logs::run_compactor(state.clone())),
-            tokio::spawn(crate::logs::run_subscriber(state.clone())),
+            tokio::spawn(crate::reaper::run(state.clone(), shutdown.clone())),
+            tokio::spawn(crate::logs::run_compactor(
+                state.store.clone(),
+                state.files.clone(),
+                state.metrics.clone(),
+                state.logs.clone(),
+                interval,
+                shutdown.clone(),
+            )),
+            tokio::spawn(crate::logs::run_subscriber(
+                state.store.clone(),
+                state.logs.clone(),
+                shutdown.clone(),
+            )),
             tokio::spawn(crate::reaper::run_reconciler(
                 state.clone(),
                 std::time::Duration::from_millis(state.settings.reconcile_interval_ms.max(100)),
+                shutdown.clone(),
             )),
         ];
         if state.settings.submit_consumer {
-            background.push(tokio::spawn(crate::admission::run(state.clone())));
+            background.push(tokio::spawn(crate::admission::run(
+                state.clone(),
+                shutdown.clone(),
+            )));
         }
         Ok(Application {
             port,
             server,
             state,
             background,
+            events_task,
+            events_close,
+            shutdown,
         })
     }
 
@@ -175,13 +220,34 @@ impl Application {
         self.server.handle()
     }
 
-    /// Serves until SIGTERM/ctrl-c (actix handles both gracefully) or `handle().stop()`.
+    /// Serves until SIGTERM/ctrl-c (actix handles both gracefully) or `handle().stop()`,
+    /// then shuts down in order: the background tasks are told to stop and finish the
+    /// pass under way (at most [`DRAIN`] each), then the events queued so far are
+    /// published (at most [`DRAIN`]; the ones left are only webhooks and events, whose
+    /// jobs' state is in Redis).
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
         let r = self.server.await;
+        self.shutdown.cancel();
         for t in self.background {
-            t.abort();
+            let abort = t.abort_handle();
+            if tokio::time::timeout(DRAIN, t).await.is_err() {
+                tracing::warn!("a background task did not stop in time: aborted");
+                abort.abort();
+            }
+        }
+        // The publisher takes no new event and publishes what is queued, then ends.
+        self.events_close.cancel();
+        let abort = self.events_task.abort_handle();
+        if tokio::time::timeout(DRAIN, self.events_task).await.is_err() {
+            tracing::warn!("events still queued at shutdown were not all published: aborted");
+            abort.abort();
         }
         r
+    }
+
+    /// A token cancelled at shutdown (tests use it to stop the background tasks).
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
     }
 }
 

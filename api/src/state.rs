@@ -19,6 +19,8 @@ pub struct AppState {
     pub auth: std::sync::Arc<crate::auth::Auth>,
     /// SSE fan-out of log events and the log compactor's wake-up.
     pub logs: crate::logs::Logs,
+    /// The use cases of jobs (see [`crate::jobs`]).
+    pub jobs: crate::jobs::Jobs,
 }
 
 impl AppState {

@@ -6,8 +6,8 @@ use crate::state::AppState;
 use crate::store::now_iso;
 use actix_web::http::StatusCode;
 use actix_web::{HttpResponse, web};
-use serde_json::{Map, Value, json};
-use std::collections::{BTreeMap, HashMap};
+use serde_json::{Value, json};
+use std::collections::BTreeMap;
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.route("/v1/agents/data", web::get().to(list_agents))
@@ -112,7 +112,8 @@ async fn post_agent(
     let previous = app.store.put_agent(&name, &fields, &log).await?;
     // Tell the agent only when its state enters or leaves a blocking one (its own posts
     // of phase states and `waiting` after a job need no echo).
-    let blocking = |s: &str| matches!(s, "offline" | "maintenance" | "restart");
+    // Blocking: a state in which the agent takes no job (the one availability rule).
+    let blocking = |s: &str| !testflinger_common::AgentState::record_takes_jobs(Some(s));
     if let Some(state) = &a.state
         && (blocking(state) || previous.as_deref().is_some_and(blocking))
         && previous.as_deref() != Some(state.as_str())
@@ -152,69 +153,8 @@ async fn notify_state(app: &AppState, name: &str, state: &str) {
     }
 }
 
-/// An agent record as the API shows it.
-fn agent_json(h: HashMap<String, String>) -> Value {
-    let mut o = Map::new();
-    for key in [
-        "name",
-        "state",
-        "location",
-        "provision_type",
-        "identifier",
-        "job_id",
-        "comment",
-        "updated_at",
-    ] {
-        if let Some(v) = h.get(key) {
-            o.insert(key.into(), json!(v));
-        }
-    }
-    let queues: Value = h
-        .get("queues")
-        .and_then(|q| serde_json::from_str(q).ok())
-        .unwrap_or_else(|| json!([]));
-    o.insert("queues".into(), queues);
-    if let Some(t) = h.get("provision_streak_type") {
-        o.insert("provision_streak_type".into(), json!(t));
-        let n: i64 = h
-            .get("provision_streak_count")
-            .and_then(|c| c.parse().ok())
-            .unwrap_or(0);
-        o.insert("provision_streak_count".into(), json!(n));
-    }
-    o.insert("restricted_to".into(), json!({}));
-    Value::Object(o)
-}
-
-/// Every known agent, oldest registration first.
-pub async fn all_agents(app: &AppState) -> ApiResult<Vec<Value>> {
-    let mut out = Vec::new();
-    let mut gone = Vec::new();
-    for (n, h) in app.store.agent_records().await? {
-        if h.is_empty() {
-            gone.push(n.clone());
-        } else {
-            out.push(agent_json(h));
-        }
-    }
-    app.store.forget_agents(&gone).await?;
-    Ok(out)
-}
-
-pub async fn agents_on_queue(app: &AppState, queue: &str) -> ApiResult<Vec<Value>> {
-    Ok(all_agents(app)
-        .await?
-        .into_iter()
-        .filter(|a| {
-            a.get("queues")
-                .and_then(Value::as_array)
-                .is_some_and(|qs| qs.iter().any(|q| q == queue))
-        })
-        .collect())
-}
-
 async fn list_agents(app: web::Data<AppState>) -> ApiResult<HttpResponse> {
-    Ok(HttpResponse::Ok().json(all_agents(&app).await?))
+    Ok(HttpResponse::Ok().json(crate::agents::all_agents(&app.store).await?))
 }
 
 async fn get_agent(app: web::Data<AppState>, name: web::Path<String>) -> ApiResult<HttpResponse> {
@@ -222,7 +162,7 @@ async fn get_agent(app: web::Data<AppState>, name: web::Path<String>) -> ApiResu
     if h.is_empty() {
         return Ok(HttpResponse::NotFound().json(json!({})));
     }
-    Ok(HttpResponse::Ok().json(agent_json(h)))
+    Ok(HttpResponse::Ok().json(crate::agents::agent_json(h)))
 }
 
 async fn post_queues(

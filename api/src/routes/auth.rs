@@ -490,7 +490,10 @@ async fn post_restricted(
     if app.store.client(&client).await?.is_none() {
         return Err(no_client(&client));
     }
-    if super::agents::agents_on_queue(&app, &q).await?.is_empty() {
+    if crate::agents::agents_on_queue(&app.store, &q)
+        .await?
+        .is_empty()
+    {
         return Err(ApiError::Json(
             StatusCode::NOT_FOUND,
             format!("Queue '{q}' does not exist: no agent serves it"),

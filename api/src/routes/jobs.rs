@@ -3,18 +3,15 @@
 
 use super::{json_body, ok_text, parse_id};
 use crate::error::{ApiError, ApiResult};
-use crate::events;
 use crate::files::Kind;
 use crate::state::AppState;
 use crate::store::AttachState;
-use crate::submit;
 use actix_multipart::Multipart;
 use actix_web::http::StatusCode;
 use actix_web::{HttpRequest, HttpResponse, web};
 use serde_json::{Value, json};
 use testflinger_common::JobState;
 use testflinger_common::protocol::ClaimOutcome;
-use tokio_util::io::ReaderStream;
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.route("/v1/job", web::post().to(submit_job))
@@ -35,7 +32,7 @@ async fn submit_job(
     body: web::Bytes,
 ) -> ApiResult<HttpResponse> {
     // Before the body is built into JSON: a job of 200 000 tags is refused at its size.
-    submit::check_bounds(&app, &body)?;
+    app.jobs.check_bounds(&body)?;
     let value = json_body(&body)?;
     if let Some(raw) = value.get("job_id")
         && raw
@@ -44,7 +41,7 @@ async fn submit_job(
     {
         return Err(ApiError::BadRequest("Invalid job_id specified".into()));
     }
-    let id = submit::admit(&app, value, None, &caller).await?;
+    let id = app.jobs.admit(value, None, &caller).await?;
     tracing::Span::current().record("job.id", tracing::field::display(&id));
     Ok(HttpResponse::Ok().json(json!({"job_id": id.to_string()})))
 }
@@ -103,7 +100,7 @@ async fn action(
             ),
         ));
     }
-    if cancel_job(&app, &caller, &id).await? {
+    if app.jobs.cancel(&caller, &id).await? {
         Ok(ok_text())
     } else {
         Err(ApiError::Text(
@@ -113,66 +110,7 @@ async fn action(
     }
 }
 
-/// Cancels a job as `POST /v1/job/<id>/action {"action":"cancel"}` does: marks it
-/// cancelled, tells its agent, emits the event. `Ok(false)` when the job already ended
-/// (nothing changed), `Err(JobNotFound)` (404) when it is unknown; only the job's owner, a manager or an admin may
-/// cancel it (see [`check_owner`]: 401/403 otherwise).
-pub async fn cancel_job(app: &AppState, caller: &crate::auth::Caller, id: &str) -> ApiResult<bool> {
-    let Some(job) = app.store.job_summary(id).await? else {
-        return Err(ApiError::JobNotFound(id.to_string()));
-    };
-    check_owner(caller, Some(&job.owner), "cancel")?;
-    match app.store.cancel(id, &job.queue).await? {
-        None | Some(Err(_)) => Ok(false),
-        Some(Ok((previous, agent))) => {
-            if !agent.is_empty() && previous != JobState::Waiting {
-                lease_notify_cancel(app, &agent, id).await;
-            }
-            events::emit(
-                app,
-                id,
-                &job.queue,
-                "cancelled",
-                Some(previous.as_str()),
-                job.attempt,
-                Some(&agent),
-                None,
-                job.webhook(),
-            );
-            Ok(true)
-        }
-    }
-}
-
-/// Only the owner of a job, a manager or an admin may act on it; anyone on a job
-/// submitted anonymously (as upstream). 401 for an anonymous caller, else 403.
-pub fn check_owner(caller: &crate::auth::Caller, owner: Option<&str>, what: &str) -> ApiResult<()> {
-    let owner = owner.unwrap_or_default();
-    if caller.may_manage(owner) {
-        return Ok(());
-    }
-    let status = if caller.client_id().is_none() {
-        StatusCode::UNAUTHORIZED
-    } else {
-        StatusCode::FORBIDDEN
-    };
-    Err(ApiError::Json(
-        status,
-        format!("only the job's owner ('{owner}'), a manager or an admin may {what} this job"),
-    ))
-}
-
-/// Tells the holder of a running job, over the broker, that it was cancelled. Best
-/// effort: the heartbeat answer carries the same news.
-async fn lease_notify_cancel(app: &AppState, agent: &str, id: &str) {
-    let cmd = testflinger_common::protocol::ControlCommand::Cancel {
-        job_id: id.to_string(),
-    };
-    let body = serde_json::to_vec(&cmd).unwrap_or_default();
-    if let Err(e) = app.broker.send_control(agent, &body).await {
-        tracing::warn!(job.id = %id, error = %e, "cancel command not published; the heartbeat will carry it");
-    }
-}
+pub use crate::jobs::cancel::check_owner;
 
 #[tracing::instrument(skip_all, fields(job.id = %id))]
 async fn post_attachments(
@@ -204,30 +142,7 @@ async fn post_attachments(
     app.files
         .save_upload(Kind::Attachments, &id, payload)
         .await?;
-    app.store.set_attach(&id, AttachState::Complete).await?;
-    app.store.outbox_add(&id).await?;
-    match submit::publish(&app, &id, &job.queue, job.priority, &job.def).await {
-        Ok(()) => app.store.outbox_done(&id).await?,
-        // Sent, not confirmed: the outbox publishes it again.
-        Err(ApiError::Unconfirmed(_)) => {}
-        Err(e) => {
-            // Not queued: let the client retry the upload.
-            app.store.outbox_done(&id).await?;
-            app.store.set_attach(&id, AttachState::Waiting).await?;
-            return Err(e);
-        }
-    }
-    events::emit(
-        &app,
-        &id,
-        &job.queue,
-        "waiting",
-        None,
-        0,
-        None,
-        Some("attachments received"),
-        job.webhook(),
-    );
+    app.jobs.attachments_received(&id).await?;
     Ok(ok_text())
 }
 
@@ -240,7 +155,7 @@ struct EventsIn {
     job_queue: Option<String>,
     job_status_webhook: String,
     #[serde(default)]
-    events: Vec<events::AgentEvent>,
+    events: Vec<crate::events::AgentEvent>,
 }
 
 /// `POST /v1/job/<id>/events`: upstream agents post the cumulative list of a job's phase
@@ -297,8 +212,8 @@ async fn post_events(
         .clone()
         .filter(|q| *q == job.queue)
         .unwrap_or(job.queue);
-    events::relay_agent_events(
-        &app,
+    crate::events::relay_agent_events(
+        &app.events,
         &id,
         &queue,
         agent.as_deref(),
@@ -327,58 +242,7 @@ async fn get_attachments(
     {
         return Err(crate::store::not_holder(&id, Some(me)).into());
     }
-    stream_file(&app, Kind::Attachments, &id, "application/gzip", None).await
-}
-
-/// Streams a stored file, or 204 when there is none.
-pub async fn stream_file(
-    app: &AppState,
-    kind: Kind,
-    id: &str,
-    content_type: &str,
-    content_encoding: Option<&str>,
-) -> ApiResult<HttpResponse> {
-    let file = match tokio::fs::File::open(app.files.path(kind, id)).await {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(ApiError::NoContent),
-        Err(e) => return Err(e.into()),
-    };
-    stream_open_file(file, content_type, content_encoding).await
-}
-
-/// The file of job `id`'s committed artifact (see `FileStore::stage_artifact`), if any.
-pub async fn open_artifact(app: &AppState, id: &str) -> ApiResult<Option<tokio::fs::File>> {
-    // Read the name again once if the file went: a new upload replaced it meanwhile.
-    for _ in 0..2 {
-        let name = app.store.job_artifact(id).await?;
-        match tokio::fs::File::open(app.files.artifact_file(id, &name)).await {
-            Ok(f) => return Ok(Some(f)),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-            Err(e) => return Err(e.into()),
-        }
-    }
-    Ok(None)
-}
-
-/// Streams job `id`'s artifact (gzip tar, sent undecoded as upstream does), or 204.
-pub async fn stream_artifact(app: &AppState, id: &str) -> ApiResult<HttpResponse> {
-    let file = open_artifact(app, id).await?.ok_or(ApiError::NoContent)?;
-    stream_open_file(file, "application/x-tar", Some("gzip")).await
-}
-
-async fn stream_open_file(
-    file: tokio::fs::File,
-    content_type: &str,
-    content_encoding: Option<&str>,
-) -> ApiResult<HttpResponse> {
-    let len = file.metadata().await?.len();
-    let mut resp = HttpResponse::Ok();
-    resp.content_type(content_type.to_string());
-    if let Some(enc) = content_encoding {
-        resp.insert_header(("Content-Encoding", enc.to_string()));
-    }
-    resp.no_chunking(len);
-    Ok(resp.streaming(ReaderStream::with_capacity(file, 256 * 1024)))
+    super::stream_file(&app, Kind::Attachments, &id, "application/gzip", None).await
 }
 
 #[derive(serde::Deserialize)]
@@ -391,26 +255,10 @@ struct SearchQuery {
     state: Vec<String>,
 }
 
-const SEARCH_STATES: &[&str] = &[
-    "setup",
-    "provision",
-    "firmware_update",
-    "test",
-    "allocate",
-    "allocated",
-    "reserve",
-    "cleanup",
-    "cancelled",
-    "completed",
-    "complete",
-    "waiting",
-    "running",
-    "active",
-];
 const SEARCH_LIMIT: usize = 5000;
 
 async fn search(app: web::Data<AppState>, req: HttpRequest) -> ApiResult<HttpResponse> {
-    let q: SearchQuery = serde_html_form(&req)?;
+    let q: SearchQuery = super::serde_html_form(&req)?;
     let all = q.match_.as_deref().unwrap_or("any") == "all";
     if let Some(m) = q.match_.as_deref()
         && m != "any"
@@ -422,7 +270,10 @@ async fn search(app: web::Data<AppState>, req: HttpRequest) -> ApiResult<HttpRes
         ));
     }
     for s in &q.state {
-        if !SEARCH_STATES.contains(&s.as_str()) {
+        // Upstream's search accepts every job state (from the one list, in `common`),
+        // its spelling `completed`, and `active` (any state but the terminal ones).
+        let known = JobState::parse_lenient(s).is_some() || s == "active";
+        if !known {
             return Err(query_error("state", &format!("'{s}' is not a valid state")));
         }
     }
@@ -454,66 +305,11 @@ fn query_error(field: &str, msg: &str) -> ApiError {
     )
 }
 
-/// Parses a query string with repeated keys (`?tags=a&tags=b`).
-pub fn serde_html_form<T: serde::de::DeserializeOwned>(req: &HttpRequest) -> ApiResult<T> {
-    let mut map = serde_json::Map::new();
-    for pair in req.query_string().split('&').filter(|p| !p.is_empty()) {
-        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        let k = urldecode(k);
-        let v = Value::String(urldecode(v));
-        match map.get_mut(&k) {
-            Some(Value::Array(a)) => a.push(v),
-            _ => {
-                map.insert(k, Value::Array(vec![v]));
-            }
-        }
-    }
-    // Single-valued fields take the last value; list fields take all.
-    let flat: serde_json::Map<String, Value> = map
-        .into_iter()
-        .map(|(k, v)| {
-            let keep_list = matches!(k.as_str(), "tags" | "state" | "queue");
-            match v {
-                Value::Array(mut a) if !keep_list => (k, a.pop().unwrap_or(Value::Null)),
-                other => (k, other),
-            }
-        })
-        .collect();
-    serde_json::from_value(Value::Object(flat))
-        .map_err(|e| ApiError::BadRequest(format!("invalid query: {e}")))
-}
-
-fn urldecode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'+' => out.push(b' '),
-            b'%' if i + 2 < bytes.len() => {
-                match u8::from_str_radix(
-                    std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap_or("zz"),
-                    16,
-                ) {
-                    Ok(b) => {
-                        out.push(b);
-                        i += 2;
-                    }
-                    Err(_) => out.push(b'%'),
-                }
-            }
-            b => out.push(b),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
 fn agent_cookie(req: &HttpRequest) -> Option<String> {
     let header = req.headers().get("cookie")?.to_str().ok()?;
     header.split(';').find_map(|kv| {
         let (k, v) = kv.trim().split_once('=')?;
-        (k == "agent_name" && !v.is_empty()).then(|| urldecode(v))
+        (k == "agent_name" && !v.is_empty()).then(|| super::urldecode(v))
     })
 }
 
@@ -533,7 +329,7 @@ async fn legacy_next_job(
     req: HttpRequest,
 ) -> ApiResult<HttpResponse> {
     caller.require(crate::auth::AGENT)?;
-    let q: LegacyQuery = serde_html_form(&req)?;
+    let q: LegacyQuery = super::serde_html_form(&req)?;
     if q.queue.is_empty() {
         return Err(ApiError::BadRequest(
             "No queue(s) specified in request".into(),
@@ -574,43 +370,10 @@ async fn legacy_next_job(
             // The definition gives the lease and, once granted, the webhook.
             let def = app.store.job_def(&id).await?.unwrap_or(Value::Null);
             let lease_ms = legacy_lease_ms(&app, &def);
-            let mut claim = app.store.claim(&id, &agent, lease_ms, true, None).await?;
-            if let Some(job) = claim.job.as_mut() {
-                super::secrets::resolve(&app, job, &id, &format!("{id}:{}", claim.attempt)).await?;
-            }
-            if let Ok(v) = serde_json::to_value(claim.outcome)
-                && let Some(o) = v.as_str()
-            {
-                app.metrics.inc("testflinger_claims_total", o);
-            }
+            let claim = app.jobs.claim(&id, &agent, lease_ms, true, None).await?;
             match claim.outcome {
                 ClaimOutcome::Granted => {
                     msg.ack().await?;
-                    // As for a push claim: the agent's record names the job it runs.
-                    app.store
-                        .update_agent_if_known(&agent, &[("job_id", &id)])
-                        .await?;
-                    app.store.note_agent_job(&agent, &id).await?;
-                    if let Some(queue_name) = claim
-                        .job
-                        .as_ref()
-                        .and_then(|j| j.get("job_queue"))
-                        .and_then(Value::as_str)
-                    {
-                        events::emit(
-                            &app,
-                            &id,
-                            queue_name,
-                            "running",
-                            Some("waiting"),
-                            claim.attempt,
-                            Some(&agent),
-                            None,
-                            def.get("job_status_webhook")
-                                .and_then(Value::as_str)
-                                .map(str::to_string),
-                        );
-                    }
                     return Ok(HttpResponse::Ok().json(claim.job.unwrap_or(Value::Null)));
                 }
                 ClaimOutcome::Excluded => {

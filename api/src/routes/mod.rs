@@ -6,6 +6,7 @@ pub mod auth;
 pub mod docs;
 pub mod jobs;
 pub mod lease;
+pub mod metrics;
 pub mod queues;
 pub mod results;
 pub mod secrets;
@@ -14,8 +15,10 @@ use crate::error::{ApiError, ApiResult};
 use crate::state::AppState;
 use actix_web::http::StatusCode;
 use actix_web::{HttpRequest, HttpResponse, web};
+use serde_json::Value;
 use testflinger_common::JobId;
 use testflinger_common::protocol::{FenceToken, TOKEN_HEADER};
+use tokio_util::io::ReaderStream;
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.route("/v1", web::get().to(identity))
@@ -162,6 +165,102 @@ pub async fn served_queues(
 /// The caller's agent identity when it is checked (an `agent` token with auth on).
 pub fn acting_agent_id(caller: &crate::auth::Caller) -> Option<&str> {
     caller.acting_agent().map(|a| a.agent_id.as_str())
+}
+
+/// Parses a query string with repeated keys (`?tags=a&tags=b`).
+pub fn serde_html_form<T: serde::de::DeserializeOwned>(req: &HttpRequest) -> ApiResult<T> {
+    let mut map = serde_json::Map::new();
+    for pair in req.query_string().split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let k = urldecode(k);
+        let v = Value::String(urldecode(v));
+        match map.get_mut(&k) {
+            Some(Value::Array(a)) => a.push(v),
+            _ => {
+                map.insert(k, Value::Array(vec![v]));
+            }
+        }
+    }
+    // Single-valued fields take the last value; list fields take all.
+    let flat: serde_json::Map<String, Value> = map
+        .into_iter()
+        .map(|(k, v)| {
+            let keep_list = matches!(k.as_str(), "tags" | "state" | "queue");
+            match v {
+                Value::Array(mut a) if !keep_list => (k, a.pop().unwrap_or(Value::Null)),
+                other => (k, other),
+            }
+        })
+        .collect();
+    serde_json::from_value(Value::Object(flat))
+        .map_err(|e| ApiError::BadRequest(format!("invalid query: {e}")))
+}
+
+pub(crate) fn urldecode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < bytes.len() => {
+                match u8::from_str_radix(
+                    std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap_or("zz"),
+                    16,
+                ) {
+                    Ok(b) => {
+                        out.push(b);
+                        i += 2;
+                    }
+                    Err(_) => out.push(b'%'),
+                }
+            }
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Streams a stored file, or 204 when there is none.
+pub async fn stream_file(
+    app: &AppState,
+    kind: crate::files::Kind,
+    id: &str,
+    content_type: &str,
+    content_encoding: Option<&str>,
+) -> ApiResult<HttpResponse> {
+    let file = match tokio::fs::File::open(app.files.path(kind, id)).await {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(ApiError::NoContent),
+        Err(e) => return Err(e.into()),
+    };
+    stream_open_file(file, content_type, content_encoding).await
+}
+
+/// Streams job `id`'s artifact (gzip tar, sent undecoded as upstream does), or 204.
+pub async fn stream_artifact(app: &AppState, id: &str) -> ApiResult<HttpResponse> {
+    let file = app
+        .files
+        .open_artifact(&app.store, id)
+        .await?
+        .ok_or(ApiError::NoContent)?;
+    stream_open_file(file, "application/x-tar", Some("gzip")).await
+}
+
+async fn stream_open_file(
+    file: tokio::fs::File,
+    content_type: &str,
+    content_encoding: Option<&str>,
+) -> ApiResult<HttpResponse> {
+    let len = file.metadata().await?.len();
+    let mut resp = HttpResponse::Ok();
+    resp.content_type(content_type.to_string());
+    if let Some(enc) = content_encoding {
+        resp.insert_header(("Content-Encoding", enc.to_string()));
+    }
+    resp.no_chunking(len);
+    Ok(resp.streaming(ReaderStream::with_capacity(file, 256 * 1024)))
 }
 
 /// Parses a JSON body with a clear 400 for malformed JSON.

@@ -17,7 +17,7 @@ async fn queue_agents(
     app: web::Data<AppState>,
     queue: web::Path<String>,
 ) -> ApiResult<HttpResponse> {
-    let agents = super::agents::agents_on_queue(&app, &queue).await?;
+    let agents = crate::agents::agents_on_queue(&app.store, &queue).await?;
     if agents.is_empty() {
         return Err(ApiError::Json(
             StatusCode::NOT_FOUND,
@@ -75,7 +75,7 @@ struct WaitQuery {
 }
 
 async fn wait_times(app: web::Data<AppState>, req: HttpRequest) -> ApiResult<HttpResponse> {
-    let q: WaitQuery = super::jobs::serde_html_form(&req)?;
+    let q: WaitQuery = super::serde_html_form(&req)?;
     let samples = app.store.wait_samples(q.queue).await?;
     if samples.is_empty() {
         return Ok(HttpResponse::Ok().json(json!({})));

@@ -2,9 +2,8 @@
 
 use super::{ok_text, parse_id, token, typed_body};
 use crate::error::{ApiError, ApiResult};
-use crate::events;
 use crate::state::AppState;
-use crate::store::{Fragment, StateChange};
+use crate::store::Fragment;
 use actix_multipart::Multipart;
 use actix_web::http::StatusCode;
 use actix_web::{HttpRequest, HttpResponse, web};
@@ -64,64 +63,14 @@ async fn post_result(
             ))
         })?),
     };
-    // Upstream accepts and drops a result for an unknown job; we say so (404).
-    let Some(job) = app.store.job_summary(&id).await? else {
-        return Err(ApiError::JobNotFound(id));
+    let report = crate::jobs::report::Report {
+        status: r.status,
+        device_info: r.device_info,
+        state: new_state,
     };
-    let queue = &job.queue;
-    let mut fields: Vec<(&str, String)> = Vec::new();
-    if let Some(status) = &r.status {
-        let m: Map<String, Value> = status
-            .iter()
-            .map(|(p, c)| (p.to_string(), json!(c)))
-            .collect();
-        fields.push(("status", Value::Object(m).to_string()));
-    }
-    if let Some(di) = &r.device_info {
-        fields.push(("device_info", Value::Object(di.clone()).to_string()));
-    }
-    // The holder check and the writes are one script: a stale holder's report is
-    // never applied, even one racing a requeue.
-    let report = app
-        .store
-        .report(
-            &id,
-            queue,
-            tok,
-            super::acting_agent_id(&caller),
-            &fields,
-            new_state,
-        )
+    app.jobs
+        .report(&id, tok, super::acting_agent_id(&caller), &report)
         .await?;
-    match (report.change, new_state) {
-        (StateChange::Set(previous), Some(state)) => {
-            if state.is_terminal() {
-                // Its log moves to the file store now rather than at the next pass.
-                app.logs.compact_now.notify_one();
-            }
-            events::emit(
-                &app,
-                &id,
-                queue,
-                state.as_str(),
-                Some(previous.as_str()),
-                report.attempt,
-                Some(report.agent.as_str()).filter(|a| !a.is_empty()),
-                None,
-                job.webhook(),
-            );
-        }
-        // 422, never 409: an agent takes 409 to mean "lease lost" and stops the job.
-        (StateChange::Refused(previous), Some(state)) => {
-            return Err(ApiError::Json(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                format!(
-                    "job_state: job {id} cannot move from '{previous}' to '{state}'; states only move forward (waiting, running, setup, provision, firmware_update, test, allocate, allocated, reserve, cleanup, complete)"
-                ),
-            ));
-        }
-        _ => {}
-    }
     Ok(ok_text())
 }
 
@@ -161,7 +110,7 @@ async fn fragments(
     from: i64,
     limit: Option<crate::store::Batch>,
 ) -> ApiResult<Vec<Fragment>> {
-    crate::logs::read(app, id, log_type, from, limit).await
+    crate::logs::read(&app.store, &app.files, id, log_type, from, limit).await
 }
 
 #[tracing::instrument(skip_all, fields(job.id = %id))]
@@ -327,7 +276,7 @@ async fn get_log(
     let id = parse_id(&id, true)?.to_string();
     let lt = log_type(&lt)?;
     let q: LogQuery =
-        super::jobs::serde_html_form(&req).map_err(|e| bad_query("query", &e.to_string()))?;
+        super::serde_html_form(&req).map_err(|e| bad_query("query", &e.to_string()))?;
     let start = match q.start_fragment.as_deref() {
         None => 0,
         Some(s) => s
@@ -401,7 +350,7 @@ async fn stream_log(
     // The request is checked before the job is looked up: a malformed request is a 400
     // whether or not the job exists.
     let q: LogQuery =
-        super::jobs::serde_html_form(&req).map_err(|e| bad_query("query", &e.to_string()))?;
+        super::serde_html_form(&req).map_err(|e| bad_query("query", &e.to_string()))?;
     let fragment_number = |field: &str, raw: &str| match raw.trim().parse::<i64>() {
         Ok(n) if (0..i64::MAX).contains(&n) => Ok(n),
         _ => Err(bad_query(
@@ -560,5 +509,5 @@ async fn post_artifact(
 #[tracing::instrument(skip_all, fields(job.id = %id))]
 async fn get_artifact(app: web::Data<AppState>, id: web::Path<String>) -> ApiResult<HttpResponse> {
     let id = parse_id(&id, true)?.to_string();
-    super::jobs::stream_artifact(&app, &id).await
+    super::stream_artifact(&app, &id).await
 }

@@ -12,10 +12,9 @@ use super::{ok_text, typed_body};
 use crate::error::{ApiError, ApiResult};
 use crate::state::AppState;
 use actix_web::{HttpResponse, web};
-use serde_json::{Value, json};
+use serde_json::json;
 
-/// The namespace of jobs submitted without credentials.
-pub const ANONYMOUS: &str = "anonymous";
+pub use crate::jobs::claim::ANONYMOUS;
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.route(
@@ -146,32 +145,4 @@ fn check_namespace(caller: &crate::auth::Caller, client: &str) -> ApiResult<()> 
             caller.client_id().unwrap_or("anonymous")
         ),
     ))
-}
-
-/// Replaces the secret paths of claimed job `id` by their values from its owner's
-/// namespace (no owner: the `anonymous` one). `claim` names the claim (`<id>:<attempt>`):
-/// a single-use secret is consumed by the first claim that reads it and still answers
-/// a retried claim of the same attempt. Unknown paths become empty strings.
-pub async fn resolve(app: &AppState, job: &mut Value, id: &str, claim: &str) -> ApiResult<()> {
-    let Some(secrets) = job
-        .pointer_mut("/test_data/secrets")
-        .and_then(Value::as_object_mut)
-    else {
-        return Ok(());
-    };
-    let owner = app.store.job_owner(id).await?;
-    let namespace = if owner.is_empty() {
-        ANONYMOUS
-    } else {
-        owner.as_str()
-    };
-    for (_, v) in secrets.iter_mut() {
-        let path = v.as_str().unwrap_or_default().to_string();
-        let raw = app.store.take_secret(namespace, &path, claim).await?;
-        let rec: Value = raw
-            .and_then(|r| serde_json::from_str(&r).ok())
-            .unwrap_or(Value::Null);
-        *v = Value::String(rec["value"].as_str().unwrap_or_default().to_string());
-    }
-    Ok(())
 }

@@ -19,7 +19,7 @@
 //!   outbox when the queue is registered.
 
 use super::{Keys, Store, StoreResult};
-use crate::auth::{Permissions, Role};
+use crate::roles::{Permissions, Role};
 use redis::{AsyncCommands, Script};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::LazyLock;

@@ -73,8 +73,7 @@ impl From<redis::RedisError> for StoreError {
             || e.is_timeout()
             || e.is_connection_dropped()
             || e.is_connection_refusal()
-            || e.code()
-                .is_some_and(|c| crate::error::TRANSIENT_REDIS_CODES.contains(&c))
+            || e.code().is_some_and(|c| TRANSIENT_REDIS_CODES.contains(&c))
         {
             StoreError::Unavailable(e)
         } else {
@@ -106,6 +105,20 @@ pub fn stale_message(id: &str) -> String {
         "stale fencing token for job {id}: the job was reassigned or released; stop working on it"
     )
 }
+
+/// Redis answers that mean "not now" rather than "wrong": the data set is loading
+/// (after a restart, from the AOF), a replica is read-only (failover), memory is full,
+/// a script is busy, or the server is shutting down or in cluster transition.
+pub const TRANSIENT_REDIS_CODES: &[&str] = &[
+    "LOADING",
+    "READONLY",
+    "OOM",
+    "BUSY",
+    "MASTERDOWN",
+    "TRYAGAIN",
+    "CLUSTERDOWN",
+    "NOREPLICAS",
+];
 
 #[cfg(test)]
 mod tests {

@@ -299,12 +299,9 @@ impl AgentRow {
         }
     }
 
-    /// Takes jobs: not offline, in maintenance or lost.
+    /// Takes jobs, by the one availability rule ([`AgentState::takes_jobs`]).
     pub fn is_available(&self) -> bool {
-        !matches!(
-            self.state.as_str(),
-            "offline" | "maintenance" | "lost" | "restart"
-        )
+        testflinger_common::AgentState::record_takes_jobs(Some(self.state.as_str()))
     }
 
     pub fn is_idle(&self) -> bool {

@@ -31,7 +31,7 @@ pub async fn cancel(
         return Err(UiError::Forbidden(format!("You may not cancel job {id}.")));
     }
     // Already ended: nothing to do; the job page shows how it ended.
-    crate::routes::jobs::cancel_job(&app, &caller, &id).await?;
+    app.jobs.cancel(&caller, &id).await?;
     Ok(HttpResponse::SeeOther()
         .insert_header((header::LOCATION, format!("/jobs/{id}")))
         .finish())

@@ -35,6 +35,13 @@ impl From<ApiError> for UiError {
     }
 }
 
+/// The web UI's pages map the store's errors as the API does.
+impl From<crate::store::StoreError> for UiError {
+    fn from(e: crate::store::StoreError) -> Self {
+        UiError::Api(e.into())
+    }
+}
+
 impl From<askama::Error> for UiError {
     fn from(e: askama::Error) -> Self {
         UiError::Api(ApiError::Internal(

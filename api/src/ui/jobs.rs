@@ -135,15 +135,24 @@ pub async fn job(app: web::Data<AppState>, req: HttpRequest, id: web::Path<Strin
         o.remove("job_id");
     }
     let yaml = serde_saphyr::to_string(&def).unwrap_or_else(|e| format!("# cannot render: {e}"));
-    let artifact = crate::routes::jobs::open_artifact(&app, &id)
+    let artifact = app
+        .files
+        .open_artifact(&app.store, &id)
         .await
         .ok()
         .flatten()
         .is_some();
     let mut logs = Vec::new();
     for (log_type, label) in [("output", "Output"), ("serial", "Serial console")] {
-        let (frags, truncated) =
-            crate::logs::tail(&app, &id, log_type, LOG_TAIL, LOG_TAIL_BYTES).await?;
+        let (frags, truncated) = crate::logs::tail(
+            &app.store,
+            &app.files,
+            &id,
+            log_type,
+            LOG_TAIL,
+            LOG_TAIL_BYTES,
+        )
+        .await?;
         logs.push(LogView::new(log_type, label, frags, truncated));
     }
     let can_cancel = !terminal && viewer.may_cancel(&d.row.queue, d.owner.as_deref());

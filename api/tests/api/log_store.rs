@@ -215,7 +215,7 @@ async fn ended_job_log_moves_to_file_store_and_reads_the_same() {
     );
     assert_eq!(log_keys(&app).await.len(), 1);
     assert!(
-        testflinger_api::logs::compact_job(&app.state, &id)
+        testflinger_api::logs::compact_job(&app.state.store, &app.state.files, &id)
             .await
             .expect("compact")
     );
