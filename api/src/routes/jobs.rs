@@ -249,7 +249,7 @@ async fn get_attachments(
 struct SearchQuery {
     #[serde(default)]
     tags: Vec<String>,
-    #[serde(default, rename = "match")]
+    #[serde(default, rename = "match", deserialize_with = "super::last")]
     match_: Option<String>,
     #[serde(default)]
     state: Vec<String>,
@@ -305,12 +305,12 @@ fn query_error(field: &str, msg: &str) -> ApiError {
     )
 }
 
+/// The `agent_name` cookie (set by `POST /v1/agents/data/<name>`), read by actix-web's
+/// cookie support (percent-decoded).
 fn agent_cookie(req: &HttpRequest) -> Option<String> {
-    let header = req.headers().get("cookie")?.to_str().ok()?;
-    header.split(';').find_map(|kv| {
-        let (k, v) = kv.trim().split_once('=')?;
-        (k == "agent_name" && !v.is_empty()).then(|| super::urldecode(v))
-    })
+    req.cookie("agent_name")
+        .map(|c| c.value().to_string())
+        .filter(|v| !v.is_empty())
 }
 
 #[derive(serde::Deserialize)]

@@ -15,7 +15,6 @@ use crate::error::{ApiError, ApiResult};
 use crate::state::AppState;
 use actix_web::http::StatusCode;
 use actix_web::{HttpRequest, HttpResponse, web};
-use serde_json::Value;
 use testflinger_common::JobId;
 use testflinger_common::protocol::{FenceToken, TOKEN_HEADER};
 use tokio_util::io::ReaderStream;
@@ -167,59 +166,19 @@ pub fn acting_agent_id(caller: &crate::auth::Caller) -> Option<&str> {
     caller.acting_agent().map(|a| a.agent_id.as_str())
 }
 
-/// Parses a query string with repeated keys (`?tags=a&tags=b`).
+/// Parses a query string into `T` with `serde_html_form` (a well-kept parser: `+` and
+/// `%XX` decoding, repeated keys `?tags=a&tags=b` into lists); single-valued fields are
+/// read with [`last`]. 400 naming the problem.
 pub fn serde_html_form<T: serde::de::DeserializeOwned>(req: &HttpRequest) -> ApiResult<T> {
-    let mut map = serde_json::Map::new();
-    for pair in req.query_string().split('&').filter(|p| !p.is_empty()) {
-        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        let k = urldecode(k);
-        let v = Value::String(urldecode(v));
-        match map.get_mut(&k) {
-            Some(Value::Array(a)) => a.push(v),
-            _ => {
-                map.insert(k, Value::Array(vec![v]));
-            }
-        }
-    }
-    // Single-valued fields take the last value; list fields take all.
-    let flat: serde_json::Map<String, Value> = map
-        .into_iter()
-        .map(|(k, v)| {
-            let keep_list = matches!(k.as_str(), "tags" | "state" | "queue");
-            match v {
-                Value::Array(mut a) if !keep_list => (k, a.pop().unwrap_or(Value::Null)),
-                other => (k, other),
-            }
-        })
-        .collect();
-    serde_json::from_value(Value::Object(flat))
+    serde_html_form::from_str(req.query_string())
         .map_err(|e| ApiError::BadRequest(format!("invalid query: {e}")))
 }
 
-pub(crate) fn urldecode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'+' => out.push(b' '),
-            b'%' if i + 2 < bytes.len() => {
-                match u8::from_str_radix(
-                    std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap_or("zz"),
-                    16,
-                ) {
-                    Ok(b) => {
-                        out.push(b);
-                        i += 2;
-                    }
-                    Err(_) => out.push(b'%'),
-                }
-            }
-            b => out.push(b),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
+/// A single-valued query field (`#[serde(default, deserialize_with = "last")]`): when its
+/// key is repeated, the last value counts (as before: clients append overrides).
+pub fn last<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    use serde::Deserialize;
+    Ok(Vec::<String>::deserialize(d)?.pop())
 }
 
 /// Streams a stored file, or 204 when there is none.

@@ -254,11 +254,11 @@ async fn post_log(
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 struct LogQuery {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "super::last")]
     start_fragment: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "super::last")]
     start_timestamp: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "super::last")]
     phase: Option<String>,
 }
 
