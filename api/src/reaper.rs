@@ -85,7 +85,15 @@ async fn expire_attachment_waits(app: &AppState, now: i64) {
 }
 
 async fn reap_one(app: &AppState, id: &str) -> ApiResult<bool> {
-    Ok(app.jobs.requeue(id, Cause::LeaseExpired).await?.is_some())
+    let Ok(job_id) = id.parse::<testflinger_common::JobId>() else {
+        tracing::warn!(job.id = %id, "a lease names no job id; ignored");
+        return Ok(false);
+    };
+    Ok(app
+        .jobs
+        .requeue(&job_id, Cause::LeaseExpired)
+        .await?
+        .is_some())
 }
 
 /// How long a job stays in the outbox before the reconciler publishes it again: longer
@@ -196,5 +204,9 @@ pub async fn run_reconciler(
 /// the outbox. A requeued job (attempt > 0) is published one priority level up, so it
 /// keeps its place ahead of the jobs that queued behind it instead of going to the tail.
 pub async fn republish(app: &AppState, id: &str) -> ApiResult<()> {
-    app.jobs.republish(id).await
+    match id.parse::<testflinger_common::JobId>() {
+        Ok(job_id) => app.jobs.republish(&job_id).await,
+        // Not a job id: nothing to publish; it leaves the outbox.
+        Err(_) => Ok(app.store.outbox_done(id).await?),
+    }
 }

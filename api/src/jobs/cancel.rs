@@ -7,14 +7,16 @@ use crate::auth::Caller;
 use crate::error::{ApiError, ApiResult};
 use crate::store::AttachState;
 use actix_web::http::StatusCode;
-use testflinger_common::JobState;
+use testflinger_common::{JobId, JobState};
 
 impl Jobs {
     /// Cancels job `id` for `caller`: marks it cancelled, tells its holder, publishes the
     /// event. `Ok(false)` when the job already ended (nothing changed), 404 when it is
     /// unknown; only the job's owner, a manager or an admin may cancel it ([`check_owner`]:
     /// 401/403 otherwise).
-    pub async fn cancel(&self, caller: &Caller, id: &str) -> ApiResult<bool> {
+    pub async fn cancel(&self, caller: &Caller, job_id: &JobId) -> ApiResult<bool> {
+        let id_str = job_id.to_string();
+        let id = id_str.as_str();
         let Some(job) = self.store.job_summary(id).await? else {
             return Err(ApiError::JobNotFound(id.to_string()));
         };
@@ -55,7 +57,9 @@ impl Jobs {
     /// The attachments of job `id` (waiting for them) were stored: the job is queued now.
     /// When the publish plainly fails the job waits for its attachments again (the client
     /// retries the upload) and the error is returned.
-    pub async fn attachments_received(&self, id: &str) -> ApiResult<()> {
+    pub async fn attachments_received(&self, job_id: &JobId) -> ApiResult<()> {
+        let id_str = job_id.to_string();
+        let id = id_str.as_str();
         let Some(job) = self.store.job_summary(id).await? else {
             return Err(ApiError::JobNotFound(id.to_string()));
         };

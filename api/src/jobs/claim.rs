@@ -6,8 +6,8 @@ use super::{Jobs, Transition};
 use crate::error::ApiResult;
 use crate::store::Claim;
 use serde_json::Value;
-use testflinger_common::JobState;
 use testflinger_common::protocol::ClaimOutcome;
+use testflinger_common::{JobId, JobState};
 
 /// The namespace of jobs submitted without credentials.
 pub const ANONYMOUS: &str = "anonymous";
@@ -20,12 +20,14 @@ impl Jobs {
     /// delivery; for a push agent the outbox publishes the job again, at the back.
     pub async fn claim(
         &self,
-        id: &str,
+        job_id: &JobId,
         agent: &str,
         lease_ms: u64,
         legacy: bool,
         served: Option<&[String]>,
     ) -> ApiResult<Claim> {
+        let id_str = job_id.to_string();
+        let id = id_str.as_str();
         let mut c = self
             .store
             .claim(id, agent, lease_ms, legacy, served)

@@ -9,7 +9,7 @@ use actix_web::http::StatusCode;
 use serde_json::{Map, Value, json};
 use std::collections::BTreeMap;
 use testflinger_common::protocol::FenceToken;
-use testflinger_common::{JobState, Phase};
+use testflinger_common::{JobId, JobState, Phase};
 
 /// What a holder reports; every part optional (upstream's `POST /v1/result` body).
 #[derive(Debug, Clone, Default)]
@@ -27,11 +27,13 @@ impl Jobs {
     /// allow from the job's. A state that ends the job wakes the log compactor.
     pub async fn report(
         &self,
-        id: &str,
+        job_id: &JobId,
         token: Option<FenceToken>,
         agent: Option<&str>,
         report: &Report,
     ) -> ApiResult<()> {
+        let id_str = job_id.to_string();
+        let id = id_str.as_str();
         // Upstream accepts and drops a result for an unknown job; we say so (404).
         let Some(job) = self.store.job_summary(id).await? else {
             return Err(ApiError::JobNotFound(id.to_string()));

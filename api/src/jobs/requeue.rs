@@ -7,8 +7,8 @@
 use super::{Jobs, Transition};
 use crate::error::{ApiError, ApiResult};
 use crate::store::{AttachState, Requeue};
-use testflinger_common::JobState;
 use testflinger_common::protocol::FenceToken;
+use testflinger_common::{JobId, JobState};
 
 /// Why a job is requeued.
 #[derive(Debug, Clone)]
@@ -27,7 +27,9 @@ impl Jobs {
     /// Requeues (or ends) job `id` for `cause`. Returns the transition made, `None` when
     /// there was nothing to do (the job moved on, or its lease was renewed meanwhile).
     /// A release by a stale holder is 409, by another agent 403.
-    pub async fn requeue(&self, id: &str, cause: Cause<'_>) -> ApiResult<Option<Transition>> {
+    pub async fn requeue(&self, job_id: &JobId, cause: Cause<'_>) -> ApiResult<Option<Transition>> {
+        let id_str = job_id.to_string();
+        let id = id_str.as_str();
         // An unknown job still goes through the store, which takes it off the leases.
         let job = self.store.job_summary(id).await?;
         let (queue, webhook) = match &job {
@@ -84,7 +86,7 @@ impl Jobs {
             }
         }
         if state == JobState::Waiting
-            && let Err(e) = self.republish(id).await
+            && let Err(e) = self.republish(job_id).await
         {
             tracing::warn!(job.id = %id, error = %e, "requeued job not yet republished; the outbox keeps it");
         }
@@ -106,7 +108,9 @@ impl Jobs {
     /// requeue: a job that ran before goes ahead of its priority's others), then takes
     /// it off the outbox. A job that is not waiting, or waits for attachments, only
     /// leaves the outbox.
-    pub async fn republish(&self, id: &str) -> ApiResult<()> {
+    pub async fn republish(&self, job_id: &JobId) -> ApiResult<()> {
+        let id_str = job_id.to_string();
+        let id = id_str.as_str();
         if let Some(job) = self.store.job_summary(id).await?
             && job.state == JobState::Waiting
             && job.attach != AttachState::Waiting

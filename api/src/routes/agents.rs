@@ -133,11 +133,15 @@ async fn post_agent(
     {
         tracing::warn!(agent = %name, error = %e, "control queue not declared yet");
     }
+    // Upstream's cookie (`agent_name=<name>; HttpOnly; SameSite=Strict; Path=/`), which
+    // its agent sends back on `GET /v1/job`; the name percent-encoded where it must be.
+    let cookie = actix_web::cookie::Cookie::build("agent_name", name)
+        .http_only(true)
+        .same_site(actix_web::cookie::SameSite::Strict)
+        .path("/")
+        .finish();
     Ok(HttpResponse::Ok()
-        .insert_header((
-            "Set-Cookie",
-            format!("agent_name={name}; HttpOnly; SameSite=Strict; Path=/"),
-        ))
+        .cookie(cookie)
         .json(json!({"status": "OK"})))
 }
 

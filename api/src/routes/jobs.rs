@@ -87,7 +87,7 @@ async fn action(
     id: web::Path<String>,
     body: web::Bytes,
 ) -> ApiResult<HttpResponse> {
-    let id = parse_id(&id, true)?.to_string();
+    let job_id = parse_id(&id, true)?;
     let a: ActionIn = super::typed_body(&body)?;
     if a.action != "cancel" {
         return Err(ApiError::Validation(
@@ -100,7 +100,7 @@ async fn action(
             ),
         ));
     }
-    if app.jobs.cancel(&caller, &id).await? {
+    if app.jobs.cancel(&caller, &job_id).await? {
         Ok(ok_text())
     } else {
         Err(ApiError::Text(
@@ -119,7 +119,8 @@ async fn post_attachments(
     id: web::Path<String>,
     payload: Multipart,
 ) -> ApiResult<HttpResponse> {
-    let id = parse_id(&id, true)?.to_string();
+    let job_id = parse_id(&id, true)?;
+    let id = job_id.to_string();
     let Some(job) = app.store.job_summary(&id).await? else {
         return Err(ApiError::JobNotFound(id));
     };
@@ -142,7 +143,7 @@ async fn post_attachments(
     app.files
         .save_upload(Kind::Attachments, &id, payload)
         .await?;
-    app.jobs.attachments_received(&id).await?;
+    app.jobs.attachments_received(&job_id).await?;
     Ok(ok_text())
 }
 
@@ -363,14 +364,23 @@ async fn legacy_next_job(
             let Some(msg) = app.broker.get(queue).await? else {
                 break;
             };
-            let Some(id) = msg.message_id.clone().or_else(|| message_job_id(&msg.body)) else {
+            let Some(job_id) = msg
+                .message_id
+                .clone()
+                .or_else(|| message_job_id(&msg.body))
+                .and_then(|m| m.parse::<testflinger_common::JobId>().ok())
+            else {
                 msg.reject().await?;
                 continue;
             };
+            let id = job_id.to_string();
             // The definition gives the lease and, once granted, the webhook.
             let def = app.store.job_def(&id).await?.unwrap_or(Value::Null);
             let lease_ms = legacy_lease_ms(&app, &def);
-            let claim = app.jobs.claim(&id, &agent, lease_ms, true, None).await?;
+            let claim = app
+                .jobs
+                .claim(&job_id, &agent, lease_ms, true, None)
+                .await?;
             match claim.outcome {
                 ClaimOutcome::Granted => {
                     msg.ack().await?;

@@ -24,7 +24,7 @@ async fn claim(
     body: web::Bytes,
 ) -> ApiResult<HttpResponse> {
     caller.require(crate::auth::AGENT)?;
-    let id = parse_id(&id, false)?.to_string();
+    let job_id = parse_id(&id, false)?;
     let r: ClaimRequest = typed_body(&body)?;
     if r.agent_id.is_empty() {
         return Err(ApiError::BadRequest("agent_id must not be empty".into()));
@@ -34,7 +34,13 @@ async fn claim(
     let served = super::served_queues(&app, &caller).await?;
     let c = app
         .jobs
-        .claim(&id, &r.agent_id, app.lease_ms(), false, served.as_deref())
+        .claim(
+            &job_id,
+            &r.agent_id,
+            app.lease_ms(),
+            false,
+            served.as_deref(),
+        )
         .await?;
     let granted = c.outcome == ClaimOutcome::Granted;
     Ok(HttpResponse::Ok().json(ClaimResponse {
@@ -79,7 +85,7 @@ async fn release(
     body: web::Bytes,
 ) -> ApiResult<HttpResponse> {
     caller.require(crate::auth::AGENT)?;
-    let id = parse_id(&id, false)?.to_string();
+    let job_id = parse_id(&id, false)?;
     let r: LeaseRequest = typed_body(&body)?;
     caller.require_agent(&r.agent_id, "release")?;
     let reason = r
@@ -88,7 +94,7 @@ async fn release(
         .unwrap_or_else(|| format!("released by agent {}", r.agent_id));
     app.jobs
         .requeue(
-            &id,
+            &job_id,
             Cause::Released {
                 token: r.token,
                 agent: super::acting_agent_id(&caller),

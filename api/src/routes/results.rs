@@ -45,7 +45,7 @@ async fn post_result(
     body: web::Bytes,
 ) -> ApiResult<HttpResponse> {
     caller.require(crate::auth::AGENT)?;
-    let id = parse_id(&id, true)?.to_string();
+    let job_id = parse_id(&id, true)?;
     let tok = token(&req)?;
     let r: ResultIn = typed_body(&body)?;
     // The state is checked before the job is looked up: a malformed request is refused
@@ -69,7 +69,7 @@ async fn post_result(
         state: new_state,
     };
     app.jobs
-        .report(&id, tok, super::acting_agent_id(&caller), &report)
+        .report(&job_id, tok, super::acting_agent_id(&caller), &report)
         .await?;
     Ok(ok_text())
 }

@@ -31,7 +31,10 @@ pub async fn cancel(
         return Err(UiError::Forbidden(format!("You may not cancel job {id}.")));
     }
     // Already ended: nothing to do; the job page shows how it ended.
-    app.jobs.cancel(&caller, &id).await?;
+    let job_id = id
+        .parse::<testflinger_common::JobId>()
+        .map_err(|_| UiError::BadRequest(format!("'{id}' is not a job id")))?;
+    app.jobs.cancel(&caller, &job_id).await?;
     Ok(HttpResponse::SeeOther()
         .insert_header((header::LOCATION, format!("/jobs/{id}")))
         .finish())

@@ -232,11 +232,8 @@ fn parent_cancelled_or_sigterm_stops_the_allocation_and_cancels_children() {
     let ids = child_ids(&run, 1);
     api.cancel(&parent);
     assert_eq!(wait_child(&mut provision, Duration::from_secs(30)), 1);
-    assert!(
-        err.lock().expect("lock").contains("is cancelled"),
-        "{}",
-        err.lock().expect("lock")
-    );
+    let stderr = err.finished();
+    assert!(stderr.contains("is cancelled"), "{stderr}");
     assert_eq!(api.state(&ids[0]), "cancelled");
 
     // The agent stops the phase (SIGTERM): children are cancelled before exiting.

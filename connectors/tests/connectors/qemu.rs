@@ -368,15 +368,13 @@ fn reservation_on_a_raw_image_lets_the_user_in_and_removes_the_key() {
         .expect("spawn reserve");
     let text = collect(child.stdout.take().expect("stdout"));
     let err = collect(child.stderr.take().expect("stderr"));
-    let t = text.clone();
-    let e = err.clone();
     let started = Instant::now();
     wait_until("the reservation", Duration::from_secs(120), || {
-        let s = t.lock().expect("lock");
+        let s = text.lock().expect("lock").clone();
         assert!(
             started.elapsed() < Duration::from_secs(110) || s.contains("RESERVED"),
             "reserve: {s} {}",
-            e.lock().expect("lock")
+            err.lock().expect("lock")
         );
         s.contains("TESTFLINGER SYSTEM RESERVED")
     });

@@ -63,8 +63,9 @@ fn raw_keys_are_installed_until_sigterm_then_removed() {
         .expect("kill");
     assert!(status.success());
     let rc = wait_child(&mut child, Duration::from_secs(30));
-    assert_eq!(rc, 0, "stderr: {}", err.lock().expect("lock"));
-    assert!(out.lock().expect("lock").contains("ended by SIGTERM"));
+    assert_eq!(rc, 0, "stderr: {}", err.finished());
+    let stdout = out.finished();
+    assert!(stdout.contains("ended by SIGTERM"), "{stdout}");
     assert_eq!(
         sshd.authorized_keys(),
         before,
@@ -179,8 +180,9 @@ fn cancelling_the_job_on_the_server_ends_the_reservation() {
 
     api.cancel(&id);
     let rc = wait_child(&mut child, Duration::from_secs(30));
-    assert_eq!(rc, 0, "stderr: {}", err.lock().expect("lock"));
-    assert!(out.lock().expect("lock").contains("Job cancelled"));
+    assert_eq!(rc, 0, "stderr: {}", err.finished());
+    let stdout = out.finished();
+    assert!(stdout.contains("Job cancelled"), "{stdout}");
     assert_eq!(sshd.authorized_keys(), before);
     assert!(!sshd.can_login(&user_key));
 }

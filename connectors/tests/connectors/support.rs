@@ -109,22 +109,46 @@ pub fn wait_until(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
     }
 }
 
-/// Collects a child's stdout in the background.
-pub fn collect(mut r: impl Read + Send + 'static) -> Arc<Mutex<String>> {
-    let buf = Arc::new(Mutex::new(String::new()));
-    let b = buf.clone();
-    std::thread::spawn(move || {
+/// A child's output, read in the background.
+pub struct Collected {
+    text: Arc<Mutex<String>>,
+    reader: std::thread::JoinHandle<()>,
+}
+
+impl Collected {
+    /// What was read so far.
+    pub fn lock(&self) -> std::sync::LockResult<std::sync::MutexGuard<'_, String>> {
+        self.text.lock()
+    }
+
+    /// Everything the child wrote, once its output ended (the child exited and the
+    /// reader got EOF; at most 10 s, for a grandchild that keeps the pipe open): read
+    /// right after the child's exit, the last lines may still be in the pipe.
+    pub fn finished(&self) -> String {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !self.reader.is_finished() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.text.lock().map(|t| t.clone()).unwrap_or_default()
+    }
+}
+
+/// Collects a child's output in the background.
+pub fn collect(mut r: impl Read + Send + 'static) -> Collected {
+    let text = Arc::new(Mutex::new(String::new()));
+    let b = text.clone();
+    let reader = std::thread::spawn(move || {
         let mut chunk = [0u8; 4096];
         while let Ok(n) = r.read(&mut chunk) {
             if n == 0 {
                 break;
             }
-            b.lock()
-                .expect("lock")
-                .push_str(&String::from_utf8_lossy(&chunk[..n]));
+            if let Ok(mut t) = b.lock() {
+                t.push_str(&String::from_utf8_lossy(&chunk[..n]));
+            }
         }
     });
-    buf
+    Collected { text, reader }
 }
 
 pub use testflinger_testing::free_port;
