@@ -34,6 +34,14 @@ async fn message(r: reqwest::Response) -> (u16, String) {
     (status, r.text().await.unwrap_or_default())
 }
 
+/// The status of a bodiless request with an optional bearer token.
+async fn status_of(app: &TestApp, method: Method, path: &str, bearer: Option<&str>) -> u16 {
+    call(app, method, path, bearer, None)
+        .await
+        .status()
+        .as_u16()
+}
+
 async fn job_state(app: &TestApp, id: &str) -> Value {
     app.result(id).await
 }
@@ -174,15 +182,16 @@ async fn an_agent_acts_only_as_itself_on_its_own_queues_and_jobs() {
         403,
         "B cannot re-read the grant (secrets) of A's attempt"
     );
-    let r = call(
-        &app,
-        Method::GET,
-        &format!("/v1/job/{id}/attachments"),
-        Some(&b_tok),
-        None,
-    )
-    .await;
-    assert_eq!(r.status(), 403);
+    assert_eq!(
+        status_of(
+            &app,
+            Method::GET,
+            &format!("/v1/job/{id}/attachments"),
+            Some(&b_tok)
+        )
+        .await,
+        403
+    );
     let res = job_state(&app, &id).await;
     assert_eq!(res["job_state"], "running", "{res}");
     assert!(res.get("setup_status").is_none(), "{res}");
@@ -259,34 +268,25 @@ async fn deleting_or_changing_a_client_ends_its_tokens_at_once() {
     let manager = client(&app, &admin, "boss", json!({"role": "manager"})).await;
     let t = tokens(&app, "boss", SECRET).await;
     let refresh = t["refresh_token"].as_str().expect("refresh").to_string();
-    let r = call(
-        &app,
-        Method::GET,
-        "/v1/client-permissions",
-        Some(&manager),
-        None,
-    )
-    .await;
-    assert_eq!(r.status(), 200);
+    assert_eq!(
+        status_of(&app, Method::GET, "/v1/client-permissions", Some(&manager)).await,
+        200
+    );
     // Deleted: its access token no longer lists clients, its refresh token is dead.
-    let r = call(
-        &app,
-        Method::DELETE,
-        "/v1/client-permissions/boss",
-        Some(&admin),
-        None,
-    )
-    .await;
-    assert_eq!(r.status(), 200);
-    let r = call(
-        &app,
-        Method::GET,
-        "/v1/client-permissions",
-        Some(&manager),
-        None,
-    )
-    .await;
-    assert_eq!(r.status(), 401);
+    assert_eq!(
+        status_of(
+            &app,
+            Method::DELETE,
+            "/v1/client-permissions/boss",
+            Some(&admin)
+        )
+        .await,
+        200
+    );
+    assert_eq!(
+        status_of(&app, Method::GET, "/v1/client-permissions", Some(&manager)).await,
+        401
+    );
     let refresh_with = |tok: String| {
         let app = &app;
         async move {
@@ -320,15 +320,10 @@ async fn deleting_or_changing_a_client_ends_its_tokens_at_once() {
         400,
         "an old refresh token revived"
     );
-    let r = call(
-        &app,
-        Method::GET,
-        "/v1/client-permissions",
-        Some(&fresh),
-        None,
-    )
-    .await;
-    assert_eq!(r.status(), 200);
+    assert_eq!(
+        status_of(&app, Method::GET, "/v1/client-permissions", Some(&fresh)).await,
+        200
+    );
     // Changed (here demoted): its tokens end at once.
     let t = tokens(&app, "boss", SECRET).await;
     let r = call(
@@ -341,15 +336,10 @@ async fn deleting_or_changing_a_client_ends_its_tokens_at_once() {
     .await;
     assert_eq!(r.status(), 200);
     let old = t["access_token"].as_str().expect("access").to_string();
-    let r = call(
-        &app,
-        Method::GET,
-        "/v1/client-permissions",
-        Some(&old),
-        None,
-    )
-    .await;
-    assert_eq!(r.status(), 401);
+    assert_eq!(
+        status_of(&app, Method::GET, "/v1/client-permissions", Some(&old)).await,
+        401
+    );
     let refresh = t["refresh_token"].as_str().expect("refresh").to_string();
     assert_eq!(refresh_with(refresh).await, 400);
     app.cleanup().await;
