@@ -5,7 +5,7 @@
 use super::{Jobs, Transition};
 use crate::auth::Caller;
 use crate::error::{ApiError, ApiResult};
-use crate::store::AttachState;
+use crate::store::{AttachState, JobSummary};
 use actix_web::http::StatusCode;
 use testflinger_common::{JobId, JobState};
 
@@ -54,15 +54,44 @@ impl Jobs {
         }
     }
 
-    /// The attachments of job `id` (waiting for them) were stored: the job is queued now.
-    /// When the publish plainly fails the job waits for its attachments again (the client
-    /// retries the upload) and the error is returned.
-    pub async fn attachments_received(&self, job_id: &JobId) -> ApiResult<()> {
+    /// Whether `caller` may upload job `id`'s attachments now: the job's summary when it
+    /// waits for them, `None` when they were received already (nothing to do). 404 for
+    /// an unknown job; 401/403 for a caller who may not act on it ([`check_owner`]); 422
+    /// (upstream's plain text) for a job that does not wait for attachments.
+    pub async fn attachments_expected(
+        &self,
+        caller: &Caller,
+        job_id: &JobId,
+    ) -> ApiResult<Option<JobSummary>> {
+        let id = job_id.to_string();
+        let Some(job) = self.store.job_summary(&id).await? else {
+            return Err(ApiError::JobNotFound(id));
+        };
+        check_owner(caller, Some(&job.owner), "upload attachments for")?;
+        if job.attach == AttachState::Complete {
+            return Ok(None);
+        }
+        let refuse = |why: &str| {
+            ApiError::Text(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                format!("Job {id} {why}\n"),
+            )
+        };
+        if job.state != JobState::Waiting {
+            return Err(refuse("is not valid"));
+        }
+        if job.attach != AttachState::Waiting {
+            return Err(refuse("not awaiting attachments"));
+        }
+        Ok(Some(job))
+    }
+
+    /// The attachments of `job` (see [`Jobs::attachments_expected`]) were stored: the
+    /// job is queued now. When the publish plainly fails the job waits for its
+    /// attachments again (the client retries the upload) and the error is returned.
+    pub async fn attachments_received(&self, job_id: &JobId, job: &JobSummary) -> ApiResult<()> {
         let id_str = job_id.to_string();
         let id = id_str.as_str();
-        let Some(job) = self.store.job_summary(id).await? else {
-            return Err(ApiError::JobNotFound(id.to_string()));
-        };
         self.store.set_attach(id, AttachState::Complete).await?;
         self.store.outbox_add(id).await?;
         match self.publish(id, &job.queue, job.priority, &job.def).await {

@@ -40,7 +40,14 @@ impl Jobs {
             self.store.outbox_add(id).await?;
         }
         if c.outcome == ClaimOutcome::Granted {
-            let job = self.store.job_summary(id).await?;
+            // The granted definition carries the queue and the webhook: no second read.
+            let field = |k: &str| {
+                c.job
+                    .as_ref()
+                    .and_then(|j| j.get(k))
+                    .and_then(Value::as_str)
+                    .map(str::to_string)
+            };
             // Shown in the agent's record, if it registered (a zombie must not invent one).
             self.store
                 .update_agent_if_known(agent, &[("job_id", id)])
@@ -48,13 +55,13 @@ impl Jobs {
             self.store.note_agent_job(agent, id).await?;
             self.events.publish(&Transition {
                 job_id: id.to_string(),
-                queue: job.as_ref().map(|j| j.queue.clone()).unwrap_or_default(),
+                queue: field("job_queue").unwrap_or_default(),
                 state: JobState::Running,
                 previous: Some(JobState::Waiting),
                 attempt: c.attempt,
                 agent: Some(agent.to_string()),
                 reason: None,
-                webhook: job.as_ref().and_then(|j| j.webhook()),
+                webhook: field("job_status_webhook"),
             });
         }
         if let Ok(v) = serde_json::to_value(c.outcome)

@@ -42,10 +42,3 @@ pub struct Jobs {
     /// Wakes the log compactor (a job ended: its log moves to the file store now).
     pub compact_now: Arc<tokio::sync::Notify>,
 }
-
-impl Jobs {
-    /// A push agent's lease, ms (`TESTFLINGER_LEASE_TTL`).
-    pub fn lease_ms(&self) -> u64 {
-        self.settings.lease_ttl * 1000
-    }
-}

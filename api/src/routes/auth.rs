@@ -89,14 +89,22 @@ async fn token(app: web::Data<AppState>, req: HttpRequest) -> ApiResult<HttpResp
         .peer_addr()
         .map(|a| a.ip().to_string())
         .unwrap_or_else(|| "unknown".into());
-    let (tries, left) = app.store.count_login_attempt(&addr, s.login_window).await?;
-    if tries > s.login_attempts_per_address {
-        return Err(ApiError::TooManyRequests(
+    let too_many = |what: String, allowed: u64, setting: &str, left: u64| {
+        ApiError::TooManyRequests(
             left,
             format!(
-                "Too many logins from {addr}: {} per {} s allowed (TESTFLINGER_LOGIN_ATTEMPTS_PER_ADDRESS); retry in {left} s",
-                s.login_attempts_per_address, s.login_window
+                "Too many {what}: {allowed} per {} s allowed ({setting}); retry in {left} s",
+                s.login_window
             ),
+        )
+    };
+    let (tries, left) = app.store.count_login_attempt(&addr, s.login_window).await?;
+    if tries > s.login_attempts_per_address {
+        return Err(too_many(
+            format!("logins from {addr}"),
+            s.login_attempts_per_address,
+            "TESTFLINGER_LOGIN_ATTEMPTS_PER_ADDRESS",
+            left,
         ));
     }
     // One login per address at a time; then the attempt counts against the client id
@@ -104,12 +112,11 @@ async fn token(app: web::Data<AppState>, req: HttpRequest) -> ApiResult<HttpResp
     let _turn = app.auth.login_turn(&addr).await;
     let (failures, left) = app.store.count_login_failure(&id, s.login_window).await?;
     if failures > s.login_failures_per_client {
-        return Err(ApiError::TooManyRequests(
+        return Err(too_many(
+            "failed logins for this client id".into(),
+            s.login_failures_per_client,
+            "TESTFLINGER_LOGIN_FAILURES_PER_CLIENT",
             left,
-            format!(
-                "Too many failed logins for this client id: {} per {} s allowed (TESTFLINGER_LOGIN_FAILURES_PER_CLIENT); retry in {left} s",
-                s.login_failures_per_client, s.login_window
-            ),
         ));
     }
     let rec = app.store.client(&id).await?;

@@ -5,7 +5,6 @@ use super::{json_body, ok_text, parse_id};
 use crate::error::{ApiError, ApiResult};
 use crate::files::Kind;
 use crate::state::AppState;
-use crate::store::AttachState;
 use actix_multipart::Multipart;
 use actix_web::http::StatusCode;
 use actix_web::{HttpRequest, HttpResponse, web};
@@ -110,8 +109,6 @@ async fn action(
     }
 }
 
-pub use crate::jobs::cancel::check_owner;
-
 #[tracing::instrument(skip_all, fields(job.id = %id))]
 async fn post_attachments(
     app: web::Data<AppState>,
@@ -121,29 +118,13 @@ async fn post_attachments(
 ) -> ApiResult<HttpResponse> {
     let job_id = parse_id(&id, true)?;
     let id = job_id.to_string();
-    let Some(job) = app.store.job_summary(&id).await? else {
-        return Err(ApiError::JobNotFound(id));
-    };
-    check_owner(&caller, Some(&job.owner), "upload attachments for")?;
-    if job.attach == AttachState::Complete {
+    let Some(job) = app.jobs.attachments_expected(&caller, &job_id).await? else {
         return Ok(ok_text());
-    }
-    if job.state != JobState::Waiting {
-        return Err(ApiError::Text(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            format!("Job {id} is not valid\n"),
-        ));
-    }
-    if job.attach != AttachState::Waiting {
-        return Err(ApiError::Text(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            format!("Job {id} not awaiting attachments\n"),
-        ));
-    }
+    };
     app.files
         .save_upload(Kind::Attachments, &id, payload)
         .await?;
-    app.jobs.attachments_received(&job_id).await?;
+    app.jobs.attachments_received(&job_id, &job).await?;
     Ok(ok_text())
 }
 

@@ -140,17 +140,9 @@ impl Store {
     /// Jobs in the outbox that entered it before `before_ms` (Redis ms; use `i64::MAX`
     /// for all), oldest first, at most `limit`.
     pub async fn outbox(&self, before_ms: i64, limit: usize) -> StoreResult<Vec<String>> {
-        let mut c = self.con();
-        let ids: Vec<String> = redis::cmd("ZRANGEBYSCORE")
-            .arg(self.keys.outbox())
-            .arg("-inf")
-            .arg(format!("({before_ms}"))
-            .arg("LIMIT")
-            .arg(0)
-            .arg(limit)
-            .query_async(&mut c)
-            .await?;
-        Ok(ids)
+        // Scores are whole milliseconds: "before" is "at most one ms earlier".
+        self.due(&self.keys.outbox(), before_ms.saturating_sub(1), limit)
+            .await
     }
 
     /// Takes a job off the outbox: its message was confirmed (or it needs none now).

@@ -1,7 +1,7 @@
 //! Log fragments in Redis, and the Redis side of their compaction into the file store.
 //!
 //! While a job runs, its fragments live in the sorted sets `log:<id>:<type>` (scored by
-//! [`super::fragment_score`]). When it ends (complete or cancelled: `SET_STATE`,
+//! [`super::fragment_score`]). When it ends (complete or cancelled: `REPORT`,
 //! `REQUEUE` giving up, `CANCEL`), the job enters the sorted set `compact` (scored by
 //! when it is due, ms); [`crate::logs`] writes its fragments to one file per log type
 //! and attempt, then [`Store::finish_compaction`] marks the job record (`lc` = 1) and
