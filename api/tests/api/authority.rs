@@ -136,6 +136,22 @@ async fn an_agent_acts_only_as_itself_on_its_own_queues_and_jobs() {
     assert_eq!(claim["outcome"], "granted");
     assert_eq!(claim["job"]["test_data"]["secrets"]["PW"], "alice-secret");
     let token = claim["token"].as_str().expect("token").to_string();
+    // Another agent of the same queue asking for the job A holds gets no grant and no
+    // secret: the grant (and its secrets) is the lease holder's, for its attempt.
+    let (c, c_tok) = agent(&app, &admin, "dev-c", &[&q]).await;
+    let r = call(
+        &app,
+        Method::POST,
+        &format!("/v1/job/{id}/claim"),
+        Some(&c_tok),
+        Some(json!({"agent_id": c})),
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    let other: Value = r.json().await.expect("json");
+    assert_eq!(other["outcome"], "owned", "{other}");
+    assert!(other.get("job").is_none_or(Value::is_null), "{other}");
+    assert!(!other.to_string().contains("alice-secret"), "{other}");
     // B, even with A's token (leaked), writes nothing about A's job and reads neither
     // its secrets nor its attachments.
     let writes: Vec<(String, Value)> = vec![
